@@ -1,0 +1,82 @@
+"""Measure each layer's error on calibration batches against the FP32 model.
+
+* ``output_sqnr_db`` / ``output_cosine``: the layer's output in the quantized model against
+  the same layer's output in the FP32 model (errors of earlier layers included: where the
+  model's error comes from).
+* ``layer_sqnr_db``: the quantized layer alone, fed the FP32 input (its own error only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.analysis.metrics import ErrorAccumulator
+from workbench.engine.batches import output_tensor, run_model
+from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
+from workbench.engine.prepare import ROOT_NAME
+
+
+def measure_layer_errors(
+    fp32_model: nn.Module, quantized_model: nn.Module, batches: Iterable[Any]
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Return ``({layer: {output_sqnr_db, output_cosine, layer_sqnr_db}}, model_stats)``."""
+    quantized: dict[str, QuantizedLayer] = dict(iter_quantized_layers(quantized_model))
+    output_acc = {name: ErrorAccumulator() for name in quantized}
+    isolated_acc = {name: ErrorAccumulator() for name in quantized}
+    model_acc = ErrorAccumulator()
+    reference_outputs: dict[str, list[torch.Tensor]] = {}
+    in_quantized_model = [False]
+
+    def fp32_hook(name):
+        def hook(module, inputs, output):
+            reference_outputs.setdefault(name, []).append(output.detach())
+            isolated_acc[name].add(output, quantized[name](inputs[0]))
+
+
+        return hook
+
+    def quant_hook(name):
+        def hook(module, inputs, output):
+            pending = reference_outputs.get(name)
+            if in_quantized_model[0] and pending:
+                output_acc[name].add(pending.pop(0), output)
+
+        return hook
+
+    handles = []
+    for name, module in fp32_model.named_modules():
+        name = name or ROOT_NAME
+        if name in quantized:
+            handles.append(module.register_forward_hook(fp32_hook(name)))
+    for name, module in quantized.items():
+        handles.append(module.register_forward_hook(quant_hook(name)))
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                reference_outputs.clear()
+                ref = output_tensor(run_model(fp32_model, batch, index))
+                in_quantized_model[0] = True
+                out = output_tensor(run_model(quantized_model, batch, index))
+                in_quantized_model[0] = False
+                if ref is not None and out is not None and ref.shape == out.shape:
+                    model_acc.add(ref, out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = {
+        name: {
+            "output_sqnr_db": output_acc[name].sqnr_db,
+            "output_cosine": output_acc[name].cosine,
+            "layer_sqnr_db": isolated_acc[name].sqnr_db,
+        }
+        for name in quantized
+    }
+    model_stats = {
+        "model_output_sqnr_db": model_acc.sqnr_db,
+        "model_output_cosine": model_acc.cosine,
+    }
+    return per_layer, model_stats

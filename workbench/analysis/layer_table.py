@@ -1,0 +1,94 @@
+"""The per-layer table: scheme, qparams, weight error and measured output error per layer."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+from workbench.analysis.metrics import ErrorAccumulator
+from workbench.engine.layers import QuantizedLayer
+from workbench.engine.prepare import get_layer
+
+LAYER_COLUMNS = [
+    "layer",
+    "type",
+    "status",
+    "reason",
+    "weight_shape",
+    "scheme",
+    "bits",
+    "num_scales",
+    "scale_min",
+    "scale_max",
+    "zero_point",
+    "input_scale",
+    "input_zero_point",
+    "weight_mse",
+    "weight_sqnr_db",
+    "layer_sqnr_db",
+    "output_sqnr_db",
+    "output_cosine",
+]
+
+
+def _zero_point_text(zero_point: torch.Tensor) -> str:
+    values = zero_point.reshape(-1)
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}..{high}"
+
+
+def layer_row(layer: QuantizedLayer) -> dict:
+    """Scheme, qparams and weight error of one quantized layer."""
+    with torch.no_grad():
+        weight = layer.layer.weight.detach().float()
+        quantized = layer.quantized_weight().detach().float()
+        acc = ErrorAccumulator()
+        acc.add(weight, quantized)
+    wq = layer.weight_quantizer
+    scale = wq.scale.detach().reshape(-1)
+    row = {
+        "weight_shape": tuple(weight.shape),
+        "scheme": wq.scheme.describe(),
+        "bits": wq.scheme.bits,
+        "num_scales": scale.numel(),
+        "scale_min": float(scale.min()),
+        "scale_max": float(scale.max()),
+        "zero_point": _zero_point_text(wq.zero_point),
+        "weight_mse": acc.mse,
+        "weight_sqnr_db": acc.sqnr_db,
+        "input_scale": float("nan"),
+        "input_zero_point": None,
+    }
+    if layer.input_quantizer is not None:
+        row["input_scale"] = float(layer.input_quantizer.scale)
+        row["input_zero_point"] = int(layer.input_quantizer.zero_point)
+    return row
+
+
+def layer_table(
+    quantized_model: nn.Module, plans: list, measured: dict[str, dict[str, float]]
+) -> pd.DataFrame:
+    """One row per parameter-holding layer, quantized or kept FP32 (with the reason)."""
+    rows = []
+    for plan in plans:
+        row = {
+            "layer": plan.name,
+            "type": plan.layer_type,
+            "status": plan.status,
+            "reason": plan.reason,
+        }
+        module = get_layer(quantized_model, plan.name)
+        if isinstance(module, QuantizedLayer):
+            row |= layer_row(module)
+            row |= measured.get(plan.name, {})
+        elif module is not None and getattr(module, "weight", None) is not None:
+            row["weight_shape"] = tuple(module.weight.shape)
+            row["scheme"] = "fp32"
+            row["bits"] = 32
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=LAYER_COLUMNS)
+    table["bits"] = table["bits"].astype("Int64")
+    table["num_scales"] = table["num_scales"].astype("Int64")
+    table["input_zero_point"] = table["input_zero_point"].astype("Int64")
+    return table

@@ -1,0 +1,64 @@
+"""Error metrics between a reference tensor and its quantized approximation.
+
+SQNR (dB) = 10 log10( sum(ref^2) / sum((ref - approx)^2) );  cosine = <ref, approx> / |ref||approx|
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    acc = ErrorAccumulator()
+    acc.add(reference, approx)
+    return acc.sqnr_db
+
+
+def cosine(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    acc = ErrorAccumulator()
+    acc.add(reference, approx)
+    return acc.cosine
+
+
+class ErrorAccumulator:
+    """Sums over batches so that SQNR, MSE and cosine cover all of them, not an average of
+    per-batch figures."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.dot = 0.0
+        self.approx_energy = 0.0
+        self.count = 0
+
+    def add(self, reference: torch.Tensor, approx: torch.Tensor) -> None:
+        ref = reference.detach().double().reshape(-1)
+        app = approx.detach().double().reshape(-1)
+        self.signal += float(ref @ ref)
+        self.noise += float((ref - app) @ (ref - app))
+        self.dot += float(ref @ app)
+        self.approx_energy += float(app @ app)
+        self.count += ref.numel()
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.count == 0:
+            return float("nan")
+        if self.noise == 0.0:
+            return float("inf")
+        if self.signal == 0.0:
+            return float("-inf")
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def mse(self) -> float:
+        return self.noise / self.count if self.count else float("nan")
+
+    @property
+    def cosine(self) -> float:
+        denom = math.sqrt(self.signal * self.approx_energy)
+        if denom == 0.0:
+            return 1.0 if self.noise == 0.0 else 0.0
+        return self.dot / denom

@@ -1,0 +1,161 @@
+"""The Report attached to every quantization result: tables, summary, plots, rich display."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from workbench.engine.layers import QuantizedLayer
+
+SUMMARY_WORST_LAYERS = 5
+
+
+def build_summary(
+    layers: pd.DataFrame,
+    storage: pd.DataFrame,
+    model_stats: dict[str, float],
+    config_text: str,
+    metric_fp32: float | None = None,
+    metric_quantized: float | None = None,
+) -> dict[str, Any]:
+    """Sizes, compression, SQNR figures, the worst layers, and the metric when measured."""
+    total = storage[storage["layer"] == "TOTAL"].iloc[0]
+    quantized = layers[layers["status"] == "quantized"]
+    sqnr = quantized["output_sqnr_db"].astype(float)
+    worst = quantized.sort_values("output_sqnr_db", na_position="first").head(SUMMARY_WORST_LAYERS)
+    summary: dict[str, Any] = {
+        "config": config_text,
+        "layers_quantized": len(quantized),
+        "layers_fp32": int((layers["status"] == "fp32").sum()),
+        "fp32_bytes": int(total["fp32_bytes"]),
+        "quantized_bytes": int(total["total_bytes"]),
+        "compression_ratio": float(total["fp32_bytes"]) / max(float(total["total_bytes"]), 1.0),
+        "mean_output_sqnr_db": float(sqnr[sqnr.map(math.isfinite)].mean()) if len(sqnr) else None,
+        "worst_output_sqnr_db": float(sqnr.min()) if len(sqnr) else None,
+        "worst_layers": list(worst["layer"]),
+    }
+    summary |= model_stats
+    if metric_fp32 is not None:
+        summary["metric_fp32"] = float(metric_fp32)
+        summary["metric_quantized"] = float(metric_quantized)
+        summary["metric_drop"] = float(metric_fp32) - float(metric_quantized)
+    return summary
+
+
+class Report:
+    """Per-layer error and storage report of a quantized model.
+
+    Attributes
+    ----------
+    layers : pandas.DataFrame
+        One row per parameter-holding layer (quantized or kept FP32, with the reason).
+    storage : pandas.DataFrame
+        Bytes per layer (``fp32_bytes``, ``weight_bytes``, ``scale_bytes``,
+        ``zero_point_bytes``, ``bias_bytes``, ``total_bytes``) and a ``TOTAL`` row.
+    summary : dict
+        Sizes, compression ratio, SQNR figures, worst layers, metric FP32 vs quantized.
+    """
+
+    def __init__(
+        self,
+        layers: pd.DataFrame,
+        storage: pd.DataFrame,
+        summary: dict[str, Any],
+        model: nn.Module | None = None,
+        extra_tables: dict[str, pd.DataFrame] | None = None,
+    ) -> None:
+        self.layers = layers
+        self.storage = storage
+        self.summary = summary
+        self.extra_tables: dict[str, pd.DataFrame] = dict(extra_tables or {})
+        self._model = model
+
+    # plots -------------------------------------------------------------------------------
+    def plot_sqnr(self):
+        """Bar chart of each quantized layer's output SQNR (dB)."""
+        from workbench.analysis.plots import sqnr_bar_chart
+
+        return sqnr_bar_chart(self.layers)
+
+    def plot_storage(self):
+        """Stacked bars of each layer's bytes, FP32 against quantized."""
+        from workbench.analysis.plots import storage_breakdown_chart
+
+        return storage_breakdown_chart(self.storage)
+
+    def plot_weight_histogram(self, layer: str | None = None):
+        """Weight histogram of ``layer`` (default: the worst layer) with the quantization grid."""
+        from workbench.analysis.plots import weight_histogram
+
+        if self._model is None:
+            raise ValueError("this report has no model attached; plot from result.report")
+        quantized = {
+            m.layer_name: m for m in self._model.modules() if isinstance(m, QuantizedLayer)
+        }
+        if not quantized:
+            raise ValueError("no layer was quantized, so there is no weight grid to plot")
+        name = layer or (self.summary["worst_layers"] or list(quantized))[0]
+        if name not in quantized:
+            raise ValueError(
+                f"{name!r} is not a quantized layer; choose one of: {', '.join(quantized)}"
+            )
+        return weight_histogram(quantized[name], name)
+
+    # display -----------------------------------------------------------------------------
+    def summary_text(self) -> str:
+        s = self.summary
+        lines = [
+            f"Quantization report ({s['config']})",
+            f"  layers quantized: {s['layers_quantized']}, kept FP32: {s['layers_fp32']}",
+            (
+                f"  size: {s['fp32_bytes']:,} B FP32 -> {s['quantized_bytes']:,} B "
+                f"({s['compression_ratio']:.2f}x smaller)"
+            ),
+        ]
+        if s.get("mean_output_sqnr_db") is not None:
+            lines.append(
+                f"  output SQNR: mean {s['mean_output_sqnr_db']:.1f} dB, "
+                f"worst {s['worst_output_sqnr_db']:.1f} dB ({', '.join(s['worst_layers'][:3])})"
+            )
+        if s.get("model_output_cosine") is not None:
+            lines.append(
+                f"  model output vs FP32: cosine {s['model_output_cosine']:.5f}, "
+                f"SQNR {s['model_output_sqnr_db']:.1f} dB"
+            )
+        if "metric_fp32" in s:
+            lines.append(
+                f"  metric: FP32 {s['metric_fp32']:.4f} -> quantized {s['metric_quantized']:.4f} "
+                f"(drop {s['metric_drop']:.4f})"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary_text()
+
+    def _repr_html_(self) -> str:
+        summary = "<br>".join(html.escape(line) for line in self.summary_text().splitlines())
+        sections = [f"<div><b>{summary}</b></div>"]
+        tables = {"Layers": self.layers, "Storage": self.storage} | self.extra_tables
+        for title, table in tables.items():
+            sections.append(f"<h4>{html.escape(title)}</h4>")
+            # to_html escapes cell text, so a layer named "<img ...>" shows as text
+            sections.append(table.to_html(index=False, escape=True, float_format="{:.4g}".format))
+        return "<div class='workbench-report'>" + "".join(sections) + "</div>"
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        return {"text/plain": self.summary_text(), "text/html": self._repr_html_()}
+
+    def to_html(self, path) -> None:
+        """Write the report (summary and tables) as a standalone HTML file."""
+        from pathlib import Path
+
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            "<title>Quantization report</title></head><body>"
+            f"{self._repr_html_()}</body></html>"
+        )
+        Path(path).write_text(page, encoding="utf-8")

@@ -1,0 +1,108 @@
+"""Quantize / dequantize a tensor, and the QTensor that holds the result.
+
+q = clamp(round(x / s) + z, q_min, q_max)      x' = s * (q - z)
+
+Rounding is half-to-even and ``x / s`` is computed as ``x * (1 / s)`` in float32, exactly as
+PyTorch's fake-quant kernels do, so that ``dequantize(quantize(x))`` equals
+``torch.fake_quantize_per_*_affine`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.core.qparams import check_finite, qparams_from_range
+from workbench.core.scheme import Scheme
+from workbench.errors import ConfigError
+
+
+def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    if param.dim() == 0:
+        return param
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def quantize_with(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
+) -> torch.Tensor:
+    """Integer codes (int32) of ``x`` for given qparams."""
+    axis = scheme.axis % x.dim() if x.dim() else 0
+    inv_scale = 1.0 / scale.to(torch.float32)
+    rounded = torch.round(x.to(torch.float32) * _broadcast(inv_scale, x, axis))
+    q = rounded + _broadcast(zero_point.to(torch.float32), x, axis)
+    return torch.clamp(q, scheme.quant_min, scheme.quant_max).to(torch.int32)
+
+
+def dequantize_with(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
+) -> torch.Tensor:
+    """Float32 values ``s * (q - z)``."""
+    axis = scheme.axis % q.dim() if q.dim() else 0
+    centered = q.to(torch.float32) - _broadcast(zero_point.to(torch.float32), q, axis)
+    return centered * _broadcast(scale.to(torch.float32), q, axis)
+
+
+def tensor_range(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min / max of ``x``, per tensor or per channel along ``scheme.axis``."""
+    if not scheme.per_channel:
+        return x.min(), x.max()
+    if x.dim() == 0:
+        raise ConfigError("a per-channel scheme needs a tensor with at least one dimension")
+    axis = scheme.axis % x.dim()
+    flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
+    return flat.min(dim=1).values, flat.max(dim=1).values
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: integer codes plus the parameters to map them back.
+
+    Attributes
+    ----------
+    q : torch.Tensor
+        Integer codes (int8 when signed, uint8 when unsigned; int32 never needed for b <= 8).
+    scale : torch.Tensor
+        float32, shape ``[]`` (per tensor) or ``[C]`` (per channel).
+    zero_point : torch.Tensor
+        int32, same shape as ``scale``.
+    scheme : Scheme
+        The scheme that produced it.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    scheme: Scheme
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 approximation ``scale * (q - zero_point)``."""
+        return dequantize_with(self.q, self.scale, self.zero_point, self.scheme)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes to store codes (packed for b < 8), scales (4 B each) and zero points (1 B each)."""
+        code_bytes = -(-self.q.numel() * self.scheme.bits // 8)
+        zp_bytes = 0 if self.scheme.symmetric else self.zero_point.numel()
+        return code_bytes + 4 * self.scale.numel() + zp_bytes
+
+
+def quantize_tensor(x: torch.Tensor, scheme: Scheme, name: str = "tensor") -> QTensor:
+    """Quantize ``x`` with a scheme, taking the range from ``x`` itself (min/max).
+
+    The range always includes 0, so 0.0 is represented exactly.
+    """
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x, dtype=torch.float32)
+    if x.numel() == 0:
+        raise ConfigError(f"{name} is empty; pass a tensor with at least one value")
+    x = x.detach().to(torch.float32)
+    check_finite(x, name)
+    min_val, max_val = tensor_range(x, scheme)
+    scale, zero_point = qparams_from_range(min_val, max_val, scheme, name)
+    q = quantize_with(x, scale, zero_point, scheme)
+    q = q.to(torch.int8 if scheme.signed else torch.uint8)
+    return QTensor(q=q, scale=scale, zero_point=zero_point, scheme=scheme)

@@ -1,0 +1,101 @@
+"""Fold BatchNorm into the convolution (or Linear) that feeds it.
+
+    W' = W * gamma / sqrt(var + eps)          (per output channel)
+    b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+Pairs are found from the data flow of one real forward pass (the BatchNorm's input is the very
+tensor the conv returned), so it works for any model, whatever its forward does, and never
+folds a BatchNorm that is not applied to the conv's output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.engine.batches import run_model
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
+    """``(conv_name, bn_name)`` pairs where the BN consumes the conv's output directly."""
+    producers: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    handles = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def on_foldable(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            producers[id(output)] = names[module]
+
+    def on_bn(module, inputs, output):
+        source = inputs[0] if inputs else None
+        if isinstance(source, torch.Tensor) and id(source) in producers:
+            pairs.append((producers[id(source)], names[module]))
+
+    for module in model.modules():
+        if isinstance(module, BN_TYPES):
+            handles.append(module.register_forward_hook(on_bn))
+        elif isinstance(module, FOLDABLE_TYPES):
+            handles.append(module.register_forward_hook(on_foldable))
+    try:
+        with torch.no_grad():
+            run_model(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # A conv or BN applied more than once (a shared module) cannot be folded.
+    conv_counts: dict[str, int] = {}
+    bn_counts: dict[str, int] = {}
+    for conv, bn in pairs:
+        conv_counts[conv] = conv_counts.get(conv, 0) + 1
+        bn_counts[bn] = bn_counts.get(bn, 0) + 1
+    unique = []
+    for conv, bn in pairs:
+        if conv_counts[conv] == 1 and bn_counts[bn] == 1 and (conv, bn) not in unique:
+            unique.append((conv, bn))
+    return unique
+
+
+def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold ``bn`` (eval statistics) into ``layer``'s weight and bias, in place."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        shape = [-1] + [1] * (layer.weight.dim() - 1)
+        layer.weight.mul_(factor.reshape(shape))
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias.detach().clone())
+        else:
+            layer.bias.copy_(new_bias)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def fold_batchnorms(model: nn.Module, batch: Any) -> dict[str, str]:
+    """Fold every BN that directly follows a conv / linear; returns ``{bn_name: conv_name}``.
+
+    Folded BNs are replaced by ``nn.Identity`` in ``model`` (which must be in eval mode).
+    """
+    folded: dict[str, str] = {}
+    for conv_name, bn_name in find_conv_bn_pairs(model, batch):
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
+        if bn.running_mean is None or conv.weight.shape[0] != bn.num_features:
+            continue
+        fold_bn_into(conv, bn)
+        set_submodule(model, bn_name, nn.Identity())
+        folded[bn_name] = conv_name
+    return folded

@@ -1,0 +1,93 @@
+"""QuantConfig: what to quantize and how, plus the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from workbench.core.observers import OBSERVER_NAMES
+from workbench.core.scheme import Scheme
+from workbench.errors import ConfigError
+
+WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized.
+
+    Parameters
+    ----------
+    weight : Scheme
+        Scheme of Linear / Conv weights (axis 0 = output channels when per-channel).
+    activation : Scheme or None
+        Scheme of the activations entering quantized layers; ``None`` = weight-only.
+    observer : str
+        How activation ranges are calibrated: ``minmax``, ``percentile``, ``mse``, ``entropy``.
+    exclude : tuple of str
+        Layer names or glob patterns (``encoder.layer.*.output.dense``) kept in FP32.
+    percentile : float
+        Percentile used by the ``percentile`` observer.
+    weight_observer : str
+        ``minmax`` (default, as ONNX Runtime) or ``mse`` (per-channel clipping search).
+    int32_bias : bool
+        Count biases as INT32 (4 B each, scale s_w * s_x) instead of FP32 in storage.
+    """
+
+    weight: Scheme = field(default_factory=lambda: Scheme(8, True, True, 0))
+    activation: Scheme | None = field(default_factory=lambda: Scheme(8, False, False))
+    observer: str = "minmax"
+    exclude: tuple[str, ...] = ()
+    percentile: float = 99.99
+    weight_observer: str = "minmax"
+    int32_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight, Scheme):
+            raise ConfigError(f"QuantConfig.weight must be a Scheme, got {type(self.weight)}")
+        if self.activation is not None and not isinstance(self.activation, Scheme):
+            raise ConfigError("QuantConfig.activation must be a Scheme or None (weight-only)")
+        if self.activation is not None and self.activation.per_channel:
+            raise ConfigError(
+                "per-channel activations are not supported; use a per-tensor activation Scheme"
+            )
+        if self.observer not in OBSERVER_NAMES:
+            raise ConfigError(
+                f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVER_NAMES)}"
+            )
+        if self.weight_observer not in WEIGHT_OBSERVER_NAMES:
+            raise ConfigError(
+                f"unknown weight_observer {self.weight_observer!r}; "
+                f"choose one of {', '.join(WEIGHT_OBSERVER_NAMES)}"
+            )
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        else:
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> QuantConfig:
+        """A named preset; keyword overrides replace its fields.
+
+        ``int8``             per-channel symmetric int8 weights, per-tensor asymmetric uint8
+                             activations (what ONNX Runtime runs fastest on x86: U8S8).
+        ``int8-per-tensor``  as ``int8`` with one weight scale per tensor.
+        ``int8-weight-only`` int8 per-channel weights, FP32 activations.
+        ``int4-weight``      4-bit per-channel symmetric weights, uint8 activations.
+        ``w4a4``             4-bit per-channel weights and 4-bit activations.
+        """
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def describe(self) -> str:
+        act = self.activation.describe() if self.activation else "fp32"
+        return f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "int8": QuantConfig(),
+    "int8-per-tensor": QuantConfig(weight=Scheme(8, True, False)),
+    "int8-weight-only": QuantConfig(activation=None),
+    "int4-weight": QuantConfig(weight=Scheme(4, True, True, 0)),
+    "w4a4": QuantConfig(weight=Scheme(4, True, True, 0), activation=Scheme(4, False, False)),
+}

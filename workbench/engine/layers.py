@@ -1,0 +1,68 @@
+"""QuantizedLayer: a Linear / Conv wrapped with an input and a weight quantizer.
+
+The wrapped FP32 module is kept as ``.layer`` (its parameters are the ones trained by QAT and
+exported); the wrapper only changes what the forward pass computes:
+    y = op(Q_act(x), Q_w(W), b)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
+
+SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+)
+
+
+class QuantizedLayer(nn.Module):
+    """Simulates a quantized Linear / Conv: fake-quantized input and weight, FP32 bias."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        name: str,
+        weight_quantizer: WeightQuantizer,
+        input_quantizer: ActivationQuantizer | None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer_name = name
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the quantized model sees it (dequantized codes)."""
+        return self.weight_quantizer(self.layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        weight = self.weight_quantizer(self.layer.weight)
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"name={self.layer_name!r}"
+
+
+def iter_quantized_layers(model: nn.Module):
+    """Yield ``(name, QuantizedLayer)`` pairs of a quantized model in definition order."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLayer):
+            yield module.layer_name, module

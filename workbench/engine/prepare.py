@@ -1,0 +1,103 @@
+"""Capture a model for quantization by module swapping.
+
+Each supported layer (Linear, Conv1d/2d/3d) is replaced in a deep copy of the model by a
+``QuantizedLayer`` holding the original module plus its quantizers. Everything else stays as
+it was, so any model that runs in eager PyTorch (control flow, keyword inputs, transformers
+models) can be quantized, and every layer keeps its name for the reports.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from workbench.engine.bn_fold import BN_TYPES, set_submodule
+from workbench.engine.config import QuantConfig
+from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedLayer
+from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
+
+QUANTIZED, FP32 = "quantized", "fp32"
+ROOT_NAME = "(model)"
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name``; ``(model)`` is the model itself."""
+    return model if name == ROOT_NAME else model.get_submodule(name)
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one layer that holds parameters."""
+
+    name: str
+    layer_type: str
+    status: str
+    reason: str = ""
+
+
+def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _functional_owner_names(model: nn.Module) -> set[str]:
+    """Layers whose weights a parent uses functionally (swapping them would have no effect)."""
+    owned: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child_name, _ in module.named_modules():
+                if child_name:
+                    owned.add(f"{name}.{child_name}" if name else child_name)
+    return owned
+
+
+def plan_layers(
+    model: nn.Module, config: QuantConfig, folded_bn: dict[str, str] | None = None
+) -> list[LayerPlan]:
+    """Decide, for every module holding parameters, whether it is quantized and why not."""
+    folded_bn = folded_bn or {}
+    functional = _functional_owner_names(model)
+    plans: list[LayerPlan] = []
+    for name, module in model.named_modules():
+        name = name or ROOT_NAME
+        type_name = type(module).__name__
+        if isinstance(module, SUPPORTED_LAYER_TYPES):
+            if name in functional:
+                reason = "used functionally by MultiheadAttention"
+                plans.append(LayerPlan(name, type_name, FP32, reason))
+            elif matches_any(name, config.exclude):
+                plans.append(LayerPlan(name, type_name, FP32, "excluded by config"))
+            else:
+                plans.append(LayerPlan(name, type_name, QUANTIZED))
+        elif any(True for _ in module.parameters(recurse=False)):
+            if isinstance(module, BN_TYPES):
+                reason = "BatchNorm not after a conv (not folded)"
+            else:
+                reason = f"{type_name} is not a quantized layer type"
+            plans.append(LayerPlan(name, type_name, FP32, reason))
+    for bn_name, conv_name in folded_bn.items():
+        plans.append(LayerPlan(bn_name, "BatchNorm", FP32, f"folded into {conv_name}"))
+    return plans
+
+
+def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -> nn.Module:
+    """Swap every layer planned as quantized for a ``QuantizedLayer``; returns the model
+    (a new object only when the model itself is a single supported layer)."""
+    for plan in plans:
+        if plan.status != QUANTIZED:
+            continue
+        layer = get_layer(model, plan.name)
+        weight_quantizer = WeightQuantizer(
+            config.weight, config.weight_observer, f"weight of {plan.name}"
+        )
+        input_quantizer = None
+        if config.activation is not None:
+            input_quantizer = ActivationQuantizer(
+                config.activation, config.observer, f"input of {plan.name}", config.percentile
+            )
+        wrapped = QuantizedLayer(layer, plan.name, weight_quantizer, input_quantizer)
+        if plan.name == ROOT_NAME:
+            return wrapped
+        set_submodule(model, plan.name, wrapped)
+    return model

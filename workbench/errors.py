@@ -1,0 +1,35 @@
+"""The errors a user can cause, in one small hierarchy.
+
+Every error names the fix in one sentence. They subclass ``ValueError`` / ``TypeError``
+so code that already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Base class of every error the workbench raises on purpose."""
+
+
+class ConfigError(WorkbenchError, ValueError):
+    """A scheme, preset, observer or option that does not exist or does not fit."""
+
+
+class CalibrationError(WorkbenchError, ValueError):
+    """Calibration data that is empty, malformed, or does not fit the model."""
+
+
+class ModelError(WorkbenchError, TypeError):
+    """A model the workbench cannot quantize (no supported layer, NaN weights, ...)."""
+
+
+class NonFiniteError(WorkbenchError, ValueError):
+    """A tensor holding NaN or Inf where a quantization range must be computed."""
+
+
+class ExportError(WorkbenchError, RuntimeError):
+    """A model that could not be written as ONNX; the message names the op or module."""
+
+
+class MissingDependencyError(WorkbenchError, ImportError):
+    """An optional dependency that is not installed; the message gives the pip line."""

@@ -1,0 +1,1 @@
+"""End-to-end workflows that join the engine, the analysis and the runtime: ptq, qat."""

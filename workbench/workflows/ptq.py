@@ -1,0 +1,105 @@
+"""Post-training quantization: the engine's steps, then the report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import islice
+from typing import Any
+
+from torch import nn
+
+from workbench.analysis.layer_errors import measure_layer_errors
+from workbench.analysis.layer_table import layer_table
+from workbench.analysis.report import Report, build_summary
+from workbench.analysis.storage import storage_table
+from workbench.engine.batches import iter_batches
+from workbench.engine.calibrate import (
+    calibrate,
+    check_model,
+    finish_calibration,
+    prepare_model,
+    resolve_config,
+)
+from workbench.engine.config import QuantConfig
+from workbench.engine.prepare import LayerPlan
+from workbench.errors import CalibrationError
+from workbench.workflows.result import QuantResult
+
+REPORT_BATCHES = 8
+
+
+def build_report(
+    original: nn.Module,
+    fp32_model: nn.Module,
+    quantized: nn.Module,
+    plans: list[LayerPlan],
+    config: QuantConfig,
+    report_batches: list[Any],
+    eval_fn: Callable[[nn.Module], float] | None = None,
+) -> Report:
+    measured, model_stats = measure_layer_errors(fp32_model, quantized, report_batches)
+    layers = layer_table(quantized, plans, measured)
+    storage = storage_table(original, quantized, plans)
+    metric_fp32 = metric_quantized = None
+    if eval_fn is not None:
+        metric_fp32 = float(eval_fn(original))
+        metric_quantized = float(eval_fn(quantized))
+    summary = build_summary(
+        layers, storage, model_stats, config.describe(), metric_fp32, metric_quantized
+    )
+    return Report(layers, storage, summary, model=quantized)
+
+
+def ptq(
+    model: nn.Module,
+    calib_data: Any,
+    config: QuantConfig | str | None = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> QuantResult:
+    """Post-training quantization of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model with Linear / Conv layers. It is deep-copied and never modified.
+    calib_data : DataLoader, iterable of batches, or tensor
+        Batches are tensors, ``(inputs, targets)`` tuples, or dicts of keyword inputs.
+    config : QuantConfig or preset name
+        Default: ``QuantConfig.preset("int8")``.
+    eval_fn : callable, optional
+        ``eval_fn(model) -> float`` (e.g. accuracy); measured for FP32 and quantized.
+    num_batches : int, optional
+        Use at most this many calibration batches.
+    progress : bool
+        Show a progress bar.
+    """
+    config = resolve_config(config)
+    check_model(model)
+    if num_batches is not None and num_batches < 1:
+        raise CalibrationError(f"num_batches must be >= 1, got {num_batches}")
+    batches = list(iter_batches(calib_data, num_batches))
+    was_training = model.training
+    try:
+        fp32_model, prepared, plans = prepare_model(model, batches[0], config)
+        reached = calibrate(prepared, batches, progress)
+        if not reached:
+            raise CalibrationError(
+                "no quantizable layer ran on the calibration data; check that calib_data "
+                "feeds the model's forward"
+            )
+        finish_calibration(prepared, plans, reached)
+        prepared.eval()
+        report = build_report(
+            model,
+            fp32_model,
+            prepared,
+            plans,
+            config,
+            list(islice(batches, REPORT_BATCHES)),
+            eval_fn,
+        )
+    finally:
+        model.train(was_training)
+    return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")

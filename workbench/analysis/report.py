@@ -146,8 +146,20 @@ class Report:
             sections.append(table.to_html(index=False, escape=True, float_format="{:.4g}".format))
         return "<div class='workbench-report'>" + "".join(sections) + "</div>"
 
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
-        return {"text/plain": self.summary_text(), "text/html": self._repr_html_()}
+    def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-safe dict (schema: ``workbench/analysis/report_schema.json``)."""
+        from workbench.analysis.report_json import report_to_json
+
+        return report_to_json(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
+        from workbench.analysis.report_json import REPORT_MIME_TYPE
+
+        return {
+            "text/plain": self.summary_text(),
+            "text/html": self._repr_html_(),
+            REPORT_MIME_TYPE: self.to_json(),
+        }
 
     def to_html(self, path) -> None:
         """Write the report (summary and tables) as a standalone HTML file."""

@@ -1,0 +1,101 @@
+"""The report as JSON, for the JupyterLab renderer (MIME ``application/vnd.workbench.report+json``).
+
+The schema is ``report_schema.json`` next to this file (JSON Schema, draft 2020-12).
+Numbers that are not finite (an exact layer's infinite SQNR, a kept-FP32 layer's missing
+values) become ``null``; every string is plain text that a renderer must show as text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from typing import Any
+
+import pandas as pd
+
+REPORT_MIME_TYPE = "application/vnd.workbench.report+json"
+SCHEMA_VERSION = 1
+
+LAYER_FIELDS = [
+    "layer",
+    "type",
+    "status",
+    "reason",
+    "scheme",
+    "bits",
+    "num_scales",
+    "scale_min",
+    "scale_max",
+    "zero_point",
+    "weight_sqnr_db",
+    "layer_sqnr_db",
+    "output_sqnr_db",
+    "output_cosine",
+]
+STORAGE_FIELDS = [
+    "layer",
+    "type",
+    "status",
+    "fp32_bytes",
+    "weight_bytes",
+    "scale_bytes",
+    "zero_point_bytes",
+    "bias_bytes",
+    "total_bytes",
+]
+
+
+def json_value(value: Any) -> Any:
+    """A JSON-safe copy of one cell: NaN/Inf/NA -> None, numpy scalars -> Python numbers."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def _records(table: pd.DataFrame, fields: list[str]) -> list[dict[str, Any]]:
+    present = [f for f in fields if f in table.columns]
+    return [
+        {field: json_value(row[field]) for field in present} for _, row in table[present].iterrows()
+    ]
+
+
+def report_to_json(report) -> dict[str, Any]:
+    """The JSON bundle of a Report (see ``report_schema.json``)."""
+    tables = {
+        str(title): {
+            "columns": [str(c) for c in table.columns],
+            "rows": [[json_value(v) for v in row] for row in table.itertuples(index=False)],
+        }
+        for title, table in report.extra_tables.items()
+    }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "summary": json_value(dict(report.summary)),
+        "layers": _records(report.layers, LAYER_FIELDS),
+        "storage": _records(report.storage, STORAGE_FIELDS),
+        "tables": tables,
+    }
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema the bundle follows."""
+    text = resources.files("workbench.analysis").joinpath("report_schema.json").read_text()
+    return json.loads(text)

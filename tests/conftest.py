@@ -1,0 +1,46 @@
+"""Shared fixtures: the digits data and the demo CNN, trained once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "workbench",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("workbench")
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    """sklearn's bundled digits split into train / test tensors (no download)."""
+    from workbench.demo import load_digits_data
+
+    return load_digits_data()
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_data):
+    """The demo CNN trained on digits once for the whole session (a few seconds).
+
+    Tests must not modify it: ``ptq`` deep-copies its input, and tests that check this
+    compare its state_dict before and after.
+    """
+    from workbench.demo import train_digits_cnn
+
+    torch.manual_seed(0)
+    return train_digits_cnn(digits_data, epochs=8)
+
+
+@pytest.fixture(scope="session")
+def digits_eval_fn(digits_data):
+    """Top-1 test accuracy in percent."""
+    from workbench.demo import accuracy
+
+    def eval_fn(model):
+        return accuracy(model, digits_data.test_x, digits_data.test_y)
+
+    return eval_fn

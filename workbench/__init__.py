@@ -34,6 +34,24 @@ __all__ = [
     "Report",
     "Scheme",
     "WorkbenchError",
+    "load_ipython_extension",
+    "panel",
     "ptq",
     "quantize_tensor",
 ]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext workbench``: register the ``%quantize`` magics (imported only now)."""
+    from workbench.notebook.magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+def __getattr__(name: str):
+    # wb.panel imports ipywidgets, so only when it is asked for
+    if name == "panel":
+        from workbench.notebook.panel import panel
+
+        return panel
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -1,0 +1,107 @@
+"""The ``%quantize`` / ``%%quantize`` magics and the ``%load_ext workbench`` hook.
+
+Thin: parse the line (and the YAML cell), look the names up in the notebook, call the public
+functions through ``actions.py``. The workbench's own errors become one-line UsageErrors.
+Importing this module imports neither onnxruntime nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+
+from workbench.errors import WorkbenchError
+from workbench.notebook import actions
+from workbench.notebook.display import error_line
+from workbench.notebook.magic_args import HELP, parse_line
+from workbench.notebook.names import lookup, lookup_callable, lookup_module
+from workbench.notebook.recipe import Recipe, make_recipe, merge_options, recipe_from_yaml
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn the workbench's errors (bad data, bad config, ...) into one-line UsageErrors."""
+    try:
+        yield
+    except WorkbenchError as exc:
+        raise UsageError(f"%quantize: {error_line(exc)}") from None
+
+
+def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
+    """Look the recipe's names up in ``namespace`` and run it: the QuantResult (exported and
+    benchmarked when asked), or the panel with ``panel=True``."""
+    model = lookup_module(namespace, recipe.model)
+    calib = lookup(namespace, recipe.calib, "--calib") if recipe.calib else None
+    train = lookup(namespace, recipe.train, "--train") if recipe.train else None
+    loss_fn = lookup_callable(namespace, recipe.loss, "--loss") if recipe.loss else None
+    eval_fn = lookup_callable(namespace, recipe.eval, "--eval") if recipe.eval else None
+    example = lookup(namespace, recipe.example, "--example") if recipe.example else None
+    config = recipe.config()
+    if recipe.panel:
+        from workbench.notebook.panel import panel
+
+        app = panel(model, calib, eval_fn, train, loss_fn, example)
+        app.set_controls(
+            recipe.method,
+            recipe.preset,
+            recipe.bits,
+            recipe.symmetric,
+            recipe.per_channel,
+            recipe.observer,
+            recipe.exclude,
+            recipe.num_batches,
+            recipe.epochs,
+            recipe.lr,
+        )
+        return app
+    result = actions.quantize(
+        model,
+        config,
+        method=recipe.method,
+        calib_data=calib,
+        train_data=train,
+        loss_fn=loss_fn,
+        epochs=recipe.epochs,
+        lr=recipe.lr,
+        eval_fn=eval_fn,
+        num_batches=recipe.num_batches,
+    )
+    if recipe.export or recipe.bench:
+        if example is None:
+            example = actions.first_input(calib if calib is not None else train)
+        path = recipe.export or Path(tempfile.mkdtemp(prefix="workbench-")) / "model_int8.onnx"
+        actions.export_into(result, path, example)
+        if recipe.bench:
+            actions.benchmark_into(result, example)
+    return result
+
+
+@magics_class
+class QuantizeMagics(Magics):
+    """``%quantize`` (line) and ``%%quantize`` (cell with a YAML recipe)."""
+
+    @line_cell_magic
+    def quantize(self, line: str, cell: str | None = None) -> Any:
+        options = parse_line(line)
+        if cell is not None:
+            options = merge_options(options, recipe_from_yaml(cell))
+        recipe = make_recipe(options)
+        with usage_errors():
+            value = run_recipe(recipe, self.shell.user_ns)
+        if recipe.output:
+            self.shell.user_ns[recipe.output] = value
+        return value
+
+
+QuantizeMagics.quantize.__doc__ = HELP
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext workbench``: register ``%quantize`` and ``%%quantize``."""
+    ipython.register_magics(QuantizeMagics)

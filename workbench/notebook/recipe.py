@@ -1,0 +1,230 @@
+"""A quantization recipe: the options of one ``%quantize`` run, from a line or a YAML cell.
+
+A recipe holds names of notebook variables, not the objects; ``names.py`` looks them up.
+``build_config`` turns the scheme options into the QuantConfig that the panel uses too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from workbench.core.observers import OBSERVER_NAMES
+from workbench.engine.config import PRESETS, QuantConfig
+from workbench.notebook.magic_args import METHODS, OPTION_KEYS
+
+DEFAULT_PRESET = "int8"
+MIN_BITS, MAX_BITS = 2, 8
+QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
+
+_STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer"}
+_STR_KEYS |= {"train", "loss", "export", "example"}
+_INT_KEYS = {"num_batches", "bits", "epochs"}
+_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric"}
+# recipe-only spellings: the negative flags and the short output flag
+_NEGATED_KEYS = {"per_tensor": "per_channel", "asymmetric": "symmetric"}
+_ALIASES = {"o": "output"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one ``%quantize`` run asks for. Strings are names of notebook variables."""
+
+    model: str
+    method: str = "ptq"
+    calib: str | None = None
+    eval: str | None = None
+    num_batches: int | None = None
+    output: str | None = None
+    panel: bool = False
+    preset: str = DEFAULT_PRESET
+    bits: int | None = None
+    per_channel: bool | None = None
+    symmetric: bool | None = None
+    observer: str | None = None
+    exclude: tuple[str, ...] = ()
+    train: str | None = None
+    loss: str | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    export: str | None = None
+    example: str | None = None
+    bench: bool = False
+
+    def config(self) -> QuantConfig:
+        """The QuantConfig these options describe."""
+        return build_config(
+            self.preset, self.bits, self.symmetric, self.per_channel, self.observer, self.exclude
+        )
+
+
+def build_config(
+    preset: str = DEFAULT_PRESET,
+    bits: int | None = None,
+    symmetric: bool | None = None,
+    per_channel: bool | None = None,
+    observer: str | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+) -> QuantConfig:
+    """The preset with its weight scheme changed by the options that are not None.
+
+    Activations keep the preset's scheme (uint8 asymmetric per-tensor for ``int8``, as ONNX
+    Runtime runs fastest on x86; FP32 for ``int8-weight-only``).
+    """
+    base = QuantConfig.preset(preset)
+    changes = {"bits": bits, "symmetric": symmetric, "per_channel": per_channel}
+    weight = replace(base.weight, **{k: v for k, v in changes.items() if v is not None})
+    overrides: dict[str, Any] = {"weight": weight, "exclude": tuple(exclude)}
+    if observer is not None:
+        overrides["observer"] = observer
+    return replace(base, **overrides)
+
+
+def _check_type(key: str, value: Any) -> Any:
+    if key in _STR_KEYS:
+        if not isinstance(value, str) or not value:
+            raise UsageError(
+                f"%%quantize: recipe key {key!r} must be a name or text, got {value!r}"
+            )
+        return value
+    if key in _INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"%%quantize: recipe key {key!r} must be an integer, got {value!r}")
+        return value
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise UsageError(f"%%quantize: recipe key {key!r} must be true or false, got {value!r}")
+        return value
+    if key == "lr":
+        try:
+            # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            pass
+        raise UsageError(f"%%quantize: recipe key 'lr' must be a number, got {value!r}")
+    if key == "exclude":
+        patterns = [value] if isinstance(value, str) else value
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise UsageError(
+                f"%%quantize: recipe key 'exclude' must be a name or a list of names, got {value!r}"
+            )
+        return list(patterns)
+    raise AssertionError(key)
+
+
+def recipe_from_yaml(text: str) -> dict[str, Any]:
+    """The options of a ``%%quantize`` cell body (YAML), as ``{key: value}``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise UsageError(
+            f"%%quantize: the recipe is not valid YAML ({problem}{where}); "
+            "write one 'key: value' per line"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            "%%quantize: the recipe must be a mapping of 'key: value' lines "
+            f"(e.g. 'calib: calib_loader'), got a {type(data).__name__}"
+        )
+    options: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        key = _ALIASES.get(key, key)
+        negated = _NEGATED_KEYS.get(key)
+        if negated is not None:
+            value = not _check_type(negated, value)
+            key = negated
+        elif key not in OPTION_KEYS:
+            valid = ", ".join(sorted(set(OPTION_KEYS) | set(_NEGATED_KEYS)))
+            raise UsageError(f"%%quantize: unknown recipe key {raw_key!r}; valid keys: {valid}")
+        else:
+            value = _check_type(key, value)
+        if key in options and options[key] != value:
+            raise UsageError(f"%%quantize: the recipe sets {key!r} twice with different values")
+        options[key] = value
+    return options
+
+
+def merge_options(line_options: dict[str, Any], recipe_options: dict[str, Any]) -> dict[str, Any]:
+    """Options of a ``%%quantize`` line and of its cell; a key set in both is a mistake."""
+    both = sorted(set(line_options) & set(recipe_options))
+    if both:
+        raise UsageError(
+            f"%%quantize: {', '.join(both)} set both on the line and in the recipe; keep one"
+        )
+    return line_options | recipe_options
+
+
+def _flags(keys) -> str:
+    return ", ".join("--" + key.replace("_", "-") for key in keys)
+
+
+def make_recipe(options: dict[str, Any]) -> Recipe:
+    """Check that the options fit together and fill in the defaults."""
+    if not options.get("model"):
+        raise UsageError(
+            "%quantize: name the model to quantize, e.g. %quantize model --calib calib_loader"
+        )
+    method = options.get("method", "ptq")
+    if method not in METHODS:
+        raise UsageError(f"%quantize: unknown method {method!r}; choose ptq or qat")
+    preset = options.get("preset", DEFAULT_PRESET)
+    if preset not in PRESETS:
+        raise UsageError(
+            f"%quantize: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
+        )
+    observer = options.get("observer")
+    if observer is not None and observer not in OBSERVER_NAMES:
+        raise UsageError(
+            f"%quantize: unknown observer {observer!r}; choose one of {', '.join(OBSERVER_NAMES)}"
+        )
+    bits = options.get("bits")
+    if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
+        raise UsageError(f"%quantize: --bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    for key in ("num_batches", "epochs"):
+        if options.get(key) is not None and options[key] < 1:
+            raise UsageError(f"%quantize: {_flags([key])} must be >= 1, got {options[key]}")
+    if options.get("lr") is not None and not options["lr"] > 0:
+        raise UsageError(f"%quantize: --lr must be > 0, got {options['lr']}")
+    output = options.get("output")
+    if output is not None and not output.isidentifier():
+        raise UsageError(f"%quantize: -o takes a variable name, got {output!r}")
+    panel = bool(options.get("panel"))
+    if method == "ptq" and not options.get("calib"):
+        raise UsageError(
+            "%quantize: PTQ needs calibration data: add --calib DATA "
+            "(a DataLoader, list of batches or tensor), or use --method qat"
+        )
+    if method == "ptq" and not panel:
+        given = [key for key in QAT_ONLY_KEYS if key in options]
+        if given:
+            raise UsageError(f"%quantize: {_flags(given)} apply to QAT; add --method qat")
+    if method == "qat":
+        missing = [key for key in ("train", "loss") if not options.get(key)]
+        if missing:
+            raise UsageError(
+                f"%quantize: QAT needs training data and a loss: add {_flags(missing)} "
+                "(e.g. --train train_loader --loss loss_fn)"
+            )
+    if panel:
+        given = [key for key in ("export", "bench") if options.get(key)]
+        if given:
+            raise UsageError(
+                f"%quantize: {_flags(given)} are buttons of the panel; drop them or drop --panel"
+            )
+    elif options.get("example") and not (options.get("export") or options.get("bench")):
+        raise UsageError("%quantize: --example is the input of --export / --bench; add one")
+    fields = dict(options)
+    fields["exclude"] = tuple(options.get("exclude", ()))
+    fields["method"], fields["preset"] = method, preset
+    fields["panel"], fields["bench"] = panel, bool(options.get("bench"))
+    return Recipe(**fields)

@@ -1,0 +1,282 @@
+/**
+ * The per-layer table: click a column header to sort by it (again to reverse), type in
+ * the box to keep only the layers whose name contains the text. SQNR cells are coloured
+ * from bad (red) to good (green); layers kept in FP32 are marked.
+ */
+
+import { append, element } from './dom';
+import {
+  formatCell,
+  formatDb,
+  formatNumber,
+  isNumber,
+  MISSING,
+  SQNR_BAD_DB,
+  SQNR_GOOD_DB,
+  sqnrColour
+} from './format';
+import { ILayerRow } from './report';
+
+type SortValue = number | string | null;
+
+interface IColumn {
+  id: string;
+  label: string;
+  title: string;
+  numeric: boolean;
+  /** Colour the cell on the SQNR scale. */
+  sqnr?: boolean;
+  value(row: ILayerRow): SortValue;
+  text(row: ILayerRow): string;
+}
+
+function numberOrNull(value: number | null | undefined): number | null {
+  return isNumber(value) ? value : null;
+}
+
+function textColumn(id: keyof ILayerRow, label: string, title: string): IColumn {
+  return {
+    id,
+    label,
+    title,
+    numeric: false,
+    value: row => (row[id] === null || row[id] === undefined ? null : String(row[id])),
+    text: row => formatCell(row[id])
+  };
+}
+
+function sqnrColumn(id: keyof ILayerRow, label: string, title: string): IColumn {
+  return {
+    id,
+    label,
+    title,
+    numeric: true,
+    sqnr: true,
+    value: row => numberOrNull(row[id] as number | null | undefined),
+    text: row => formatDb(row[id] as number | null | undefined)
+  };
+}
+
+export const LAYER_COLUMNS: IColumn[] = [
+  textColumn('layer', 'Layer', 'Module name in the model'),
+  textColumn('type', 'Type', 'Module type'),
+  {
+    id: 'status',
+    label: 'Status',
+    title: 'Quantized, or kept in FP32 (see the note)',
+    numeric: false,
+    value: row => row.status,
+    text: row => (row.status === 'fp32' ? 'FP32' : 'quantized')
+  },
+  textColumn('scheme', 'Scheme', 'Weight quantization scheme'),
+  {
+    id: 'bits',
+    label: 'Bits',
+    title: 'Weight bits',
+    numeric: true,
+    value: row => numberOrNull(row.bits),
+    text: row => formatCell(row.bits)
+  },
+  sqnrColumn('weight_sqnr_db', 'Weight SQNR', 'Quantized weights against FP32 weights'),
+  sqnrColumn('layer_sqnr_db', 'Layer SQNR', 'The quantized layer alone, fed the FP32 input'),
+  sqnrColumn(
+    'output_sqnr_db',
+    'Output SQNR',
+    "The layer's output in the quantized model against the FP32 model (earlier errors included)"
+  ),
+  {
+    id: 'output_cosine',
+    label: 'Cosine',
+    title: 'Cosine similarity of the layer output to FP32',
+    numeric: true,
+    value: row => numberOrNull(row.output_cosine),
+    text: row => (isNumber(row.output_cosine) ? row.output_cosine.toFixed(6) : MISSING)
+  },
+  {
+    id: 'num_scales',
+    label: 'Scales',
+    title: 'Number of weight scales (one per channel when per-channel)',
+    numeric: true,
+    value: row => numberOrNull(row.num_scales),
+    text: row => formatCell(row.num_scales)
+  },
+  {
+    id: 'scale_range',
+    label: 'Scale range',
+    title: 'Smallest and largest weight scale (sorted by the largest)',
+    numeric: true,
+    value: row => numberOrNull(row.scale_max),
+    text: row =>
+      isNumber(row.scale_min) && isNumber(row.scale_max)
+        ? `${formatNumber(row.scale_min, 3)} \u2026 ${formatNumber(row.scale_max, 3)}`
+        : MISSING
+  },
+  textColumn('zero_point', 'Zero point', 'Weight zero point(s)'),
+  textColumn('reason', 'Note', 'Why a layer is kept in FP32')
+];
+
+function compare(a: SortValue, b: SortValue, numeric: boolean): number {
+  if (numeric) {
+    return (a as number) - (b as number);
+  }
+  return String(a).localeCompare(String(b), undefined, { numeric: true });
+}
+
+export type SortDirection = 'ascending' | 'descending';
+
+export class LayerTable {
+  readonly node: HTMLElement;
+  private readonly rows: ILayerRow[];
+  private readonly tbody: HTMLTableSectionElement;
+  private readonly headers = new Map<string, HTMLTableCellElement>();
+  private readonly count: HTMLElement;
+  private readonly filterInput: HTMLInputElement;
+  private sortColumn: IColumn | null = null;
+  private sortDirection: SortDirection = 'ascending';
+  private filterText = '';
+
+  constructor(rows: ILayerRow[]) {
+    this.rows = rows;
+    this.node = element('div', 'jp-WorkbenchReport-layers');
+
+    const toolbar = element('div', 'jp-WorkbenchReport-toolbar');
+    this.filterInput = element('input', 'jp-WorkbenchReport-filter');
+    this.filterInput.type = 'search';
+    this.filterInput.placeholder = 'Filter layers by name';
+    this.filterInput.setAttribute('aria-label', 'Filter layers by name');
+    this.filterInput.addEventListener('input', () => {
+      this.filterText = this.filterInput.value;
+      this.update();
+    });
+    this.count = element('span', 'jp-WorkbenchReport-count');
+    append(toolbar, this.filterInput, this.count, renderLegend());
+    this.node.appendChild(toolbar);
+
+    const scroller = element('div', 'jp-WorkbenchReport-scroll');
+    const table = element('table', 'jp-WorkbenchReport-table jp-WorkbenchReport-layerTable');
+    const headRow = element('tr');
+    for (const column of LAYER_COLUMNS) {
+      const th = element('th', column.numeric ? 'jp-mod-numeric' : undefined);
+      th.dataset.column = column.id;
+      th.title = `${column.title}. Click to sort.`;
+      th.setAttribute('aria-sort', 'none');
+      th.tabIndex = 0;
+      append(
+        th,
+        element('span', 'jp-WorkbenchReport-headLabel', column.label),
+        element('span', 'jp-WorkbenchReport-sortMark')
+      );
+      th.addEventListener('click', () => this.sortBy(column.id));
+      th.addEventListener('keydown', event => {
+        if (event.key === 'Enter' || event.key === ' ') {
+          event.preventDefault();
+          this.sortBy(column.id);
+        }
+      });
+      this.headers.set(column.id, th);
+      headRow.appendChild(th);
+    }
+    const thead = element('thead');
+    thead.appendChild(headRow);
+    this.tbody = element('tbody');
+    append(table, thead, this.tbody);
+    scroller.appendChild(table);
+    this.node.appendChild(scroller);
+    this.update();
+  }
+
+  /** Sort by a column; the same column again reverses the order. */
+  sortBy(columnId: string, direction?: SortDirection): void {
+    const column = LAYER_COLUMNS.find(c => c.id === columnId);
+    if (!column) {
+      return;
+    }
+    if (direction) {
+      this.sortDirection = direction;
+    } else if (this.sortColumn === column) {
+      this.sortDirection = this.sortDirection === 'ascending' ? 'descending' : 'ascending';
+    } else {
+      this.sortDirection = 'ascending';
+    }
+    this.sortColumn = column;
+    this.update();
+  }
+
+  /** Keep only the layers whose name contains ``text`` (case-insensitive). */
+  filter(text: string): void {
+    this.filterInput.value = text;
+    this.filterText = text;
+    this.update();
+  }
+
+  /** The rows shown, in display order. */
+  visibleRows(): ILayerRow[] {
+    const needle = this.filterText.trim().toLowerCase();
+    const indexed = this.rows
+      .map((row, index) => ({ row, index }))
+      .filter(({ row }) => !needle || String(row.layer).toLowerCase().includes(needle));
+    const column = this.sortColumn;
+    if (column) {
+      const sign = this.sortDirection === 'ascending' ? 1 : -1;
+      indexed.sort((a, b) => {
+        const va = column.value(a.row);
+        const vb = column.value(b.row);
+        // missing values go last whichever the direction
+        if (va === null || vb === null) {
+          return va === vb ? a.index - b.index : va === null ? 1 : -1;
+        }
+        return sign * compare(va, vb, column.numeric) || a.index - b.index;
+      });
+    }
+    return indexed.map(({ row }) => row);
+  }
+
+  private update(): void {
+    for (const [id, th] of this.headers) {
+      const active = this.sortColumn !== null && this.sortColumn.id === id;
+      th.setAttribute('aria-sort', active ? this.sortDirection : 'none');
+      const mark = th.querySelector('.jp-WorkbenchReport-sortMark');
+      if (mark) {
+        mark.textContent = active ? (this.sortDirection === 'ascending' ? ' \u25b2' : ' \u25bc') : '';
+      }
+    }
+    const visible = this.visibleRows();
+    this.tbody.replaceChildren(...visible.map(renderRow));
+    this.count.textContent = `${visible.length} of ${this.rows.length} layers`;
+  }
+}
+
+function renderRow(row: ILayerRow): HTMLTableRowElement {
+  const tr = element('tr', row.status === 'fp32' ? 'jp-WorkbenchReport-fp32' : undefined);
+  tr.dataset.status = row.status;
+  for (const column of LAYER_COLUMNS) {
+    const td = element('td', column.numeric ? 'jp-mod-numeric' : undefined);
+    td.dataset.column = column.id;
+    if (column.id === 'layer') {
+      td.appendChild(element('code', 'jp-WorkbenchReport-layerName', row.layer));
+    } else if (column.id === 'status' && row.status === 'fp32') {
+      td.appendChild(element('span', 'jp-WorkbenchReport-badge', 'FP32'));
+    } else {
+      td.textContent = column.text(row);
+    }
+    const value = column.value(row);
+    if (column.sqnr && typeof value === 'number') {
+      td.style.backgroundColor = sqnrColour(value);
+    }
+    tr.appendChild(td);
+  }
+  return tr;
+}
+
+function renderLegend(): HTMLElement {
+  const legend = element('span', 'jp-WorkbenchReport-legend');
+  legend.title = 'SQNR colour scale';
+  const bad = element('span', 'jp-WorkbenchReport-swatch', `\u2264${SQNR_BAD_DB} dB`);
+  bad.style.backgroundColor = sqnrColour(SQNR_BAD_DB);
+  const mid = element('span', 'jp-WorkbenchReport-swatch', `${(SQNR_BAD_DB + SQNR_GOOD_DB) / 2} dB`);
+  mid.style.backgroundColor = sqnrColour((SQNR_BAD_DB + SQNR_GOOD_DB) / 2);
+  const good = element('span', 'jp-WorkbenchReport-swatch', `\u2265${SQNR_GOOD_DB} dB`);
+  good.style.backgroundColor = sqnrColour(SQNR_GOOD_DB);
+  append(legend, element('span', undefined, 'SQNR: '), bad, mid, good);
+  return legend;
+}

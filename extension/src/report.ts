@@ -1,0 +1,72 @@
+/**
+ * The report bundle as the Python side writes it (workbench/analysis/report_json.py,
+ * schema: workbench/analysis/report_schema.json). Every string in it comes from the
+ * user's model and must be shown as text.
+ */
+
+export const REPORT_MIME_TYPE = 'application/vnd.workbench.report+json';
+
+export interface IReportSummary {
+  config: string;
+  layers_quantized: number;
+  layers_fp32: number;
+  fp32_bytes: number;
+  quantized_bytes: number;
+  compression_ratio: number;
+  mean_output_sqnr_db?: number | null;
+  worst_output_sqnr_db?: number | null;
+  worst_layers: string[];
+  model_output_sqnr_db?: number | null;
+  model_output_cosine?: number | null;
+  metric_fp32?: number | null;
+  metric_quantized?: number | null;
+  metric_drop?: number | null;
+}
+
+export interface ILayerRow {
+  layer: string;
+  type: string;
+  status: 'quantized' | 'fp32';
+  reason?: string | null;
+  scheme?: string | null;
+  bits?: number | null;
+  num_scales?: number | null;
+  scale_min?: number | null;
+  scale_max?: number | null;
+  zero_point?: string | null;
+  weight_sqnr_db?: number | null;
+  layer_sqnr_db?: number | null;
+  output_sqnr_db?: number | null;
+  output_cosine?: number | null;
+}
+
+export interface IStorageRow {
+  layer: string;
+  type?: string;
+  /** "quantized", "fp32", or "" for the TOTAL row. */
+  status?: string;
+  fp32_bytes: number;
+  weight_bytes: number;
+  scale_bytes: number;
+  zero_point_bytes: number;
+  bias_bytes: number;
+  total_bytes: number;
+}
+
+export interface IExtraTable {
+  columns: string[];
+  rows: unknown[][];
+}
+
+export interface IReportBundle {
+  schema_version: number;
+  summary: IReportSummary;
+  layers: ILayerRow[];
+  storage: IStorageRow[];
+  tables: { [title: string]: IExtraTable };
+}
+
+/** The storage table's TOTAL row is the one without a status (layers always have one). */
+export function isTotalRow(row: IStorageRow): boolean {
+  return !row.status;
+}

@@ -280,7 +280,9 @@ def kl_threshold_bin(
         kept = counts[:keep]
         chunk = (np.arange(keep) * quantized_bins) // keep
         chunk_sum = np.bincount(chunk, weights=kept, minlength=quantized_bins)
-        nonzero = (kept > 0).astype(np.float64)
+        # Bins empty in P stay empty in Q. P's last bin holds the clipped tail, so it counts
+        # as occupied even when the histogram's own bin there is empty (as TensorRT does).
+        nonzero = (reference > 0).astype(np.float64)
         chunk_nonzero = np.bincount(chunk, weights=nonzero, minlength=quantized_bins)
         share = np.divide(
             chunk_sum,

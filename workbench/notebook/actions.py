@@ -39,7 +39,9 @@ def quantize(
 
     if method == "ptq":
         if calib_data is None:
-            raise CalibrationError("PTQ needs calibration data; pass calib_data (a DataLoader)")
+            raise CalibrationError(
+                "PTQ needs calibration data; pass calib_data (a DataLoader or a list of batches)"
+            )
         return wb.ptq(
             model,
             calib_data,
@@ -50,7 +52,9 @@ def quantize(
         )
     if method == "qat":
         if train_data is None or loss_fn is None:
-            raise CalibrationError("QAT needs train_data and loss_fn; pass both")
+            raise CalibrationError(
+                "QAT needs train_data and loss_fn; pass both (wb.panel(..., train_data=, loss_fn=))"
+            )
         options: dict[str, Any] = {"epochs": epochs, "lr": lr, "calib_data": calib_data}
         options = {key: value for key, value in options.items() if value is not None}
         return wb.qat(

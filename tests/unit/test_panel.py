@@ -1,0 +1,220 @@
+"""The workbench panel, driven headless: set widget values, click, assert on state.
+
+References: the config is compared with a QuantConfig written out by hand, the result with
+``wb.ptq`` called directly, the Layers table with the model's own parameter-holding modules.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+from workbench.demo import accuracy, load_digits_data
+from workbench.notebook.panel import PLOTS_TAB, WorkbenchPanel
+
+PNG_MAGIC = b"\x89PNG"
+
+
+def tiny_cnn() -> nn.Module:
+    """Conv-BN-ReLU, pooling and two Linear layers on digits; a few full-batch Adam steps."""
+    torch.manual_seed(0)
+    data = load_digits_data()
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(1, 4, 3, padding=1),
+            bn=nn.BatchNorm2d(4),
+            relu1=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(64, 32),
+            relu2=nn.ReLU(),
+            fc2=nn.Linear(32, 10),
+        )
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data.train_x), data.train_y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_data()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_cnn()
+
+
+@pytest.fixture
+def app(model, digits) -> WorkbenchPanel:
+    train = [(digits.train_x[i : i + 32], digits.train_y[i : i + 32]) for i in range(0, 96, 32)]
+    return wb.panel(
+        model,
+        digits.calib_batches(4, 32),
+        eval_fn=lambda m: accuracy(m, digits.test_x, digits.test_y),
+        train_data=train,
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+
+
+def parameter_holding_modules(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if list(m.parameters(recurse=False))}
+
+
+def test_controls_start_from_the_preset_and_follow_it(app):
+    assert app.config() == wb.QuantConfig.preset("int8")
+    assert app.keep_fp32.options == ("conv", "fc1", "fc2")
+    app.preset.value = "int4-weight"
+    assert (app.bits.value, app.symmetric.value, app.per_channel.value) == (4, True, True)
+    app.preset.value = "int8-per-tensor"
+    assert (app.bits.value, app.per_channel.value) == (8, False)
+    assert app.num_batches.value == 4
+
+
+def test_run_result_config_matches_controls(app, model, digits):
+    app.preset.value = "int8"
+    app.bits.value = 6
+    app.symmetric.value = False
+    app.per_channel.value = False
+    app.observer.value = "percentile"
+    app.keep_fp32.value = ("fc2",)
+    app.num_batches.value = 2
+    app.run_button.click()
+    assert app.error == ""
+    expected = wb.QuantConfig(
+        weight=wb.Scheme(6, symmetric=False, per_channel=False),
+        activation=wb.Scheme(8, symmetric=False, per_channel=False),
+        observer="percentile",
+        exclude=("fc2",),
+    )
+    assert app.result.config == expected
+    direct = wb.ptq(model, digits.calib_batches(2, 32), config=expected, progress=False)
+    with torch.no_grad():
+        assert torch.equal(app.result.model(digits.test_x), direct.model(digits.test_x))
+    layers = app.result.report.layers.set_index("layer")
+    assert layers.loc["fc2", "status"] == "fp32"
+
+
+def test_layers_tab_has_one_row_per_layer_worst_first(app, model):
+    app.run_button.click()
+    table = app.layers_table
+    assert set(table["layer"]) == parameter_holding_modules(model)
+    assert len(table) == len(parameter_holding_modules(model))
+    quantized = table[table["status"] == "quantized"]["output_sqnr_db"].astype(float).tolist()
+    assert quantized == sorted(quantized)
+    assert table["status"].tolist()[: len(quantized)] == ["quantized"] * len(quantized)
+    assert app.layers_html.value.count("<tr") == len(table) + 1  # header row
+
+
+def test_runs_table_grows_by_one_per_run(app):
+    configs = []
+    for bits in (8, 4, 3):
+        app.bits.value = bits
+        app.run_button.click()
+        configs.append(app.result.config)
+        assert len(app.runs) == len(configs)
+    frame = app.runs.frame
+    assert frame["run"].tolist() == [1, 2, 3]
+    assert frame["weights"].tolist() == [c.weight.describe() for c in configs]
+    assert frame["size_bytes"].is_monotonic_decreasing
+    assert frame["metric_fp32"].nunique() == 1
+    assert app.runs_html.value.count("<tr") == 4
+    assert app.runs_plot.value[:4] == PNG_MAGIC
+
+
+def test_failing_run_shows_one_line_and_panel_stays_usable(model, digits):
+    calls = []
+
+    def flaky_eval(m):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("accuracy needs labels\nsecond line of the message")
+        return 50.0
+
+    app = wb.panel(model, digits.calib_batches(2, 32), eval_fn=flaky_eval)
+    app.run_button.click()
+    assert app.error == "ValueError: accuracy needs labels"
+    assert "second line" not in app.status.value
+    assert app.result is None
+    assert len(app.runs) == 0
+    assert app.run_button.disabled is False
+    assert app.progress.layout.display == "none"
+    app.run_button.click()
+    assert app.error == ""
+    assert app.result is not None
+    assert len(app.runs) == 1
+
+
+def test_qat_without_training_data_is_an_error_in_the_panel(model, digits):
+    app = wb.panel(model, digits.calib_batches(2, 32))
+    app.method.value = "qat"
+    app.run_button.click()
+    assert app.error.startswith("QAT needs train_data and loss_fn")
+    assert "\n" not in app.error
+    app.method.value = "ptq"
+    app.run_button.click()
+    assert app.error == "" and len(app.runs) == 1
+
+
+def test_run_button_disabled_and_progress_shown_while_running(model, digits):
+    seen = []
+    app = None
+
+    def eval_fn(m):
+        seen.append((app.run_button.disabled, app.progress.layout.display))
+        return 1.0
+
+    app = wb.panel(model, digits.calib_batches(2, 32), eval_fn=eval_fn)
+    assert app.progress.layout.display == "none"
+    app.run_button.click()
+    assert seen and all(state == (True, None) for state in seen)
+    assert app.run_button.disabled is False
+    assert app.progress.value == app.progress.max
+
+
+def test_qat_run_uses_epochs_and_lr(app):
+    app.method.value = "qat"
+    assert app.epochs.disabled is False
+    app.epochs.value = 2
+    app.lr.value = 1e-3
+    app.run_button.click()
+    assert app.error == ""
+    assert app.result.method == "qat"
+    assert len(app.result.history) == 2 * len(app.train_data)
+    assert app.runs.frame["method"].tolist() == ["QAT"]
+
+
+def test_plots_are_drawn_when_their_tab_is_opened(app):
+    app.run_button.click()
+    assert app.sqnr_plot.value == b""
+    app.tabs.selected_index = PLOTS_TAB
+    assert app.sqnr_plot.value[:4] == PNG_MAGIC
+    assert app.storage_plot.value[:4] == PNG_MAGIC
+    app.bits.value = 4
+    app.run_button.click()  # the Plots tab is open: redrawn at once
+    assert app.sqnr_plot.value[:4] == PNG_MAGIC
+
+
+def test_summary_and_storage_tabs_show_the_result(app):
+    app.run_button.click()
+    summary = app.result.report.summary
+    assert f"{summary['quantized_bytes']:,} B" in app.summary_html.value
+    assert app.storage_html.value.count("<tr") == len(app.result.report.storage) + 1
+
+
+def test_panel_refuses_what_is_not_a_model(digits):
+    with pytest.raises(wb.ModelError, match=r"needs a torch\.nn\.Module"):
+        wb.panel([1, 2], digits.calib_batches(1))
+
+
+def test_panel_displays_as_a_widget(app):
+    bundle = app._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle

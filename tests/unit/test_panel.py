@@ -218,3 +218,4 @@ def test_panel_refuses_what_is_not_a_model(digits):
 def test_panel_displays_as_a_widget(app):
     bundle = app._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"] == "WorkbenchPanel(Sequential, 0 runs, no run yet)"

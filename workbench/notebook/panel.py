@@ -139,6 +139,10 @@ class WorkbenchPanel(widgets.VBox):
         self._on_preset()
         self._on_method()
 
+    def __repr__(self) -> str:
+        latest = f"run {self._run_number}" if self._run_number else "no run yet"
+        return f"WorkbenchPanel({type(self.model).__name__}, {len(self.runs)} runs, {latest})"
+
     # construction ------------------------------------------------------------------------
     def _title_html(self) -> str:
         import html

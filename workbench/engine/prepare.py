@@ -72,7 +72,7 @@ def plan_layers(
                 plans.append(LayerPlan(name, type_name, QUANTIZED))
         elif any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, BN_TYPES):
-                reason = "BatchNorm not after a conv (not folded)"
+                reason = "BatchNorm not folded (its input is not a conv output used only by it)"
             else:
                 reason = f"{type_name} is not a quantized layer type"
             plans.append(LayerPlan(name, type_name, FP32, reason))

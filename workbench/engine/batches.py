@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.errors import CalibrationError
+from workbench.errors import CalibrationError, WorkbenchError
 
 
 def iter_batches(data: Any, max_batches: int | None = None, what: str = "calib_data") -> Iterator:
@@ -34,12 +34,24 @@ def iter_batches(data: Any, max_batches: int | None = None, what: str = "calib_d
         )
     count = 0
     for batch in islice(batches, max_batches):
+        if _is_empty(batch):
+            raise CalibrationError(
+                f"batch {count} of {what} holds 0 samples; pass batches with at least one sample"
+            )
         count += 1
         yield batch
     if count == 0:
         raise CalibrationError(
             f"{what} yielded 0 batches; pass a DataLoader or a list of input tensors"
         )
+
+
+def _is_empty(batch: Any) -> bool:
+    if isinstance(batch, list | tuple) and batch:
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()), None)
+    return isinstance(batch, torch.Tensor) and batch.numel() == 0
 
 
 def model_inputs(batch: Any) -> tuple[tuple, dict]:
@@ -70,6 +82,8 @@ def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_d
     args, kwargs = model_inputs(batch)
     try:
         return model(*args, **kwargs)
+    except WorkbenchError:
+        raise  # already one clear sentence (a NaN activation, an observer's complaint)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CalibrationError(

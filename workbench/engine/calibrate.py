@@ -44,6 +44,9 @@ def check_model(model: Any) -> None:
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for name, param in model.named_parameters():
         check_finite(param.detach(), f"parameter {name!r} of the model")
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point():  # BatchNorm statistics end up in the folded weights
+            check_finite(buffer.detach(), f"buffer {name!r} of the model")
 
 
 def set_activation_mode(model: nn.Module, mode: str) -> None:

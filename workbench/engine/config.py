@@ -59,6 +59,10 @@ class QuantConfig:
                 f"unknown weight_observer {self.weight_observer!r}; "
                 f"choose one of {', '.join(WEIGHT_OBSERVER_NAMES)}"
             )
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(
+                f"percentile must be in (50, 100], got {self.percentile}; e.g. percentile=99.99"
+            )
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         else:

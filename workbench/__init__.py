@@ -5,6 +5,7 @@ res = wb.ptq(model, calib_data, config=wb.QuantConfig.preset("int8"))
 res.report.layers
 """
 
+from workbench.analysis.pareto import pareto_table
 from workbench.analysis.report import Report
 from workbench.core.qtensor import QTensor, quantize_tensor
 from workbench.core.scheme import Scheme
@@ -17,8 +18,10 @@ from workbench.errors import (
     NonFiniteError,
     WorkbenchError,
 )
+from workbench.workflows.mixed_precision import auto_mixed_precision
 from workbench.workflows.ptq import ptq
 from workbench.workflows.result import QuantResult
+from workbench.workflows.sensitivity import sensitivity
 
 __version__ = "0.1.0"
 
@@ -34,10 +37,13 @@ __all__ = [
     "Report",
     "Scheme",
     "WorkbenchError",
+    "auto_mixed_precision",
     "load_ipython_extension",
     "panel",
+    "pareto_table",
     "ptq",
     "quantize_tensor",
+    "sensitivity",
 ]
 
 

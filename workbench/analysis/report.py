@@ -10,6 +10,7 @@ import pandas as pd
 from torch import nn
 
 from workbench.engine.layers import QuantizedLayer
+from workbench.errors import ConfigError
 
 SUMMARY_WORST_LAYERS = 5
 
@@ -92,15 +93,15 @@ class Report:
         from workbench.analysis.plots import weight_histogram
 
         if self._model is None:
-            raise ValueError("this report has no model attached; plot from result.report")
+            raise ConfigError("this report has no model attached; plot from result.report")
         quantized = {
             m.layer_name: m for m in self._model.modules() if isinstance(m, QuantizedLayer)
         }
         if not quantized:
-            raise ValueError("no layer was quantized, so there is no weight grid to plot")
+            raise ConfigError("no layer was quantized, so there is no weight grid to plot")
         name = layer or (self.summary["worst_layers"] or list(quantized))[0]
         if name not in quantized:
-            raise ValueError(
+            raise ConfigError(
                 f"{name!r} is not a quantized layer; choose one of: {', '.join(quantized)}"
             )
         return weight_histogram(quantized[name], name)

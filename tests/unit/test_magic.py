@@ -286,3 +286,43 @@ def test_panel_option_returns_panel_with_controls_set(shell):
 def test_panel_option_refuses_export(shell):
     with pytest.raises(UsageError, match="--export are buttons of the panel"):
         quantize(shell, "model --calib calib --panel --export m.onnx")
+
+
+def ort_outputs(path, x: torch.Tensor):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_export_writes_onnx_that_runs_like_the_result(shell, tmp_path, digits):
+    path = tmp_path / "out" / "model_int8.onnx"
+    result = quantize(shell, f"model --calib calib --export {path}")
+    assert path.is_file()
+    assert result.extras["onnx_path"] == path
+    x = digits.test_x[:64]
+    with torch.no_grad():
+        simulated = result.model(x).numpy()
+    from_ort = ort_outputs(path, x)
+    agreement = (from_ort.argmax(1) == simulated.argmax(1)).mean()
+    assert agreement >= 0.95
+    assert "benchmark" not in result.extras
+
+
+def test_bench_times_fp32_against_the_exported_file(shell, tmp_path):
+    path = tmp_path / "model_int8.onnx"
+    result = quantize(shell, f"model --calib calib --export {path} --example x --bench")
+    bench = result.extras["benchmark"]
+    table = bench.table.set_index("model")
+    assert set(table.index) == {"fp32", "int8"}
+    assert table.loc["int8", "file_bytes"] == path.stat().st_size
+    assert (table["latency_p50_ms"] > 0).all()
+    assert bench.batch_size == len(shell.user_ns["x"])
+    titles = set(result.report.extra_tables)
+    assert any(table.equals(bench.table) for table in result.report.extra_tables.values()), titles
+
+
+def test_bench_without_export_uses_a_temporary_file(shell):
+    result = quantize(shell, "model --calib calib --bench")
+    assert "onnx_path" not in result.extras
+    assert result.extras["benchmark"].speedup > 0

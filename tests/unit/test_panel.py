@@ -219,3 +219,48 @@ def test_panel_displays_as_a_widget(app):
     bundle = app._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"] == "WorkbenchPanel(Sequential, 0 runs, no run yet)"
+
+
+def test_export_and_benchmark_buttons(app, tmp_path):
+    assert app.export_button.disabled and app.bench_button.disabled  # nothing to export yet
+    app.run_button.click()
+    assert not app.export_button.disabled
+    path = tmp_path / "panel_int8.onnx"
+    app.export_path.value = str(path)
+    app.export_button.click()
+    assert app.error == ""
+    assert app.onnx_path == path and path.is_file()
+    assert f"{path.stat().st_size:,} B" in app.export_status.value
+    quantized = (app.result.report.layers["status"] == "quantized").sum()
+    assert app.fusion_html.value.count("<tr") == quantized + 1  # one row per quantized layer
+    app.bench_button.click()
+    assert app.error == ""
+    table = app.benchmark.table.set_index("model")
+    assert table.loc["int8", "file_bytes"] == path.stat().st_size
+    row = app.runs.frame.iloc[-1]
+    assert row["fp32_ms"] == table.loc["fp32", "latency_p50_ms"]
+    assert row["int8_ms"] == table.loc["int8", "latency_p50_ms"]
+    assert row["speedup"] == pytest.approx(row["fp32_ms"] / row["int8_ms"])
+    assert app.bench_html.value.count("<tr") == len(table) + 1
+
+
+def test_benchmark_before_export_exports_first(app, tmp_path):
+    app.run_button.click()
+    app.export_path.value = str(tmp_path / "first.onnx")
+    app.bench_button.click()
+    assert app.error == ""
+    assert (tmp_path / "first.onnx").is_file()
+    assert app.runs.frame["int8_ms"].notna().all()
+
+
+def test_export_error_is_one_line_and_panel_stays_usable(app, tmp_path):
+    app.run_button.click()
+    app.export_path.value = str(tmp_path)  # a directory
+    app.export_button.click()
+    assert "is a directory" in app.error and "\n" not in app.error
+    assert "is a directory" in app.export_status.value
+    assert app.onnx_path is None
+    assert not app.export_button.disabled and not app.run_button.disabled
+    app.export_path.value = str(tmp_path / "ok.onnx")
+    app.export_button.click()
+    assert app.error == "" and (tmp_path / "ok.onnx").is_file()

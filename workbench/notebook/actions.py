@@ -11,14 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from torch import nn
 
 from workbench.engine.config import QuantConfig
 from workbench.errors import CalibrationError, ConfigError
-
-EXPORT_TABLE = "Export"
-BENCHMARK_TABLE = "Benchmark"
 
 
 def quantize(
@@ -78,39 +74,27 @@ def first_input(data: Any) -> Any:
 
 
 def export(result, path: str | Path, example_input: Any) -> Path:
-    """``result.export_onnx(path, example_input)``: the INT8 QDQ ONNX model's path."""
-    return Path(result.export_onnx(path, example_input))
+    """``result.export_onnx(path, example_input)``: the INT8 QDQ ONNX file. The export checks
+    ONNX Runtime's fusion and adds its table to the report."""
+    written = Path(result.export_onnx(path, example_input))
+    result.extras["onnx_path"] = written
+    return written
 
 
-def benchmark(result, example_input: Any, threads: int = 1):
-    """``wb.benchmark`` of the FP32 model against the exported INT8 model."""
-    import workbench as wb
+def benchmark(result, example_input: Any, onnx_path: str | Path | None = None, threads: int = 1):
+    """``wb.benchmark`` of the result's FP32 model against its INT8 model (the file at
+    ``onnx_path`` when exported, else a temporary export); the table goes into the report."""
+    from workbench.runtime.benchmark import REPORT_TITLE
+    from workbench.runtime.benchmark import benchmark as run_benchmark
 
-    return wb.benchmark(result.fp32_model, result, example_input, threads=threads)
-
-
-def latencies_ms(benchmark_result) -> tuple[float, float]:
-    """(FP32 ms, INT8 ms) of a benchmark result."""
-    raise NotImplementedError
-
-
-def benchmark_table(benchmark_result) -> pd.DataFrame:
-    """The benchmark's table as a DataFrame."""
-    return benchmark_result.table
-
-
-def export_into(result, path: str | Path, example_input: Any) -> Path:
-    """Export, and add the file to the result's report (an ``Export`` table)."""
-    path = export(result, path, example_input)
-    table = pd.DataFrame([{"path": str(path), "file_bytes": path.stat().st_size}])
-    result.report.extra_tables[EXPORT_TABLE] = table
-    result.extras["onnx_path"] = path
-    return path
-
-
-def benchmark_into(result, example_input: Any, threads: int = 1):
-    """Benchmark, and add the timings to the result's report (a ``Benchmark`` table)."""
-    bench = benchmark(result, example_input, threads)
-    result.report.extra_tables[BENCHMARK_TABLE] = benchmark_table(bench)
+    int8 = result if onnx_path is None else onnx_path
+    bench = run_benchmark(result, int8, example_input, threads=threads)
+    result.report.extra_tables[REPORT_TITLE] = bench.table
     result.extras["benchmark"] = bench
     return bench
+
+
+def latencies_ms(bench) -> tuple[float, float]:
+    """(FP32, INT8) median latency in ms of a benchmark result."""
+    table = bench.table.set_index("model")
+    return float(table.loc["fp32", "latency_p50_ms"]), float(table.loc["int8", "latency_p50_ms"])

@@ -7,10 +7,8 @@ Importing this module imports neither onnxruntime nor matplotlib.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -75,10 +73,9 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     if recipe.export or recipe.bench:
         if example is None:
             example = actions.first_input(calib if calib is not None else train)
-        path = recipe.export or Path(tempfile.mkdtemp(prefix="workbench-")) / "model_int8.onnx"
-        actions.export_into(result, path, example)
+        onnx_path = actions.export(result, recipe.export, example) if recipe.export else None
         if recipe.bench:
-            actions.benchmark_into(result, example)
+            actions.benchmark(result, example, onnx_path)
     return result
 
 

@@ -213,6 +213,7 @@ class WorkbenchPanel(widgets.VBox):
         self.export_button = widgets.Button(description="Export", icon="download", disabled=True)
         self.bench_button = widgets.Button(description="Benchmark", icon="clock", disabled=True)
         self.export_status = widgets.HTML(status_html("Run first, then export."))
+        self.fusion_html = widgets.HTML()
         self.bench_html = widgets.HTML()
         self.export_button.on_click(self._on_export)
         self.bench_button.on_click(self._on_bench)
@@ -226,6 +227,7 @@ class WorkbenchPanel(widgets.VBox):
                     widgets.HBox([self.export_path, self.threads]),
                     widgets.HBox([self.export_button, self.bench_button]),
                     self.export_status,
+                    self.fusion_html,
                     self.bench_html,
                 ]
             ),
@@ -363,7 +365,7 @@ class WorkbenchPanel(widgets.VBox):
         self.layers_html.value = table_html(self.layers_table)
         self.storage_html.value = table_html(report.storage)
         self.export_status.value = status_html("Not exported yet.")
-        self.bench_html.value = ""
+        self.fusion_html.value = self.bench_html.value = ""
         self._plots_stale = True
         if self.tabs.selected_index == PLOTS_TAB:
             self._draw_plots()
@@ -406,8 +408,13 @@ class WorkbenchPanel(widgets.VBox):
             self._set_busy(False)
 
     def _export(self) -> None:
+        from workbench.runtime.fusion_check import REPORT_TITLE
+
         path = actions.export(self.result, self.export_path.value, self._example())
         self.onnx_path = path
+        fusion = self.result.report.extra_tables.get(REPORT_TITLE)
+        if fusion is not None:
+            self.fusion_html.value = f"<b>{REPORT_TITLE}</b>" + table_html(fusion)
         self.error, self.last_exception = "", None
         self.export_status.value = status_html(f"Exported {path} ({path.stat().st_size:,} B)", "ok")
 
@@ -418,10 +425,14 @@ class WorkbenchPanel(widgets.VBox):
         try:
             if self.onnx_path is None:
                 self._export()
-            self.benchmark = actions.benchmark(self.result, self._example(), self.threads.value)
+            self.benchmark = actions.benchmark(
+                self.result, self._example(), self.onnx_path, self.threads.value
+            )
             fp32_ms, int8_ms = actions.latencies_ms(self.benchmark)
             self.runs.set_latency(self._run_number, fp32_ms, int8_ms)
-            self.bench_html.value = table_html(actions.benchmark_table(self.benchmark))
+            self.bench_html.value = summary_html(self.benchmark.summary_text()) + table_html(
+                self.benchmark.table
+            )
             self._show_runs()
             self.export_status.value = status_html(f"Benchmarked {self.onnx_path}", "ok")
             self.error, self.last_exception = "", None

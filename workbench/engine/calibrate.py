@@ -13,6 +13,7 @@ from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import fold_batchnorms, set_submodule
 from workbench.engine.config import QuantConfig
+from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.prepare import (
     FP32,
@@ -70,6 +71,7 @@ def prepare_model(
         )
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
+    insert_output_quantizers(prepared, first_batch, config, folded)
     return fp32_model, prepared, plans
 
 
@@ -108,4 +110,5 @@ def finish_calibration(model: nn.Module, plans: list[LayerPlan], reached: set[st
         layer.weight_quantizer.freeze(layer.layer.weight)
         if layer.input_quantizer is not None:
             layer.input_quantizer.calibrate()
+    finish_output_quantizers(model)
     set_activation_mode(model, QUANTIZE)

@@ -30,12 +30,15 @@ class QuantizedLayer(nn.Module):
         name: str,
         weight_quantizer: WeightQuantizer,
         input_quantizer: ActivationQuantizer | None,
+        output_quantizer: ActivationQuantizer | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.layer_name = name
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+        # set by engine.graph_quantizers when nothing after the layer can hold it (see there)
+        self.output_quantizer = output_quantizer
 
     @property
     def weight(self) -> torch.Tensor:
@@ -54,8 +57,12 @@ class QuantizedLayer(nn.Module):
             x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.layer.weight)
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+            out = F.linear(x, weight, self.layer.bias)
+        else:
+            out = self.layer._conv_forward(x, weight, self.layer.bias)
+        if self.output_quantizer is not None:
+            out = self.output_quantizer(out)
+        return out
 
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}"

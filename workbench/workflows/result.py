@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -49,3 +51,71 @@ class QuantResult:
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
         return self.report._repr_mimebundle_(include, exclude)
+
+    # ONNX export and ONNX Runtime checks (imported only when used) ---------------------------
+    def export_onnx(
+        self,
+        path: str | os.PathLike,
+        example_input: Any,
+        dynamic_batch: bool = True,
+        fp32_path: str | os.PathLike | None = None,
+        check_fusion: bool = True,
+        opset: int = 17,
+    ) -> Path:
+        """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
+
+        Weights are INT8 initializers, scales and zero points those of ``self.model``; the
+        file is written atomically. ``fp32_path`` also writes the FP32 model (same exporter
+        settings) for :func:`workbench.benchmark`. With ``check_fusion`` ONNX Runtime's
+        optimized graph is inspected: a warning names every quantized layer that did not
+        fuse, and the table goes into the report.
+        """
+        from workbench.runtime.onnx_export import export_int8_onnx
+
+        written, _ = export_int8_onnx(self.model, path, example_input, dynamic_batch, opset)
+        if fp32_path is not None:
+            self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
+        if check_fusion:
+            self.fusion(written)
+        return written
+
+    def export_fp32_onnx(
+        self,
+        path: str | os.PathLike,
+        example_input: Any,
+        dynamic_batch: bool = True,
+        opset: int = 17,
+    ) -> Path:
+        """Write the FP32 reference (BatchNorm folded, no quantizers) as ONNX."""
+        from workbench.runtime.onnx_export import export_fp32_onnx
+
+        return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
+
+    def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):
+        """Which quantized layers ONNX Runtime runs on integer kernels (a ``FusionResult``)."""
+        from workbench.runtime.fusion_check import REPORT_TITLE, check_fusion
+
+        result = check_fusion(onnx_path, warn=warn)
+        self.report.extra_tables[REPORT_TITLE] = result.table
+        return result
+
+    def parity(
+        self,
+        onnx_path: str | os.PathLike,
+        data: Any,
+        per_layer: bool = False,
+        max_batches: int | None = 8,
+    ):
+        """ONNX Runtime against ``self.model`` on ``data`` (a ``ParityResult``): top-1
+        agreement, cosine, max difference in quantization steps, cosine of both to FP32."""
+        from workbench.runtime.parity_check import (
+            REPORT_LAYERS_TITLE,
+            REPORT_TITLE,
+            check_parity,
+        )
+
+        result = check_parity(self.model, onnx_path, data, self.fp32_model, max_batches, per_layer)
+        self.report.extra_tables[REPORT_TITLE] = result.table
+        if result.layers is not None:
+            self.report.extra_tables[REPORT_LAYERS_TITLE] = result.layers
+        return result

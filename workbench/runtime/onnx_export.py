@@ -1,0 +1,278 @@
+"""INT8 QDQ ONNX export that ONNX Runtime runs on integer kernels, and the FP32 export beside it.
+
+How, and why this way:
+
+* **TorchScript exporter of the simulated model, with export-time stand-ins.** The simulated
+  model (``result.model``) is copied and its quantizers and quantized layers are replaced by
+  modules whose torch forward is the simulation's own computation and whose ONNX ``symbolic``
+  writes the QDQ nodes we choose (``qdq_modules``). The graph therefore contains exactly the
+  quantizers the simulation has, with the same scales and zero points, and no others. The
+  dynamo exporter cannot export fake-quant ops at all, and the TorchScript exporter's own
+  mapping of ``fake_quantize_*`` only accepts the ranges (0, 255), (-128, 127), (0, 127)
+  (no 4-bit weights) and keeps the FP32 weight behind a Q/DQ pair (no size gain).
+* **Weights as INT8 initializers feeding DequantizeLinear directly.** 4x smaller files, and the
+  pattern ONNX Runtime matches. A Linear becomes ``DQ(W^T, axis=1) -> MatMul`` (the int8 weight
+  is stored transposed: a Transpose between DQ and MatMul blocks the fusion, and such graphs
+  run slower than FP32). 4-bit weights are stored as int8 codes within the 4-bit range.
+* **uint8 activations, int8 weights (U8S8),** what ONNX Runtime's x86 kernels (VNNI / AMX)
+  run fastest; ``DQ -> MatMul`` becomes MatMulIntegerToFloat (FP32 out, bias added in FP32).
+* **Conv needs DQ -> Conv -> Q** for QLinearConv, with an INT32 bias on the grid of
+  ``s_x * s_w``; the engine places the output quantizers (after a lone ReLU, whose zero point
+  0 lets ONNX Runtime drop it) and rounds the bias, so the simulation computes the same thing
+  (``engine.graph_quantizers``). ``qdq_graph`` then moves DQs past MaxPool / Flatten /
+  Reshape and removes requantizations that are identities, so the residual adds of a ResNet
+  see ``DQ, DQ -> Add -> Q`` (QLinearAdd).
+* **Atomic write.** The exporter writes into a temporary file in the target directory, the
+  rewritten graph is saved into another, and ``os.replace`` moves it into place: a failed
+  export leaves no file (and an existing file untouched). Errors name the op and, when it can
+  be found, the module that uses it.
+* Layers kept FP32 stay FP32 (plain MatMul / Conv with float weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from workbench.engine.batches import model_inputs
+from workbench.errors import ExportError
+from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
+from workbench.runtime.qdq_modules import exportable_model
+
+DEFAULT_OPSET = 17
+
+
+# inputs and outputs --------------------------------------------------------------------------
+def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of a model output (tensor, tuple, dict, ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [(prefix, output)]
+    items: list[tuple[str, Any]]
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        items = [(str(key), output[key]) for key in output.keys()]  # noqa: SIM118
+    elif isinstance(output, list | tuple):
+        items = [(f"{prefix}_{i}", value) for i, value in enumerate(output)]
+    else:
+        return []
+    flat: list[tuple[str, torch.Tensor]] = []
+    for name, value in items:
+        flat.extend(flatten_outputs(value, name))
+    return flat
+
+
+def input_names(example_input: Any) -> tuple[tuple, list[str]]:
+    """The positional tensors the exported graph takes, and their names."""
+    args, kwargs = model_inputs(example_input)
+    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    names += list(kwargs)
+    values = tuple(args) + tuple(kwargs.values())
+    for name, value in zip(names, values, strict=True):
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(
+                f"example input {name!r} is a {type(value).__name__}, not a tensor; pass tensors "
+                "(or a dict of tensors) as example_input"
+            )
+    return values, names
+
+
+class _Positional(nn.Module):
+    """Calls ``model`` with the exported inputs and returns its output tensors as a tuple."""
+
+    def __init__(self, model: nn.Module, arg_count: int, kwarg_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.arg_count = arg_count
+        self.kwarg_names = kwarg_names
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = inputs[: self.arg_count]
+        kwargs = dict(zip(self.kwarg_names, inputs[self.arg_count :], strict=True))
+        return tuple(tensor for _, tensor in flatten_outputs(self.model(*args, **kwargs)))
+
+
+# errors ----------------------------------------------------------------------------------------
+class _OpFinder(TorchFunctionMode):
+    """Finds the innermost module that calls an op, by running the model once."""
+
+    def __init__(self, op_names: set[str], stack: list[str]) -> None:
+        super().__init__()
+        self.op_names = op_names
+        self.stack = stack
+        self.found: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "").strip("_")
+        if self.found is None and name in self.op_names and self.stack:
+            self.found = self.stack[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def _module_calling(model: nn.Module, values: tuple, arg_count: int, kwarg_names, op: str):
+    short = op.split("::")[-1].strip("_")
+    candidates = {short, short.split("_", 1)[-1]}
+    stack: list[str] = []
+    handles = []
+
+    def enter(name: str):
+        def hook(module, args) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(module, args, output) -> None:
+        stack.pop()
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+    finder = _OpFinder(candidates, stack)
+    try:
+        with torch.no_grad(), finder:
+            _Positional(model, arg_count, kwarg_names)(*values)
+    except Exception:
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return finder.found or None
+
+
+def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names):
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    match = re.search(r"operator '([\w:.]+)'", text) or re.search(r"\b(aten::\w+)", text)
+    if match is None:
+        return ExportError(
+            f"could not export {what} to ONNX ({first}); make the model traceable with "
+            "torch.jit.trace or exclude the module that fails"
+        )
+    op = match.group(1)
+    module = _module_calling(model, values, arg_count, kwarg_names, op)
+    where = f" used in module {module!r}" if module else ""
+    return ExportError(
+        f"could not export {what} to ONNX: op {op}{where} has no ONNX equivalent "
+        f"({first}); rewrite that module with supported ops or leave it out of the export"
+    )
+
+
+# writing -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _temporary_path(target: Path, suffix: str) -> Iterator[Path]:
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(handle)
+    path = Path(name)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _torch_export(
+    model: nn.Module, example_input: Any, file: Path, dynamic_batch: bool, opset: int, what: str
+) -> None:
+    values, names = input_names(example_input)
+    args, kwargs = model_inputs(example_input)
+    wrapper = _Positional(model, len(args), list(kwargs)).eval()
+    with torch.no_grad():
+        outputs = flatten_outputs(model(*args, **kwargs))
+    if not outputs:
+        raise ExportError(f"{what} returned no tensor; return a tensor, a tuple or a dict of them")
+    output_names = [name for name, _ in outputs]
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {
+            name: {0: "batch"}
+            for name, value in [*zip(names, values, strict=True), *outputs]
+            if value.dim() > 0
+        }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                values,
+                str(file),
+                dynamo=False,
+                opset_version=opset,
+                do_constant_folding=True,
+                input_names=names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+            )
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise _export_error(exc, what, model, values, len(args), list(kwargs)) from exc
+
+
+def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
+    with _temporary_path(path, ".onnx") as temporary:
+        onnx.save(proto, str(temporary))
+        os.replace(temporary, path)
+
+
+def _target(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{str(path)!r} is a directory; pass a file path such as model.onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def export_int8_onnx(
+    quantized_model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Any,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> tuple[Path, GraphInfo]:
+    """Write the simulated ``quantized_model`` as an INT8 QDQ ONNX model (atomically).
+
+    Returns the path and the map of quantized layers / output quantizers in the graph.
+    """
+    target = _target(path)
+    stand_in = exportable_model(quantized_model).eval()
+    with _temporary_path(target, ".export") as raw:
+        _torch_export(stand_in, example_input, raw, dynamic_batch, opset, "the quantized model")
+        proto = onnx.load(str(raw))
+    try:
+        info = finalize_qdq_graph(proto)
+        proto.producer_name = "workbench"
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ExportError(
+            f"the exported INT8 graph is not valid ONNX ({exc}); export the FP32 model with "
+            "export_fp32_onnx and report this model"
+        ) from exc
+    _save_atomically(proto, target)
+    return target, info
+
+
+def export_fp32_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Any,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Write ``model`` (FP32) as ONNX with the same exporter settings as the INT8 export."""
+    target = _target(path)
+    model = model.eval()
+    with _temporary_path(target, ".export") as raw:
+        _torch_export(model, example_input, raw, dynamic_batch, opset, "the FP32 model")
+        proto = onnx.load(str(raw))
+    proto.producer_name = "workbench"
+    _save_atomically(proto, target)
+    return target

@@ -1,0 +1,359 @@
+"""Rewrite an exported QDQ graph into the exact patterns ONNX Runtime fuses.
+
+Every pass keeps the values the graph computes (each is exact on the quantization grid):
+
+1. ``Constant`` nodes become initializers (the int8 weights are stored once, as int8).
+2. Marker nodes from ``qdq_modules`` name each quantized layer's node and weight initializers
+   after the layer (``layer1.0.conv1``, ``layer1.0.conv1.weight_quantized``) and are removed.
+3. A per-tensor ``DequantizeLinear`` moves past ops that only move or select values
+   (MaxPool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Identity): ``P(DQ(q)) = DQ(P(q))``,
+   so MaxPool runs on uint8 and the next layer sees a DQ directly.
+4. ``QuantizeLinear(DequantizeLinear(q))`` with the same scale and zero point is ``q``: removed.
+5. Identical ``QuantizeLinear`` nodes on one tensor (one input feeding three Linear layers)
+   become one.
+6. Each ``DequantizeLinear`` gets a single consumer (ONNX Runtime fuses per consumer).
+7. Dead nodes and initializers are pruned; nodes are put back in topological order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from workbench.runtime.qdq_modules import MARKER_DOMAIN
+
+GRID_PRESERVING_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+METADATA_KEY = "workbench.quantized_layers"
+SITES_KEY = "workbench.quantized_outputs"
+
+
+@dataclass
+class QuantizedLayerInfo:
+    """Where one quantized layer sits in the exported graph."""
+
+    name: str
+    op_type: str  # "MatMul" or "Conv"
+    node: str
+    weight: str  # the int8 / uint8 weight initializer
+    output: str  # the layer's output tensor (for a Conv: before its output Q)
+
+
+@dataclass
+class GraphInfo:
+    layers: list[QuantizedLayerInfo] = field(default_factory=list)
+    sites: dict[str, str] = field(default_factory=dict)  # output quantizer -> Q output tensor
+
+    def to_metadata(self, model: onnx.ModelProto) -> None:
+        layers = [vars(layer) for layer in self.layers]
+        helper.set_model_props(
+            model,
+            {METADATA_KEY: json.dumps(layers), SITES_KEY: json.dumps(self.sites)},
+        )
+
+
+def read_graph_info(model: onnx.ModelProto) -> GraphInfo:
+    """The layer / output-quantizer map written by :func:`finalize_qdq_graph`."""
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    layers = [QuantizedLayerInfo(**row) for row in json.loads(props.get(METADATA_KEY, "[]"))]
+    return GraphInfo(layers, json.loads(props.get(SITES_KEY, "{}")))
+
+
+class _Graph:
+    """Lookup tables over ``graph``, rebuilt after each pass."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.outputs = {out.name for out in self.graph.output}
+
+    def array(self, name: str) -> np.ndarray | None:
+        init = self.initializers.get(name)
+        return None if init is None else numpy_helper.to_array(init)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for node in self.graph.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    def rename_initializer(self, old: str, new: str) -> None:
+        if old == new or old not in self.initializers or new in self.initializers:
+            return
+        self.initializers[old].name = new
+        self.replace_uses(old, new)
+        self.refresh()
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> None:
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return None
+
+
+def _drop_marker(g: _Graph, marker: onnx.NodeProto) -> None:
+    g.replace_uses(marker.output[0], marker.input[0])
+    g.graph.node.remove(marker)
+    g.refresh()
+
+
+def resolve_markers(g: _Graph) -> GraphInfo:
+    """Name quantized layers' nodes and weights after the layers; drop the marker nodes."""
+    info = GraphInfo()
+    for marker in [n for n in g.graph.node if n.domain == MARKER_DOMAIN and n.op_type == "Site"]:
+        site = _attr(marker, "site")
+        site = site.decode() if isinstance(site, bytes) else site
+        info.sites[site] = marker.input[0]
+        _drop_marker(g, marker)
+    for marker in [n for n in g.graph.node if n.domain == MARKER_DOMAIN and n.op_type == "Weight"]:
+        layer = _attr(marker, "layer")
+        layer = layer.decode() if isinstance(layer, bytes) else layer
+        dq = g.producer[marker.input[0]]
+        targets = g.consumers.get(marker.output[0], [])
+        _drop_marker(g, marker)
+        dq.name = f"{layer}/weight_dequantize"
+        suffixes = ("weight_quantized", "weight_scale", "weight_zero_point")
+        for old, suffix in zip(dq.input, suffixes, strict=False):
+            g.rename_initializer(old, f"{layer}.{suffix}")
+        if not targets:
+            continue
+        target = targets[0]
+        target.name = layer
+        output = target.output[0]
+        if target.op_type == "Conv" and len(target.input) > 2 and target.input[2]:
+            bias_dq = g.producer.get(target.input[2])
+            if bias_dq is not None and bias_dq.op_type == "DequantizeLinear":
+                bias_dq.name = f"{layer}/bias_dequantize"
+                suffixes = ("bias_quantized", "bias_scale", "bias_zero_point")
+                for old, suffix in zip(bias_dq.input, suffixes, strict=False):
+                    g.rename_initializer(old, f"{layer}.{suffix}")
+        users = g.consumers.get(output, [])
+        if target.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add":
+            users[0].name = f"{layer}/bias_add"
+            output = users[0].output[0]
+        info.layers.append(QuantizedLayerInfo(layer, target.op_type, layer, dq.input[0], output))
+    return info
+
+
+def _per_tensor_dq(g: _Graph, name: str) -> onnx.NodeProto | None:
+    node = g.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    scale = g.array(node.input[1])
+    return node if scale is not None and scale.ndim == 0 else None
+
+
+def _unique_name(g: _Graph, base: str) -> str:
+    used = set(g.producer) | set(g.initializers) | {i.name for i in g.graph.input}
+    name, index = base, 0
+    while name in used:
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def commute_dequantize(g: _Graph) -> bool:
+    """P(DQ(q)) -> DQ(P(q)) for ops that only move values (the first applicable one)."""
+    for position, node in enumerate(g.graph.node):
+        if node.op_type not in GRID_PRESERVING_OPS or not node.input:
+            continue
+        if len([o for o in node.output if o]) != 1:
+            continue
+        dq = _per_tensor_dq(g, node.input[0])
+        if dq is None:
+            continue
+        codes = _unique_name(g, f"{node.output[0]}_quantized")
+        moved = onnx.NodeProto()
+        moved.CopyFrom(node)
+        moved.input[0] = dq.input[0]
+        moved.output[0] = codes
+        dequantize = helper.make_node(
+            "DequantizeLinear",
+            [codes, *dq.input[1:]],
+            [node.output[0]],
+            name=_unique_name(g, f"{node.name or node.output[0]}/dequantize"),
+        )
+        g.graph.node.remove(node)
+        g.graph.node.insert(position, dequantize)
+        g.graph.node.insert(position, moved)
+        g.refresh()
+        return True
+    return False
+
+
+def _same_qparams(g: _Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+    if len(a.input) < 3 or len(b.input) < 3:
+        return False
+    scale_a, scale_b = g.array(a.input[1]), g.array(b.input[1])
+    zero_a, zero_b = g.array(a.input[2]), g.array(b.input[2])
+    if any(v is None for v in (scale_a, scale_b, zero_a, zero_b)):
+        return False
+    return (
+        scale_a.shape == scale_b.shape
+        and zero_a.dtype == zero_b.dtype
+        and np.array_equal(scale_a, scale_b)
+        and np.array_equal(zero_a, zero_b)
+        and (_attr(a, "axis") or 1) == (_attr(b, "axis") or 1)
+    )
+
+
+def remove_requantize_identity(g: _Graph, renames: dict[str, str]) -> bool:
+    """Q(DQ(q)) with the DQ's own scale and zero point is q."""
+    changed = False
+    for node in list(g.graph.node):
+        if node.op_type != "QuantizeLinear" or node.output[0] in g.outputs:
+            continue
+        dq = _per_tensor_dq(g, node.input[0])
+        if dq is None or not _same_qparams(g, node, dq):
+            continue
+        g.replace_uses(node.output[0], dq.input[0])
+        renames[node.output[0]] = dq.input[0]
+        g.graph.node.remove(node)
+        g.refresh()
+        changed = True
+    return changed
+
+
+def merge_duplicate_quantize(g: _Graph, renames: dict[str, str]) -> bool:
+    """One QuantizeLinear per (tensor, scale, zero point)."""
+    changed = False
+    seen: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in list(g.graph.node):
+        if node.op_type != "QuantizeLinear" or node.output[0] in g.outputs:
+            continue
+        twin = next((k for k in seen[node.input[0]] if _same_qparams(g, k, node)), None)
+        if twin is None:
+            seen[node.input[0]].append(node)
+            continue
+        g.replace_uses(node.output[0], twin.output[0])
+        renames[node.output[0]] = twin.output[0]
+        g.graph.node.remove(node)
+        changed = True
+    g.refresh()
+    return changed
+
+
+def split_shared_dequantize(g: _Graph) -> None:
+    """Give each consumer of a DequantizeLinear its own copy (ONNX Runtime fuses per node)."""
+    for position in range(len(g.graph.node) - 1, -1, -1):
+        node = g.graph.node[position]
+        if node.op_type != "DequantizeLinear":
+            continue
+        users = g.consumers.get(node.output[0], [])
+        for index, user in enumerate(users[1:], start=1):
+            copy_name = _unique_name(g, f"{node.output[0]}_{index}")
+            clone = helper.make_node(
+                "DequantizeLinear",
+                list(node.input),
+                [copy_name],
+                name=_unique_name(g, f"{node.name or node.output[0]}_{index}"),
+                **({"axis": _attr(node, "axis")} if _attr(node, "axis") is not None else {}),
+            )
+            for i, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[i] = copy_name
+            g.graph.node.insert(position + 1, clone)
+            g.producer[copy_name] = clone
+    g.refresh()
+
+
+def prune(g: _Graph) -> None:
+    """Remove nodes whose outputs nobody uses, then unused initializers."""
+    while True:
+        dead = [
+            node
+            for node in g.graph.node
+            if all(not g.consumers.get(o) and o not in g.outputs for o in node.output if o)
+        ]
+        if not dead:
+            break
+        for node in dead:
+            g.graph.node.remove(node)
+        g.refresh()
+    used = {name for node in g.graph.node for name in node.input} | g.outputs
+    kept = [init for init in g.graph.initializer if init.name in used]
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(kept)
+    g.refresh()
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near node {pending[0].name!r}")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def finalize_qdq_graph(model: onnx.ModelProto) -> GraphInfo:
+    """Apply every pass (module docstring) to ``model`` in place; returns the layer map."""
+    graph = model.graph
+    constants_to_initializers(graph)
+    g = _Graph(graph)
+    info = resolve_markers(g)
+    renames: dict[str, str] = {}
+    while True:
+        changed = False
+        while commute_dequantize(g):
+            changed = True
+        changed |= remove_requantize_identity(g, renames)
+        changed |= merge_duplicate_quantize(g, renames)
+        if not changed:
+            break
+    prune(g)
+    split_shared_dequantize(g)
+    topological_sort(graph)
+    del graph.value_info[:]
+    for site, tensor in info.sites.items():
+        while tensor in renames:
+            tensor = renames[tensor]
+        info.sites[site] = tensor
+    _drop_marker_domain(model)
+    info.to_metadata(model)
+    return info
+
+
+def _drop_marker_domain(model: onnx.ModelProto) -> None:
+    kept = [op for op in model.opset_import if op.domain != MARKER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)

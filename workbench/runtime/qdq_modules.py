@@ -1,0 +1,282 @@
+"""Export-time stand-ins for the simulated model's quantizers and quantized layers.
+
+Each stand-in computes in torch exactly what the simulated model computes (the same fake-quant
+kernels, the same dequantized weights), and tells the TorchScript ONNX exporter, through an
+autograd Function's ``symbolic``, which QDQ nodes to write:
+
+* an activation quantizer -> ``QuantizeLinear -> DequantizeLinear`` (uint8 for asymmetric,
+  int8 for symmetric schemes; a ``Clip`` first when the scheme has fewer than 256 codes);
+* a quantized Linear -> ``DequantizeLinear(int8 W^T, axis=1) -> MatMul (-> Add bias)``: the
+  weight is stored transposed, so no Transpose sits between DQ and MatMul;
+* a quantized Conv -> ``Conv(x, DequantizeLinear(int8 W, axis=0), DequantizeLinear(int32 b))``
+  with the bias on the grid of ``s_input * s_weight``, which is what QLinearConv needs; a
+  Linear with 2-D input -> ``Gemm`` with the same INT32 bias (QGemm; as MatMul + Add, ONNX
+  Runtime's MatMulAddFusion would make a Gemm with an FP32 bias, which no integer kernel takes).
+
+Custom-domain marker nodes (``workbench::Weight``, ``workbench::Site``) carry layer names
+through the exporter; ``qdq_graph`` turns them into node / initializer names and removes them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.core.fake_quant import fake_quantize
+from workbench.core.scheme import Scheme
+from workbench.engine.bn_fold import set_submodule
+from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
+from workbench.engine.layers import QuantizedLayer
+from workbench.engine.quantizers import QUANTIZE, ActivationQuantizer
+from workbench.errors import ExportError
+
+MARKER_DOMAIN = "workbench"
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def code_dtype(scheme: Scheme) -> torch.dtype:
+    """int8 codes for signed schemes, uint8 for unsigned ones (sub-8-bit codes fit in them)."""
+    return torch.int8 if scheme.signed else torch.uint8
+
+
+# activations ---------------------------------------------------------------------------------
+@dataclass(eq=False)
+class ActivationSpec:
+    scale: torch.Tensor  # float32, 0-d
+    zero_point: torch.Tensor  # int32, 0-d (simulation)
+    scheme: Scheme
+    site: str  # name of the output quantizer it is, or "" for a layer's input quantizer
+
+
+class _QuantDequant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec: ActivationSpec):
+        return fake_quantize(x, spec.scale, spec.zero_point, spec.scheme)
+
+    @staticmethod
+    def symbolic(g, x, spec: ActivationSpec):
+        scheme = spec.scheme
+        scale = g.op("Constant", value_t=spec.scale.reshape(()).to(torch.float32))
+        zero = g.op("Constant", value_t=spec.zero_point.reshape(()).to(code_dtype(scheme)))
+        full = (-128, 127) if scheme.signed else (0, 255)
+        if (scheme.quant_min, scheme.quant_max) != full:
+            z = float(spec.zero_point)
+            s = float(spec.scale)
+            low = g.op("Constant", value_t=torch.tensor((scheme.quant_min - z) * s))
+            high = g.op("Constant", value_t=torch.tensor((scheme.quant_max - z) * s))
+            x = g.op("Clip", x, low, high)
+        q = g.op("QuantizeLinear", x, scale, zero)
+        if spec.site:
+            q = g.op(f"{MARKER_DOMAIN}::Site", q, site_s=spec.site)
+        return g.op("DequantizeLinear", q, scale, zero)
+
+
+class ExportQuantDequant(nn.Module):
+    """An activation quantizer, exported as QuantizeLinear -> DequantizeLinear."""
+
+    def __init__(self, quantizer: ActivationQuantizer, name: str, site: str = "") -> None:
+        super().__init__()
+        if quantizer.mode != QUANTIZE or not quantizer.calibrated:
+            raise ExportError(
+                f"activation quantizer {name!r} is not calibrated; export the result of "
+                "wb.ptq / wb.qat, not a model prepared by hand"
+            )
+        scale = quantizer.scale.detach()
+        if quantizer.learn_scale:
+            scale = scale.abs() + 1e-12
+        self.spec = ActivationSpec(
+            scale.reshape(()).to(torch.float32).clone(),
+            quantizer.zero_point.detach().reshape(()).to(torch.int32).clone(),
+            quantizer.scheme,
+            site,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantDequant.apply(x, self.spec)
+
+
+# layers --------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class LayerSpec:
+    name: str
+    kind: str  # "linear" or "conv"
+    weight_dq: torch.Tensor  # the simulation's dequantized weight (as the layer uses it)
+    codes: torch.Tensor  # int8 / uint8 codes as stored (Linear: transposed)
+    scale: torch.Tensor  # float32, 0-d or [C]
+    zero_point: torch.Tensor  # codes dtype, 0-d or [C]
+    axis: int
+    bias: torch.Tensor | None  # float32
+    bias_codes: torch.Tensor | None  # int32 (conv with a quantized input)
+    bias_scale: torch.Tensor | None  # float32 [C_out]
+    conv_args: dict | None = None
+    conv: nn.Module | None = None  # the FP32 conv (its _conv_forward), for the torch side
+
+
+def _attrs_of_conv(conv: nn.Module) -> dict:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ExportError(
+            f"conv layer with padding={conv.padding!r}, padding_mode={conv.padding_mode!r} "
+            "cannot be exported as one ONNX Conv; use numeric padding with padding_mode='zeros'"
+        )
+    dims = conv.weight.dim() - 2
+    return {
+        "strides_i": list(conv.stride),
+        "pads_i": list(conv.padding) * 2,
+        "dilations_i": list(conv.dilation),
+        "group_i": int(conv.groups),
+        "kernel_shape_i": list(conv.weight.shape[2 : 2 + dims]),
+    }
+
+
+def layer_spec(layer: QuantizedLayer) -> LayerSpec:
+    """Codes, scales and the bias of one quantized layer, exactly as the simulation uses them."""
+    module = layer.layer
+    scheme = layer.weight_quantizer.scheme
+    with torch.no_grad():
+        weight_dq = layer.quantized_weight().detach().to(torch.float32)
+        scale, zero_point = layer.weight_quantizer.qparams(module.weight)
+        scale = scale.detach().to(torch.float32)
+        if layer.weight_quantizer.learn_scale:
+            scale = scale.abs() + 1e-12
+        zero_point = zero_point.detach().to(torch.int32)
+        per_channel = scheme.per_channel and scale.dim() > 0 and scale.numel() > 1
+        axis = scheme.axis % module.weight.dim() if per_channel else 0
+        view = [1] * module.weight.dim()
+        if per_channel:
+            view[axis] = -1
+        s, z = scale.reshape(view), zero_point.reshape(view).to(torch.float32)
+        codes = torch.round(weight_dq / s) + z
+        codes = codes.clamp(scheme.quant_min, scheme.quant_max).to(code_dtype(scheme))
+        if not per_channel:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        zero_point = zero_point.to(code_dtype(scheme))
+        bias = module.bias.detach().to(torch.float32).clone() if module.bias is not None else None
+        bias_codes = bias_scale = None
+        if isinstance(module, nn.Linear):
+            kind, conv_args = "linear", None
+            codes = codes.t().contiguous()  # stored as W^T [in, out]: MatMul needs no Transpose
+            axis = 1 - axis if per_channel else 0
+        elif isinstance(module, CONV_TYPES):
+            kind, conv_args = "conv", _attrs_of_conv(module)
+        else:
+            raise ExportError(
+                f"layer {layer.layer_name!r} of type {type(module).__name__} cannot be exported "
+                "as a quantized layer; exclude it (QuantConfig(exclude=...)) to keep it FP32"
+            )
+        if bias is not None and layer.input_quantizer is not None:
+            bias_scale = bias_scale_of(layer)
+            bias_codes = torch.round(bias / bias_scale).clamp(INT32_MIN, INT32_MAX)
+            bias = bias_codes * bias_scale
+            bias_codes = bias_codes.to(torch.int32)
+    return LayerSpec(
+        layer.layer_name,
+        kind,
+        weight_dq,
+        codes,
+        scale,
+        zero_point,
+        axis,
+        bias,
+        bias_codes,
+        bias_scale,
+        conv_args,
+        module if kind == "conv" else None,
+    )
+
+
+def _weight_dq(g, spec: LayerSpec):
+    codes = g.op("Constant", value_t=spec.codes)
+    scale = g.op("Constant", value_t=spec.scale)
+    zero = g.op("Constant", value_t=spec.zero_point)
+    kwargs = {"axis_i": spec.axis} if spec.scale.dim() > 0 else {}
+    dq = g.op("DequantizeLinear", codes, scale, zero, **kwargs)
+    return g.op(f"{MARKER_DOMAIN}::Weight", dq, layer_s=spec.name)
+
+
+def _bias_dq(g, spec: LayerSpec):
+    codes = g.op("Constant", value_t=spec.bias_codes)
+    scale = g.op("Constant", value_t=spec.bias_scale)
+    zero = g.op("Constant", value_t=torch.zeros_like(spec.bias_codes))
+    return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec: LayerSpec):
+        return F.linear(x, spec.weight_dq, spec.bias)
+
+    @staticmethod
+    def symbolic(g, x, spec: LayerSpec):
+        rank = x.type().dim() if hasattr(x.type(), "dim") else None
+        if rank == 2 and spec.bias_codes is not None:
+            # a 2-D Linear is a Gemm; with an INT32 bias ONNX Runtime runs it as QGemm
+            return g.op("Gemm", x, _weight_dq(g, spec), _bias_dq(g, spec))
+        y = g.op("MatMul", x, _weight_dq(g, spec))
+        if spec.bias is not None:
+            y = g.op("Add", y, g.op("Constant", value_t=spec.bias))
+        return y
+
+
+class _QuantizedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec: LayerSpec):
+        return spec.conv._conv_forward(x, spec.weight_dq, spec.bias)
+
+    @staticmethod
+    def symbolic(g, x, spec: LayerSpec):
+        inputs = [x, _weight_dq(g, spec)]
+        if spec.bias_codes is not None:
+            inputs.append(_bias_dq(g, spec))
+        elif spec.bias is not None:
+            inputs.append(g.op("Constant", value_t=spec.bias))
+        return g.op("Conv", *inputs, **spec.conv_args)
+
+
+class ExportLayer(nn.Module):
+    """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv."""
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        super().__init__()
+        self.spec = layer_spec(layer)
+        self.input_quantizer = layer.input_quantizer
+        self.output_quantizer = layer.output_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.spec.kind == "linear":
+            out = _QuantizedLinear.apply(x, self.spec)
+        else:
+            out = _QuantizedConv.apply(x, self.spec)
+        if self.output_quantizer is not None:
+            out = self.output_quantizer(out)
+        return out
+
+
+def exportable_model(model: nn.Module) -> nn.Module:
+    """A copy of the simulated ``model`` whose quantizers and quantized layers export as QDQ."""
+    model = copy.deepcopy(model)
+    sites = {
+        f"{name}.output_quantizer" if name else "output_quantizer": name
+        for name, module in model.named_modules()
+        if isinstance(module, OutputQuantized)
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer) and module.output_quantizer is not None:
+            sites[f"{name}.output_quantizer" if name else "output_quantizer"] = module.layer_name
+    root_layer = None
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLayer):
+            if name:
+                set_submodule(model, name, ExportLayer(module))
+            else:
+                root_layer = ExportLayer(module)
+    model = root_layer if root_layer is not None else model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ActivationQuantizer):
+            set_submodule(model, name, ExportQuantDequant(module, name, sites.get(name, "")))
+    return model

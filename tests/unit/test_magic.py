@@ -203,6 +203,7 @@ BAD_LINES = [
     ("model --method qat --train train", "QAT needs training data and a loss: add --loss"),
     ("model --method qat --train train --loss number", "'number' is a int, not a function"),
     ("model --calib calib --epochs 2", "--epochs apply to QAT; add --method qat"),
+    ("model --method qat --train train --loss loss_fn --num-batches 2", "applies to PTQ"),
     ("model --calib calib --bits 9", "--bits must be in 2..8, got 9"),
     ("model --calib calib --bits four", "argument --bits: invalid int value: 'four'"),
     ("model --calib calib --method int4", "argument --method: invalid choice: 'int4'"),

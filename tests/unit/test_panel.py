@@ -182,7 +182,7 @@ def test_run_button_disabled_and_progress_shown_while_running(model, digits):
 
 def test_qat_run_uses_epochs_and_lr(app):
     app.method.value = "qat"
-    assert app.epochs.disabled is False
+    assert app.epochs.disabled is False and app.num_batches.disabled is True
     app.epochs.value = 2
     app.lr.value = 1e-3
     app.run_button.click()

@@ -248,6 +248,7 @@ class WorkbenchPanel(widgets.VBox):
         qat = self.method.value == "qat"
         self.epochs.disabled = not qat
         self.lr.disabled = not qat
+        self.num_batches.disabled = qat  # a PTQ option: QAT calibrates on calib_data whole
 
     def set_controls(
         self,
@@ -329,7 +330,7 @@ class WorkbenchPanel(widgets.VBox):
                 epochs=self.epochs.value,
                 lr=self.lr.value,
                 eval_fn=self.eval_fn,
-                num_batches=self.num_batches.value,
+                num_batches=None if method == "qat" else self.num_batches.value,
                 progress=False,
             )
             self.progress.value = 1

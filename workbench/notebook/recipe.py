@@ -208,6 +208,11 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
         given = [key for key in QAT_ONLY_KEYS if key in options]
         if given:
             raise UsageError(f"%quantize: {_flags(given)} apply to QAT; add --method qat")
+    if method == "qat" and "num_batches" in options and not panel:
+        raise UsageError(
+            "%quantize: --num-batches applies to PTQ; QAT calibrates on --calib (default: "
+            "the first 8 --train batches)"
+        )
     if method == "qat":
         missing = [key for key in ("train", "loss") if not options.get(key)]
         if missing:

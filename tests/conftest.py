@@ -13,6 +13,11 @@ settings.register_profile(
 )
 settings.load_profile("workbench")
 
+# The test models are tiny: intra-op threads buy nothing there, and on a busy 2-core machine
+# two threads per process made every forward pass 10-20x slower. Speed targets live in
+# tests/benchmarks/, which set their own thread counts.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digits_data():

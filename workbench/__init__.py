@@ -20,6 +20,7 @@ from workbench.errors import (
 )
 from workbench.workflows.mixed_precision import auto_mixed_precision
 from workbench.workflows.ptq import ptq
+from workbench.workflows.qat import qat
 from workbench.workflows.result import QuantResult
 from workbench.workflows.sensitivity import sensitivity
 
@@ -42,6 +43,7 @@ __all__ = [
     "panel",
     "pareto_table",
     "ptq",
+    "qat",
     "quantize_tensor",
     "sensitivity",
 ]

@@ -53,6 +53,15 @@ class ActivationQuantizer(nn.Module):
         self.scale = nn.Parameter(value)
         self.learn_scale = True
 
+    def fix_learned_scale(self) -> None:
+        """End of QAT: keep the learned scale as a fixed buffer (positive, as trained)."""
+        if not self.learn_scale:
+            return
+        value = self.scale.detach().abs() + 1e-12
+        del self.scale
+        self.register_buffer("scale", value)
+        self.learn_scale = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == OBSERVE:
             self.observer.update(x)
@@ -108,6 +117,16 @@ class WeightQuantizer(nn.Module):
         del self.scale
         self.scale = nn.Parameter(value)
         self.learn_scale = True
+
+    def fix_learned_scale(self) -> None:
+        """End of QAT: keep the learned scale as a fixed (frozen) buffer, positive as trained."""
+        if not self.learn_scale:
+            return
+        value = self.scale.detach().abs() + 1e-12
+        del self.scale
+        self.register_buffer("scale", value)
+        self.learn_scale = False
+        self.frozen = True
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen or self.learn_scale:

@@ -1,0 +1,220 @@
+"""Quantization-aware training: PTQ calibration, training with fake quantization, the report.
+
+What is trained is what is exported: weights and activations are fake-quantized (STE) exactly
+as the exported INT8 model computes them, and BatchNorm is folded into its conv (from the
+start by default; see ``engine/train.py`` for ``freeze_bn_after``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from itertools import islice
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from workbench.analysis.qat_report import QATReport
+from workbench.engine.batches import iter_batches
+from workbench.engine.calibrate import (
+    calibrate,
+    check_model,
+    finish_calibration,
+    prepare_model,
+    resolve_config,
+)
+from workbench.engine.config import QuantConfig
+from workbench.engine.train import (
+    TrainingLog,
+    build_optimizer,
+    check_loss,
+    check_training_options,
+    enable_qat,
+    epoch_batches,
+    finish_qat,
+    move_batch,
+    resolve_device,
+    take_first_batches,
+    train_qat,
+    unfold_batchnorms,
+)
+from workbench.errors import CalibrationError
+from workbench.workflows.ptq import REPORT_BATCHES, build_report
+from workbench.workflows.result import QuantResult
+
+CALIB_BATCHES = 8
+HISTORY_COLUMNS = ["step", "epoch", "loss", "metric"]
+
+
+def qat(
+    model: nn.Module,
+    train_data: Any,
+    config: QuantConfig | str | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    calib_data: Any = None,
+    device: str | torch.device | None = None,
+    learn_scales: bool = False,
+    freeze_bn_after: int = 0,
+    progress: bool = True,
+) -> QuantResult:
+    """Quantization-aware training of a copy of ``model``; ``model`` itself is untouched.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model with Linear / Conv layers (BatchNorm after a conv is folded into it).
+    train_data : DataLoader or iterable of batches
+        ``(inputs, targets)`` tuples: ``loss_fn(model(inputs), targets)``; or dicts of
+        keyword inputs: ``loss_fn(model(**batch), batch)`` (e.g. return ``output.loss`` of a
+        ``transformers`` model given ``labels``). Iterated once per epoch (a one-shot
+        generator allows ``epochs=1`` only).
+    config : QuantConfig or preset name
+        Default: ``QuantConfig.preset("int8")``.
+    loss_fn : callable
+        ``loss_fn(output, target) -> scalar tensor``, e.g. ``nn.CrossEntropyLoss()``.
+    epochs : int
+        Passes over ``train_data`` (>= 1).
+    lr : float
+        Learning rate (> 0) of the optimizer.
+    optimizer : optimizer class or factory, optional
+        Called as ``optimizer(param_groups, lr=lr)``; default ``torch.optim.Adam``. Pass e.g.
+        ``functools.partial(torch.optim.SGD, momentum=0.9)``, not an instance (the trained
+        model is a copy, with parameters of its own).
+    eval_fn : callable, optional
+        ``eval_fn(model) -> float`` (e.g. accuracy): run after every epoch on the training
+        model (on ``device``) and, for the report, on the FP32 and the final model (on CPU).
+    calib_data : optional
+        Calibration batches for the starting PTQ; default: the first 8 batches of
+        ``train_data``.
+    device : str or torch.device, optional
+        Where training runs: CPU by default, ``"cuda"`` when available. The returned model
+        is on the CPU, like the report's measurements.
+    learn_scales : bool
+        Learn every scale with LSQ (per channel for weights, per tensor for activations)
+        instead of following the weight's range / keeping the calibrated activation scale.
+    freeze_bn_after : int
+        Training steps during which BatchNorm statistics keep updating (the weight quantized
+        folded with the running statistics, as PyTorch's QAT ConvBn modules do); then BN is
+        folded for good. 0 (default) folds BN before training, as PTQ does.
+    progress : bool
+        Show progress bars (calibration, then training with the running loss).
+
+    Returns
+    -------
+    QuantResult
+        ``method="qat"``, ``history`` (one row per step), ``report`` with PTQ's tables plus
+        ``plot_training()`` and ``plot_scales()``. A KeyboardInterrupt during training returns
+        the result so far, with a warning.
+    """
+    config = resolve_config(config)
+    check_model(model)
+    check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
+    device = resolve_device(device)
+    first_batches = take_first_batches(train_data, CALIB_BATCHES)
+    batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
+    calib = first_batches if calib_data is None else list(iter_batches(calib_data))
+    was_training = model.training
+    try:
+        source = _on_cpu(model)
+        fp32_model, prepared, plans = prepare_model(source, calib[0], config)
+        reached = calibrate(prepared, calib, progress)
+        if not reached:
+            raise CalibrationError(
+                "no quantizable layer ran on the calibration data; check that the batches "
+                "feed the model's forward"
+            )
+        finish_calibration(prepared, plans, reached)
+        if freeze_bn_after > 0:
+            unfold_batchnorms(prepared, source, plans)
+        enable_qat(prepared, learn_scales)
+        prepared.to(device)
+        train_optimizer = build_optimizer(optimizer, prepared, lr)
+        check_loss(prepared, move_batch(first_batches[0], device), loss_fn)
+        prepared, log = train_qat(
+            prepared,
+            batches_of_epoch,
+            loss_fn,
+            train_optimizer,
+            epochs,
+            device,
+            eval_fn,
+            freeze_bn_after,
+            _length(train_data),
+            progress,
+        )
+        if log.interrupted:
+            warnings.warn(
+                f"QAT was interrupted after {len(log.steps)} step(s) "
+                f"({len(log.epochs)} of {epochs} epoch(s) completed); returning the model "
+                "trained so far (the input model is untouched)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        prepared = finish_qat(prepared).to("cpu")
+        base = build_report(
+            model,
+            fp32_model,
+            prepared,
+            plans,
+            config,
+            list(islice(calib, REPORT_BATCHES)),
+            eval_fn,
+        )
+    finally:
+        model.train(was_training)
+    history = history_frame(log)
+    report = QATReport(base, history, training_summary(log, epochs, learn_scales))
+    extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}
+    return QuantResult(
+        prepared, fp32_model, report, config, plans, method="qat", history=history, extras=extras
+    )
+
+
+def history_frame(log: TrainingLog) -> pd.DataFrame:
+    """One row per completed step: step, epoch, loss, metric (epoch ends), learned scales."""
+    history = pd.DataFrame(log.steps)
+    for column in HISTORY_COLUMNS:
+        if column not in history:
+            history[column] = pd.Series(dtype="float64")
+    scales = [c for c in history.columns if c not in HISTORY_COLUMNS]
+    history = history[HISTORY_COLUMNS + scales]
+    history["metric"] = history["metric"].astype("float64")
+    return history.astype({"step": "int64", "epoch": "int64"})
+
+
+def training_summary(log: TrainingLog, epochs: int, learn_scales: bool) -> dict[str, Any]:
+    return {
+        "method": "qat",
+        "qat_steps": len(log.steps),
+        "qat_epochs": epochs,
+        "qat_epochs_completed": len(log.epochs),
+        "qat_interrupted": log.interrupted,
+        "qat_final_loss": log.steps[-1]["loss"] if log.steps else None,
+        "qat_learn_scales": learn_scales,
+        "qat_bn_frozen_at_step": log.bn_frozen_at_step,
+    }
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when it lives on the CPU, else a CPU copy (calibration and the report
+    run on the CPU; the user's model is never moved)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    return copy.deepcopy(model).to("cpu")
+
+
+def _length(data: Any) -> int | None:
+    if isinstance(data, dict):
+        return 1
+    try:
+        return len(data)
+    except TypeError:
+        return None

@@ -39,6 +39,7 @@ __all__ = [
     "Scheme",
     "WorkbenchError",
     "auto_mixed_precision",
+    "benchmark",
     "load_ipython_extension",
     "panel",
     "pareto_table",
@@ -62,4 +63,9 @@ def __getattr__(name: str):
         from workbench.notebook.panel import panel
 
         return panel
+    # wb.benchmark imports onnx and onnxruntime, so only when it is asked for
+    if name == "benchmark":
+        from workbench.runtime.benchmark import benchmark
+
+        return benchmark
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -68,6 +68,31 @@ class QuantizedLayer(nn.Module):
         return f"name={self.layer_name!r}"
 
 
+class QuantizedEmbedding(QuantizedLayer):
+    """Simulates an embedding table stored as integers (weight-only): rows of Q_w(W).
+
+    The table has no bias; ``bias`` is registered as ``None`` on it so that code reading
+    ``layer.bias`` treats it like a bias-free Linear.
+    """
+
+    def __init__(self, layer: nn.Embedding, name: str, weight_quantizer: WeightQuantizer) -> None:
+        if "bias" not in layer._parameters:
+            layer.register_parameter("bias", None)
+        super().__init__(layer, name, weight_quantizer, None)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.layer
+        return F.embedding(
+            ids,
+            self.weight_quantizer(table.weight),
+            table.padding_idx,
+            table.max_norm,
+            table.norm_type,
+            table.scale_grad_by_freq,
+            table.sparse,
+        )
+
+
 def iter_quantized_layers(model: nn.Module):
     """Yield ``(name, QuantizedLayer)`` pairs of a quantized model in definition order."""
     for module in model.modules():

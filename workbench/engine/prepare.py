@@ -15,7 +15,7 @@ from torch import nn
 
 from workbench.engine.bn_fold import BN_TYPES, set_submodule
 from workbench.engine.config import QuantConfig
-from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedLayer
+from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedEmbedding, QuantizedLayer
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
 
 QUANTIZED, FP32 = "quantized", "fp32"
@@ -62,7 +62,8 @@ def plan_layers(
     for name, module in model.named_modules():
         name = name or ROOT_NAME
         type_name = type(module).__name__
-        if isinstance(module, SUPPORTED_LAYER_TYPES):
+        embedding = config.quantize_embeddings and isinstance(module, nn.Embedding)
+        if isinstance(module, SUPPORTED_LAYER_TYPES) or embedding:
             if name in functional:
                 reason = "used functionally by MultiheadAttention"
                 plans.append(LayerPlan(name, type_name, FP32, reason))
@@ -73,6 +74,11 @@ def plan_layers(
         elif any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, BN_TYPES):
                 reason = "BatchNorm not folded (its input is not a conv output used only by it)"
+            elif isinstance(module, nn.Embedding):
+                reason = (
+                    f"{type_name} is not a quantized layer type "
+                    "(QuantConfig(quantize_embeddings=True) stores it as integers)"
+                )
             else:
                 reason = f"{type_name} is not a quantized layer type"
             plans.append(LayerPlan(name, type_name, FP32, reason))
@@ -91,12 +97,15 @@ def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantCon
         weight_quantizer = WeightQuantizer(
             config.weight, config.weight_observer, f"weight of {plan.name}"
         )
-        input_quantizer = None
-        if config.activation is not None:
-            input_quantizer = ActivationQuantizer(
-                config.activation, config.observer, f"input of {plan.name}", config.percentile
-            )
-        wrapped = QuantizedLayer(layer, plan.name, weight_quantizer, input_quantizer)
+        if isinstance(layer, nn.Embedding):
+            wrapped = QuantizedEmbedding(layer, plan.name, weight_quantizer)
+        else:
+            input_quantizer = None
+            if config.activation is not None:
+                input_quantizer = ActivationQuantizer(
+                    config.activation, config.observer, f"input of {plan.name}", config.percentile
+                )
+            wrapped = QuantizedLayer(layer, plan.name, weight_quantizer, input_quantizer)
         if plan.name == ROOT_NAME:
             return wrapped
         set_submodule(model, plan.name, wrapped)

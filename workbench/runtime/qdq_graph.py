@@ -136,6 +136,11 @@ def resolve_markers(g: _Graph) -> GraphInfo:
         site = site.decode() if isinstance(site, bytes) else site
         info.sites[site] = marker.input[0]
         _drop_marker(g, marker)
+    for marker in [n for n in g.graph.node if n.domain == MARKER_DOMAIN and n.op_type == "Table"]:
+        layer = _attr(marker, "layer")
+        layer = layer.decode() if isinstance(layer, bytes) else layer
+        _drop_marker(g, marker)
+        g.rename_initializer(marker.input[0], f"{layer}.weight_quantized")
     for marker in [n for n in g.graph.node if n.domain == MARKER_DOMAIN and n.op_type == "Weight"]:
         layer = _attr(marker, "layer")
         layer = layer.decode() if isinstance(layer, bytes) else layer

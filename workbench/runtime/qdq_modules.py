@@ -8,6 +8,8 @@ autograd Function's ``symbolic``, which QDQ nodes to write:
   int8 for symmetric schemes; a ``Clip`` first when the scheme has fewer than 256 codes);
 * a quantized Linear -> ``DequantizeLinear(int8 W^T, axis=1) -> MatMul (-> Add bias)``: the
   weight is stored transposed, so no Transpose sits between DQ and MatMul;
+* an embedding table (weight-only) -> ``Gather`` of its int8 rows, then each row times its
+  own scale (gathered with it), the same ``(q - z) * s`` the simulation computes;
 * a quantized Conv -> ``Conv(x, DequantizeLinear(int8 W, axis=0), DequantizeLinear(int32 b))``
   with the bias on the grid of ``s_input * s_weight``, which is what QLinearConv needs; a
   Linear with 2-D input -> ``Gemm`` with the same INT32 bias (QGemm; as MatMul + Add, ONNX
@@ -30,7 +32,7 @@ from workbench.core.fake_quant import fake_quantize
 from workbench.core.scheme import Scheme
 from workbench.engine.bn_fold import set_submodule
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.quantizers import QUANTIZE, ActivationQuantizer
 from workbench.errors import ExportError
 
@@ -156,7 +158,9 @@ def layer_spec(layer: QuantizedLayer) -> LayerSpec:
         zero_point = zero_point.to(code_dtype(scheme))
         bias = module.bias.detach().to(torch.float32).clone() if module.bias is not None else None
         bias_codes = bias_scale = None
-        if isinstance(module, nn.Linear):
+        if isinstance(layer, QuantizedEmbedding):
+            kind, conv_args = "embedding", None
+        elif isinstance(module, nn.Linear):
             kind, conv_args = "linear", None
             codes = codes.t().contiguous()  # stored as W^T [in, out]: MatMul needs no Transpose
             axis = 1 - axis if per_channel else 0
@@ -236,6 +240,30 @@ class _QuantizedConv(torch.autograd.Function):
         return g.op("Conv", *inputs, **spec.conv_args)
 
 
+class _QuantizedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, spec: LayerSpec):
+        return F.embedding(ids, spec.weight_dq)
+
+    @staticmethod
+    def symbolic(g, ids, spec: LayerSpec):
+        codes = g.op("Constant", value_t=spec.codes)
+        codes = g.op(f"{MARKER_DOMAIN}::Table", codes, layer_s=spec.name)
+        rows = g.op("Gather", codes, ids, axis_i=0)
+        scale = g.op("Constant", value_t=spec.scale)
+        zero = g.op("Constant", value_t=spec.zero_point)
+        if spec.scale.dim() == 0:
+            return g.op("DequantizeLinear", rows, scale, zero)
+        # one scale per row: gather each token's scale (and zero point) with its row
+        last = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        values = g.op("Cast", rows, to_i=1)  # FLOAT
+        if bool((spec.zero_point != 0).any()):
+            zeros = g.op("Cast", g.op("Gather", zero, ids, axis_i=0), to_i=1)
+            values = g.op("Sub", values, g.op("Unsqueeze", zeros, last))
+        scales = g.op("Unsqueeze", g.op("Gather", scale, ids, axis_i=0), last)
+        return g.op("Mul", values, scales)
+
+
 class ExportLayer(nn.Module):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv."""
 
@@ -248,6 +276,8 @@ class ExportLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        if self.spec.kind == "embedding":
+            return _QuantizedEmbedding.apply(x, self.spec)
         if self.spec.kind == "linear":
             out = _QuantizedLinear.apply(x, self.spec)
         else:

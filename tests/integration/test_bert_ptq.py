@@ -113,3 +113,16 @@ def test_exclude_glob_on_bert(bert):
     assert int((layers["status"] == "quantized").sum()) == 25 - 9
     for name in excluded:
         assert type(res.model.get_submodule(name)) is nn.Linear
+
+
+def test_tokenizer_batch_encodings_as_calib_data(bert):
+    """A tokenizer's output is a BatchEncoding (a Mapping, not a dict): one of them, or a list."""
+    batches = [transformers.BatchEncoding(b) for b in random_token_batches(2, seed=3)]
+    single = wb.ptq(bert, batches[0], progress=False)
+    several = wb.ptq(bert, batches, progress=False)
+    plain = wb.ptq(bert, [dict(b) for b in batches], progress=False)
+    for res in (single, several):
+        assert int((res.report.layers["status"] == "quantized").sum()) == 25
+    name = "encoder.layer.0.attention.self.query"
+    scale = float(several.model.get_submodule(name).input_quantizer.scale)
+    assert scale == float(plain.model.get_submodule(name).input_quantizer.scale)

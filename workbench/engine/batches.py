@@ -7,7 +7,7 @@ A batch may be a tensor (``model(x)``), a tuple / list whose first item is the i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -23,7 +23,7 @@ def iter_batches(data: Any, max_batches: int | None = None, what: str = "calib_d
         raise CalibrationError(f"{what} is None; pass a DataLoader or a list of input tensors")
     if isinstance(data, torch.Tensor):
         batches: Iterable = [data]
-    elif isinstance(data, dict):
+    elif isinstance(data, Mapping):  # one batch of keyword inputs (a tokenizer's BatchEncoding)
         batches = [data]
     elif isinstance(data, Iterable):
         batches = data
@@ -49,7 +49,7 @@ def iter_batches(data: Any, max_batches: int | None = None, what: str = "calib_d
 def _is_empty(batch: Any) -> bool:
     if isinstance(batch, list | tuple) and batch:
         batch = batch[0]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         batch = next(iter(batch.values()), None)
     return isinstance(batch, torch.Tensor) and batch.numel() == 0
 
@@ -58,11 +58,11 @@ def model_inputs(batch: Any) -> tuple[tuple, dict]:
     """Split a batch into ``(args, kwargs)`` for the model."""
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return (), dict(batch)
     if isinstance(batch, list | tuple) and batch:
         first = batch[0]
-        if isinstance(first, dict):
+        if isinstance(first, Mapping):
             return (), dict(first)
         return (first,), {}
     raise CalibrationError(

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
@@ -50,6 +50,7 @@ def torch_fake_quant(x: torch.Tensor, qt: wb.QTensor) -> torch.Tensor:
     )
 
 
+@settings(max_examples=400)
 @given(tensor_and_scheme())
 def test_dequantize_equals_torch_fake_quant_bit_for_bit(case):
     x, scheme = case

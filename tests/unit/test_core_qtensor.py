@@ -119,3 +119,17 @@ def test_scheme_is_frozen_and_hashable():
 def test_packed_storage_bytes_of_qtensor():
     qt = wb.quantize_tensor(torch.randn(5, 10), wb.Scheme(4, symmetric=False, per_channel=True))
     assert qt.storage_bytes == math.ceil(50 * 4 / 8) + 4 * 5 + 5
+
+
+@pytest.mark.parametrize("axis", [2, -3, 5])
+def test_per_channel_axis_out_of_range(axis):
+    with pytest.raises(wb.ConfigError, match="out of range for a 2-D tensor"):
+        wb.quantize_tensor(torch.randn(3, 4), wb.Scheme(8, per_channel=True, axis=axis))
+
+
+def test_per_channel_negative_axis_is_the_last_dimension():
+    x = torch.randn(3, 4)
+    last = wb.quantize_tensor(x, wb.Scheme(8, per_channel=True, axis=-1))
+    one = wb.quantize_tensor(x, wb.Scheme(8, per_channel=True, axis=1))
+    assert torch.equal(last.scale, one.scale) and torch.equal(last.q, one.q)
+    assert last.scale.shape == (4,)

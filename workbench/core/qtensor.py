@@ -52,6 +52,11 @@ def tensor_range(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
         return x.min(), x.max()
     if x.dim() == 0:
         raise ConfigError("a per-channel scheme needs a tensor with at least one dimension")
+    if not -x.dim() <= scheme.axis < x.dim():
+        raise ConfigError(
+            f"per-channel axis {scheme.axis} is out of range for a {x.dim()}-D tensor; "
+            f"use an axis in [{-x.dim()}, {x.dim() - 1}]"
+        )
     axis = scheme.axis % x.dim()
     flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
     return flat.min(dim=1).values, flat.max(dim=1).values

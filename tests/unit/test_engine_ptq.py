@@ -391,3 +391,42 @@ def test_quantized_model_is_deterministic_and_copyable():
     with torch.no_grad():
         assert torch.equal(res.model(x), res.model(x))
         assert torch.equal(clone(x), res.model(x))
+
+
+def test_calibration_streams_batches_without_keeping_them():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    seen: list[weakref.ref] = []
+    alive_while_streaming: list[int] = []
+
+    def stream():
+        generator = torch.Generator().manual_seed(1)
+        for i in range(40):
+            if i >= 20:
+                gc.collect()
+                alive_while_streaming.append(sum(ref() is not None for ref in seen))
+            batch = torch.randn(16, 12, generator=generator) * (3.0 if i == 30 else 1.0)
+            seen.append(weakref.ref(batch))
+            yield batch
+
+    res = wb.ptq(MLP().eval(), stream(), progress=False)
+    assert len(seen) == 40
+    # the first 8 batches (kept for the report) and the one being calibrated, not all 40
+    assert max(alive_while_streaming) <= 10
+    # batch 30 (3x wider) was calibrated on all the same
+    generator = torch.Generator().manual_seed(1)
+    everything = [
+        torch.randn(16, 12, generator=generator) * (3.0 if i == 30 else 1.0) for i in range(40)
+    ]
+    scale = float(res.model.fc1.input_quantizer.scale)
+    assert scale == pytest.approx(expected_input_scale(everything), rel=1e-6)
+
+
+def test_progress_bar_counts_the_batches(capsys):
+    data = DataLoader(TensorDataset(torch.randn(50, 12)), batch_size=5)
+    wb.ptq(MLP().eval(), data, progress=True)
+    assert "10/10" in capsys.readouterr().err
+    wb.ptq(MLP().eval(), data, num_batches=4, progress=True)
+    assert "4/4" in capsys.readouterr().err

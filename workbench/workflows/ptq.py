@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
+import torch
 from torch import nn
 
 from workbench.analysis.layer_errors import measure_layer_errors
@@ -79,10 +80,14 @@ def ptq(
     check_model(model)
     if num_batches is not None and num_batches < 1:
         raise CalibrationError(f"num_batches must be >= 1, got {num_batches}")
-    batches = list(iter_batches(calib_data, num_batches))
+    # Stream the calibration data: only the first batches (BN folding, the report) are kept,
+    # so a whole training DataLoader does not have to fit in memory.
+    stream = iter_batches(calib_data, num_batches)
+    head = list(islice(stream, REPORT_BATCHES))
+    batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
     was_training = model.training
     try:
-        fp32_model, prepared, plans = prepare_model(model, batches[0], config)
+        fp32_model, prepared, plans = prepare_model(model, head[0], config)
         reached = calibrate(prepared, batches, progress)
         if not reached:
             raise CalibrationError(
@@ -97,9 +102,36 @@ def ptq(
             prepared,
             plans,
             config,
-            list(islice(batches, REPORT_BATCHES)),
+            head,
             eval_fn,
         )
     finally:
         model.train(was_training)
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
+
+
+class _CalibrationBatches:
+    """The kept first batches, then the rest of the stream; sized when the data is."""
+
+    def __init__(self, head: list[Any], rest: Iterator[Any], expected: int | None) -> None:
+        self.head, self.rest, self.expected = head, rest, expected
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.head
+        yield from self.rest
+
+    def __len__(self) -> int:
+        if self.expected is None:
+            raise TypeError("the number of calibration batches is not known in advance")
+        return self.expected
+
+
+def _expected_batches(calib_data: Any, num_batches: int | None) -> int | None:
+    """Number of batches for the progress bar, when the data knows its length."""
+    if isinstance(calib_data, torch.Tensor | Mapping):
+        return 1
+    try:
+        count = len(calib_data)
+    except TypeError:
+        return num_batches
+    return count if num_batches is None else min(count, num_batches)

@@ -5,6 +5,7 @@
 
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
+import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { ILauncher } from '@jupyterlab/launcher';
 
 import { workbenchIcon } from './icon';
@@ -30,17 +31,23 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: 'quantization-workbench:launcher',
   description: 'Creates a notebook that quantizes a demo model and shows the report.',
   autoStart: true,
-  optional: [ICommandPalette, ILauncher],
+  optional: [ICommandPalette, ILauncher, IDefaultFileBrowser],
   activate: (
     app: JupyterFrontEnd,
     palette: ICommandPalette | null,
-    launcher: ILauncher | null
+    launcher: ILauncher | null,
+    browser: IDefaultFileBrowser | null
   ) => {
     app.commands.addCommand(NEW_NOTEBOOK_COMMAND, {
       label: LABEL,
       caption: 'Create a notebook that trains a demo model, quantizes it and shows the report',
       icon: workbenchIcon,
-      execute: args => createNotebook(app, typeof args.cwd === 'string' ? args.cwd : '')
+      // The launcher passes its folder as cwd; from the palette, use the file browser's.
+      execute: args =>
+        createNotebook(
+          app,
+          typeof args.cwd === 'string' ? args.cwd : (browser?.model.path ?? '')
+        )
     });
     palette?.addItem({ command: NEW_NOTEBOOK_COMMAND, category: 'Quantization Workbench' });
     launcher?.add({ command: NEW_NOTEBOOK_COMMAND, category: 'Notebook', rank: 10 });

@@ -45,12 +45,12 @@ export const INTRO_CELL = `# Quantize a model
 
 Train the workbench's demo CNN on scikit-learn's bundled digits (8x8 images, no download),
 quantize it to INT8 and look at every layer: its scheme, its error against FP32 (SQNR, cosine)
-and the bytes it stores. Put your own model and calibration data in the second cell.`;
+and the bytes it stores. To quantize your own model, replace \`model\`, \`calib\` (a DataLoader,
+batches or a tensor) and \`test_accuracy\` in the second code cell.`;
 
 export const SETUP_CELL = `import workbench as wb
 
-if hasattr(wb, "load_ipython_extension"):
-    %load_ext workbench`;
+%load_ext workbench`;
 
 export const MODEL_CELL = `from workbench.demo import accuracy, load_digits_data, train_digits_cnn
 
@@ -66,12 +66,8 @@ def test_accuracy(m):
 
 print(f"FP32 test accuracy: {test_accuracy(model):.1f}%")`;
 
-export const QUANTIZE_CELL = `# The %quantize magic and wb.ptq take the same arguments and return the same result.
-if get_ipython().find_line_magic("quantize"):
-    res = %quantize model --calib calib
-else:
-    res = wb.ptq(model, calib, config="int8", eval_fn=test_accuracy)
-res`;
+export const QUANTIZE_CELL = `# The same as: res = wb.ptq(model, calib, config="int8", eval_fn=test_accuracy)
+%quantize model --calib calib --eval test_accuracy -o res`;
 
 export function starterNotebook(): INotebookContent {
   return {

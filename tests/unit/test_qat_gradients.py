@@ -150,3 +150,36 @@ def test_lsq_scale_gradients_of_a_layer_match_finite_differences(activation_bits
         aq.scale.grad, torch.tensor(g_a * fd_a, dtype=torch.float64), rtol=1e-5, atol=1e-9
     )
     torch.testing.assert_close(wq.scale.grad, g_w * fd_w, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_switching_off_shared_input_quantizers_changes_nothing(learn):
+    """A layer input that shares the scale of the output quantizer feeding it is switched off
+    while training: forward and gradients are exactly those with it on."""
+    from workbench.demo import DigitsCNN
+    from workbench.engine.quantizers import OFF, QUANTIZE
+
+    torch.manual_seed(4)
+    calib = [torch.rand(32, 1, 8, 8) for _ in range(2)]
+    _, prepared, plans = prepare_model(DigitsCNN(4).eval(), calib[0], wb.QuantConfig())
+    finish_calibration(prepared, plans, calibrate(prepared, calib, progress=False))
+    enable_qat(prepared, learn_scales=learn)
+    prepared.train()
+    switched_off = [q for q in prepared.modules() if getattr(q, "mode", None) == OFF]
+    assert {q.tensor_name for q in switched_off} == {"input of conv2", "input of fc1"}
+
+    def run():
+        prepared.zero_grad(set_to_none=True)
+        out = prepared(calib[1] * 1.3)
+        (out * torch.linspace(-1, 1, 10)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in prepared.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    out_off, grads_off = run()
+    for quantizer in switched_off:
+        quantizer.mode = QUANTIZE
+    out_on, grads_on = run()
+    assert torch.equal(out_off, out_on)
+    assert grads_off.keys() == grads_on.keys() and len(grads_on) >= 8
+    for name, grad in grads_on.items():
+        torch.testing.assert_close(grads_off[name], grad, rtol=0, atol=0, msg=name)

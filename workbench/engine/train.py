@@ -35,7 +35,7 @@ from workbench.engine.bn_fold import BN_TYPES, fold_bn_into, set_submodule
 from workbench.engine.graph_quantizers import round_bias
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
 from workbench.engine.prepare import LayerPlan, get_layer
-from workbench.engine.quantizers import QUANTIZE, ActivationQuantizer
+from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
 from workbench.errors import CalibrationError, ConfigError, NonFiniteError
 
 FOLDED_INTO = "folded into "
@@ -395,28 +395,28 @@ def set_training_mode(model: nn.Module, bn_frozen: bool) -> None:
 # quantizers while training ---------------------------------------------------------------------
 def enable_qat(model: nn.Module, learn_scales: bool) -> None:
     """Weight qparams follow the weight at every step, or every scale becomes an LSQ
-    parameter when ``learn_scales``: weights per channel, every activation quantizer (layer
-    inputs and outputs) per tensor. An input quantizer that shares the scale of the output
-    quantizer feeding it (``shares_scale_of``) shares the very same parameter, so both stay
-    one scale, as the exported graph needs."""
+    parameter when ``learn_scales``: weights per channel, activation quantizers (layer inputs
+    and outputs) per tensor.
+
+    An input quantizer that shares the scale of the output quantizer feeding it
+    (``shares_scale_of``, set by ``engine.graph_quantizers``) receives values already on its
+    grid: quantizing them again is an exact no-op, forward (same codes) and backward (STE
+    mask of ones). It is switched off while training (fake quantization is the costliest
+    part of a QAT step) and given its source's final scale by :func:`finish_qat`.
+    """
     for _, layer in iter_quantized_layers(model):
         weight = layer.folded_weight() if isinstance(layer, QuantizedConvBn) else layer.weight
         if learn_scales:
             layer.weight_quantizer.enable_learned_scale(weight.detach())
         else:
             layer.weight_quantizer.frozen = False
-    if not learn_scales:
-        return
-    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
-    for quantizer in quantizers:
-        if quantizer.mode == QUANTIZE and _shared_source(model, quantizer) is None:
+    for quantizer in model.modules():
+        if not isinstance(quantizer, ActivationQuantizer) or quantizer.mode != QUANTIZE:
+            continue
+        if _shared_source(model, quantizer) is not None:
+            quantizer.mode = OFF
+        elif learn_scales:
             quantizer.enable_learned_scale()
-    for quantizer in quantizers:
-        source = _shared_source(model, quantizer)
-        if quantizer.mode == QUANTIZE and source is not None and source.learn_scale:
-            del quantizer.scale
-            quantizer.scale = source.scale
-            quantizer.learn_scale = True
 
 
 def _shared_source(model: nn.Module, quantizer: ActivationQuantizer) -> ActivationQuantizer | None:
@@ -444,28 +444,36 @@ def finish_qat(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, ActivationQuantizer) and module.learn_scale:
             module.fix_learned_scale()
+    for module in model.modules():
+        source = _shared_source(model, module) if isinstance(module, ActivationQuantizer) else None
+        if source is not None and module.mode == OFF:
+            with torch.no_grad():
+                module.scale.copy_(source.scale.reshape(module.scale.shape))
+                module.zero_point.copy_(source.zero_point.reshape(module.zero_point.shape))
+            module.mode = QUANTIZE
     for _, layer in iter_quantized_layers(model):
         round_bias(layer)
     return model.eval()
 
 
-def learned_scale_values(model: nn.Module) -> dict[str, float]:
-    """Current learned scales, one number per quantizer (the mean for per-channel weights):
-    ``weight_scale[layer]`` and ``act_scale[input of layer]`` / ``act_scale[output of ...]``."""
-    names, values, seen = [], [], set()
+def learned_scales(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The learned scale parameters, named ``weight_scale[layer]`` (per channel) and
+    ``act_scale[input of layer]`` / ``act_scale[output of module]`` (per tensor)."""
+    found = []
     for module in model.modules():
         if isinstance(module, QuantizedLayer) and module.weight_quantizer.learn_scale:
-            names.append(f"weight_scale[{module.layer_name}]")
-            values.append(module.weight_quantizer.scale.detach().abs().mean())
+            found.append((f"weight_scale[{module.layer_name}]", module.weight_quantizer.scale))
         elif isinstance(module, ActivationQuantizer) and module.learn_scale:
-            if id(module.scale) in seen:
-                continue  # shared with the quantizer that feeds it
-            seen.add(id(module.scale))
-            names.append(f"act_scale[{module.tensor_name}]")
-            values.append(module.scale.detach().abs().reshape(()))
-    if not names:
+            found.append((f"act_scale[{module.tensor_name}]", module.scale))
+    return found
+
+
+def scale_values(scales: list[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    """One number per learned scale (the mean of a per-channel one), in one device sync."""
+    if not scales:
         return {}
-    return dict(zip(names, torch.stack(values).cpu().tolist(), strict=True))
+    values = torch.stack([scale.detach().abs().mean() for _, scale in scales]).cpu().tolist()
+    return {name: value for (name, _), value in zip(scales, values, strict=True)}
 
 
 # the loop --------------------------------------------------------------------------------------
@@ -502,6 +510,7 @@ def train_qat(
     if freeze_bn_after == 0:
         model = freeze_batchnorms(model)
         bn_frozen, log.bn_frozen_at_step = True, 0
+    scales = learned_scales(model)
     total = steps_per_epoch * epochs if steps_per_epoch else None
     bar = tqdm(total=total, desc="QAT", disable=not progress, unit="step")
     step = 0
@@ -528,7 +537,7 @@ def train_qat(
                 epoch_loss += loss_value
                 epoch_steps += 1
                 log.steps.append(
-                    {"step": step, "epoch": epoch, "loss": loss_value} | learned_scale_values(model)
+                    {"step": step, "epoch": epoch, "loss": loss_value} | scale_values(scales)
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{epoch_loss / epoch_steps:.4f}", refresh=False)

@@ -63,10 +63,10 @@ export const LAYER_COLUMNS: IColumn[] = [
   {
     id: 'status',
     label: 'Status',
-    title: 'Quantized, or kept in FP32 (see the note)',
+    title: 'Quantized, or kept in FP32 and why',
     numeric: false,
-    value: row => row.status,
-    text: row => (row.status === 'fp32' ? 'FP32' : 'quantized')
+    value: row => `${row.status} ${row.reason || ''}`,
+    text: row => (row.status === 'fp32' ? `FP32 ${row.reason || ''}`.trim() : 'quantized')
   },
   textColumn('scheme', 'Scheme', 'Weight quantization scheme'),
   {
@@ -111,9 +111,13 @@ export const LAYER_COLUMNS: IColumn[] = [
         ? `${formatNumber(row.scale_min, 3)} \u2026 ${formatNumber(row.scale_max, 3)}`
         : MISSING
   },
-  textColumn('zero_point', 'Zero point', 'Weight zero point(s)'),
-  textColumn('reason', 'Note', 'Why a layer is kept in FP32')
+  textColumn('zero_point', 'Zero point', 'Weight zero point(s)')
 ];
+
+/** A layer kept in FP32 because it was folded away (BatchNorm into the conv before it). */
+export function isFolded(row: ILayerRow): boolean {
+  return row.status === 'fp32' && (row.reason || '').startsWith('folded into');
+}
 
 function compare(a: SortValue, b: SortValue, numeric: boolean): number {
   if (numeric) {
@@ -255,7 +259,16 @@ function renderRow(row: ILayerRow): HTMLTableRowElement {
     if (column.id === 'layer') {
       td.appendChild(element('code', 'jp-WorkbenchReport-layerName', row.layer));
     } else if (column.id === 'status' && row.status === 'fp32') {
-      td.appendChild(element('span', 'jp-WorkbenchReport-badge', 'FP32'));
+      const folded = isFolded(row);
+      const badge = element(
+        'span',
+        `jp-WorkbenchReport-badge${folded ? ' jp-mod-folded' : ''}`,
+        folded ? 'folded' : 'FP32'
+      );
+      td.appendChild(badge);
+      if (row.reason) {
+        td.appendChild(element('span', 'jp-WorkbenchReport-reason', row.reason));
+      }
     } else {
       td.textContent = column.text(row);
     }

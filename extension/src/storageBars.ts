@@ -40,7 +40,14 @@ function renderStorageRow(row: IStorageRow, scaleBytes: number): HTMLElement {
   const name = element('div', 'jp-WorkbenchReport-storageName');
   name.appendChild(element('code', 'jp-WorkbenchReport-layerName', total ? 'total' : row.layer));
   if (row.status === 'fp32') {
-    name.appendChild(element('span', 'jp-WorkbenchReport-badge', 'FP32'));
+    const folded = row.total_bytes === 0 && row.fp32_bytes > 0;
+    name.appendChild(
+      element(
+        'span',
+        `jp-WorkbenchReport-badge${folded ? ' jp-mod-folded' : ''}`,
+        folded ? 'folded' : 'FP32'
+      )
+    );
   }
 
   const bars = element('div', 'jp-WorkbenchReport-bars');

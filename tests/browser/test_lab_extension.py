@@ -134,6 +134,11 @@ def test_launcher_notebook_renders_interactive_report(lab_server: LabServer, tmp
                 f"{len(expected_layers)} of {len(expected_layers)} layers"
             )
 
+            # the size card's FP32 figure: 4 bytes per parameter of the demo CNN
+            fp32_kib = 4 * sum(p.numel() for p in DigitsCNN().parameters()) / 1024
+            size_card = demo.locator(".jp-WorkbenchReport-card").first.inner_text()
+            assert size_card.split("\n")[1].startswith(f"{fp32_kib:.1f} KiB \u2192 "), size_card
+
             # clicking a header sorts by it, clicking again reverses
             demo.locator("th[data-column='layer']").click()
             assert column_texts(demo, "layer") == sorted(expected_layers)

@@ -327,3 +327,26 @@ def test_qat_imports_matplotlib_only_for_figures():
         "assert 'matplotlib' not in sys.modules, 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_qat_report_json_follows_the_report_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    from workbench.analysis.report_json import report_schema
+
+    result = wb.qat(
+        small_net(),
+        labelled_batches(),
+        loss_fn=CE,
+        epochs=2,
+        lr=1e-3,
+        progress=False,
+        eval_fn=lambda m: 0.25,
+    )
+    bundle = result.report.to_json()
+    jsonschema.Draft202012Validator(report_schema()).validate(bundle)
+    assert bundle["summary"]["qat_steps"] == 12
+    epochs = result.report.epochs
+    assert list(epochs["mean_loss"]) == pytest.approx(
+        list(result.history.groupby("epoch")["loss"].mean())
+    )
+    assert list(epochs["metric"]) == [0.25, 0.25]

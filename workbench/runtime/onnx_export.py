@@ -134,9 +134,9 @@ def _module_calling(model: nn.Module, values: tuple, arg_count: int, kwarg_names
         stack.pop()
 
     for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_pre_hook(enter(name)))
-            handles.append(module.register_forward_hook(leave))
+        label = name or f"{type(model).__name__} (the model's own forward)"
+        handles.append(module.register_forward_pre_hook(enter(label)))
+        handles.append(module.register_forward_hook(leave))
     finder = _OpFinder(candidates, stack)
     try:
         with torch.no_grad(), finder:

@@ -11,8 +11,10 @@ Every pass keeps the values the graph computes (each is exact on the quantizatio
 4. ``QuantizeLinear(DequantizeLinear(q))`` with the same scale and zero point is ``q``: removed.
 5. Identical ``QuantizeLinear`` nodes on one tensor (one input feeding three Linear layers)
    become one.
-6. Each ``DequantizeLinear`` gets a single consumer (ONNX Runtime fuses per consumer).
-7. Dead nodes and initializers are pruned; nodes are put back in topological order.
+6. A strided conv with few input channels (an image stem) reads a space-to-depth
+   rearrangement of its uint8 input instead (:func:`space_to_depth_stem`): same integers out.
+7. Each ``DequantizeLinear`` gets a single consumer (ONNX Runtime fuses per consumer).
+8. Dead nodes and initializers are pruned; nodes are put back in topological order.
 """
 
 from __future__ import annotations
@@ -217,6 +219,141 @@ def commute_dequantize(g: _Graph) -> bool:
     return False
 
 
+def _conv_attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def space_to_depth_stem(model: onnx.ModelProto, g: _Graph, max_channels: int = 16) -> bool:
+    """Rewrite a strided quantized conv with few input channels (an image stem: 3 channels,
+    7x7, stride 2) as a space-to-depth rearrangement of its uint8 input and a stride-1 conv.
+
+    ``Conv(x, W, stride s)`` equals ``Conv(S2D_s(pad(x)), W', stride 1)`` where ``W`` is padded
+    with zeros to a multiple of ``s`` and rearranged the same way: the same products are summed,
+    so QLinearConv's integer result is identical. Integer convs with 3 input channels waste most
+    of their vector width; with ``3 * s * s`` channels the stem runs markedly faster.
+    """
+    strided = [
+        n
+        for n in g.graph.node
+        if n.op_type == "Conv" and any(v > 1 for v in _conv_attrs(n).get("strides", [1]))
+    ]
+    if not strided:
+        return False
+    shapes = {}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for value in [*inferred.graph.value_info, *inferred.graph.input]:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    changed = False
+    for conv in strided:
+        attrs = _conv_attrs(conv)
+        strides = list(attrs.get("strides", [1, 1]))
+        kernel = list(attrs.get("kernel_shape", []))
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        if (
+            len(kernel) != 2
+            or attrs.get("group", 1) != 1
+            or attrs.get("auto_pad", b"NOTSET")
+            not in (
+                b"NOTSET",
+                "NOTSET",
+            )
+        ):
+            continue
+        if any(d != 1 for d in attrs.get("dilations", [1, 1])) or strides[0] != strides[1]:
+            continue
+        stride = strides[0]
+        x_dq, w_dq = _per_tensor_dq(g, conv.input[0]), g.producer.get(conv.input[1])
+        if stride < 2 or x_dq is None or w_dq is None or w_dq.op_type != "DequantizeLinear":
+            continue
+        weight = g.array(w_dq.input[0])
+        shape = shapes.get(x_dq.input[0])
+        if weight is None or weight.ndim != 4 or not shape or len(shape) != 4:
+            continue
+        channels, height, width = shape[1], shape[2], shape[3]
+        if None in (channels, height, width) or channels * stride * stride > max_channels:
+            continue
+        out_channels = weight.shape[0]
+        new_kernel = [-(-k // stride) * stride for k in kernel]
+        outs = [
+            (size + pads[i] + pads[i + 2] - kernel[i]) // stride + 1
+            for i, size in enumerate((height, width))
+        ]
+        lengths = [stride * (o - 1) + k for o, k in zip(outs, new_kernel, strict=True)]
+        ends = [
+            length - size - pads[i]
+            for i, (length, size) in enumerate(zip(lengths, (height, width), strict=True))
+        ]
+        if any(e < 0 for e in ends):
+            continue
+        padded = np.zeros((out_channels, channels, *new_kernel), dtype=weight.dtype)
+        padded[:, :, : kernel[0], : kernel[1]] = weight
+        blocks = [k // stride for k in new_kernel]
+        rearranged = (
+            padded.reshape(out_channels, channels, blocks[0], stride, blocks[1], stride)
+            .transpose(0, 1, 3, 5, 2, 4)
+            .reshape(out_channels, channels * stride * stride, *blocks)
+        )
+        g.initializers[w_dq.input[0]].CopyFrom(
+            numpy_helper.from_array(np.ascontiguousarray(rearranged), w_dq.input[0])
+        )
+        base = conv.name or conv.output[0]
+        names = {
+            key: _unique_name(g, f"{base}/space_to_depth_{key}")
+            for key in ("pads", "padded", "shape1", "split", "moved", "shape2", "codes", "input")
+        }
+        inits = [
+            numpy_helper.from_array(
+                np.array([0, 0, pads[0], pads[1], 0, 0, ends[0], ends[1]], np.int64),
+                names["pads"],
+            ),
+            numpy_helper.from_array(
+                np.array(
+                    [0, channels, lengths[0] // stride, stride, lengths[1] // stride, stride],
+                    np.int64,
+                ),
+                names["shape1"],
+            ),
+            numpy_helper.from_array(
+                np.array(
+                    [0, channels * stride * stride, lengths[0] // stride, lengths[1] // stride],
+                    np.int64,
+                ),
+                names["shape2"],
+            ),
+        ]
+        g.graph.initializer.extend(inits)
+        zero = x_dq.input[2] if len(x_dq.input) > 2 else ""
+        nodes = [
+            helper.make_node("Pad", [x_dq.input[0], names["pads"], zero], [names["padded"]]),
+            helper.make_node("Reshape", [names["padded"], names["shape1"]], [names["split"]]),
+            helper.make_node(
+                "Transpose", [names["split"]], [names["moved"]], perm=[0, 1, 3, 5, 2, 4]
+            ),
+            helper.make_node("Reshape", [names["moved"], names["shape2"]], [names["codes"]]),
+            helper.make_node(
+                "DequantizeLinear", [names["codes"], *x_dq.input[1:]], [names["input"]]
+            ),
+        ]
+        position = list(g.graph.node).index(conv)
+        for offset, node in enumerate(nodes):
+            g.graph.node.insert(position + offset, node)
+        conv.input[0] = names["input"]
+        del conv.attribute[:]
+        conv.attribute.extend(
+            [
+                helper.make_attribute("kernel_shape", blocks),
+                helper.make_attribute("strides", [1, 1]),
+                helper.make_attribute("pads", [0, 0, 0, 0]),
+                helper.make_attribute("dilations", [1, 1]),
+                helper.make_attribute("group", 1),
+            ]
+        )
+        g.refresh()
+        changed = True
+    return changed
+
+
 def _same_qparams(g: _Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
     if len(a.input) < 3 or len(b.input) < 3:
         return False
@@ -346,6 +483,7 @@ def finalize_qdq_graph(model: onnx.ModelProto) -> GraphInfo:
         if not changed:
             break
     prune(g)
+    space_to_depth_stem(model, g)
     split_shared_dequantize(g)
     topological_sort(graph)
     del graph.value_info[:]

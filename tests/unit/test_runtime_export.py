@@ -1,0 +1,258 @@
+"""The INT8 ONNX export holds exactly the simulated model's integers, scales and zero points, in
+the layout ONNX Runtime fuses, and computes what the simulation computes (checked with
+onnx.reference and ONNX Runtime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+import workbench as wb
+from workbench.engine.layers import iter_quantized_layers
+from workbench.errors import ExportError
+from workbench.runtime.ort_session import make_session, run_session
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.relu(self.bn(self.conv(x))))))
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 8, 8))  # non-trivial BatchNorm statistics to fold
+    return model.eval()
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def node_named(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(node for node in model.graph.node if node.name == name)
+
+
+def producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
+    return next(node for node in model.graph.node if tensor in node.output)
+
+
+def reference_run(path, x: torch.Tensor) -> np.ndarray:
+    """onnx.reference's output; its QuantizeLinear / DequantizeLinear start at opset 19, whose
+    semantics for int8 / uint8 are those of opset 13-17, so the copy declares 19."""
+    model = onnx.load(str(path))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 19)
+    return ReferenceEvaluator(model).run(None, {"input": x.numpy()})[0]
+
+
+def simulated(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+@pytest.fixture(scope="module")
+def mlp_export(tmp_path_factory):
+    data = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
+    result = wb.ptq(mlp(), [data[:32], data[32:]], progress=False)
+    path = tmp_path_factory.mktemp("mlp") / "mlp_int8.onnx"
+    result.export_onnx(path, data[:4], check_fusion=False)
+    return result, onnx.load(str(path)), path
+
+
+def test_linear_weights_are_the_simulated_codes_transposed(mlp_export):
+    result, model, _ = mlp_export
+    inits = initializers(model)
+    for name, layer in iter_quantized_layers(result.model):
+        scale = layer.weight_quantizer.scale.detach()
+        expected = torch.round(layer.quantized_weight().detach() / scale[:, None]).to(torch.int8)
+        codes = inits[f"{name}.weight_quantized"]
+        assert codes.dtype == np.int8
+        np.testing.assert_array_equal(codes, expected.numpy().T)  # stored as W^T [in, out]
+        np.testing.assert_array_equal(inits[f"{name}.weight_scale"], scale.numpy())
+        dq = node_named(model, f"{name}/weight_dequantize")
+        assert [a.i for a in dq.attribute if a.name == "axis"] == [1]
+        target = node_named(model, name)
+        assert target.op_type in ("MatMul", "Gemm") and dq.output[0] in target.input
+
+
+def test_activation_qparams_are_the_simulated_ones(mlp_export):
+    result, model, _ = mlp_export
+    inits = initializers(model)
+    for name, layer in iter_quantized_layers(result.model):
+        dq = producer(model, node_named(model, name).input[0])
+        assert dq.op_type == "DequantizeLinear"
+        scale, zero = inits[dq.input[1]], inits[dq.input[2]]
+        assert zero.dtype == np.uint8
+        assert float(scale) == float(layer.input_quantizer.scale)
+        assert int(zero) == int(layer.input_quantizer.zero_point)
+
+
+def test_no_transpose_between_weight_and_matmul(mlp_export):
+    _, model, _ = mlp_export
+    assert not any(node.op_type == "Transpose" for node in model.graph.node)
+
+
+def test_reference_and_onnxruntime_compute_the_simulation(mlp_export):
+    result, _, path = mlp_export
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(2))  # another batch size
+    expected = simulated(result.model, x)
+    reference = reference_run(path, x)
+    ort = run_session(make_session(path), x)[0]
+    assert reference.shape == ort.shape == expected.shape
+    np.testing.assert_allclose(reference, expected, atol=1e-5)
+    np.testing.assert_allclose(ort, expected, atol=1e-4)
+
+
+def test_int8_file_is_at_most_0_3_of_fp32(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    data = torch.randn(64, 256)
+    result = wb.ptq(model, [data], progress=False)
+    int8_path = result.export_onnx(
+        tmp_path / "int8.onnx", data[:2], fp32_path=tmp_path / "fp32.onnx", check_fusion=False
+    )
+    model_proto = onnx.load(str(int8_path))
+    float_matrices = [
+        init.name
+        for init in model_proto.graph.initializer
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2
+    ]
+    assert float_matrices == []
+    ratio = int8_path.stat().st_size / (tmp_path / "fp32.onnx").stat().st_size
+    assert ratio <= 0.3
+
+
+def test_conv_has_int32_bias_on_the_input_times_weight_grid(tmp_path):
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    result = wb.ptq(small_cnn(), [data], progress=False)
+    path = result.export_onnx(tmp_path / "cnn.onnx", data[:2], check_fusion=False)
+    model = onnx.load(str(path))
+    inits = initializers(model)
+    layer = dict(iter_quantized_layers(result.model))["conv"]
+    bias_scale = layer.input_quantizer.scale * layer.weight_quantizer.scale
+    codes = inits["conv.bias_quantized"]
+    assert codes.dtype == np.int32
+    np.testing.assert_allclose(inits["conv.bias_scale"], bias_scale.numpy(), rtol=1e-7)
+    # the simulation's bias is already on that grid, so the codes reproduce it exactly
+    on_grid = codes.astype(np.float32) * inits["conv.bias_scale"]
+    np.testing.assert_array_equal(on_grid, layer.layer.bias.detach().numpy())
+    conv = node_named(model, "conv")
+    assert producer(model, conv.input[2]).op_type == "DequantizeLinear"
+    assert [a.i for a in node_named(model, "conv/weight_dequantize").attribute] == [0]
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_allclose(
+        run_session(make_session(path), x)[0], simulated(result.model, x), atol=1e-4
+    )
+
+
+def test_four_bit_weights_are_stored_as_int8_codes_in_the_4_bit_range(tmp_path):
+    data = torch.randn(64, 12)
+    result = wb.ptq(mlp(), [data], config="int4-weight", progress=False)
+    path = result.export_onnx(tmp_path / "w4.onnx", data[:2], check_fusion=False)
+    inits = initializers(onnx.load(str(path)))
+    for name, layer in iter_quantized_layers(result.model):
+        codes = inits[f"{name}.weight_quantized"]
+        assert codes.dtype == np.int8 and codes.min() >= -8 and codes.max() <= 7
+        dequantized = codes.T.astype(np.float32) * inits[f"{name}.weight_scale"][:, None]
+        np.testing.assert_array_equal(dequantized, layer.quantized_weight().detach().numpy())
+    reference = reference_run(path, data)
+    np.testing.assert_allclose(reference, simulated(result.model, data), atol=1e-5)
+
+
+def test_excluded_and_weight_only_layers(tmp_path):
+    data = torch.randn(64, 12)
+    config = wb.QuantConfig.preset("int8-weight-only", exclude=("4",))
+    result = wb.ptq(mlp(), [data], config=config, progress=False)
+    path = result.export_onnx(tmp_path / "wo.onnx", data[:2], check_fusion=False)
+    model = onnx.load(str(path))
+    assert not any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+    inits = initializers(model)
+    assert "4.weight_quantized" not in inits  # the excluded layer keeps FP32 weights
+    assert any(v.dtype == np.float32 and v.shape in ((4, 8), (8, 4)) for v in inits.values())
+    # with its graph optimizations ONNX Runtime turns DQ -> MatMul into MatMulNBits, which
+    # quantizes the activations on the fly (accuracy_level 4): exact only unoptimized
+    output = run_session(make_session(path, optimize=False), data)[0]
+    np.testing.assert_allclose(output, simulated(result.model, data), atol=1e-5)
+    np.testing.assert_allclose(reference_run(path, data), simulated(result.model, data), atol=1e-5)
+
+
+class TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 6)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids)).mean(dim=1)
+
+
+def test_embedding_tables_export_as_int8_rows(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (8, 7))
+    config = wb.QuantConfig.preset("int8", quantize_embeddings=True)
+    result = wb.ptq(TokenModel().eval(), [ids], config=config, progress=False)
+    assert result.report.layers.set_index("layer").loc["embed", "status"] == "quantized"
+    path = result.export_onnx(tmp_path / "tokens.onnx", ids, check_fusion=False)
+    table = initializers(onnx.load(str(path)))["embed.weight_quantized"]
+    assert table.dtype == np.int8 and table.shape == (50, 16)
+    other = torch.randint(0, 50, (3, 7))
+    np.testing.assert_allclose(
+        run_session(make_session(path), other)[0], simulated(result.model, other), atol=1e-5
+    )
+
+
+class Unexportable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.cummax(self.fc(x), dim=1).values
+
+
+def test_unexportable_op_gives_one_error_and_leaves_no_file(tmp_path):
+    data = torch.randn(16, 8)
+    result = wb.ptq(Unexportable(), [data], progress=False)
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="aten::cummax") as caught:
+        result.export_onnx(target, data[:2])
+    assert "Unexportable" in str(caught.value)  # names the module whose forward uses it
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind
+
+    target.write_bytes(b"previous model")
+    with pytest.raises(ExportError):
+        result.export_onnx(target, data[:2])
+    assert target.read_bytes() == b"previous model"  # an existing file is left untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.onnx"]
+
+
+def test_example_input_must_be_tensors(tmp_path):
+    result = wb.ptq(mlp(), [torch.randn(8, 12)], progress=False)
+    with pytest.raises(ExportError, match="not a tensor"):
+        result.export_onnx(tmp_path / "m.onnx", {"x": [1.0, 2.0]})
+    assert list(tmp_path.iterdir()) == []

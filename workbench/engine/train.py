@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from workbench.engine.graph_quantizers import round_bias
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
 from workbench.engine.prepare import LayerPlan, get_layer
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
-from workbench.errors import CalibrationError, ConfigError, NonFiniteError
+from workbench.errors import CalibrationError, ConfigError, NonFiniteError, WorkbenchError
 
 FOLDED_INTO = "folded into "
 
@@ -51,9 +52,9 @@ def check_training_options(
             "qat needs loss_fn(output, target) -> scalar tensor; pass e.g. "
             "loss_fn=torch.nn.CrossEntropyLoss()"
         )
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, Integral) or epochs < 1:
         raise ConfigError(f"epochs must be an int >= 1, got {epochs!r}")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"lr must be a number > 0, got {lr!r}; QAT fine-tunes with e.g. 1e-4")
     if isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
@@ -67,7 +68,7 @@ def check_training_options(
         )
     if (
         isinstance(freeze_bn_after, bool)
-        or not isinstance(freeze_bn_after, int)
+        or not isinstance(freeze_bn_after, Integral)
         or freeze_bn_after < 0
     ):
         raise ConfigError(
@@ -171,6 +172,8 @@ def check_loss(model: nn.Module, batch: Any, loss_fn: Callable) -> None:
         args, kwargs = model_inputs(batch)
         try:
             output = model(*args, **kwargs)
+        except WorkbenchError:
+            raise
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise CalibrationError(
                 f"the first batch of train_data could not run through the model "
@@ -179,6 +182,8 @@ def check_loss(model: nn.Module, batch: Any, loss_fn: Callable) -> None:
         target = loss_target(batch)
         try:
             loss = loss_fn(output, target)
+        except WorkbenchError:
+            raise
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as exc:
             raise ConfigError(
                 f"loss_fn failed on the first batch ({_first_line(exc)}); it is called as "
@@ -219,7 +224,7 @@ def epoch_batches(train_data: Any, first_batches: list[Any], epochs: int) -> Cal
             f"train_data of type {type(train_data).__name__} is not iterable; pass a "
             "DataLoader or a list of (inputs, targets) batches"
         )
-    if iter(train_data) is train_data:
+    if isinstance(train_data, Iterator):
         if epochs > 1:
             raise ConfigError(
                 "train_data is a one-shot iterator and cannot be read again for a second "

@@ -35,6 +35,7 @@ from workbench.engine.train import (
     enable_qat,
     epoch_batches,
     finish_qat,
+    loss_target,
     move_batch,
     resolve_device,
     take_first_batches,
@@ -118,6 +119,7 @@ def qat(
     check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
     device = resolve_device(device)
     first_batches = take_first_batches(train_data, CALIB_BATCHES)
+    loss_target(first_batches[0])  # (inputs, targets) or a dict, else one clear error now
     batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
     calib = first_batches if calib_data is None else list(iter_batches(calib_data))
     was_training = model.training

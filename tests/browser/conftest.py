@@ -1,156 +1,16 @@
-"""A JupyterLab server on 127.0.0.1 for the browser tests: free port, token, throwaway settings.
-
-The server runs this interpreter (so its kernel imports this checkout's workbench) with the
-news and update checks off (their prompt would cover part of the page) and an empty
-workspace, so every test starts from the launcher.
-"""
+"""Fixtures of the browser tests (helpers in browser_support.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-SERVER_START_TIMEOUT_S = 90
-REPO = Path(__file__).resolve().parents[2]
-EXTENSION_NAME = "quantization-workbench"
-BUILT_EXTENSION = REPO / "extension" / "labextension"
-
-
-def missing_browser_tools() -> str | None:
-    """Why the browser tests cannot run here, or None (CI installs all of these)."""
-    if shutil.which("node") is None:
-        return "node is not on PATH (needed to build the JupyterLab extension)"
-    if not Path(CHROMIUM).exists():
-        return f"chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright)"
-    return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class LabServer:
-    url: str
-    token: str
-    root_dir: Path
-    log_path: Path
-
-    def lab_url(self) -> str:
-        return f"{self.url}/lab?token={self.token}"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def write_settings(settings_dir: Path) -> None:
-    """User settings that keep the page free of the news / update prompt."""
-    notification = settings_dir / "@jupyterlab" / "apputils-extension"
-    notification.mkdir(parents=True, exist_ok=True)
-    (notification / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False})
-    )
-
-
-def wait_until_up(url: str, token: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"JupyterLab exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(
-        f"JupyterLab did not answer within {SERVER_START_TIMEOUT_S} s:\n"
-        f"{log_path.read_text()[-4000:]}"
-    )
+from browser_support import LabServer, running_lab_server
 
 
 @pytest.fixture
 def lab_server(tmp_path: Path) -> Iterator[LabServer]:
     """JupyterLab on 127.0.0.1 at a free port, with a token, rooted in a fresh folder."""
-    root_dir = tmp_path / "notebooks"
-    home = tmp_path / "jupyter"
-    for folder in (root_dir, home / "config", home / "data", home / "runtime", home / "ipython"):
-        folder.mkdir(parents=True)
-    settings_dir = home / "settings"
-    write_settings(settings_dir)
-    if (BUILT_EXTENSION / "package.json").exists():
-        # Serve this checkout's build (as `jupyter labextension develop` would): the user data
-        # dir comes first on the labextensions path, ahead of the copy an editable install
-        # made, which is stale after a rebuild.
-        (home / "data" / "labextensions").mkdir()
-        (home / "data" / "labextensions" / EXTENSION_NAME).symlink_to(BUILT_EXTENSION)
-    port = free_port()
-    token = secrets.token_hex(16)
-    env = dict(os.environ)
-    env.update(
-        JUPYTER_CONFIG_DIR=str(home / "config"),
-        JUPYTER_DATA_DIR=str(home / "data"),
-        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
-        IPYTHONDIR=str(home / "ipython"),
-        JUPYTER_PLATFORM_DIRS="1",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
-        "--no-browser",
-        "--allow-root",
-        "--ServerApp.ip=127.0.0.1",
-        f"--ServerApp.port={port}",
-        "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={root_dir}",
-        f"--LabApp.user_settings_dir={settings_dir}",
-        f"--LabApp.workspaces_dir={home / 'workspaces'}",
-    ]
-    log_path = tmp_path / "jupyterlab.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=root_dir, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, token, proc, log_path)
-        yield LabServer(url, token, root_dir, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with running_lab_server(tmp_path) as server:
+        yield server

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from browser_support import CHROMIUM, CHROMIUM_ARGS, missing_browser_tools
 from torch import nn
-
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, missing_browser_tools
 
 pytestmark = pytest.mark.skipif(
     missing_browser_tools() is not None, reason=str(missing_browser_tools())

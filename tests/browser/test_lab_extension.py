@@ -21,7 +21,7 @@ try:
 except ImportError:  # the tests are skipped then
     PlaywrightTimeoutError = TimeoutError
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, LabServer, missing_browser_tools
+from browser_support import CHROMIUM, CHROMIUM_ARGS, LabServer, missing_browser_tools
 
 pytestmark = pytest.mark.skipif(
     missing_browser_tools() is not None, reason=str(missing_browser_tools())
@@ -37,7 +37,7 @@ tiny.add_module("head", nn.Linear(3, 2))
 tiny_calib = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
 %quantize tiny --calib tiny_calib"""
 
-RUN_TIMEOUT_MS = 90_000
+RUN_TIMEOUT_MS = 180_000
 UI_TIMEOUT_MS = 60_000
 
 

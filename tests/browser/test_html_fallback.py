@@ -10,7 +10,8 @@ from browser_support import CHROMIUM, CHROMIUM_ARGS, missing_browser_tools
 from torch import nn
 
 pytestmark = pytest.mark.skipif(
-    missing_browser_tools() is not None, reason=str(missing_browser_tools())
+    missing_browser_tools(need_node=False) is not None,
+    reason=str(missing_browser_tools(need_node=False)),
 )
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"

@@ -4,8 +4,10 @@ The INT8 ONNX model runs in ONNX Runtime and the simulated model in torch, on th
 Per output: top-1 agreement (for ``[N, classes]`` outputs), cosine similarity, the largest
 absolute difference and that difference in units of the output's quantization step, and, given
 the FP32 model, both models' cosine to FP32 (what the notebook promises against what ONNX
-Runtime delivers). Per layer (optional): the same at every output quantizer (compared code by
-code) and every quantized Linear's output.
+Runtime delivers). Per layer (optional): the same at every output quantizer and every input
+quantizer of its own (compared code by code; a mismatch is a code that differs), and at the
+FP32 output of every Linear that is not quantized next. Those tensors become extra outputs of
+a copy of the model; ONNX Runtime fuses it as it fuses the original.
 
 The output's quantization step: the scale of the quantizer the output comes from, if any;
 otherwise the step of an 8-bit grid spanning the simulated output's range ((max - min) / 255).
@@ -103,87 +105,137 @@ def _torch_outputs(model: nn.Module, batch: Any) -> list[np.ndarray]:
     return [tensor.detach().cpu().numpy() for _, tensor in flatten_outputs(output)]
 
 
-def _with_layer_outputs(path: str | os.PathLike, tmp: Path) -> tuple[Path, dict, dict]:
-    """A copy of the model whose extra outputs are every output quantizer's codes and every
-    quantized Linear's output; returns it, {name: tensor} and {tensor: (scale, zero point)}."""
-    model = onnx.load(str(path))
+@dataclass
+class _Point:
+    """One tensor compared layer by layer."""
+
+    label: str
+    kind: str  # "output quantizer", "input quantizer" or "linear output"
+    layer: str  # output quantizer / quantized layer it belongs to
+    tensor: str  # in the ONNX graph
+    qparams: tuple[float, int] | None  # when the tensor holds integer codes
+
+
+def _points(model: onnx.ModelProto) -> list[_Point]:
+    """Output quantizers' codes, unshared input quantizers' codes, and the FP32 outputs of
+    Linear layers that are not quantized next (exposing those keeps ONNX Runtime's fusion)."""
     info = read_graph_info(model)
     producer = {out: node for node in model.graph.node for out in node.output}
-    inits = {init.name: init for init in model.graph.initializer}
-    existing = {out.name for out in model.graph.output}
-    tensors: dict[str, str] = {}
-    qparams: dict[str, tuple[float, int]] = {}
-    for site, tensor in info.sites.items():
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+    def codes_of(tensor: str) -> tuple[float, int] | None:
         node = producer.get(tensor)
         if node is None or node.op_type != "QuantizeLinear" or len(node.input) < 3:
-            continue
-        scale = float(numpy_helper.to_array(inits[node.input[1]]))
-        zero = numpy_helper.to_array(inits[node.input[2]])
-        tensors[site] = tensor
-        qparams[tensor] = (scale, int(zero))
-        elem = onnx.helper.tensor_dtype_to_np_dtype(inits[node.input[2]].data_type)
-        if tensor not in existing:
-            model.graph.output.append(
-                helper.make_tensor_value_info(tensor, helper.np_dtype_to_tensor_dtype(elem), None)
-            )
-            existing.add(tensor)
+            return None
+        return float(inits[node.input[1]]), int(inits[node.input[2]])
+
+    def quantized_next(tensor: str) -> bool:
+        for user in consumers.get(tensor, []):
+            if user.op_type == "QuantizeLinear":
+                return True
+            if user.op_type in ("Relu", "Clip") and quantized_next(user.output[0]):
+                return True
+        return False
+
+    points = [
+        _Point(site, "output quantizer", site, tensor, codes_of(tensor))
+        for site, tensor in info.sites.items()
+        if codes_of(tensor) is not None
+    ]
+    seen = {point.tensor for point in points}
+    nodes = {node.name: node for node in model.graph.node}
     for layer in info.layers:
-        if layer.op_type == "MatMul" or layer.op_type == "Gemm":
-            tensors.setdefault(layer.name, layer.output)
-            if layer.output not in existing:
-                model.graph.output.append(
-                    helper.make_tensor_value_info(layer.output, onnx.TensorProto.FLOAT, None)
+        node = nodes.get(layer.node)
+        dequantize = producer.get(node.input[0]) if node is not None else None
+        if dequantize is not None and dequantize.op_type == "DequantizeLinear":
+            tensor = dequantize.input[0]
+            if tensor not in seen and codes_of(tensor) is not None:
+                label = f"{layer.name} (input)"
+                points.append(
+                    _Point(label, "input quantizer", layer.name, tensor, codes_of(tensor))
                 )
-                existing.add(layer.output)
-    extended = tmp / "per_layer.onnx"
-    onnx.save(model, str(extended))
-    return extended, tensors, qparams
+                seen.add(tensor)
+        if layer.op_type in ("MatMul", "Gemm") and not quantized_next(layer.output):
+            points.append(_Point(layer.name, "linear output", layer.name, layer.output, None))
+    return points
+
+
+def _torch_modules(simulated: nn.Module, points: list[_Point]) -> dict[str, nn.Module]:
+    """The module whose output is each point's value in the simulated model."""
+    layers = {m.layer_name: m for m in simulated.modules() if isinstance(m, QuantizedLayer)}
+    wrapped = {n: m for n, m in simulated.named_modules() if isinstance(m, OutputQuantized)}
+    found: dict[str, nn.Module] = {}
+    for point in points:
+        layer = layers.get(point.layer)
+        if point.kind == "output quantizer":
+            module = wrapped.get(point.layer) or layer
+        elif point.kind == "input quantizer":
+            module = layer.input_quantizer if layer is not None else None
+        else:
+            module = layer
+        if module is not None:
+            found[point.label] = module
+    return found
 
 
 def _per_layer(simulated, path, batches, threads) -> pd.DataFrame:
+    model = onnx.load(str(path))
+    points = _points(model)
+    existing = {out.name for out in model.graph.output}
+    for point in points:
+        if point.tensor not in existing:
+            # element type only: ONNX Runtime infers the rest
+            elem = onnx.TensorProto.FLOAT
+            if point.qparams is not None:
+                node = next(n for n in model.graph.node if point.tensor in n.output)
+                zero = next(i for i in model.graph.initializer if i.name == node.input[2])
+                elem = zero.data_type
+            model.graph.output.append(helper.make_tensor_value_info(point.tensor, elem, None))
+            existing.add(point.tensor)
+    modules = _torch_modules(simulated, points)
+    captured: dict[str, list[np.ndarray]] = {label: [] for label in modules}
+    ort_values: dict[str, list[np.ndarray]] = {label: [] for label in modules}
+    handles = [
+        module.register_forward_hook(
+            lambda m, i, o, k=label: captured[k].append(o.detach().cpu().numpy())
+        )
+        for label, module in modules.items()
+    ]
     with tempfile.TemporaryDirectory(prefix="workbench-parity-") as tmp:
-        extended, tensors, qparams = _with_layer_outputs(path, Path(tmp))
+        extended = Path(tmp) / "per_layer.onnx"
+        onnx.save(model, str(extended))
         session = make_session(extended, threads)
         names = [o.name for o in session.get_outputs()]
-        captured: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
-        handles = []
-        for module_name, module in simulated.named_modules():
-            key = None
-            if isinstance(module, OutputQuantized) and module_name in tensors:
-                key = module_name
-            elif isinstance(module, QuantizedLayer) and module.layer_name in tensors:
-                key = module.layer_name
-            if key is not None:
-                handles.append(
-                    module.register_forward_hook(
-                        lambda m, i, o, k=key: captured[k].append(o.detach().cpu().numpy())
-                    )
-                )
-        ort_values: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
         try:
             for batch in batches:
                 _torch_outputs(simulated, batch)
                 results = dict(zip(names, run_session(session, batch), strict=True))
-                for layer, tensor in tensors.items():
-                    value = results[tensor]
-                    if tensor in qparams:
-                        scale, zero = qparams[tensor]
+                for point in points:
+                    if point.label not in ort_values:
+                        continue
+                    value = results[point.tensor]
+                    if point.qparams is not None:
+                        scale, zero = point.qparams
                         value = (value.astype(np.float32) - zero) * scale
-                    ort_values[layer].append(value)
+                    ort_values[point.label].append(value)
         finally:
             for handle in handles:
                 handle.remove()
     rows = []
-    for layer, tensor in tensors.items():
-        if not captured[layer] or len(captured[layer]) != len(ort_values[layer]):
-            continue
-        sim = np.concatenate([v.reshape(-1) for v in captured[layer]])
-        ort = np.concatenate([v.reshape(-1) for v in ort_values[layer]])
+    for point in points:
+        sim_parts, ort_parts = captured.get(point.label), ort_values.get(point.label)
+        if not sim_parts or len(sim_parts) != len(ort_parts):
+            continue  # a module called more than once per batch has no single counterpart
+        sim = np.concatenate([v.reshape(-1) for v in sim_parts])
+        ort = np.concatenate([v.reshape(-1) for v in ort_parts])
         if sim.shape != ort.shape:
             continue
-        step = qparams[tensor][0] if tensor in qparams else None
-        row = {"layer": layer, "kind": "output quantizer" if step else "linear output"}
-        row |= _compare(ort, sim, step)
+        step = point.qparams[0] if point.qparams else None
+        row = {"layer": point.label, "kind": point.kind} | _compare(ort, sim, step)
         row["mismatch_fraction"] = float((np.abs(ort - sim) > 0.5 * row["step"]).mean())
         row.pop("top1_agreement")
         rows.append(row)

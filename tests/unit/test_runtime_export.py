@@ -256,3 +256,16 @@ def test_example_input_must_be_tensors(tmp_path):
     with pytest.raises(ExportError, match="not a tensor"):
         result.export_onnx(tmp_path / "m.onnx", {"x": [1.0, 2.0]})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_switched_off_after_calibration_export_as_fp32(tmp_path):
+    from workbench.engine.switches import quantize_only
+
+    data = torch.randn(64, 12)
+    result = wb.ptq(mlp(), [data], progress=False)
+    quantize_only(result.model, ["2"])  # as sensitivity analysis leaves a model
+    path = result.export_onnx(tmp_path / "one.onnx", data[:2], check_fusion=False)
+    inits = initializers(onnx.load(str(path)))
+    assert "2.weight_quantized" in inits
+    assert "0.weight_quantized" not in inits and "4.weight_quantized" not in inits
+    np.testing.assert_allclose(reference_run(path, data), simulated(result.model, data), atol=1e-5)

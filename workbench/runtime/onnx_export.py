@@ -189,7 +189,12 @@ def _torch_export(
         outputs = flatten_outputs(model(*args, **kwargs))
     if not outputs:
         raise ExportError(f"{what} returned no tensor; return a tensor, a tuple or a dict of them")
-    output_names = [name for name, _ in outputs]
+    output_names: list[str] = []
+    for name, _ in outputs:  # unique names, in order
+        unique, index = name, 1
+        while unique in output_names or unique in names:
+            unique, index = f"{name}_{index}", index + 1
+        output_names.append(unique)
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {

@@ -33,7 +33,7 @@ from workbench.core.scheme import Scheme
 from workbench.engine.bn_fold import set_submodule
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
-from workbench.engine.quantizers import QUANTIZE, ActivationQuantizer
+from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
 from workbench.errors import ExportError
 
 MARKER_DOMAIN = "workbench"
@@ -287,6 +287,33 @@ class ExportLayer(nn.Module):
         return out
 
 
+class ExportFloatLayer(nn.Module):
+    """A quantized layer whose weight quantization is switched off: its FP32 module, between
+    the quantizers it still has."""
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        super().__init__()
+        self.layer = layer.layer
+        self.input_quantizer = layer.input_quantizer
+        self.output_quantizer = layer.output_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        out = self.layer(x)
+        return self.output_quantizer(out) if self.output_quantizer is not None else out
+
+
+def _stand_in_for_layer(layer: QuantizedLayer) -> nn.Module:
+    return ExportLayer(layer) if layer.weight_quantizer.enabled else ExportFloatLayer(layer)
+
+
+def _stand_in_for_quantizer(quantizer: ActivationQuantizer, name: str, site: str) -> nn.Module:
+    if quantizer.mode == OFF and quantizer.calibrated:
+        return nn.Identity()  # switched off (sensitivity / mixed precision): FP32 here
+    return ExportQuantDequant(quantizer, name, site)
+
+
 def exportable_model(model: nn.Module) -> nn.Module:
     """A copy of the simulated ``model`` whose quantizers and quantized layers export as QDQ."""
     model = copy.deepcopy(model)
@@ -302,11 +329,11 @@ def exportable_model(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLayer):
             if name:
-                set_submodule(model, name, ExportLayer(module))
+                set_submodule(model, name, _stand_in_for_layer(module))
             else:
-                root_layer = ExportLayer(module)
+                root_layer = _stand_in_for_layer(module)
     model = root_layer if root_layer is not None else model
     for name, module in list(model.named_modules()):
         if isinstance(module, ActivationQuantizer):
-            set_submodule(model, name, ExportQuantDequant(module, name, sites.get(name, "")))
+            set_submodule(model, name, _stand_in_for_quantizer(module, name, sites.get(name, "")))
     return model

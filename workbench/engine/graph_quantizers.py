@@ -173,6 +173,18 @@ class _FunctionRecorder(TorchFunctionMode):
         return out
 
 
+def _few_samples(batch: Any, count: int = 2) -> Any:
+    """The first ``count`` samples of a batch: the data flow does not depend on the batch
+    size, and tracing keeps every intermediate tensor alive."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:count] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _few_samples(v, count) for k, v in batch.items()}
+    if isinstance(batch, list | tuple) and batch:
+        return [_few_samples(batch[0], count), *batch[1:]]
+    return batch
+
+
 def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:
     """Run ``batch`` through ``model`` once and record which call consumed which tensor."""
     flow = DataFlow()
@@ -318,7 +330,7 @@ def insert_output_quantizers(
     if not has_conv and not has_relu:
         return
     try:
-        flow = trace_data_flow(model, batch)
+        flow = trace_data_flow(model, _few_samples(batch))
     except Exception as exc:  # the model ran in BN folding; a failure here only costs speed
         warnings.warn(
             f"could not trace the model's data flow ({type(exc).__name__}: {exc}); conv outputs "

@@ -26,7 +26,12 @@ How, and why this way:
   rewritten graph is saved into another, and ``os.replace`` moves it into place: a failed
   export leaves no file (and an existing file untouched). Errors name the op and, when it can
   be found, the module that uses it.
-* Layers kept FP32 stay FP32 (plain MatMul / Conv with float weights).
+* Layers kept FP32 stay FP32 (plain MatMul / Conv with float weights). A weight-only Linear is
+  ``DQ(W^T) -> MatMul`` with an FP32 input; ONNX Runtime makes it MatMulNBits, which quantizes
+  the activation on the fly (its ``accuracy_level`` 4), so there the parity check shows a
+  small difference that the graph itself does not have.
+* An image stem (a strided conv on 3 channels) reads a space-to-depth view of its uint8 input
+  (``qdq_graph.space_to_depth_stem``): the same integers, a faster integer kernel.
 """
 
 from __future__ import annotations

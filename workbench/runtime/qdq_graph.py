@@ -29,7 +29,15 @@ from onnx import helper, numpy_helper
 
 from workbench.runtime.qdq_modules import MARKER_DOMAIN
 
-GRID_PRESERVING_OPS = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+GRID_PRESERVING_OPS = {
+    "MaxPool",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+}
 METADATA_KEY = "workbench.quantized_layers"
 SITES_KEY = "workbench.quantized_outputs"
 

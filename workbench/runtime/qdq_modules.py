@@ -118,16 +118,27 @@ class LayerSpec:
     conv: nn.Module | None = None  # the FP32 conv (its _conv_forward), for the torch side
 
 
+def _conv_pads(conv: nn.Module) -> list[int]:
+    """ONNX ``pads`` (all begins, then all ends) of a torch conv, 'same' / 'valid' included."""
+    dims = conv.weight.dim() - 2
+    if conv.padding == "valid":
+        return [0] * (2 * dims)
+    if conv.padding == "same":  # torch puts the odd extra pixel at the end
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.weight.shape[2:], strict=True)]
+        return [t // 2 for t in totals] + [t - t // 2 for t in totals]
+    return list(conv.padding) * 2
+
+
 def _attrs_of_conv(conv: nn.Module) -> dict:
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if conv.padding_mode != "zeros":
         raise ExportError(
-            f"conv layer with padding={conv.padding!r}, padding_mode={conv.padding_mode!r} "
-            "cannot be exported as one ONNX Conv; use numeric padding with padding_mode='zeros'"
+            f"conv with padding_mode={conv.padding_mode!r} cannot be exported as one ONNX Conv; "
+            "use padding_mode='zeros' or exclude the layer"
         )
     dims = conv.weight.dim() - 2
     return {
         "strides_i": list(conv.stride),
-        "pads_i": list(conv.padding) * 2,
+        "pads_i": _conv_pads(conv),
         "dilations_i": list(conv.dilation),
         "group_i": int(conv.groups),
         "kernel_shape_i": list(conv.weight.shape[2 : 2 + dims]),

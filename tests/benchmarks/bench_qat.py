@@ -1,6 +1,6 @@
 """QAT against PTQ on the digits demo: accuracy side by side, and QAT's step time against FP32.
 
-    python tests/benchmarks/bench_qat.py [--seeds 3] [--repeats 7]
+    python tests/benchmarks/bench_qat.py [--seeds 5] [--repeats 7]
 
 Prints, for each model and config, the test accuracy of FP32, PTQ, QAT (weight qparams
 following the weight) and QAT with LSQ-learned scales, how many points PTQ loses and which
@@ -51,7 +51,7 @@ CASES = [
     ("narrow CNN", "w3a3 (harder)", scheme_config(3, 3), 3, 1e-3),
 ]
 CHANNELS = {"demo CNN": 16, "narrow CNN": 4}
-NEGLIGIBLE_LOSS_PP = 0.5
+NEGLIGIBLE_LOSS_PP = 0.25  # about one test image in 450: below it the ratio is noise
 
 
 def train_fp32(data, channels: int, seed: int, epochs: int = 10) -> nn.Module:
@@ -178,7 +178,7 @@ def step_times(data, repeats: int) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="FP32 models trained per case")
+    parser.add_argument("--seeds", type=int, default=5, help="FP32 models trained per case")
     parser.add_argument("--repeats", type=int, default=7, help="timed epochs per loop")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -300,3 +300,25 @@ def test_conv_padding_forms_and_groups(tmp_path, conv):
     difference = np.abs(run_session(make_session(path), data)[0] - simulated(result.model, data))
     assert difference.max() <= step + 1e-6
     assert (difference > 1e-5).mean() < 0.01
+
+
+def test_amx_weight_encoding_keeps_values_and_results(tmp_path):
+    data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    result = wb.ptq(small_cnn(), [data], progress=False)
+    paths = {
+        amx: result.export_onnx(tmp_path / f"amx_{amx}.onnx", data[:2], amx=amx, check_fusion=False)
+        for amx in (False, True)
+    }
+    weights = {}
+    for amx, path in paths.items():
+        inits = initializers(onnx.load(str(path)))
+        codes, zero = inits["conv.weight_quantized"], inits["conv.weight_zero_point"]
+        assert codes.dtype == zero.dtype == np.int8
+        assert set(zero.tolist()) == ({-1} if amx else {0})
+        weights[amx] = (codes.astype(np.float32) - zero[:, None, None, None]) * inits[
+            "conv.weight_scale"
+        ][:, None, None, None]
+    np.testing.assert_array_equal(weights[True], weights[False])
+    outputs = {amx: run_session(make_session(path), data)[0] for amx, path in paths.items()}
+    np.testing.assert_array_equal(outputs[True], outputs[False])  # the same integer sums
+    assert result.fusion(paths[True]).all_fused

@@ -1,8 +1,9 @@
 """FP32 against INT8 on ONNX Runtime CPU, measured side by side.
 
-Both models (and any ``others``) run in the same process, one after the other within each
-round, with the same threads and inputs, so that machine noise hits them alike; the table
-reports latency percentiles over the rounds, throughput, file sizes and the speedup.
+Both models (and any ``others``) run in the same process, in alternating blocks of runs with
+the same threads and inputs, so that machine noise hits them alike; each block starts with an
+untimed run, so that no model is timed with caches the other one just filled. The table reports
+latency percentiles, throughput, file sizes and the speedup.
 """
 
 from __future__ import annotations
@@ -88,20 +89,30 @@ def _as_path(model: Any, role: str, example_input: Any, workdir: Path) -> Path:
 
 
 def time_sessions(
-    sessions: dict[str, Any], feeds: dict[str, dict], warmup: int, runs: int
+    sessions: dict[str, Any], feeds: dict[str, dict], warmup: int, runs: int, block: int = 5
 ) -> dict[str, np.ndarray]:
-    """Latency (ms) of each session, interleaved: every round runs every session once."""
-    for _ in range(warmup):
-        for name, session in sessions.items():
-            session.run(None, feeds[name])
-    times = {name: [] for name in sessions}
+    """Latency (ms) of each session, measured in alternating blocks.
+
+    Every round runs each session once untimed (to bring its weights back into the caches the
+    other model evicted) and then ``block`` timed runs; the order rotates between rounds.
+    Machine noise thus hits all models alike, and each is timed warm, as a deployed model runs.
+    """
     names = list(sessions)
-    for round_index in range(runs):
-        shift = round_index % len(names)  # rotate who goes first
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+    for _ in range(warmup):
+        for name in names:
             sessions[name].run(None, feeds[name])
-            times[name].append((time.perf_counter() - start) * 1000.0)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    round_index = 0
+    while any(len(values) < runs for values in times.values()):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            session, feed = sessions[name], feeds[name]
+            session.run(None, feed)
+            for _ in range(min(block, runs - len(times[name]))):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1000.0)
+        round_index += 1
     return {name: np.asarray(values) for name, values in times.items()}
 
 
@@ -126,7 +137,7 @@ def benchmark(
     threads : int or None
         ONNX Runtime intra-op threads (None: ONNX Runtime's default).
     warmup, runs : int
-        Untimed and timed rounds; each round runs every model once.
+        Untimed runs of each model first, then timed runs of each (in alternating blocks).
     others : dict, optional
         More models to time in the same rounds, e.g. ``{"ort quantize_static": path}``.
     """

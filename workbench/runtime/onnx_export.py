@@ -22,6 +22,10 @@ How, and why this way:
   (``engine.graph_quantizers``). ``qdq_graph`` then moves DQs past MaxPool / Flatten /
   Reshape and removes requantizations that are identities, so the residual adds of a ResNet
   see ``DQ, DQ -> Add -> Q`` (QLinearAdd).
+* **On CPUs with AMX-INT8, conv weights are stored with zero point -1** (codes shifted by -1,
+  the same values): ONNX Runtime then runs the convs on its AMX GEMM instead of its
+  symmetric-weight VNNI kernels, 1.4-1.9x faster for convs with 128+ channels here
+  (``amx=False`` turns it off).
 * **Atomic write.** The exporter writes into a temporary file in the target directory, the
   rewritten graph is saved into another, and ``os.replace`` moves it into place: a failed
   export leaves no file (and an existing file untouched). Errors name the op and, when it can
@@ -52,6 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from workbench.engine.batches import model_inputs
 from workbench.errors import ExportError
+from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
 
@@ -247,18 +252,23 @@ def export_int8_onnx(
     example_input: Any,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
+    amx: bool | None = None,
 ) -> tuple[Path, GraphInfo]:
     """Write the simulated ``quantized_model`` as an INT8 QDQ ONNX model (atomically).
 
-    Returns the path and the map of quantized layers / output quantizers in the graph.
+    ``amx``: store conv weights for ONNX Runtime's AMX GEMM (``qdq_graph.route_convs_to_qgemm``;
+    same values); ``None`` = when this machine's CPU has AMX-INT8. Returns the path and the map
+    of quantized layers / output quantizers in the graph.
     """
+    if amx is None:
+        amx = detect_cpu_features().amx
     target = _target(path)
     stand_in = exportable_model(quantized_model).eval()
     with _temporary_path(target, ".export") as raw:
         _torch_export(stand_in, example_input, raw, dynamic_batch, opset, "the quantized model")
         proto = onnx.load(str(raw))
     try:
-        info = finalize_qdq_graph(proto)
+        info = finalize_qdq_graph(proto, amx=amx)
         proto.producer_name = "workbench"
         onnx.checker.check_model(proto)
     except Exception as exc:

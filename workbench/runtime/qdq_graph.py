@@ -13,8 +13,10 @@ Every pass keeps the values the graph computes (each is exact on the quantizatio
    become one.
 6. A strided conv with few input channels (an image stem) reads a space-to-depth
    rearrangement of its uint8 input instead (:func:`space_to_depth_stem`): same integers out.
-7. Each ``DequantizeLinear`` gets a single consumer (ONNX Runtime fuses per consumer).
-8. Dead nodes and initializers are pruned; nodes are put back in topological order.
+7. With ``amx=True``, convs' int8 weights are stored with zero point -1
+   (:func:`route_convs_to_qgemm`): the same values, run on ONNX Runtime's AMX GEMM.
+8. Each ``DequantizeLinear`` gets a single consumer (ONNX Runtime fuses per consumer).
+9. Dead nodes and initializers are pruned; nodes are put back in topological order.
 """
 
 from __future__ import annotations
@@ -362,6 +364,37 @@ def space_to_depth_stem(model: onnx.ModelProto, g: _Graph, max_channels: int = 1
     return changed
 
 
+def route_convs_to_qgemm(g: _Graph) -> int:
+    """Store each (non-grouped) quantized conv's symmetric int8 weight with zero point -1 and
+    codes shifted by -1: ``(q - 1) - (-1) = q``, the same values and the same integer sums.
+
+    ONNX Runtime runs a conv whose weight zero point is 0 on its symmetric-weight kernels
+    (AVX512-VNNI) and any other on its general QGEMM, which uses AMX tiles where the CPU has
+    them: on an AMX CPU, convs with 128+ channels ran 1.4-1.9x faster this way (equal below).
+    Only applied when every code is above -128. Returns the number of convs rewritten.
+    """
+    count = 0
+    for conv in [n for n in g.graph.node if n.op_type == "Conv" and len(n.input) >= 2]:
+        if _conv_attrs(conv).get("group", 1) != 1:
+            continue
+        dq = g.producer.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        codes, zero = g.array(dq.input[0]), g.array(dq.input[2])
+        if codes is None or zero is None or codes.dtype != np.int8 or codes.min() <= -128:
+            continue
+        if zero.dtype != np.int8 or np.any(zero != 0):
+            continue
+        shifted = (codes.astype(np.int16) - 1).astype(np.int8)
+        g.initializers[dq.input[0]].CopyFrom(numpy_helper.from_array(shifted, dq.input[0]))
+        g.initializers[dq.input[2]].CopyFrom(
+            numpy_helper.from_array(np.full_like(zero, -1), dq.input[2])
+        )
+        count += 1
+    g.refresh()
+    return count
+
+
 def _same_qparams(g: _Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
     if len(a.input) < 3 or len(b.input) < 3:
         return False
@@ -475,8 +508,10 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def finalize_qdq_graph(model: onnx.ModelProto) -> GraphInfo:
-    """Apply every pass (module docstring) to ``model`` in place; returns the layer map."""
+def finalize_qdq_graph(model: onnx.ModelProto, amx: bool = False) -> GraphInfo:
+    """Apply every pass (module docstring) to ``model`` in place; returns the layer map.
+
+    ``amx``: also :func:`route_convs_to_qgemm` (for CPUs with AMX-INT8)."""
     graph = model.graph
     constants_to_initializers(graph)
     g = _Graph(graph)
@@ -492,6 +527,8 @@ def finalize_qdq_graph(model: onnx.ModelProto) -> GraphInfo:
             break
     prune(g)
     space_to_depth_stem(model, g)
+    if amx:
+        route_convs_to_qgemm(g)
     split_shared_dequantize(g)
     topological_sort(graph)
     del graph.value_info[:]

@@ -61,6 +61,7 @@ class QuantResult:
         fp32_path: str | os.PathLike | None = None,
         check_fusion: bool = True,
         opset: int = 17,
+        amx: bool | None = None,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -68,11 +69,14 @@ class QuantResult:
         file is written atomically. ``fp32_path`` also writes the FP32 model (same exporter
         settings) for :func:`workbench.benchmark`. With ``check_fusion`` ONNX Runtime's
         optimized graph is inspected: a warning names every quantized layer that did not
-        fuse, and the table goes into the report.
+        fuse, and the table goes into the report. ``amx`` stores conv weights so that ONNX
+        Runtime runs them on AMX tiles (same values; default: when this CPU has AMX-INT8).
         """
         from workbench.runtime.onnx_export import export_int8_onnx
 
-        written, _ = export_int8_onnx(self.model, path, example_input, dynamic_batch, opset)
+        written, _ = export_int8_onnx(
+            self.model, path, example_input, dynamic_batch, opset, amx=amx
+        )
         if fp32_path is not None:
             self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
         if check_fusion:

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from workbench.analysis.storage import STORAGE_COLUMNS
+
 REPORT_MIME_TYPE = "application/vnd.workbench.report+json"
 SCHEMA_VERSION = 1
 
@@ -33,17 +35,7 @@ LAYER_FIELDS = [
     "output_sqnr_db",
     "output_cosine",
 ]
-STORAGE_FIELDS = [
-    "layer",
-    "type",
-    "status",
-    "fp32_bytes",
-    "weight_bytes",
-    "scale_bytes",
-    "zero_point_bytes",
-    "bias_bytes",
-    "total_bytes",
-]
+STORAGE_FIELDS = STORAGE_COLUMNS
 
 
 def json_value(value: Any) -> Any:

@@ -48,19 +48,11 @@ class ActivationQuantizer(nn.Module):
 
     def enable_learned_scale(self) -> None:
         """Make the scale an LSQ-trained parameter (QAT)."""
-        value = self.scale.detach().clone()
-        del self.scale
-        self.scale = nn.Parameter(value)
-        self.learn_scale = True
+        _scale_to_parameter(self)
 
     def fix_learned_scale(self) -> None:
         """End of QAT: keep the learned scale as a fixed buffer (positive, as trained)."""
-        if not self.learn_scale:
-            return
-        value = self.scale.detach().abs() + 1e-12
-        del self.scale
-        self.register_buffer("scale", value)
-        self.learn_scale = False
+        _scale_to_buffer(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == OBSERVE:
@@ -113,20 +105,13 @@ class WeightQuantizer(nn.Module):
         """Make the (per-channel) scale an LSQ-trained parameter (QAT)."""
         if not self.frozen:
             self.freeze(weight)
-        value = self.scale.detach().clone()
-        del self.scale
-        self.scale = nn.Parameter(value)
-        self.learn_scale = True
+        _scale_to_parameter(self)
 
     def fix_learned_scale(self) -> None:
         """End of QAT: keep the learned scale as a fixed (frozen) buffer, positive as trained."""
-        if not self.learn_scale:
-            return
-        value = self.scale.detach().abs() + 1e-12
-        del self.scale
-        self.register_buffer("scale", value)
-        self.learn_scale = False
-        self.frozen = True
+        if self.learn_scale:
+            _scale_to_buffer(self)
+            self.frozen = True
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.frozen or self.learn_scale:
@@ -145,3 +130,20 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme.describe()}, observer={self.observer_name}"
+
+
+def _scale_to_parameter(quantizer: nn.Module) -> None:
+    value = quantizer.scale.detach().clone()
+    del quantizer.scale
+    quantizer.scale = nn.Parameter(value)
+    quantizer.learn_scale = True
+
+
+def _scale_to_buffer(quantizer: nn.Module) -> None:
+    if not quantizer.learn_scale:
+        return
+    # the forward pass uses |scale| + 1e-12, so that is the scale that was trained
+    value = quantizer.scale.detach().abs() + 1e-12
+    del quantizer.scale
+    quantizer.register_buffer("scale", value)
+    quantizer.learn_scale = False

@@ -33,7 +33,8 @@ def usage_errors() -> Iterator[None]:
 
 def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     """Look the recipe's names up in ``namespace`` and run it: the QuantResult (exported and
-    benchmarked when asked), or the panel with ``panel=True``."""
+    benchmarked when asked; a mixed-precision search with ``max_drop``), or the panel with
+    ``panel=True``."""
     model = lookup_module(namespace, recipe.model)
     calib = lookup(namespace, recipe.calib, "--calib") if recipe.calib else None
     train = lookup(namespace, recipe.train, "--train") if recipe.train else None
@@ -56,6 +57,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
             recipe.num_batches,
             recipe.epochs,
             recipe.lr,
+            recipe.max_drop,
         )
         return app
     result = actions.quantize(
@@ -69,6 +71,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         lr=recipe.lr,
         eval_fn=eval_fn,
         num_batches=recipe.num_batches,
+        max_drop=recipe.max_drop,
     )
     if recipe.export or recipe.bench:
         if example is None:

@@ -29,6 +29,7 @@ EXAMPLES = """\
 examples:
   %quantize model --calib calib_loader
   %quantize model --calib calib_loader --eval accuracy -o res
+  %quantize model --calib calib_loader --eval accuracy --bits 4 --max-drop 0.5
   %quantize model --calib calib_loader --preset int8-per-tensor --observer percentile
   %quantize model --calib calib_loader --bits 4 --asymmetric --exclude fc2 "encoder.*.dense"
   %quantize model --method qat --train train_loader --loss loss_fn --epochs 2 --lr 1e-4
@@ -70,8 +71,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 _positive_int.__name__ = "positive int"
 _positive_float.__name__ = "positive number"
+_non_negative_float.__name__ = "number >= 0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--eval", metavar="FN", help="eval_fn(model) -> float, e.g. accuracy")
     what.add_argument(
         "--num-batches", type=_positive_int, metavar="N", help="use at most N calibration batches"
+    )
+    what.add_argument(
+        "--max-drop",
+        type=_non_negative_float,
+        metavar="X",
+        help="PTQ with --eval: keep the fewest most sensitive layers in higher precision "
+        "(FP32, or 8-bit below 8 bits) so the metric drops by at most X",
     )
     what.add_argument("-o", "--output", metavar="NAME", help="also store the result as NAME")
     what.add_argument(

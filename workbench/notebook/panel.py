@@ -4,6 +4,11 @@
 same public functions as the magic (through ``actions.py``); the panel only turns widget
 values into arguments and results into tables. It is testable without a browser: set the
 controls' ``.value``, call ``run_button.click()``, read ``panel.result`` / ``panel.runs``.
+
+The Sensitivity tab ranks the layers of the current config (``wb.sensitivity``); with
+"keep the N most sensitive layers FP32" set, Run adds the top N of that ranking (computed
+first when missing) to the exclude list. "auto mixed precision" runs
+``wb.auto_mixed_precision`` with the max drop instead of ``wb.ptq``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from workbench.notebook.display import (
 from workbench.notebook.recipe import DEFAULT_PRESET, MAX_BITS, MIN_BITS, build_config
 from workbench.notebook.runs_table import RunsTable
 
-TAB_TITLES = ("Summary", "Layers", "Storage", "Plots", "Export & Benchmark")
+TAB_TITLES = ("Summary", "Layers", "Storage", "Plots", "Sensitivity", "Export & Benchmark")
 PLOTS_TAB = TAB_TITLES.index("Plots")
+SENSITIVITY_TAB = TAB_TITLES.index("Sensitivity")
 LAYER_COLUMNS = [
     "layer",
     "type",
@@ -49,6 +55,7 @@ LAYER_COLUMNS = [
 RUN_STEPS = 3  # quantize, tables, runs table
 DEFAULT_NUM_BATCHES = 32
 DEFAULT_EPOCHS, DEFAULT_LR = 1, 1e-4
+DEFAULT_MAX_DROP = 0.5
 
 
 def quantizable_layer_names(model: nn.Module) -> list[str]:
@@ -90,6 +97,8 @@ class WorkbenchPanel(widgets.VBox):
         The last error, in one line ("" after a success).
     last_exception : Exception or None
         The last error itself, for a traceback when one is wanted.
+    sensitivity_table : DataFrame or None
+        The sensitivity table shown in the Sensitivity tab (most sensitive layer first).
     """
 
     def __init__(
@@ -116,6 +125,9 @@ class WorkbenchPanel(widgets.VBox):
         self.last_exception: BaseException | None = None
         self.onnx_path = None
         self.benchmark = None
+        self.sensitivity_table: pd.DataFrame | None = None
+        self._sensitivity_tables: dict[tuple, pd.DataFrame] = {}
+        self._sensitivity_stale = False
         self._run_number: int | None = None
         self._run_preset = DEFAULT_PRESET
         self._plots_stale = False
@@ -129,6 +141,7 @@ class WorkbenchPanel(widgets.VBox):
                 widgets.HBox([self.bits, self.symmetric, self.per_channel]),
                 widgets.HBox([self.num_batches, self.epochs, self.lr]),
                 self.keep_fp32,
+                widgets.HBox([self.keep_most_sensitive, self.mixed_precision, self.max_drop]),
                 widgets.HBox([self.run_button, self.progress, self.status]),
                 self.tabs,
                 widgets.HTML("<b>Runs</b>"),
@@ -138,6 +151,7 @@ class WorkbenchPanel(widgets.VBox):
         )
         self._on_preset()
         self._on_method()
+        self._on_mixed_precision()
 
     def __repr__(self) -> str:
         latest = f"run {self._run_number}" if self._run_number else "no run yet"
@@ -192,12 +206,30 @@ class WorkbenchPanel(widgets.VBox):
             description="keep FP32",
             style=style,
         )
+        self.keep_most_sensitive = widgets.BoundedIntText(
+            value=0,
+            min=0,
+            max=len(names),
+            description="keep the N most sensitive layers FP32",
+            style=style,
+        )
+        self.mixed_precision = widgets.Checkbox(
+            value=False,
+            description="auto mixed precision (PTQ)",
+            disabled=self.eval_fn is None,
+            tooltip="needs eval_fn" if self.eval_fn is None else "",
+            indent=False,
+        )
+        self.max_drop = widgets.BoundedFloatText(
+            value=DEFAULT_MAX_DROP, min=0.0, max=1e12, step=0.1, description="max drop"
+        )
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=RUN_STEPS, bar_style="info")
         self.progress.layout.display = "none"
         self.status = widgets.HTML(status_html("Choose a scheme and press Run."))
         self.preset.observe(self._on_preset, names="value")
         self.method.observe(self._on_method, names="value")
+        self.mixed_precision.observe(self._on_mixed_precision, names="value")
         self.run_button.on_click(self._on_run)
 
     def _build_outputs(self) -> None:
@@ -217,11 +249,31 @@ class WorkbenchPanel(widgets.VBox):
         self.bench_html = widgets.HTML()
         self.export_button.on_click(self._on_export)
         self.bench_button.on_click(self._on_bench)
+        self.sensitivity_button = widgets.Button(
+            description="Compute sensitivity", icon="sort-amount-desc"
+        )
+        metric = "eval_fn" if self.eval_fn is not None else "the model output SQNR against FP32"
+        self.sensitivity_status = widgets.HTML(
+            status_html(
+                f"Rank the layers of the current config by {metric}: each layer quantized "
+                "alone, and every layer but that one."
+            )
+        )
+        self.sensitivity_html = widgets.HTML()
+        self.sensitivity_plot = widgets.Image(format="png")
+        self.sensitivity_button.on_click(self._on_sensitivity)
         pages = [
             self.summary_html,
             self.layers_html,
             self.storage_html,
             widgets.VBox([self.sqnr_plot, self.storage_plot]),
+            widgets.VBox(
+                [
+                    widgets.HBox([self.sensitivity_button, self.sensitivity_status]),
+                    self.sensitivity_html,
+                    self.sensitivity_plot,
+                ]
+            ),
             widgets.VBox(
                 [
                     widgets.HBox([self.export_path, self.threads]),
@@ -250,6 +302,9 @@ class WorkbenchPanel(widgets.VBox):
         self.lr.disabled = not qat
         self.num_batches.disabled = qat  # a PTQ option: QAT calibrates on calib_data whole
 
+    def _on_mixed_precision(self, _change=None) -> None:
+        self.max_drop.disabled = not self.mixed_precision.value
+
     def set_controls(
         self,
         method: str | None = None,
@@ -262,9 +317,10 @@ class WorkbenchPanel(widgets.VBox):
         num_batches: int | None = None,
         epochs: int | None = None,
         lr: float | None = None,
+        max_drop: float | None = None,
     ) -> None:
         """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
-        they match in the keep-FP32 list."""
+        they match in the keep-FP32 list; ``max_drop`` turns auto mixed precision on."""
         values = {
             self.method: method,
             self.preset: preset,  # before the scheme controls: a preset resets them
@@ -279,6 +335,9 @@ class WorkbenchPanel(widgets.VBox):
         for control, value in values.items():
             if value is not None:
                 control.value = value
+        if max_drop is not None:
+            self.max_drop.value = max_drop
+            self.mixed_precision.value = True
         if exclude:
             self.keep_fp32.value = tuple(
                 name
@@ -301,6 +360,7 @@ class WorkbenchPanel(widgets.VBox):
     def _set_busy(self, busy: bool, message: str = "", where: widgets.HTML | None = None) -> None:
         self._busy = busy
         self.run_button.disabled = busy
+        self.sensitivity_button.disabled = busy
         self.export_button.disabled = busy or self.result is None
         self.bench_button.disabled = busy or self.result is None
         self.progress.layout.display = None if busy else "none"
@@ -320,6 +380,13 @@ class WorkbenchPanel(widgets.VBox):
         self._set_busy(True, f"Running {method.upper()}...")
         try:
             config = self.config()
+            kept: tuple[str, ...] = ()
+            if self.keep_most_sensitive.value > 0:
+                self.status.value = status_html("Ranking the layers by sensitivity...")
+                table = self._sensitivity_for(config)
+                kept = actions.most_sensitive(table, self.keep_most_sensitive.value)
+                config = actions.with_kept_fp32(config, kept)
+                self.status.value = status_html(f"Running {method.upper()}...")
             result = actions.quantize(
                 self.model,
                 config,
@@ -332,7 +399,10 @@ class WorkbenchPanel(widgets.VBox):
                 eval_fn=self.eval_fn,
                 num_batches=None if method == "qat" else self.num_batches.value,
                 progress=False,
+                max_drop=self.max_drop.value if self.mixed_precision.value else None,
             )
+            if kept:
+                actions.note_kept_most_sensitive(result, table, kept)
             self.progress.value = 1
             self._show_result(result)
             self.progress.value = 2
@@ -355,6 +425,8 @@ class WorkbenchPanel(widgets.VBox):
         line += f"{s['fp32_bytes']:,} B -> {s['quantized_bytes']:,} B"
         if s.get("metric_quantized") is not None:
             line += f"; metric {s['metric_fp32']:.4g} -> {s['metric_quantized']:.4g}"
+        if s.get("kept_higher_precision"):
+            line += f"; kept by sensitivity: {', '.join(s['kept_higher_precision'])}"
         return line
 
     def _show_result(self, result) -> None:
@@ -378,16 +450,73 @@ class WorkbenchPanel(widgets.VBox):
             self.runs_plot.value = figure_png(figure)
 
     def _on_tab(self, _change=None) -> None:
-        if self.tabs.selected_index == PLOTS_TAB and self._plots_stale:
-            try:
+        try:
+            if self.tabs.selected_index == PLOTS_TAB and self._plots_stale:
                 self._draw_plots()
-            except Exception as exc:
-                self._fail(exc, self.status)
+            if self.tabs.selected_index == SENSITIVITY_TAB and self._sensitivity_stale:
+                self._draw_sensitivity()
+        except Exception as exc:
+            self._fail(exc, self.status)
 
     def _draw_plots(self) -> None:
         self.sqnr_plot.value = figure_png(self.result.report.plot_sqnr())
         self.storage_plot.value = figure_png(self.result.report.plot_storage())
         self._plots_stale = False
+
+    # sensitivity -------------------------------------------------------------------------
+    def _sensitivity_key(self, config) -> tuple:
+        return (config, self.num_batches.value)
+
+    def _sensitivity_for(self, config) -> pd.DataFrame:
+        """The sensitivity table of ``config``: the one computed before, else a new one."""
+        table = self._sensitivity_tables.get(self._sensitivity_key(config))
+        if table is None:
+            table = self._compute_sensitivity(config)
+        return table
+
+    def _compute_sensitivity(self, config) -> pd.DataFrame:
+        table = actions.sensitivity(
+            self.model,
+            self.calib_data if self.calib_data is not None else self.train_data,
+            config,
+            eval_fn=self.eval_fn,
+            num_batches=self.num_batches.value,
+            progress=False,
+        )
+        self._sensitivity_tables[self._sensitivity_key(config)] = table
+        self._show_sensitivity(table, config)
+        return table
+
+    def _show_sensitivity(self, table: pd.DataFrame, config) -> None:
+        self.sensitivity_table = table
+        self.sensitivity_html.value = table_html(table)
+        metric = table.attrs.get("metric", "metric")
+        line = f"{len(table)} layers of {config.describe()}, most sensitive first ({metric}"
+        if metric == "eval_fn":
+            line += f", FP32 {table.attrs['metric_fp32']:.4g}"
+        line += f"; {table.attrs.get('eval_calls', 0)} eval_fn calls)"
+        self.sensitivity_status.value = status_html(line, "ok")
+        self._sensitivity_stale = True
+        if self.tabs.selected_index == SENSITIVITY_TAB:
+            self._draw_sensitivity()
+
+    def _draw_sensitivity(self) -> None:
+        from workbench.analysis.sensitivity_plots import sensitivity_chart
+
+        self.sensitivity_plot.value = figure_png(sensitivity_chart(self.sensitivity_table))
+        self._sensitivity_stale = False
+
+    def _on_sensitivity(self, _button=None) -> None:
+        if self._busy:
+            return
+        self._set_busy(True, "Ranking the layers by sensitivity...", self.sensitivity_status)
+        try:
+            self._compute_sensitivity(self.config())
+            self.error, self.last_exception = "", None
+        except Exception as exc:
+            self._fail(exc, self.sensitivity_status)
+        finally:
+            self._set_busy(False)
 
     # export and benchmark ----------------------------------------------------------------
     def _example(self) -> Any:
@@ -460,7 +589,8 @@ def panel(
     calib_data : DataLoader, iterable of batches, or tensor
         Calibration data for PTQ.
     eval_fn : callable, optional
-        ``eval_fn(model) -> float``, shown for FP32 and each run.
+        ``eval_fn(model) -> float`` (higher is better), shown for FP32 and each run; the
+        metric of the Sensitivity tab and of auto mixed precision.
     train_data, loss_fn : optional
         Training data and ``loss_fn(output, target)`` for QAT.
     example_input : tensor, optional

@@ -23,6 +23,7 @@ _STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer"}
 _STR_KEYS |= {"train", "loss", "export", "example"}
 _INT_KEYS = {"num_batches", "bits", "epochs"}
 _BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric"}
+_FLOAT_KEYS = {"lr", "max_drop"}
 # recipe-only spellings: the negative flags and the short output flag
 _NEGATED_KEYS = {"per_tensor": "per_channel", "asymmetric": "symmetric"}
 _ALIASES = {"o": "output"}
@@ -37,6 +38,7 @@ class Recipe:
     calib: str | None = None
     eval: str | None = None
     num_batches: int | None = None
+    max_drop: float | None = None
     output: str | None = None
     panel: bool = False
     preset: str = DEFAULT_PRESET
@@ -97,13 +99,14 @@ def _check_type(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise UsageError(f"%%quantize: recipe key {key!r} must be true or false, got {value!r}")
         return value
-    if key == "lr":
-        try:
-            # YAML 1.1 reads 1e-4 (no dot) as a string
-            return float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            pass
-        raise UsageError(f"%%quantize: recipe key 'lr' must be a number, got {value!r}")
+    if key in _FLOAT_KEYS:
+        if not isinstance(value, bool):
+            try:
+                # YAML 1.1 reads 1e-4 (no dot) as a string
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        raise UsageError(f"%%quantize: recipe key {key!r} must be a number, got {value!r}")
     if key == "exclude":
         patterns = [value] if isinstance(value, str) else value
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
@@ -195,6 +198,15 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
             raise UsageError(f"%quantize: {_flags([key])} must be >= 1, got {options[key]}")
     if options.get("lr") is not None and not options["lr"] > 0:
         raise UsageError(f"%quantize: --lr must be > 0, got {options['lr']}")
+    max_drop = options.get("max_drop")
+    if max_drop is not None:
+        if not max_drop >= 0:
+            raise UsageError(f"%quantize: --max-drop must be >= 0, got {max_drop}")
+        if not options.get("eval"):
+            raise UsageError(
+                "%quantize: --max-drop is a drop of the --eval metric; add --eval FN "
+                "(eval_fn(model) -> float, higher is better)"
+            )
     output = options.get("output")
     if output is not None and not output.isidentifier():
         raise UsageError(f"%quantize: -o takes a variable name, got {output!r}")
@@ -208,6 +220,11 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
         given = [key for key in QAT_ONLY_KEYS if key in options]
         if given:
             raise UsageError(f"%quantize: {_flags(given)} apply to QAT; add --method qat")
+    if method == "qat" and max_drop is not None and not panel:
+        raise UsageError(
+            "%quantize: --max-drop searches mixed precision with PTQ; drop --method qat "
+            "or drop --max-drop"
+        )
     if method == "qat" and "num_batches" in options and not panel:
         raise UsageError(
             "%quantize: --num-batches applies to PTQ; QAT calibrates on --calib (default: "

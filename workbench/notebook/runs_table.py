@@ -1,4 +1,8 @@
-"""The panel's runs table: every run of the session side by side, and metric against size."""
+"""The panel's runs table: every run of the session side by side, and metric against size.
+
+A run is Pareto-optimal when no other run is at least as good in metric, size and (once every
+run is benchmarked) INT8 latency and better in one of them (``wb.pareto_table``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from workbench.engine.config import QuantConfig
+from workbench.notebook import actions
 
 RUN_COLUMNS = [
     "run",
@@ -16,6 +21,7 @@ RUN_COLUMNS = [
     "activations",
     "observer",
     "fp32_layers",
+    "kept_by_sensitivity",
     "metric_fp32",
     "metric",
     "size_bytes",
@@ -25,6 +31,7 @@ RUN_COLUMNS = [
     "fp32_ms",
     "int8_ms",
     "speedup",
+    "pareto_optimal",
 ]
 
 
@@ -49,6 +56,7 @@ class RunsTable:
                 "activations": config.activation.describe() if config.activation else "fp32",
                 "observer": config.observer,
                 "fp32_layers": ", ".join(config.exclude),
+                "kept_by_sensitivity": ", ".join(summary.get("kept_higher_precision", ())),
                 "metric_fp32": summary.get("metric_fp32"),
                 "metric": summary.get("metric_quantized"),
                 "size_bytes": summary["quantized_bytes"],
@@ -68,28 +76,59 @@ class RunsTable:
         row["fp32_ms"], row["int8_ms"] = float(fp32_ms), float(int8_ms)
         row["speedup"] = float(fp32_ms) / float(int8_ms) if int8_ms else None
 
+    def metric_column(self) -> str:
+        """``metric`` when every run has one (an eval_fn was given), else ``model_sqnr_db``."""
+        if self._rows and all(row["metric"] is not None for row in self._rows):
+            return "metric"
+        return "model_sqnr_db"
+
     @property
     def frame(self) -> pd.DataFrame:
-        """The runs as a DataFrame (columns ``RUN_COLUMNS``)."""
-        return pd.DataFrame(self._rows, columns=RUN_COLUMNS)
+        """The runs as a DataFrame (columns ``RUN_COLUMNS``); ``pareto_optimal`` compares
+        the metric (or model output SQNR), size and, when every run has it, INT8 latency."""
+        column = self.metric_column()
+        optimal = actions.pareto_optimal(
+            [
+                {
+                    "run": row["run"],
+                    "metric": row[column],
+                    "size_bytes": row["size_bytes"],
+                    "latency_ms": row["int8_ms"],
+                }
+                for row in self._rows
+            ]
+        )
+        rows = [row | {"pareto_optimal": o} for row, o in zip(self._rows, optimal, strict=True)]
+        return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
     def plot(self):
         """Scatter of metric (or model output SQNR when no eval_fn) against size, one labelled
-        point per run; None before the first run. A ``matplotlib.figure.Figure``, no pyplot."""
+        point per run, Pareto-optimal runs in red; None before the first run. A
+        ``matplotlib.figure.Figure``, no pyplot."""
         if not self._rows:
             return None
         from matplotlib.figure import Figure
 
         frame = self.frame
-        has_metric = frame["metric"].notna().all()
-        column, label = (
-            ("metric", "metric") if has_metric else ("model_sqnr_db", "output SQNR (dB)")
-        )
+        column = self.metric_column()
+        has_metric = column == "metric"
+        label = "metric" if has_metric else "output SQNR (dB)"
         size_kib = frame["size_bytes"].astype(float) / 1024
         values = pd.to_numeric(frame[column], errors="coerce")
+        optimal = frame["pareto_optimal"].to_numpy(dtype=bool)
+        with_latency = bool(frame["int8_ms"].notna().all())
         figure = Figure(figsize=(5.5, 3.0))
         ax = figure.add_subplot()
-        ax.scatter(size_kib, values, color="#1f77b4")
+        ax.scatter(size_kib[~optimal], values[~optimal], color="#999999", label="dominated")
+        ax.scatter(
+            size_kib[optimal],
+            values[optimal],
+            color="#d62728",
+            label="Pareto-optimal" + (" (metric, size, latency)" if with_latency else ""),
+        )
+        if not with_latency:  # in two dimensions the optimal runs form a frontier
+            frontier = frame.assign(x=size_kib, y=values)[optimal].sort_values("x")
+            ax.plot(frontier["x"], frontier["y"], color="#d62728", lw=1)
         for run, x, y in zip(frame["run"], size_kib, values, strict=True):
             ax.annotate(f"#{run}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if has_metric and frame["metric_fp32"].notna().any():
@@ -97,5 +136,6 @@ class RunsTable:
         ax.set_xlabel("size (KiB)")
         ax.set_ylabel(label)
         ax.set_title("Runs: metric against size (FP32 metric dashed)", fontsize=9)
+        ax.legend(fontsize=7)
         figure.tight_layout()
         return figure

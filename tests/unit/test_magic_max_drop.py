@@ -1,0 +1,166 @@
+"""``%quantize ... --max-drop X``: the accuracy-driven mixed-precision search from the magic.
+
+The reference is ``wb.auto_mixed_precision`` called directly with the config the options
+describe (written out by hand): same layers kept, same search, same model outputs. Every
+misuse is a one-line UsageError that names the fix.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pandas as pd
+import pytest
+import torch
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from torch import nn
+
+import workbench as wb
+from workbench.demo import accuracy, load_digits_data
+
+MAX_DROP = 0.5
+
+
+def tiny_mlp() -> nn.Module:
+    """A 64-32-10 MLP on digits, trained for a few full-batch Adam steps (milliseconds)."""
+    torch.manual_seed(0)
+    data = load_digits_data()
+    model = nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(), fc1=nn.Linear(64, 32), relu=nn.ReLU(), fc2=nn.Linear(32, 10)
+        )
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data.train_x), data.train_y).backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_data()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_mlp()
+
+
+@pytest.fixture
+def shell(model, digits):
+    shell = InteractiveShell.instance()
+    shell.reset(new_session=False)
+    shell.run_line_magic("load_ext", "workbench")
+    shell.user_ns.update(
+        model=model,
+        calib=digits.calib_batches(4, 32),
+        train=[(digits.train_x[i : i + 32], digits.train_y[i : i + 32]) for i in range(0, 96, 32)],
+        loss_fn=nn.CrossEntropyLoss(),
+        accuracy=lambda m: accuracy(m, digits.test_x, digits.test_y),
+    )
+    return shell
+
+
+@pytest.fixture(scope="module")
+def reference(model, digits):
+    """The search called directly: 3-bit weights, uint8 activations (the int8 preset)."""
+    config = wb.QuantConfig(
+        weight=wb.Scheme(3, symmetric=True, per_channel=True),
+        activation=wb.Scheme(8, symmetric=False, per_channel=False),
+    )
+    return wb.auto_mixed_precision(
+        model,
+        digits.calib_batches(4, 32),
+        lambda m: accuracy(m, digits.test_x, digits.test_y),
+        max_drop=MAX_DROP,
+        config=config,
+        progress=False,
+    )
+
+
+def test_max_drop_runs_the_mixed_precision_search(shell, reference, digits):
+    result = shell.run_line_magic(
+        "quantize", f"model --calib calib --eval accuracy --bits 3 --max-drop {MAX_DROP} -o res"
+    )
+    assert shell.user_ns["res"] is result
+    assert result.config == reference.config
+    summary = result.report.summary
+    kept = summary["kept_higher_precision"]
+    assert kept == reference.report.summary["kept_higher_precision"]
+    assert len(kept) >= 1, "at 3 bits this model needs at least one layer in higher precision"
+    assert summary["max_drop"] == MAX_DROP
+    search = result.report.extra_tables["Mixed-precision search"]
+    pd.testing.assert_frame_equal(search, reference.report.extra_tables["Mixed-precision search"])
+    assert search.iloc[0]["drop"] > MAX_DROP >= search.iloc[-1]["drop"]
+    assert search.iloc[-1]["layers_kept"] == len(kept)
+    # the report's metric is measured again on the final model: it must agree with the search
+    assert summary["metric_drop"] == pytest.approx(search.iloc[-1]["drop"])
+    sensitivity = result.report.extra_tables["Sensitivity"]
+    assert list(sensitivity["layer"].head(len(kept))) == kept
+    layers = result.report.layers.set_index("layer")
+    for name in kept:  # below 8 bits the fallback is 8-bit, so the layer stays quantized
+        assert layers.loc[name, "status"] == "quantized"
+        assert layers.loc[name, "reason"].startswith("kept 8-bit: sensitivity rank")
+    with torch.no_grad():
+        assert torch.equal(result.model(digits.test_x), reference.model(digits.test_x))
+
+
+def test_max_drop_recipe_key_equals_the_line(shell, reference):
+    recipe = "calib: calib\neval: accuracy\nbits: 3\nmax_drop: 0.5\n"
+    result = shell.run_cell_magic("quantize", "model", recipe)
+    kept = result.report.summary["kept_higher_precision"]
+    assert kept == reference.report.summary["kept_higher_precision"]
+
+
+def test_max_drop_with_panel_sets_the_panel_controls(shell):
+    app = shell.run_line_magic(
+        "quantize", "model --calib calib --eval accuracy --max-drop 0.25 --panel"
+    )
+    assert app.mixed_precision.value is True
+    assert app.max_drop.value == 0.25
+    assert app.max_drop.disabled is False
+
+
+def test_help_shows_max_drop_with_an_example(shell):
+    doc = shell.object_inspect("%quantize")["docstring"]
+    assert "--max-drop X" in doc
+    assert "--eval accuracy --bits 4 --max-drop 0.5" in doc
+
+
+BAD_LINES = [
+    ("model --calib calib --max-drop 0.5", "--max-drop is a drop of the --eval metric; add --eval"),
+    (
+        "model --method qat --train train --loss loss_fn --eval accuracy --max-drop 0.5",
+        "--max-drop searches mixed precision with PTQ; drop --method qat or drop --max-drop",
+    ),
+    ("model --calib calib --eval accuracy --max-drop -1", "argument --max-drop: must be >= 0"),
+    ("model --calib calib --eval accuracy --max-drop lots", "invalid number >= 0 value: 'lots'"),
+    ("model --calib calib --max-drop 0.5 --panel", "add --eval FN"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES, ids=[b[0] for b in BAD_LINES])
+def test_max_drop_misuse_is_a_one_line_usage_error(shell, line, message):
+    with pytest.raises(UsageError) as info:
+        shell.run_line_magic("quantize", line)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+BAD_RECIPES = [
+    ("calib: calib\neval: accuracy\nmax_drop: lots", "recipe key 'max_drop' must be a number"),
+    ("calib: calib\neval: accuracy\nmax_drop: true", "recipe key 'max_drop' must be a number"),
+    ("calib: calib\neval: accuracy\nmax_drop: -1", "--max-drop must be >= 0, got -1.0"),
+    ("calib: calib\nmax_drop: 0.5", "add --eval FN"),
+]
+
+
+@pytest.mark.parametrize(("recipe", "message"), BAD_RECIPES, ids=[b[0] for b in BAD_RECIPES])
+def test_bad_max_drop_recipes_are_one_line_usage_errors(shell, recipe, message):
+    with pytest.raises(UsageError) as info:
+        shell.run_cell_magic("quantize", "model", recipe)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)

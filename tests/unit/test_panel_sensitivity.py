@@ -127,6 +127,7 @@ def test_keep_one_most_sensitive_layer_fp32_computes_the_ranking_first(
     app, model, digits, int3_sensitivity, counted_sensitivity
 ):
     top = int3_sensitivity.iloc[0]["layer"]
+    assert app.keep_most_sensitive.max == 2  # of 3 layers: one at least stays quantized
     app.keep_most_sensitive.value = 1
     assert app.sensitivity_table is None
     app.run_button.click()

@@ -209,7 +209,7 @@ class WorkbenchPanel(widgets.VBox):
         self.keep_most_sensitive = widgets.BoundedIntText(
             value=0,
             min=0,
-            max=len(names),
+            max=max(0, len(names) - 1),  # keeping every layer FP32 quantizes nothing
             description="keep the N most sensitive layers FP32",
             style=style,
         )

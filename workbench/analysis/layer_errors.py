@@ -36,7 +36,6 @@ def measure_layer_errors(
             reference_outputs.setdefault(name, []).append(output.detach())
             isolated_acc[name].add(output, quantized[name](inputs[0]))
 
-
         return hook
 
     def quant_hook(name):

@@ -90,6 +90,31 @@ def test_empty_calib_data(data):
     expect_clean_failure(mlp(), data, wb.CalibrationError, "yielded 0 batches")
 
 
+class _SkipsItsLinear(nn.Module):
+    """Holds a Linear that its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def test_no_layer_reached_by_the_calibration_data():
+    expect_clean_failure(
+        _SkipsItsLinear(), torch.randn(3, 4), wb.CalibrationError, "no quantizable layer ran"
+    )
+
+
+def test_no_layer_reached_is_the_same_error_in_qat_and_sensitivity():
+    data = [(torch.randn(3, 4), torch.randn(3, 4))]
+    with pytest.raises(wb.CalibrationError, match="no quantizable layer ran"):
+        wb.qat(_SkipsItsLinear(), data, loss_fn=nn.MSELoss(), progress=False)
+    with pytest.raises(wb.CalibrationError, match="no quantizable layer ran"):
+        wb.sensitivity(_SkipsItsLinear(), torch.randn(3, 4), progress=False)
+
+
 def test_batch_with_zero_samples():
     expect_clean_failure(mlp(), torch.zeros(0, 4), wb.CalibrationError, "0 samples")
 

@@ -24,7 +24,7 @@ from workbench.engine.prepare import (
     plan_layers,
 )
 from workbench.engine.quantizers import OBSERVE, QUANTIZE, ActivationQuantizer
-from workbench.errors import ConfigError, ModelError
+from workbench.errors import CalibrationError, ConfigError, ModelError
 
 
 def resolve_config(config: QuantConfig | str | None) -> QuantConfig:
@@ -76,7 +76,10 @@ def prepare_model(
 
 
 def calibrate(model: nn.Module, batches: list[Any], progress: bool = True) -> set[str]:
-    """Run calibration batches with observers on; returns the names of layers that ran."""
+    """Run calibration batches with observers on; returns the names of layers that ran.
+
+    Raises a ``CalibrationError`` when no quantizable layer ran at all.
+    """
     reached: set[str] = set()
     handles = [
         layer.register_forward_pre_hook(lambda m, _inputs: reached.add(m.layer_name))
@@ -90,6 +93,11 @@ def calibrate(model: nn.Module, batches: list[Any], progress: bool = True) -> se
     finally:
         for handle in handles:
             handle.remove()
+    if not reached:
+        raise CalibrationError(
+            "no quantizable layer ran on the calibration data; check that the calibration "
+            "batches feed the model's forward"
+        )
     return reached
 
 

@@ -42,7 +42,6 @@ from workbench.engine.train import (
     train_qat,
     unfold_batchnorms,
 )
-from workbench.errors import CalibrationError
 from workbench.workflows.ptq import REPORT_BATCHES, build_report
 from workbench.workflows.result import QuantResult
 
@@ -127,11 +126,6 @@ def qat(
         source = _on_cpu(model)
         fp32_model, prepared, plans = prepare_model(source, calib[0], config)
         reached = calibrate(prepared, calib, progress)
-        if not reached:
-            raise CalibrationError(
-                "no quantizable layer ran on the calibration data; check that the batches "
-                "feed the model's forward"
-            )
         finish_calibration(prepared, plans, reached)
         if freeze_bn_after > 0:
             unfold_batchnorms(prepared, source, plans)

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from workbench.core.qtensor import along_axis
 from workbench.core.scheme import Scheme
 
 
@@ -41,19 +42,11 @@ def fake_quantize(
     )
 
 
-def _view_along(param: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
-    if param.dim() == 0:
-        return param
-    shape = [1] * like.dim()
-    shape[axis] = -1
-    return param.reshape(shape)
-
-
 class _LearnedScaleFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
-        s = _view_along(scale, x, axis)
-        z = _view_along(zero_point.to(x.dtype), x, axis)
+        s = along_axis(scale, x, axis)
+        z = along_axis(zero_point.to(x.dtype), x, axis)
         x_over_s = x / s
         unclamped = torch.round(x_over_s) + z
         q = torch.clamp(unclamped, quant_min, quant_max)

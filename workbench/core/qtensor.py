@@ -18,7 +18,8 @@ from workbench.core.scheme import Scheme
 from workbench.errors import ConfigError
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+def along_axis(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``param`` (0-d or one value per channel) shaped to broadcast with ``x`` along ``axis``."""
     if param.dim() == 0:
         return param
     shape = [1] * x.dim()
@@ -32,8 +33,8 @@ def quantize_with(
     """Integer codes (int32) of ``x`` for given qparams."""
     axis = scheme.axis % x.dim() if x.dim() else 0
     inv_scale = 1.0 / scale.to(torch.float32)
-    rounded = torch.round(x.to(torch.float32) * _broadcast(inv_scale, x, axis))
-    q = rounded + _broadcast(zero_point.to(torch.float32), x, axis)
+    rounded = torch.round(x.to(torch.float32) * along_axis(inv_scale, x, axis))
+    q = rounded + along_axis(zero_point.to(torch.float32), x, axis)
     return torch.clamp(q, scheme.quant_min, scheme.quant_max).to(torch.int32)
 
 
@@ -42,8 +43,8 @@ def dequantize_with(
 ) -> torch.Tensor:
     """Float32 values ``s * (q - z)``."""
     axis = scheme.axis % q.dim() if q.dim() else 0
-    centered = q.to(torch.float32) - _broadcast(zero_point.to(torch.float32), q, axis)
-    return centered * _broadcast(scale.to(torch.float32), q, axis)
+    centered = q.to(torch.float32) - along_axis(zero_point.to(torch.float32), q, axis)
+    return centered * along_axis(scale.to(torch.float32), q, axis)
 
 
 def tensor_range(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:

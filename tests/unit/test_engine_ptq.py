@@ -235,6 +235,37 @@ def test_input_model_unchanged(make_model, training):
     assert all(p1 is not p2 for p1 in model.parameters() for p2 in res.model.parameters())
 
 
+def _modes(model: nn.Module) -> list[bool]:
+    return [module.training for module in model.modules()]
+
+
+@pytest.mark.parametrize("workflow", ["ptq", "qat", "sensitivity", "auto_mixed_precision"])
+def test_eval_fn_switching_to_eval_leaves_every_module_mode_as_it_was(workflow):
+    """An eval_fn that calls model.eval() (as most do) on a model whose parts are in different
+    modes: afterwards every submodule is in its own mode again, not all in the top one's."""
+    torch.manual_seed(0)
+    model = MLP().train()
+    model.fc2.eval()
+    before = _modes(model)
+    batches = mlp_batches(2)
+
+    def eval_fn(m: nn.Module) -> float:
+        m.eval()
+        with torch.no_grad():
+            return -float(m(batches[0]).pow(2).mean())
+
+    if workflow == "ptq":
+        wb.ptq(model, batches, eval_fn=eval_fn, progress=False)
+    elif workflow == "qat":
+        data = [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches]
+        wb.qat(model, data, loss_fn=nn.CrossEntropyLoss(), eval_fn=eval_fn, progress=False)
+    elif workflow == "sensitivity":
+        wb.sensitivity(model, batches, eval_fn=eval_fn, progress=False)
+    else:
+        wb.auto_mixed_precision(model, batches, eval_fn, max_drop=0.0, progress=False)
+    assert _modes(model) == before
+
+
 class Blocks(nn.Module):
     def __init__(self) -> None:
         super().__init__()

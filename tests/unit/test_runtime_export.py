@@ -322,3 +322,20 @@ def test_amx_weight_encoding_keeps_values_and_results(tmp_path):
     outputs = {amx: run_session(make_session(path), data)[0] for amx, path in paths.items()}
     np.testing.assert_array_equal(outputs[True], outputs[False])  # the same integer sums
     assert result.fusion(paths[True]).all_fused
+
+
+def test_fp32_export_of_a_user_model_keeps_its_modes(tmp_path):
+    """Exporting runs the model in eval mode; afterwards each submodule has its own mode back
+    (a model in training with a frozen part stays so) and the file computes the model."""
+    from workbench.runtime.onnx_export import export_fp32_onnx
+
+    model = nn.Sequential(nn.Linear(12, 16), nn.Dropout(0.5), nn.Linear(16, 4)).train()
+    model[2].eval()
+    before = [module.training for module in model.modules()]
+    data = torch.randn(4, 12)
+    path = export_fp32_onnx(model, tmp_path / "fp32.onnx", data)
+    assert [module.training for module in model.modules()] == before
+    model.eval()
+    with torch.no_grad():
+        expected = model(data).numpy()
+    np.testing.assert_allclose(reference_run(path, data), expected, rtol=1e-5, atol=1e-6)

@@ -55,6 +55,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from workbench.engine.batches import model_inputs
+from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError
 from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
@@ -194,42 +195,45 @@ def _torch_export(
 ) -> None:
     values, names = input_names(example_input)
     args, kwargs = model_inputs(example_input)
-    wrapper = _Positional(model, len(args), list(kwargs)).eval()
-    with torch.no_grad():
-        outputs = flatten_outputs(model(*args, **kwargs))
-    if not outputs:
-        raise ExportError(f"{what} returned no tensor; return a tensor, a tuple or a dict of them")
-    output_names: list[str] = []
-    for name, _ in outputs:  # unique names, in order
-        unique, index = name, 1
-        while unique in output_names or unique in names:
-            unique, index = f"{name}_{index}", index + 1
-        output_names.append(unique)
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {
-            name: {0: "batch"}
-            for name, value in [*zip(names, values, strict=True), *outputs]
-            if value.dim() > 0
-        }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper,
-                values,
-                str(file),
-                dynamo=False,
-                opset_version=opset,
-                do_constant_folding=True,
-                input_names=names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
+    with training_modes_kept(model):  # export runs it in eval mode
+        wrapper = _Positional(model, len(args), list(kwargs)).eval()
+        with torch.no_grad():
+            outputs = flatten_outputs(model(*args, **kwargs))
+        if not outputs:
+            raise ExportError(
+                f"{what} returned no tensor; return a tensor, a tuple or a dict of them"
             )
-    except ExportError:
-        raise
-    except Exception as exc:
-        raise _export_error(exc, what, model, values, len(args), list(kwargs)) from exc
+        output_names: list[str] = []
+        for name, _ in outputs:  # unique names, in order
+            unique, index = name, 1
+            while unique in output_names or unique in names:
+                unique, index = f"{name}_{index}", index + 1
+            output_names.append(unique)
+        dynamic_axes = None
+        if dynamic_batch:
+            dynamic_axes = {
+                name: {0: "batch"}
+                for name, value in [*zip(names, values, strict=True), *outputs]
+                if value.dim() > 0
+            }
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper,
+                    values,
+                    str(file),
+                    dynamo=False,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    input_names=names,
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
+                )
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise _export_error(exc, what, model, values, len(args), list(kwargs)) from exc
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
@@ -289,7 +293,6 @@ def export_fp32_onnx(
 ) -> Path:
     """Write ``model`` (FP32) as ONNX with the same exporter settings as the INT8 export."""
     target = _target(path)
-    model = model.eval()
     with _temporary_path(target, ".export") as raw:
         _torch_export(model, example_input, raw, dynamic_batch, opset, "the FP32 model")
         proto = onnx.load(str(raw))

@@ -23,6 +23,7 @@ from workbench.engine.calibrate import (
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
+from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import CalibrationError
 from workbench.workflows.result import QuantResult
 
@@ -43,7 +44,8 @@ def build_report(
     storage = storage_table(original, quantized, plans)
     metric_fp32 = metric_quantized = None
     if eval_fn is not None:
-        metric_fp32 = float(eval_fn(original))
+        with training_modes_kept(original):  # eval_fn may switch the user's model to eval
+            metric_fp32 = float(eval_fn(original))
         metric_quantized = float(eval_fn(quantized))
     summary = build_summary(
         layers, storage, model_stats, config.describe(), metric_fp32, metric_quantized
@@ -85,23 +87,11 @@ def ptq(
     stream = iter_batches(calib_data, num_batches)
     head = list(islice(stream, REPORT_BATCHES))
     batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
-    was_training = model.training
-    try:
-        fp32_model, prepared, plans = prepare_model(model, head[0], config)
-        reached = calibrate(prepared, batches, progress)
-        finish_calibration(prepared, plans, reached)
-        prepared.eval()
-        report = build_report(
-            model,
-            fp32_model,
-            prepared,
-            plans,
-            config,
-            head,
-            eval_fn,
-        )
-    finally:
-        model.train(was_training)
+    fp32_model, prepared, plans = prepare_model(model, head[0], config)
+    reached = calibrate(prepared, batches, progress)
+    finish_calibration(prepared, plans, reached)
+    prepared.eval()
+    report = build_report(model, fp32_model, prepared, plans, config, head, eval_fn)
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
 
 

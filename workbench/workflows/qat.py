@@ -121,50 +121,46 @@ def qat(
     loss_target(first_batches[0])  # (inputs, targets) or a dict, else one clear error now
     batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
     calib = first_batches if calib_data is None else list(iter_batches(calib_data))
-    was_training = model.training
-    try:
-        source = _on_cpu(model)
-        fp32_model, prepared, plans = prepare_model(source, calib[0], config)
-        reached = calibrate(prepared, calib, progress)
-        finish_calibration(prepared, plans, reached)
-        if freeze_bn_after > 0:
-            unfold_batchnorms(prepared, source, plans)
-        enable_qat(prepared, learn_scales)
-        prepared.to(device)
-        train_optimizer = build_optimizer(optimizer, prepared, lr)
-        check_loss(prepared, move_batch(first_batches[0], device), loss_fn)
-        prepared, log = train_qat(
-            prepared,
-            batches_of_epoch,
-            loss_fn,
-            train_optimizer,
-            epochs,
-            device,
-            eval_fn,
-            freeze_bn_after,
-            _length(train_data),
-            progress,
+    source = _on_cpu(model)
+    fp32_model, prepared, plans = prepare_model(source, calib[0], config)
+    reached = calibrate(prepared, calib, progress)
+    finish_calibration(prepared, plans, reached)
+    if freeze_bn_after > 0:
+        unfold_batchnorms(prepared, source, plans)
+    enable_qat(prepared, learn_scales)
+    prepared.to(device)
+    train_optimizer = build_optimizer(optimizer, prepared, lr)
+    check_loss(prepared, move_batch(first_batches[0], device), loss_fn)
+    prepared, log = train_qat(
+        prepared,
+        batches_of_epoch,
+        loss_fn,
+        train_optimizer,
+        epochs,
+        device,
+        eval_fn,
+        freeze_bn_after,
+        _length(train_data),
+        progress,
+    )
+    if log.interrupted:
+        warnings.warn(
+            f"QAT was interrupted after {len(log.steps)} step(s) "
+            f"({len(log.epochs)} of {epochs} epoch(s) completed); returning the model "
+            "trained so far (the input model is untouched)",
+            RuntimeWarning,
+            stacklevel=2,
         )
-        if log.interrupted:
-            warnings.warn(
-                f"QAT was interrupted after {len(log.steps)} step(s) "
-                f"({len(log.epochs)} of {epochs} epoch(s) completed); returning the model "
-                "trained so far (the input model is untouched)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        prepared = finish_qat(prepared).to("cpu")
-        base = build_report(
-            model,
-            fp32_model,
-            prepared,
-            plans,
-            config,
-            list(islice(calib, REPORT_BATCHES)),
-            eval_fn,
-        )
-    finally:
-        model.train(was_training)
+    prepared = finish_qat(prepared).to("cpu")
+    base = build_report(
+        model,
+        fp32_model,
+        prepared,
+        plans,
+        config,
+        list(islice(calib, REPORT_BATCHES)),
+        eval_fn,
+    )
     history = history_frame(log)
     report = QATReport(base, history, training_summary(log, epochs, learn_scales))
     extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}

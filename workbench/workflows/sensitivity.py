@@ -29,6 +29,7 @@ from workbench.engine.calibrate import (
 from workbench.engine.config import QuantConfig
 from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.switches import quantize_only
+from workbench.engine.training_modes import training_modes_kept
 
 METRIC_BATCHES = 8
 SENSITIVITY_COLUMNS = [
@@ -93,7 +94,8 @@ class CalibratedModel:
         if self.eval_fn is None:
             return float("inf")
         self.eval_calls += 1
-        return float(self.eval_fn(self.original))
+        with training_modes_kept(self.original):  # eval_fn may switch it to eval
+            return float(self.eval_fn(self.original))
 
     def measure(self, quantized_layers, between_layers: bool = True) -> tuple[float, float]:
         """``(metric, output cosine)`` with exactly ``quantized_layers`` quantized."""

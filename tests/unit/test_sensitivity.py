@@ -90,6 +90,27 @@ def test_auto_mixed_precision_falls_back_to_fp32_for_int8_configs():
     assert list(search["layers_kept"]) == list(range(len(search)))
 
 
+def test_auto_mixed_precision_measures_the_fp32_model_once():
+    model = small_mlp()
+    data = torch.randn(64, 16)
+    reference = model(data).detach()
+    evaluated: list[nn.Module] = []
+
+    def eval_fn(m):
+        evaluated.append(m)
+        with torch.no_grad():
+            return -float((m(data) - reference).pow(2).mean())
+
+    res = wb.auto_mixed_precision(
+        model, [data], eval_fn, max_drop=1e-9, config="w4a4", progress=False
+    )
+    assert sum(m is model for m in evaluated) == 1
+    assert res.report.summary["metric_fp32"] == 0.0
+    search = res.report.extra_tables["Mixed-precision search"]
+    # sensitivity (at most 2 x 3 layers), the search's steps, the final report's quantized metric
+    assert len(evaluated) <= 1 + 2 * 3 + len(search) + 1
+
+
 def test_auto_mixed_precision_needs_an_eval_fn():
     with pytest.raises(wb.ConfigError, match="eval_fn"):
         wb.auto_mixed_precision(small_mlp(), torch.randn(8, 16), None)

@@ -98,6 +98,7 @@ def auto_mixed_precision(
         low.config,
         list(islice(low.batches, REPORT_BATCHES)),
         eval_fn,
+        metric_fp32,
     )
     report.extra_tables["Sensitivity"] = sens
     report.extra_tables["Mixed-precision search"] = search

@@ -38,14 +38,18 @@ def build_report(
     config: QuantConfig,
     report_batches: list[Any],
     eval_fn: Callable[[nn.Module], float] | None = None,
+    metric_fp32: float | None = None,
 ) -> Report:
+    """The report of a calibrated model: layer table, storage, summary with ``eval_fn``'s
+    metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``."""
     measured, model_stats = measure_layer_errors(fp32_model, quantized, report_batches)
     layers = layer_table(quantized, plans, measured)
     storage = storage_table(original, quantized, plans)
-    metric_fp32 = metric_quantized = None
+    metric_quantized = None
     if eval_fn is not None:
-        with training_modes_kept(original):  # eval_fn may switch the user's model to eval
-            metric_fp32 = float(eval_fn(original))
+        if metric_fp32 is None:
+            with training_modes_kept(original):  # eval_fn may switch the user's model to eval
+                metric_fp32 = float(eval_fn(original))
         metric_quantized = float(eval_fn(quantized))
     summary = build_summary(
         layers, storage, model_stats, config.describe(), metric_fp32, metric_quantized

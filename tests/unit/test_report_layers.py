@@ -4,6 +4,7 @@ here from the models with plain torch."""
 from __future__ import annotations
 
 import math
+import pathlib
 
 import matplotlib
 import pytest
@@ -245,4 +246,23 @@ def test_html_escapes_layer_names(tmp_path):
     res.report.to_html(path)
     written = path.read_text(encoding="utf-8")
     assert "&lt;img" in written and "<img" not in written
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left
+
+
+def test_to_html_that_fails_leaves_the_previous_file(tmp_path, monkeypatch):
+    res = wb.ptq(nn.Sequential(nn.Linear(4, 3)), torch.randn(8, 4), progress=False)
+    path = tmp_path / "report.html"
+    path.write_text("previous report", encoding="utf-8")
+
+    def write_half_then_fail(self, text, encoding=None):
+        with open(self, "w", encoding=encoding) as file:
+            file.write(text[: len(text) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        res.report.to_html(path)
+    monkeypatch.undo()
+    assert path.read_text(encoding="utf-8") == "previous report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
     assert res.report._repr_mimebundle_()["text/plain"] == res.report.summary_text()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from torch import nn
 
+from workbench.atomic_file import atomic_path
 from workbench.engine.layers import QuantizedLayer
 from workbench.errors import ConfigError
 
@@ -163,12 +165,11 @@ class Report:
         }
 
     def to_html(self, path) -> None:
-        """Write the report (summary and tables) as a standalone HTML file."""
-        from pathlib import Path
-
+        """Write the report (summary and tables) as a standalone HTML file (atomically)."""
         page = (
             "<!doctype html><html><head><meta charset='utf-8'>"
             "<title>Quantization report</title></head><body>"
             f"{self._repr_html_()}</body></html>"
         )
-        Path(path).write_text(page, encoding="utf-8")
+        with atomic_path(Path(path), ".html") as temporary:
+            temporary.write_text(page, encoding="utf-8")

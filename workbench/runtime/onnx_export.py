@@ -40,12 +40,9 @@ How, and why this way:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +51,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from workbench.atomic_file import atomic_path, temporary_path_beside
 from workbench.engine.batches import model_inputs
 from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError
@@ -179,17 +177,6 @@ def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count
 
 
 # writing -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _temporary_path(target: Path, suffix: str) -> Iterator[Path]:
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(handle)
-    path = Path(name)
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def _torch_export(
     model: nn.Module, example_input: Any, file: Path, dynamic_batch: bool, opset: int, what: str
 ) -> None:
@@ -237,9 +224,8 @@ def _torch_export(
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    with _temporary_path(path, ".onnx") as temporary:
+    with atomic_path(path, ".onnx") as temporary:
         onnx.save(proto, str(temporary))
-        os.replace(temporary, path)
 
 
 def _target(path: str | os.PathLike) -> Path:
@@ -268,7 +254,7 @@ def export_int8_onnx(
         amx = detect_cpu_features().amx
     target = _target(path)
     stand_in = exportable_model(quantized_model).eval()
-    with _temporary_path(target, ".export") as raw:
+    with temporary_path_beside(target, ".export") as raw:
         _torch_export(stand_in, example_input, raw, dynamic_batch, opset, "the quantized model")
         proto = onnx.load(str(raw))
     try:
@@ -293,7 +279,7 @@ def export_fp32_onnx(
 ) -> Path:
     """Write ``model`` (FP32) as ONNX with the same exporter settings as the INT8 export."""
     target = _target(path)
-    with _temporary_path(target, ".export") as raw:
+    with temporary_path_beside(target, ".export") as raw:
         _torch_export(model, example_input, raw, dynamic_batch, opset, "the FP32 model")
         proto = onnx.load(str(raw))
     proto.producer_name = "workbench"

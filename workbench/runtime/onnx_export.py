@@ -223,6 +223,17 @@ def _torch_export(
             raise _export_error(exc, what, model, values, len(args), list(kwargs)) from exc
 
 
+def _exported_proto(
+    model: nn.Module, example_input: Any, target: Path, dynamic_batch: bool, opset: int, what: str
+) -> onnx.ModelProto:
+    """The TorchScript exporter's graph of ``model``, through a temporary file beside ``target``."""
+    with temporary_path_beside(target, ".export") as raw:
+        _torch_export(model, example_input, raw, dynamic_batch, opset, what)
+        proto = onnx.load(str(raw))
+    proto.producer_name = "workbench"
+    return proto
+
+
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
     with atomic_path(path, ".onnx") as temporary:
         onnx.save(proto, str(temporary))
@@ -254,12 +265,11 @@ def export_int8_onnx(
         amx = detect_cpu_features().amx
     target = _target(path)
     stand_in = exportable_model(quantized_model).eval()
-    with temporary_path_beside(target, ".export") as raw:
-        _torch_export(stand_in, example_input, raw, dynamic_batch, opset, "the quantized model")
-        proto = onnx.load(str(raw))
+    proto = _exported_proto(
+        stand_in, example_input, target, dynamic_batch, opset, "the quantized model"
+    )
     try:
         info = finalize_qdq_graph(proto, amx=amx)
-        proto.producer_name = "workbench"
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ExportError(
@@ -279,9 +289,6 @@ def export_fp32_onnx(
 ) -> Path:
     """Write ``model`` (FP32) as ONNX with the same exporter settings as the INT8 export."""
     target = _target(path)
-    with temporary_path_beside(target, ".export") as raw:
-        _torch_export(model, example_input, raw, dynamic_batch, opset, "the FP32 model")
-        proto = onnx.load(str(raw))
-    proto.producer_name = "workbench"
+    proto = _exported_proto(model, example_input, target, dynamic_batch, opset, "the FP32 model")
     _save_atomically(proto, target)
     return target

@@ -7,11 +7,10 @@ misuse is a one-line UsageError that names the fix.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pandas as pd
 import pytest
 import torch
+from digits_models import tiny_mlp
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from torch import nn
@@ -20,23 +19,6 @@ import workbench as wb
 from workbench.demo import accuracy, load_digits_data
 
 MAX_DROP = 0.5
-
-
-def tiny_mlp() -> nn.Module:
-    """A 64-32-10 MLP on digits, trained for a few full-batch Adam steps (milliseconds)."""
-    torch.manual_seed(0)
-    data = load_digits_data()
-    model = nn.Sequential(
-        OrderedDict(
-            flatten=nn.Flatten(), fc1=nn.Linear(64, 32), relu=nn.ReLU(), fc2=nn.Linear(32, 10)
-        )
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(data.train_x), data.train_y).backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

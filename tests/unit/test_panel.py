@@ -6,10 +6,9 @@ References: the config is compared with a QuantConfig written out by hand, the r
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
+from digits_models import tiny_cnn
 from torch import nn
 
 import workbench as wb
@@ -17,30 +16,6 @@ from workbench.demo import accuracy, load_digits_data
 from workbench.notebook.panel import PLOTS_TAB, WorkbenchPanel
 
 PNG_MAGIC = b"\x89PNG"
-
-
-def tiny_cnn() -> nn.Module:
-    """Conv-BN-ReLU, pooling and two Linear layers on digits; a few full-batch Adam steps."""
-    torch.manual_seed(0)
-    data = load_digits_data()
-    model = nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(1, 4, 3, padding=1),
-            bn=nn.BatchNorm2d(4),
-            relu1=nn.ReLU(),
-            pool=nn.MaxPool2d(2),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(64, 32),
-            relu2=nn.ReLU(),
-            fc2=nn.Linear(32, 10),
-        )
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(data.train_x), data.train_y).backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ the config written out by hand, and Pareto dominance checked by brute force in t
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import jsonschema
 import pandas as pd
 import pytest
 import torch
-from torch import nn
+from digits_models import tiny_cnn
 
 import workbench as wb
 from workbench.analysis.report_json import REPORT_MIME_TYPE, report_schema
@@ -27,30 +25,6 @@ INT3 = wb.QuantConfig(
     weight=wb.Scheme(3, symmetric=True, per_channel=True),
     activation=wb.Scheme(8, symmetric=False, per_channel=False),
 )
-
-
-def tiny_cnn() -> nn.Module:
-    """Conv-BN-ReLU, pooling and two Linear layers on digits; a few full-batch Adam steps."""
-    torch.manual_seed(0)
-    data = load_digits_data()
-    model = nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(1, 4, 3, padding=1),
-            bn=nn.BatchNorm2d(4),
-            relu1=nn.ReLU(),
-            pool=nn.MaxPool2d(2),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(64, 32),
-            relu2=nn.ReLU(),
-            fc2=nn.Linear(32, 10),
-        )
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(data.train_x), data.train_y).backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

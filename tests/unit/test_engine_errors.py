@@ -185,6 +185,9 @@ def test_bad_num_batches():
     expect_clean_failure(
         mlp(), torch.randn(3, 4), wb.CalibrationError, "num_batches", num_batches=0
     )
+    for search in (wb.sensitivity, wb.auto_mixed_precision):
+        with pytest.raises(wb.CalibrationError, match="num_batches must be >= 1, got 0"):
+            search(mlp(), torch.randn(3, 4), eval_fn=lambda m: 0.0, num_batches=0, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,23 @@ from torch import nn
 from workbench.errors import CalibrationError, WorkbenchError
 
 
-def iter_batches(data: Any, max_batches: int | None = None, what: str = "calib_data") -> Iterator:
-    """Yield batches from a DataLoader, an iterable of batches, or a single tensor."""
+def iter_batches(
+    data: Any,
+    max_batches: int | None = None,
+    what: str = "calib_data",
+    limit_name: str = "num_batches",
+) -> Iterator:
+    """Batches from a DataLoader, an iterable of batches, or a single tensor, at most
+    ``max_batches`` (the caller's option ``limit_name``, checked now, before any batch)."""
+    if max_batches is not None and max_batches < 1:
+        raise CalibrationError(
+            f"{limit_name} must be >= 1, got {max_batches}; pass a positive number of batches "
+            "or None to use them all"
+        )
+    return _checked_batches(data, max_batches, what)
+
+
+def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
     if data is None:
         raise CalibrationError(f"{what} is None; pass a DataLoader or a list of input tensors")
     if isinstance(data, torch.Tensor):

@@ -255,7 +255,7 @@ def check_parity(
 
     ``data`` is a tensor, a list of batches or a DataLoader (as for calibration).
     """
-    batches = list(iter_batches(data, max_batches, what="data"))
+    batches = list(iter_batches(data, max_batches, what="data", limit_name="max_batches"))
     session = make_session(path, threads)
     output_names = [o.name for o in session.get_outputs()]
     ort_out: list[list[np.ndarray]] = [[] for _ in output_names]

@@ -24,7 +24,6 @@ from workbench.engine.calibrate import (
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.training_modes import training_modes_kept
-from workbench.errors import CalibrationError
 from workbench.workflows.result import QuantResult
 
 REPORT_BATCHES = 8
@@ -84,8 +83,6 @@ def ptq(
     """
     config = resolve_config(config)
     check_model(model)
-    if num_batches is not None and num_batches < 1:
-        raise CalibrationError(f"num_batches must be >= 1, got {num_batches}")
     # Stream the calibration data: only the first batches (BN folding, the report) are kept,
     # so a whole training DataLoader does not have to fit in memory.
     stream = iter_batches(calib_data, num_batches)

@@ -42,7 +42,9 @@ def resolve_config(config: QuantConfig | str | None) -> QuantConfig:
 def check_model(model: Any) -> None:
     """A clear error for anything that is not a usable nn.Module."""
     if not isinstance(model, nn.Module):
-        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ModelError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself"
+        )
     for name, param in model.named_parameters():
         check_finite(param.detach(), f"parameter {name!r} of the model")
     for name, buffer in model.named_buffers():

@@ -47,7 +47,10 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, Scheme):
-            raise ConfigError(f"QuantConfig.weight must be a Scheme, got {type(self.weight)}")
+            raise ConfigError(
+                f"QuantConfig.weight must be a Scheme, got {type(self.weight).__name__}; "
+                "pass e.g. wb.Scheme(bits=8, symmetric=True, per_channel=True)"
+            )
         if self.activation is not None and not isinstance(self.activation, Scheme):
             raise ConfigError("QuantConfig.activation must be a Scheme or None (weight-only)")
         if self.activation is not None and self.activation.per_channel:

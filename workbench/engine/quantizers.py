@@ -12,6 +12,15 @@ from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
 
 OFF, OBSERVE, QUANTIZE = "off", "observe", "quantize"
+LEARNED_SCALE_FLOOR = 1e-12
+
+
+def applied_scale(quantizer: ActivationQuantizer | WeightQuantizer) -> torch.Tensor:
+    """The scale the forward pass applies: a learned (LSQ) scale enters as ``|s| + 1e-12``, so
+    it stays positive whatever step the optimizer takes; a fixed scale as it is."""
+    if quantizer.learn_scale:
+        return quantizer.scale.abs() + LEARNED_SCALE_FLOOR
+    return quantizer.scale
 
 
 class ActivationQuantizer(nn.Module):
@@ -60,8 +69,9 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.mode == QUANTIZE:
             if self.learn_scale:
-                scale = self.scale.abs() + 1e-12
-                return fake_quantize_learned_scale(x, scale, self.zero_point, self.scheme)
+                return fake_quantize_learned_scale(
+                    x, applied_scale(self), self.zero_point, self.scheme
+                )
             return fake_quantize(x, self.scale, self.zero_point, self.scheme)
         return x
 
@@ -114,8 +124,9 @@ class WeightQuantizer(nn.Module):
             self.frozen = True
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and zero point the forward pass applies to ``weight``."""
         if self.frozen or self.learn_scale:
-            return self.scale, self.zero_point
+            return applied_scale(self), self.zero_point
         return self.compute_qparams(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -123,9 +134,7 @@ class WeightQuantizer(nn.Module):
             return weight
         scale, zero_point = self.qparams(weight)
         if self.learn_scale:
-            return fake_quantize_learned_scale(
-                weight, self.scale.abs() + 1e-12, zero_point, self.scheme
-            )
+            return fake_quantize_learned_scale(weight, scale, zero_point, self.scheme)
         return fake_quantize(weight, scale, zero_point, self.scheme)
 
     def extra_repr(self) -> str:
@@ -142,8 +151,7 @@ def _scale_to_parameter(quantizer: nn.Module) -> None:
 def _scale_to_buffer(quantizer: nn.Module) -> None:
     if not quantizer.learn_scale:
         return
-    # the forward pass uses |scale| + 1e-12, so that is the scale that was trained
-    value = quantizer.scale.detach().abs() + 1e-12
+    value = applied_scale(quantizer).detach()  # the scale that was trained
     del quantizer.scale
     quantizer.register_buffer("scale", value)
     quantizer.learn_scale = False

@@ -33,7 +33,7 @@ from workbench.core.scheme import Scheme
 from workbench.engine.bn_fold import set_submodule
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
-from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
+from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
 
 MARKER_DOMAIN = "workbench"
@@ -87,9 +87,7 @@ class ExportQuantDequant(nn.Module):
                 f"activation quantizer {name!r} is not calibrated; export the result of "
                 "wb.ptq / wb.qat, not a model prepared by hand"
             )
-        scale = quantizer.scale.detach()
-        if quantizer.learn_scale:
-            scale = scale.abs() + 1e-12
+        scale = applied_scale(quantizer).detach()
         self.spec = ActivationSpec(
             scale.reshape(()).to(torch.float32).clone(),
             quantizer.zero_point.detach().reshape(()).to(torch.int32).clone(),
@@ -153,8 +151,6 @@ def layer_spec(layer: QuantizedLayer) -> LayerSpec:
         weight_dq = layer.quantized_weight().detach().to(torch.float32)
         scale, zero_point = layer.weight_quantizer.qparams(module.weight)
         scale = scale.detach().to(torch.float32)
-        if layer.weight_quantizer.learn_scale:
-            scale = scale.abs() + 1e-12
         zero_point = zero_point.detach().to(torch.int32)
         per_channel = scheme.per_channel and scale.dim() > 0 and scale.numel() > 1
         axis = scheme.axis % module.weight.dim() if per_channel else 0

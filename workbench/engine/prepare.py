@@ -38,6 +38,7 @@ class LayerPlan:
 
 
 def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a layer name is one of ``patterns`` or matches one as a glob (``config.exclude``)."""
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 

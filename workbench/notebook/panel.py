@@ -13,7 +13,6 @@ first when missing) to the exclude list. "auto mixed precision" runs
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from torch import nn
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.engine.config import PRESETS
 from workbench.engine.layers import SUPPORTED_LAYER_TYPES
-from workbench.engine.prepare import ROOT_NAME
+from workbench.engine.prepare import ROOT_NAME, matches_any
 from workbench.errors import ModelError
 from workbench.notebook import actions
 from workbench.notebook.display import (
@@ -340,9 +339,7 @@ class WorkbenchPanel(widgets.VBox):
             self.mixed_precision.value = True
         if exclude:
             self.keep_fp32.value = tuple(
-                name
-                for name in self.keep_fp32.options
-                if any(name == p or fnmatch.fnmatchcase(name, p) for p in exclude)
+                name for name in self.keep_fp32.options if matches_any(name, tuple(exclude))
             )
 
     def config(self):

@@ -88,6 +88,8 @@ def test_auto_mixed_precision_falls_back_to_fp32_for_int8_configs():
     search = res.report.extra_tables["Mixed-precision search"]
     assert search.iloc[0]["drop"] > 2.0 >= search.iloc[-1]["drop"]
     assert list(search["layers_kept"]) == list(range(len(search)))
+    # the search measured exactly the model it returns
+    assert search.iloc[-1]["metric"] == pytest.approx(res.report.summary["metric_quantized"])
 
 
 def test_auto_mixed_precision_measures_the_fp32_model_once():

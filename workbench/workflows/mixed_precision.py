@@ -64,15 +64,20 @@ def auto_mixed_precision(
     high = None
     if fallback_config is not None:
         high = CalibratedModel(model, low.batches, fallback_config, None, None, progress)
-    high_layers = dict(iter_quantized_layers(high.model)) if high else {}
     low_layers = dict(iter_quantized_layers(low.model))
+    # what a kept layer becomes: its 8-bit twin, or its FP32 module; the search measures
+    # exactly the model it returns
+    if high is not None:
+        fallback_layers = dict(iter_quantized_layers(high.model))
+    else:
+        fallback_layers = {name: layer.layer for name, layer in low_layers.items()}
 
     order = list(sens["layer"])
     trajectory = []
     kept: list[str] = []
     for k in range(len(order) + 1):
         kept = order[:k]
-        _apply(low.model, low_layers, high_layers, kept)
+        _apply(low.model, low_layers, fallback_layers, kept)
         metric = float(eval_fn(low.model))
         drop = metric_fp32 - metric
         trajectory.append(
@@ -85,7 +90,6 @@ def auto_mixed_precision(
         plan = next(p for p in low.plans if p.name == name)
         why = f"sensitivity rank {rank}, needed for a drop <= {max_drop}"
         if high is None:
-            set_submodule(mixed, name, low_layers[name].layer)
             plan.status, plan.reason = FP32, f"kept FP32: {why}"
         else:
             plan.reason = f"kept {fallback_config.weight.bits}-bit: {why}"
@@ -107,11 +111,8 @@ def auto_mixed_precision(
     return QuantResult(mixed, low.fp32_model, report, low.config, low.plans, method="ptq")
 
 
-def _apply(model: nn.Module, low_layers: dict, high_layers: dict, kept: list[str]) -> None:
-    """Quantize every layer; ``kept`` ones with the 8-bit fallback, or left FP32 without one."""
-    if not high_layers:
-        quantize_only(model, [name for name in low_layers if name not in kept])
-        return
+def _apply(model: nn.Module, low_layers: dict, fallback_layers: dict, kept: list[str]) -> None:
+    """Put every layer in place: ``kept`` ones as their fallback, the rest quantized."""
     for name in low_layers:
-        set_submodule(model, name, high_layers[name] if name in kept else low_layers[name])
+        set_submodule(model, name, fallback_layers[name] if name in kept else low_layers[name])
     quantize_only(model, low_layers)

@@ -15,11 +15,13 @@ from workbench.core.observers import OBSERVER_NAMES
 from workbench.errors import WorkbenchError
 
 
-def run_demo(out: Path, epochs: int, progress: bool) -> int:
-    """Train the digits CNN, PTQ it with every observer and preset, print and save reports."""
+def run_demo(out: Path, epochs: int, progress: bool, onnx: bool = True) -> int:
+    """Train the digits CNN, PTQ it with every observer and preset, export the int8 model to
+    ONNX, check fusion and parity, benchmark it against FP32, print and save the report."""
     import workbench as wb
     from workbench.demo import accuracy, load_digits_data, train_digits_cnn
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     data = load_digits_data()
     print(f"Training the digits CNN ({len(data.train_y)} images, {epochs} epochs)...")
     model = train_digits_cnn(data, epochs=epochs)
@@ -60,9 +62,41 @@ def run_demo(out: Path, epochs: int, progress: bool) -> int:
         print(best.report.layers[columns].round(3).to_string(index=False))
         print("\nStorage (bytes):")
         print(best.report.storage.to_string(index=False))
+        if onnx:
+            export_and_benchmark(best, data, out.parent, wb.benchmark)
     best.report.to_html(out)
     print(f"\nHTML report written to {out}")
     return 0
+
+
+def export_and_benchmark(result, data, directory: Path, benchmark) -> None:
+    """INT8 and FP32 ONNX files, ONNX Runtime's fusion, parity with the simulation, speed."""
+    int8_path = directory / "digits_int8.onnx"
+    fp32_path = directory / "digits_fp32.onnx"
+    example = data.test_x[:1]
+    result.export_onnx(int8_path, example, fp32_path=fp32_path, check_fusion=False)
+    print(
+        f"\nONNX: {int8_path} ({int8_path.stat().st_size:,} B), "
+        f"{fp32_path} ({fp32_path.stat().st_size:,} B)"
+    )
+    fusion = result.fusion(int8_path, warn=False)
+    print("\nONNX Runtime fusion (integer kernel per quantized layer):")
+    print(fusion.table.to_string(index=False))
+    test_batches = [data.test_x[i : i + 64] for i in range(0, len(data.test_x), 64)]
+    parity = result.parity(int8_path, test_batches)
+    print("\nParity, ONNX Runtime vs the simulated model on the test set:")
+    print(parity.table.to_string(index=False))
+    bench = benchmark(fp32_path, int8_path, data.test_x[:64], threads=1)
+    result.report.extra_tables["Benchmark"] = bench.table
+    print("\nBenchmark, batch 64, 1 thread:")
+    print(bench.table.round(3).to_string(index=False))
+    print(bench.summary_text())
+    if bench.speedup < 1.5:
+        print(
+            "The digits CNN is too small (about 0.3 M multiply-adds per image) for integer "
+            "kernels to pay off over per-call overhead; tests/benchmarks/bench_export_resnet.py "
+            "and bench_export_bert.py measure models where they do."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("workbench_report.html"))
     demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument(
+        "--no-onnx", action="store_true", help="skip the ONNX export, fusion, parity, benchmark"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            return run_demo(args.out, args.epochs, not args.no_progress)
+            return run_demo(args.out, args.epochs, not args.no_progress, not args.no_onnx)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

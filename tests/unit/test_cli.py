@@ -23,7 +23,8 @@ def test_demo_prints_the_accuracy_table_and_writes_html(tmp_path, capsys):
     assert "FP32 vs quantized accuracy" in text
     header = next(line for line in text.splitlines() if "fp32_acc_%" in line)
     assert header.split()[:5] == ["preset", "observer", "fp32_acc_%", "quant_acc_%", "drop_pp"]
-    rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["int8"]]
+    accuracy_table = text.split("FP32 vs quantized accuracy")[1].split("\n\n")[0]
+    rows = [line.split() for line in accuracy_table.splitlines() if line.split()[:1] == ["int8"]]
     assert [row[1] for row in rows] == OBSERVERS
     for row in rows:
         fp32, quantized, drop = (float(v) for v in row[2:5])
@@ -35,10 +36,19 @@ def test_demo_prints_the_accuracy_table_and_writes_html(tmp_path, capsys):
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!doctype html>")
     assert "conv1" in page and "folded into conv1" in page and "TOTAL" in page
+    # the int8 model went to ONNX, every layer fused, ONNX Runtime agrees with the simulation
+    int8_file, fp32_file = tmp_path / "digits_int8.onnx", tmp_path / "digits_fp32.onnx"
+    assert int8_file.stat().st_size < 0.35 * fp32_file.stat().st_size
+    fusion_rows = text.split("integer kernel per quantized layer):")[1].split("\n\n")[0]
+    fused = [line.split()[2] for line in fusion_rows.strip().splitlines()[1:]]
+    assert fused == ["True"] * 4
+    parity_line = text.split("simulated model on the test set:")[1].strip().splitlines()[1]
+    assert float(parity_line.split()[8]) >= 0.995  # top-1 agreement
+    assert "Benchmark, batch 64, 1 thread" in text and "Benchmark" in page
 
 
 def test_workbench_error_becomes_one_line_and_exit_code_2(monkeypatch, capsys, tmp_path):
-    def failing_demo(out, epochs, progress):
+    def failing_demo(*_args):
         raise wb.ConfigError("unknown preset 'x'; choose one of int8")
 
     monkeypatch.setattr(cli, "run_demo", failing_demo)

@@ -15,7 +15,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from torch import nn
 
 import workbench as wb
-from workbench.demo import accuracy, load_digits_data
+from workbench.demo import accuracy
 
 
 class CountingBatches:
@@ -28,11 +28,6 @@ class CountingBatches:
         for batch in self.batches:
             self.drawn += 1
             yield batch
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_data()
 
 
 @pytest.fixture(scope="module")

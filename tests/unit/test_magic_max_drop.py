@@ -16,14 +16,9 @@ from IPython.core.interactiveshell import InteractiveShell
 from torch import nn
 
 import workbench as wb
-from workbench.demo import accuracy, load_digits_data
+from workbench.demo import accuracy
 
 MAX_DROP = 0.5
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_data()
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,10 @@ from digits_models import tiny_cnn
 from torch import nn
 
 import workbench as wb
-from workbench.demo import accuracy, load_digits_data
+from workbench.demo import accuracy
 from workbench.notebook.panel import PLOTS_TAB, WorkbenchPanel
 
 PNG_MAGIC = b"\x89PNG"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_data()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from digits_models import tiny_cnn
 
 import workbench as wb
 from workbench.analysis.report_json import REPORT_MIME_TYPE, report_schema
-from workbench.demo import accuracy, load_digits_data
+from workbench.demo import accuracy
 from workbench.notebook import actions
 from workbench.notebook.panel import SENSITIVITY_TAB, WorkbenchPanel
 from workbench.notebook.runs_table import RunsTable
@@ -25,11 +25,6 @@ INT3 = wb.QuantConfig(
     weight=wb.Scheme(3, symmetric=True, per_channel=True),
     activation=wb.Scheme(8, symmetric=False, per_channel=False),
 )
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_data()
 
 
 @pytest.fixture(scope="module")

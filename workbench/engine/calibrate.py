@@ -83,10 +83,13 @@ def calibrate(model: nn.Module, batches: list[Any], progress: bool = True) -> se
     Raises a ``CalibrationError`` when no quantizable layer ran at all.
     """
     reached: set[str] = set()
-    handles = [
-        layer.register_forward_pre_hook(lambda m, _inputs: reached.add(m.layer_name))
-        for _, layer in iter_quantized_layers(model)
-    ]
+    handles = []
+    for _, layer in iter_quantized_layers(model):
+        handles.append(
+            layer.register_forward_pre_hook(lambda m, _inputs: reached.add(m.layer_name))
+        )
+        # weights do not change while calibrating: their qparams once, not at every batch
+        layer.weight_quantizer.freeze(layer.layer.weight)
     set_activation_mode(model, OBSERVE)
     try:
         with torch.no_grad():
@@ -117,7 +120,8 @@ def finish_calibration(model: nn.Module, plans: list[LayerPlan], reached: set[st
                         "never called on the calibration data",
                     )
             continue
-        layer.weight_quantizer.freeze(layer.layer.weight)
+        if not layer.weight_quantizer.frozen:
+            layer.weight_quantizer.freeze(layer.layer.weight)
         if layer.input_quantizer is not None:
             layer.input_quantizer.calibrate()
     finish_output_quantizers(model)

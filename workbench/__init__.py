@@ -18,7 +18,7 @@ from workbench.errors import (
     NonFiniteError,
     WorkbenchError,
 )
-from workbench.workflows.mixed_precision import auto_mixed_precision
+from workbench.workflows.mixed_precision import auto_mixed_precision, keep_most_sensitive_fp32
 from workbench.workflows.ptq import ptq
 from workbench.workflows.qat import qat
 from workbench.workflows.result import QuantResult
@@ -40,6 +40,7 @@ __all__ = [
     "WorkbenchError",
     "auto_mixed_precision",
     "benchmark",
+    "keep_most_sensitive_fp32",
     "load_ipython_extension",
     "panel",
     "pareto_table",

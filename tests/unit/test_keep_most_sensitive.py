@@ -11,10 +11,12 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
+from digits_models import tiny_cnn
 from torch import nn
 
 import workbench as wb
 import workbench.workflows.mixed_precision as mixed_precision_module
+from workbench.demo import accuracy
 
 CONFIG = wb.QuantConfig.preset("w4a4")
 
@@ -137,3 +139,49 @@ def test_mistakes_name_the_fix(data, ranking):
         wb.keep_most_sensitive_fp32(model, data, 1, config=CONFIG, max_drop=0.5)
     with pytest.raises(wb.ConfigError, match=r"sensitivity must be the table wb\.sensitivity"):
         wb.keep_most_sensitive_fp32(model, data, 1, config=CONFIG, sensitivity=[("0", 1.0)])
+
+
+def test_panel_keep_n_with_auto_mixed_precision_calls_the_workflow(digits):
+    model = tiny_cnn()
+
+    def eval_fn(m):
+        return accuracy(m, digits.test_x, digits.test_y)
+
+    app = wb.panel(model, digits.calib_batches(4, 32), eval_fn=eval_fn)
+    app.bits.value = 3
+    app.keep_most_sensitive.value = 1
+    app.mixed_precision.value = True
+    app.max_drop.value = 0.5
+    app.run_button.click()
+    assert app.error == ""
+    direct = wb.keep_most_sensitive_fp32(
+        model,
+        digits.calib_batches(4, 32),
+        1,
+        config=app.config(),
+        eval_fn=eval_fn,
+        sensitivity=app.sensitivity_table,
+        max_drop=0.5,
+        progress=False,
+    )
+    summary = app.result.report.summary
+    assert summary["kept_higher_precision"] == direct.report.summary["kept_higher_precision"]
+    top = app.sensitivity_table.iloc[0]["layer"]
+    assert summary["kept_higher_precision"][0] == top
+    assert app.runs.frame["fp32_layers"].tolist() == [top]
+    with torch.no_grad():
+        assert torch.equal(app.result.model(digits.test_x), direct.model(digits.test_x))
+
+
+def test_panel_keep_n_with_qat_names_the_fix(digits):
+    app = wb.panel(
+        tiny_cnn(),
+        digits.calib_batches(2, 32),
+        train_data=digits.calib_batches(2, 32),
+        loss_fn=nn.CrossEntropyLoss(),
+    )
+    app.method.value = "qat"
+    app.keep_most_sensitive.value = 1
+    app.run_button.click()
+    assert app.error.startswith("keeping the most sensitive layers FP32 works with PTQ")
+    assert app.result is None and app.sensitivity_table is None  # nothing was ranked

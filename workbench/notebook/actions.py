@@ -1,7 +1,8 @@
 """What both notebook front ends do, as calls of the public functions.
 
 The magic and the panel call these and nothing else: ``wb.ptq`` / ``wb.qat`` /
-``wb.auto_mixed_precision`` to quantize, ``wb.sensitivity`` to rank the layers,
+``wb.auto_mixed_precision`` / ``wb.keep_most_sensitive_fp32`` to quantize, ``wb.sensitivity``
+to rank the layers,
 ``QuantResult.export_onnx`` to export, ``wb.benchmark`` to time FP32 against INT8,
 ``wb.pareto_table`` to compare runs. No quantization logic lives here.
 """
@@ -9,7 +10,6 @@ The magic and the panel call these and nothing else: ``wb.ptq`` / ``wb.qat`` /
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,12 @@ def quantize(
     num_batches: int | None = None,
     progress: bool = True,
     max_drop: float | None = None,
+    keep_most_sensitive: int = 0,
+    sensitivity: pd.DataFrame | None = None,
 ):
     """``wb.ptq`` or ``wb.qat`` with the options that apply to it; with ``max_drop``,
-    ``wb.auto_mixed_precision`` (PTQ only)."""
+    ``wb.auto_mixed_precision``; with ``keep_most_sensitive`` > 0,
+    ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). Both PTQ only."""
     import workbench as wb
 
     if max_drop is not None and method != "ptq":
@@ -43,16 +46,33 @@ def quantize(
             "max_drop searches mixed precision with PTQ; switch the method to PTQ "
             "or leave max_drop unset"
         )
+    if keep_most_sensitive > 0 and method != "ptq":
+        raise ConfigError(
+            "keeping the most sensitive layers FP32 works with PTQ; switch the method to PTQ "
+            "or keep 0 layers by sensitivity (and name them in the exclude list)"
+        )
     if method == "ptq":
         if calib_data is None:
             raise CalibrationError(
                 "PTQ needs calibration data; pass calib_data (a DataLoader or a list of batches)"
             )
+        if max_drop is not None and eval_fn is None:
+            raise ConfigError(
+                "max_drop is a drop of the eval_fn metric; pass eval_fn(model) -> float"
+            )
+        if keep_most_sensitive > 0:
+            return wb.keep_most_sensitive_fp32(
+                model,
+                calib_data,
+                keep_most_sensitive,
+                config=config,
+                eval_fn=eval_fn,
+                sensitivity=sensitivity,
+                num_batches=num_batches,
+                progress=progress,
+                max_drop=max_drop,
+            )
         if max_drop is not None:
-            if eval_fn is None:
-                raise ConfigError(
-                    "max_drop is a drop of the eval_fn metric; pass eval_fn(model) -> float"
-                )
             return wb.auto_mixed_precision(
                 model,
                 calib_data,
@@ -113,35 +133,6 @@ def sensitivity(
         num_batches=num_batches,
         progress=progress,
     )
-
-
-def most_sensitive(table: pd.DataFrame, count: int) -> tuple[str, ...]:
-    """The names of the ``count`` most sensitive layers of a sensitivity table."""
-    return tuple(table["layer"].head(max(0, count)))
-
-
-def with_kept_fp32(config: QuantConfig, layers: Sequence[str]) -> QuantConfig:
-    """``config`` with ``layers`` added to its exclude list (kept FP32)."""
-    added = tuple(name for name in layers if name not in config.exclude)
-    return replace(config, exclude=tuple(config.exclude) + added)
-
-
-def note_kept_most_sensitive(result, table: pd.DataFrame, layers: Sequence[str]) -> None:
-    """Say in ``result``'s report why ``layers`` (the top of ``table``) were kept FP32: their
-    rank in the sensitivity table, which joins the report."""
-    report = result.report
-    ranks = {name: rank for rank, name in enumerate(table["layer"], start=1)}
-    for name in layers:
-        reason = f"kept FP32: sensitivity rank {ranks[name]} of {len(table)}"
-        report.layers.loc[report.layers["layer"] == name, "reason"] = reason
-        for plan in result.plans:
-            if plan.name == name:
-                plan.reason = reason
-    # a mixed-precision search keeps its own table (ranked without these layers) and list
-    title = "Sensitivity (all layers)" if "Sensitivity" in report.extra_tables else "Sensitivity"
-    report.extra_tables[title] = table
-    searched = report.summary.get("kept_higher_precision", [])
-    report.summary["kept_higher_precision"] = list(layers) + list(searched)
 
 
 def pareto_optimal(runs: Sequence[dict[str, Any]]) -> list[bool]:

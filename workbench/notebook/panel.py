@@ -6,9 +6,10 @@ values into arguments and results into tables. It is testable without a browser:
 controls' ``.value``, call ``run_button.click()``, read ``panel.result`` / ``panel.runs``.
 
 The Sensitivity tab ranks the layers of the current config (``wb.sensitivity``); with
-"keep the N most sensitive layers FP32" set, Run adds the top N of that ranking (computed
-first when missing) to the exclude list. "auto mixed precision" runs
-``wb.auto_mixed_precision`` with the max drop instead of ``wb.ptq``.
+"keep the N most sensitive layers FP32" set, Run calls ``wb.keep_most_sensitive_fp32`` with
+that ranking (computed first when missing; PTQ only). "auto mixed precision" runs
+``wb.auto_mixed_precision`` with the max drop instead of ``wb.ptq`` (after keeping the N
+layers, when both are set).
 """
 
 from __future__ import annotations
@@ -377,12 +378,10 @@ class WorkbenchPanel(widgets.VBox):
         self._set_busy(True, f"Running {method.upper()}...")
         try:
             config = self.config()
-            kept: tuple[str, ...] = ()
-            if self.keep_most_sensitive.value > 0:
+            table = None
+            if self.keep_most_sensitive.value > 0 and method == "ptq":
                 self.status.value = status_html("Ranking the layers by sensitivity...")
                 table = self._sensitivity_for(config)
-                kept = actions.most_sensitive(table, self.keep_most_sensitive.value)
-                config = actions.with_kept_fp32(config, kept)
                 self.status.value = status_html(f"Running {method.upper()}...")
             result = actions.quantize(
                 self.model,
@@ -397,14 +396,14 @@ class WorkbenchPanel(widgets.VBox):
                 num_batches=None if method == "qat" else self.num_batches.value,
                 progress=False,
                 max_drop=self.max_drop.value if self.mixed_precision.value else None,
+                keep_most_sensitive=self.keep_most_sensitive.value,
+                sensitivity=table,
             )
-            if kept:
-                actions.note_kept_most_sensitive(result, table, kept)
             self.progress.value = 1
             self._show_result(result)
             self.progress.value = 2
             self._run_number = self.runs.add(
-                method, self.preset.value, config, result.report.summary
+                method, self.preset.value, result.config, result.report.summary
             )
             self._show_runs()
             self.progress.value = RUN_STEPS

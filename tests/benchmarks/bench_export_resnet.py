@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import image_batches, resnet18_shaped
+from models import image_batches, print_checks, resnet18_shaped
 
 import workbench as wb
 
@@ -101,9 +101,7 @@ def main() -> int:
         ("INT8 file / FP32 file <= 0.3", ours["size_vs_fp32"], ours["size_vs_fp32"] <= 0.3),
         ("unfused quantized layers == 0", len(fusion.unfused), fusion.all_fused),
     ]
-    for label, value, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.3f}")
-    return 0 if all(ok for *_, ok in checks) else 1
+    return print_checks(checks, digits=3)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,10 @@ def token_batches(
         }
         for _ in range(count)
     ]
+
+
+def print_checks(checks: list[tuple[str, float, bool]], digits: int = 3) -> int:
+    """Print each target as PASS / FAIL with its measured value; exit code 0 when all pass."""
+    for label, value, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.{digits}f}")
+    return 0 if all(ok for *_, ok in checks) else 1

@@ -11,8 +11,6 @@ import pytest
 import torch
 from digits_models import tiny_mlp
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from torch import nn
 
 import workbench as wb
 from workbench.demo import accuracy
@@ -33,26 +31,6 @@ class CountingBatches:
 @pytest.fixture(scope="module")
 def model():
     return tiny_mlp()
-
-
-@pytest.fixture
-def shell(model, digits):
-    """A fresh user namespace in the process-wide InteractiveShell, extension loaded."""
-    shell = InteractiveShell.instance()
-    shell.reset(new_session=False)
-    shell.run_line_magic("load_ext", "workbench")
-    shell.user_ns.update(
-        model=model,
-        calib=digits.calib_batches(4, 32),
-        train=[(digits.train_x[i : i + 32], digits.train_y[i : i + 32]) for i in range(0, 96, 32)],
-        loss_fn=nn.CrossEntropyLoss(),
-        accuracy=lambda m: accuracy(m, digits.test_x, digits.test_y),
-        x=digits.test_x[:8],
-        data=digits,
-        not_a_model=[1, 2, 3],
-        number=3,
-    )
-    return shell
 
 
 def quantize(shell, line: str):

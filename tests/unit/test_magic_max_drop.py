@@ -12,8 +12,6 @@ import pytest
 import torch
 from digits_models import tiny_mlp
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from torch import nn
 
 import workbench as wb
 from workbench.demo import accuracy
@@ -24,21 +22,6 @@ MAX_DROP = 0.5
 @pytest.fixture(scope="module")
 def model():
     return tiny_mlp()
-
-
-@pytest.fixture
-def shell(model, digits):
-    shell = InteractiveShell.instance()
-    shell.reset(new_session=False)
-    shell.run_line_magic("load_ext", "workbench")
-    shell.user_ns.update(
-        model=model,
-        calib=digits.calib_batches(4, 32),
-        train=[(digits.train_x[i : i + 32], digits.train_y[i : i + 32]) for i in range(0, 96, 32)],
-        loss_fn=nn.CrossEntropyLoss(),
-        accuracy=lambda m: accuracy(m, digits.test_x, digits.test_y),
-    )
-    return shell
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch import nn
 from workbench.analysis.metrics import ErrorAccumulator
 from workbench.engine.batches import output_tensor, run_model
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
-from workbench.engine.prepare import ROOT_NAME
+from workbench.engine.modules import ROOT_NAME
 
 
 def measure_layer_errors(

@@ -8,7 +8,7 @@ from torch import nn
 
 from workbench.analysis.metrics import ErrorAccumulator
 from workbench.engine.layers import QuantizedLayer
-from workbench.engine.prepare import get_layer
+from workbench.engine.modules import get_layer
 
 LAYER_COLUMNS = [
     "layer",

@@ -16,7 +16,7 @@ import pandas as pd
 from torch import nn
 
 from workbench.engine.layers import QuantizedLayer
-from workbench.engine.prepare import get_layer
+from workbench.engine.modules import get_layer
 
 STORAGE_COLUMNS = [
     "layer",

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from workbench.engine.batches import output_tensor, run_model
+from workbench.engine.modules import set_submodule
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -80,12 +81,6 @@ def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
             layer.bias = nn.Parameter(new_bias.detach().clone())
         else:
             layer.bias.copy_(new_bias)
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _reference_output(model: nn.Module, batch: Any) -> torch.Tensor | None:

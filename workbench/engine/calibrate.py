@@ -11,18 +11,12 @@ from tqdm.auto import tqdm
 
 from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
-from workbench.engine.bn_fold import fold_batchnorms, set_submodule
+from workbench.engine.bn_fold import fold_batchnorms
 from workbench.engine.config import QuantConfig
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.prepare import (
-    FP32,
-    QUANTIZED,
-    ROOT_NAME,
-    LayerPlan,
-    insert_quantizers,
-    plan_layers,
-)
+from workbench.engine.modules import ROOT_NAME, set_submodule
+from workbench.engine.prepare import FP32, QUANTIZED, LayerPlan, insert_quantizers, plan_layers
 from workbench.engine.quantizers import OBSERVE, QUANTIZE, ActivationQuantizer
 from workbench.errors import CalibrationError, ConfigError, ModelError
 

@@ -13,18 +13,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from workbench.engine.bn_fold import BN_TYPES, set_submodule
+from workbench.engine.bn_fold import BN_TYPES
 from workbench.engine.config import QuantConfig
 from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedEmbedding, QuantizedLayer
+from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
 
 QUANTIZED, FP32 = "quantized", "fp32"
-ROOT_NAME = "(model)"
-
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The module called ``name``; ``(model)`` is the model itself."""
-    return model if name == ROOT_NAME else model.get_submodule(name)
 
 
 @dataclass

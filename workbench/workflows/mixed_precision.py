@@ -20,10 +20,10 @@ import pandas as pd
 from torch import nn
 
 from workbench.engine.batches import iter_batches
-from workbench.engine.bn_fold import set_submodule
 from workbench.engine.calibrate import resolve_config
 from workbench.engine.config import QuantConfig
 from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.modules import set_submodule
 from workbench.engine.prepare import FP32
 from workbench.engine.switches import quantize_only
 from workbench.errors import ConfigError

@@ -1,0 +1,32 @@
+"""Module utilities: find and replace submodules of a model by their dotted names.
+
+Every transform of the engine (quantizer insertion, BatchNorm folding, live conv-BN during QAT,
+mixed precision, the export's stand-ins) swaps modules by name; these are the only functions
+that do it. ``ROOT_NAME`` names the model itself (a model that is one single layer).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+ROOT_NAME = "(model)"
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module called ``name``; ``(model)`` is the model itself."""
+    return model if name == ROOT_NAME else model.get_submodule(name)
+
+
+def find_submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The module called ``name``, or None when the model has no such module."""
+    try:
+        return get_layer(model, name)
+    except AttributeError:
+        return None
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (a dotted path) by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

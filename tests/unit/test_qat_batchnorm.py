@@ -16,6 +16,7 @@ from workbench.engine.layers import QuantizedLayer
 from workbench.engine.train import (
     QuantizedConvBn,
     enable_qat,
+    folded_pairs,
     freeze_batchnorms,
     set_training_mode,
     unfold_batchnorms,
@@ -58,6 +59,19 @@ def live_model(net: nn.Module, config: wb.QuantConfig, learn: bool = False):
     assert unfold_batchnorms(prepared, net, plans) == ["conv"]
     enable_qat(prepared, learn_scales=learn)
     return prepared
+
+
+def test_folded_pairs_come_from_the_plan_field_not_from_the_rendered_reason():
+    net = trained_net()
+    _, _, plans = prepare_model(net, torch.randn(4, 1, 6, 6), wb.QuantConfig.preset("int8"))
+    by_name = {plan.name: plan for plan in plans}
+    assert by_name["bn"].folded_into == "conv"
+    assert by_name["bn"].reason == "folded into conv"
+    assert by_name["input_bn"].folded_into is None  # follows no conv: kept, not folded
+    assert folded_pairs(plans) == [("conv", "bn")]
+    by_name["bn"].note = "a reworded note"  # prose never decides what is folded
+    by_name["input_bn"].note = "folded into conv"
+    assert folded_pairs(plans) == [("conv", "bn")]
 
 
 def test_live_conv_bn_trains_with_batch_statistics_as_torch_batch_norm():

@@ -87,7 +87,7 @@ def storage_table(
         fp32_bytes = fp32_module_storage(original)["total_bytes"]
         if isinstance(current, QuantizedLayer):
             sizes = quantized_layer_storage(current)
-        elif plan.reason.startswith("folded into"):
+        elif plan.folded_into is not None:
             sizes = dict.fromkeys(STORAGE_COLUMNS[4:], 0)
         else:
             sizes = fp32_module_storage(current)

@@ -109,10 +109,7 @@ def finish_calibration(model: nn.Module, plans: list[LayerPlan], reached: set[st
             set_submodule(model, name, layer.layer)
             for plan in plans:
                 if plan.name == name:
-                    plan.status, plan.reason = (
-                        FP32,
-                        "never called on the calibration data",
-                    )
+                    plan.status, plan.note = FP32, "never called on the calibration data"
             continue
         if not layer.weight_quantizer.frozen:
             layer.weight_quantizer.freeze(layer.layer.weight)

@@ -24,12 +24,26 @@ QUANTIZED, FP32 = "quantized", "fp32"
 
 @dataclass
 class LayerPlan:
-    """What happens to one layer that holds parameters."""
+    """What happens to one layer that holds parameters.
+
+    Facts are fields: code reads ``folded_into`` (and, for per-layer precision, the bit
+    widths), never the rendered ``reason``. ``note`` says why in words when no field does.
+    """
 
     name: str
     layer_type: str
     status: str
-    reason: str = ""
+    note: str = ""
+    folded_into: str | None = None  # a BatchNorm folded into this conv / linear
+    weight_bits: int | None = None  # per-layer precision; None: the config's scheme
+    activation_bits: int | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why the layer is (not) quantized as it is, rendered for the reports."""
+        if self.folded_into is not None:
+            return f"folded into {self.folded_into}"
+        return self.note
 
 
 def matches_any(name: str, patterns: tuple[str, ...]) -> bool:
@@ -79,7 +93,7 @@ def plan_layers(
                 reason = f"{type_name} is not a quantized layer type"
             plans.append(LayerPlan(name, type_name, FP32, reason))
     for bn_name, conv_name in folded_bn.items():
-        plans.append(LayerPlan(bn_name, "BatchNorm", FP32, f"folded into {conv_name}"))
+        plans.append(LayerPlan(bn_name, "BatchNorm", FP32, folded_into=conv_name))
     return plans
 
 

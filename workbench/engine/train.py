@@ -39,8 +39,6 @@ from workbench.engine.prepare import LayerPlan, get_layer
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
 from workbench.errors import CalibrationError, ConfigError, NonFiniteError, WorkbenchError
 
-FOLDED_INTO = "folded into "
-
 
 # options ---------------------------------------------------------------------------------------
 def check_training_options(
@@ -335,11 +333,7 @@ class QuantizedConvBn(QuantizedLayer):
 
 def folded_pairs(plans: list[LayerPlan]) -> list[tuple[str, str]]:
     """``(layer_name, bn_name)`` of the BatchNorms that preparation folded."""
-    return [
-        (plan.reason[len(FOLDED_INTO) :], plan.name)
-        for plan in plans
-        if plan.layer_type == "BatchNorm" and plan.reason.startswith(FOLDED_INTO)
-    ]
+    return [(plan.folded_into, plan.name) for plan in plans if plan.folded_into is not None]
 
 
 def unfold_batchnorms(model: nn.Module, original: nn.Module, plans: list[LayerPlan]) -> list[str]:

@@ -147,7 +147,7 @@ def _set_reasons(plans: list, reasons: Mapping[str, str]) -> None:
                 "FP32 under the config; pass the table wb.sensitivity computed for this model "
                 "and config"
             )
-        plan.reason = reason
+        plan.note = reason
 
 
 def _ptq(
@@ -228,9 +228,10 @@ def _search(
         plan = next(p for p in low.plans if p.name == name)
         why = f"sensitivity rank {rank}, needed for a drop <= {max_drop}"
         if high is None:
-            plan.status, plan.reason = FP32, f"kept FP32: {why}"
+            plan.status, plan.note = FP32, f"kept FP32: {why}"
         else:
-            plan.reason = f"kept {fallback_config.weight.bits}-bit: {why}"
+            plan.weight_bits = fallback_config.weight.bits
+            plan.note = f"kept {plan.weight_bits}-bit: {why}"
     _set_reasons(low.plans, reasons)
     search = pd.DataFrame(trajectory)
     report = build_report(

@@ -33,3 +33,10 @@ class ExportError(WorkbenchError, RuntimeError):
 
 class MissingDependencyError(WorkbenchError, ImportError):
     """An optional dependency that is not installed; the message gives the pip line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what an
+    error of ours quotes of an error it wraps."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -28,7 +28,9 @@ from torch import nn
 import workbench as wb
 from workbench.demo import DigitsCNN, accuracy, load_digits_data
 from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
-from workbench.engine.train import build_optimizer, enable_qat, train_qat
+from workbench.engine.qat_options import build_optimizer
+from workbench.engine.qat_quantizers import enable_qat
+from workbench.engine.train import train_qat
 
 CE = nn.CrossEntropyLoss()
 

@@ -13,14 +13,14 @@ import workbench as wb
 from workbench.engine.bn_fold import BN_TYPES
 from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
 from workbench.engine.layers import QuantizedLayer
-from workbench.engine.train import (
+from workbench.engine.live_bn import (
     QuantizedConvBn,
-    enable_qat,
     folded_pairs,
     freeze_batchnorms,
     set_training_mode,
     unfold_batchnorms,
 )
+from workbench.engine.qat_quantizers import enable_qat
 
 
 class ConvBnNet(nn.Module):

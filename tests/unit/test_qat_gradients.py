@@ -12,7 +12,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
-from workbench.engine.train import enable_qat
+from workbench.engine.qat_quantizers import enable_qat
 
 
 def qat_layer(module: nn.Module, calib: torch.Tensor, config: wb.QuantConfig, learn: bool):

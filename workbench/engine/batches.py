@@ -2,19 +2,20 @@
 
 A batch may be a tensor (``model(x)``), a tuple / list whose first item is the input
 (``(inputs, targets)`` as a DataLoader of a TensorDataset yields), or a dict of keyword inputs
-(``model(**batch)``, e.g. a tokenizer's output).
+(``model(**batch)``, e.g. a tokenizer's output). Training batches also carry what ``loss_fn``
+compares the output with: the targets of ``(inputs, targets)``, or the whole dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from itertools import islice
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import chain, islice
 from typing import Any
 
 import torch
 from torch import nn
 
-from workbench.errors import CalibrationError, WorkbenchError
+from workbench.errors import CalibrationError, ConfigError, WorkbenchError, first_line
 
 
 def iter_batches(
@@ -43,10 +44,7 @@ def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
     elif isinstance(data, Iterable):
         batches = data
     else:
-        raise CalibrationError(
-            f"{what} of type {type(data).__name__} is not iterable; "
-            "pass a DataLoader, a list of input tensors or one tensor"
-        )
+        raise not_iterable(data, what, "a DataLoader, a list of input tensors or one tensor")
     count = 0
     for batch in islice(batches, max_batches):
         if _is_empty(batch):
@@ -59,6 +57,13 @@ def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
         raise CalibrationError(
             f"{what} yielded 0 batches; pass a DataLoader or a list of input tensors"
         )
+
+
+def not_iterable(data: Any, what: str, expected: str) -> CalibrationError:
+    """The error for data that cannot be iterated: ``expected`` names what to pass instead."""
+    return CalibrationError(
+        f"{what} of type {type(data).__name__} is not iterable; pass {expected}"
+    )
 
 
 def _is_empty(batch: Any) -> bool:
@@ -100,9 +105,8 @@ def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_d
     except WorkbenchError:
         raise  # already one clear sentence (a NaN activation, an observer's complaint)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CalibrationError(
-            f"batch {index} of {what} could not run through the model ({first_line}); "
+            f"batch {index} of {what} could not run through the model ({first_line(exc)}); "
             "pass batches shaped like the model's input"
         ) from exc
 
@@ -126,3 +130,88 @@ def output_tensor(output: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+# training batches -------------------------------------------------------------------------------
+TRAIN_DATA_EXPECTED = "a DataLoader or a list of (inputs, targets) batches"
+
+
+def loss_target(batch: Any) -> Any:
+    """What ``loss_fn`` receives next to the output: ``targets`` of an ``(inputs, targets)``
+    batch, or the whole batch when it is a dict (``loss_fn(output, batch)``)."""
+    if isinstance(batch, dict):
+        return batch
+    if isinstance(batch, list | tuple) and len(batch) >= 2:
+        return batch[1]
+    raise CalibrationError(
+        f"train_data yielded a batch of type {_describe(batch)}; yield (inputs, targets) "
+        "tuples (e.g. a DataLoader of a TensorDataset(x, y)) or dicts for loss_fn(output, batch)"
+    )
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, list | tuple):
+        return f"{type(batch).__name__} of {len(batch)} item(s)"
+    return type(batch).__name__
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (tuples, lists, dicts)."""
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return type(batch)({k: move_batch(v, device) for k, v in batch.items()})
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def forward_loss(model: nn.Module, batch: Any, loss_fn: Callable) -> torch.Tensor:
+    """``loss_fn(model(inputs), target)`` for one (already moved) batch."""
+    args, kwargs = model_inputs(batch)
+    output = model(*args, **kwargs)
+    return loss_fn(output, loss_target(batch))
+
+
+def epoch_batches(train_data: Any, first_batches: list[Any], epochs: int) -> Callable[[], Iterator]:
+    """A function returning one epoch's batches. A one-shot iterator (a generator) can feed
+    one epoch only: the batches already taken for calibration are chained back in front."""
+    if isinstance(train_data, dict):
+        return lambda: iter([train_data])
+    if not isinstance(train_data, Iterable):
+        raise not_iterable(train_data, "train_data", TRAIN_DATA_EXPECTED)
+    if isinstance(train_data, Iterator):
+        if epochs > 1:
+            raise ConfigError(
+                "train_data is a one-shot iterator and cannot be read again for a second "
+                "epoch; pass a DataLoader or a list of batches, or epochs=1"
+            )
+        pending = [chain(first_batches, train_data)]
+        return lambda: pending.pop() if pending else iter(())
+    return lambda: iter(train_data)
+
+
+def take_first_batches(train_data: Any, count: int) -> list[Any]:
+    """The first ``count`` batches of ``train_data`` (calibration, and the loss check)."""
+    if isinstance(train_data, torch.Tensor):
+        raise CalibrationError(
+            "train_data is a single tensor, which has no targets for loss_fn; pass a "
+            "DataLoader of (inputs, targets), e.g. DataLoader(TensorDataset(x, y))"
+        )
+    if isinstance(train_data, dict):
+        return [train_data]
+    if not isinstance(train_data, Iterable):
+        raise not_iterable(train_data, "train_data", TRAIN_DATA_EXPECTED)
+    batches = []
+    for batch in train_data:
+        batches.append(batch)
+        if len(batches) >= count:
+            break
+    if not batches:
+        raise CalibrationError(
+            "train_data yielded 0 batches; pass a DataLoader or a non-empty list of "
+            "(inputs, targets) batches"
+        )
+    return batches

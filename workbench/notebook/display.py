@@ -13,7 +13,7 @@ import io
 
 import pandas as pd
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 
 MAX_ERROR_CHARS = 300
 STATUS_COLORS = {"info": "#555555", "ok": "#2c7a2c", "error": "#c62828"}
@@ -22,15 +22,14 @@ STATUS_COLORS = {"info": "#555555", "ok": "#2c7a2c", "error": "#c62828"}
 def error_line(exc: BaseException) -> str:
     """One line that says what went wrong: the message of the workbench's own errors, the
     type and first line of the message for anything else."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
+    first = first_line(exc)
     from IPython.core.error import UsageError
 
-    if not isinstance(exc, WorkbenchError | UsageError):
-        first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if not isinstance(exc, WorkbenchError | UsageError) and str(exc).strip():
+        first = f"{type(exc).__name__}: {first}"
     if len(first) > MAX_ERROR_CHARS:
         first = first[: MAX_ERROR_CHARS - 3] + "..."
-    return first or type(exc).__name__
+    return first
 
 
 def status_html(text: str, kind: str = "info") -> str:

@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 from workbench.atomic_file import atomic_path, temporary_path_beside
 from workbench.engine.batches import model_inputs
 from workbench.engine.training_modes import training_modes_kept
-from workbench.errors import ExportError
+from workbench.errors import ExportError, first_line
 from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
@@ -160,7 +160,7 @@ def _module_calling(model: nn.Module, values: tuple, arg_count: int, kwarg_names
 
 def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names):
     text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = first_line(exc)
     match = re.search(r"operator '([\w:.]+)'", text) or re.search(r"\b(aten::\w+)", text)
     if match is None:
         return ExportError(

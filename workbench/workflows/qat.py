@@ -2,7 +2,7 @@
 
 What is trained is what is exported: weights and activations are fake-quantized (STE) exactly
 as the exported INT8 model computes them, and BatchNorm is folded into its conv (from the
-start by default; see ``engine/train.py`` for ``freeze_bn_after``).
+start by default; see ``engine/live_bn.py`` for ``freeze_bn_after``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from workbench.analysis.qat_report import QATReport
-from workbench.engine.batches import iter_batches
+from workbench.engine.batches import (
+    epoch_batches,
+    iter_batches,
+    loss_target,
+    move_batch,
+    take_first_batches,
+)
 from workbench.engine.calibrate import (
     calibrate,
     check_model,
@@ -27,21 +33,15 @@ from workbench.engine.calibrate import (
     resolve_config,
 )
 from workbench.engine.config import QuantConfig
-from workbench.engine.train import (
-    TrainingLog,
+from workbench.engine.live_bn import unfold_batchnorms
+from workbench.engine.qat_options import (
     build_optimizer,
     check_loss,
     check_training_options,
-    enable_qat,
-    epoch_batches,
-    finish_qat,
-    loss_target,
-    move_batch,
     resolve_device,
-    take_first_batches,
-    train_qat,
-    unfold_batchnorms,
 )
+from workbench.engine.qat_quantizers import enable_qat, finish_qat
+from workbench.engine.train import TrainingLog, train_qat
 from workbench.workflows.ptq import REPORT_BATCHES, build_report
 from workbench.workflows.result import QuantResult
 

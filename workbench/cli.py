@@ -19,6 +19,7 @@ def run_demo(out: Path, epochs: int, progress: bool, onnx: bool = True) -> int:
     """Train the digits CNN, PTQ it with every observer and preset, export the int8 model to
     ONNX, check fusion and parity, benchmark it against FP32, print and save the report."""
     import workbench as wb
+    from workbench.analysis.layer_table import OVERVIEW_COLUMNS
     from workbench.demo import accuracy, load_digits_data, train_digits_cnn
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,9 +58,7 @@ def run_demo(out: Path, epochs: int, progress: bool, onnx: bool = True) -> int:
         best = results[("int8", "minmax")]
         print("\n" + best.report.summary_text())
         print("\nPer-layer report (int8, minmax):")
-        columns = ["layer", "type", "status", "reason", "scheme", "num_scales"]
-        columns += ["weight_sqnr_db", "layer_sqnr_db", "output_sqnr_db", "output_cosine"]
-        print(best.report.layers[columns].round(3).to_string(index=False))
+        print(best.report.layers[OVERVIEW_COLUMNS].round(3).to_string(index=False))
         print("\nStorage (bytes):")
         print(best.report.storage.to_string(index=False))
         if onnx:

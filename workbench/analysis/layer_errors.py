@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.analysis.metrics import ErrorAccumulator
+from workbench.core.metrics import ErrorAccumulator
 from workbench.engine.batches import output_tensor, run_model
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import ROOT_NAME

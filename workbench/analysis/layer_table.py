@@ -6,7 +6,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.analysis.metrics import ErrorAccumulator
+from workbench.core.metrics import ErrorAccumulator
 from workbench.engine.layers import QuantizedLayer
 from workbench.engine.modules import get_layer
 
@@ -27,6 +27,17 @@ LAYER_COLUMNS = [
     "weight_mse",
     "weight_sqnr_db",
     "layer_sqnr_db",
+    "output_sqnr_db",
+    "output_cosine",
+]
+OVERVIEW_COLUMNS = [  # the layer table at a glance (the panel's Layers tab, the CLI)
+    "layer",
+    "type",
+    "status",
+    "reason",
+    "scheme",
+    "num_scales",
+    "weight_sqnr_db",
     "output_sqnr_db",
     "output_cosine",
 ]

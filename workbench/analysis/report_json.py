@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -18,24 +19,6 @@ from workbench.analysis.storage import STORAGE_COLUMNS
 
 REPORT_MIME_TYPE = "application/vnd.workbench.report+json"
 SCHEMA_VERSION = 1
-
-LAYER_FIELDS = [
-    "layer",
-    "type",
-    "status",
-    "reason",
-    "scheme",
-    "bits",
-    "num_scales",
-    "scale_min",
-    "scale_max",
-    "zero_point",
-    "weight_sqnr_db",
-    "layer_sqnr_db",
-    "output_sqnr_db",
-    "output_cosine",
-]
-STORAGE_FIELDS = STORAGE_COLUMNS
 
 
 def json_value(value: Any) -> Any:
@@ -81,8 +64,8 @@ def report_to_json(report) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "summary": json_value(dict(report.summary)),
-        "layers": _records(report.layers, LAYER_FIELDS),
-        "storage": _records(report.storage, STORAGE_FIELDS),
+        "layers": _records(report.layers, _schema_fields("layers")),
+        "storage": _records(report.storage, STORAGE_COLUMNS),
         "tables": tables,
     }
 
@@ -91,3 +74,9 @@ def report_schema() -> dict[str, Any]:
     """The JSON Schema the bundle follows."""
     text = resources.files("workbench.analysis").joinpath("report_schema.json").read_text()
     return json.loads(text)
+
+
+@cache
+def _schema_fields(table: str) -> list[str]:
+    """The columns of ``report.<table>`` the bundle carries: the schema's properties."""
+    return list(report_schema()["properties"][table]["items"]["properties"])

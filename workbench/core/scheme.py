@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from workbench.errors import ConfigError
 
+MIN_BITS, MAX_BITS = 2, 8  # integer widths a Scheme accepts (ONNX Runtime's kernels: up to 8)
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -39,10 +41,13 @@ class Scheme:
     narrow_range: bool = False
 
     def __post_init__(self) -> None:
+        limits = f"{MIN_BITS}..{MAX_BITS}"
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ConfigError(f"Scheme bits must be an int in 2..8, got {self.bits!r}")
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"Scheme bits must be in 2..8, got {self.bits}; use bits=8 for INT8")
+            raise ConfigError(f"Scheme bits must be an int in {limits}, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(
+                f"Scheme bits must be in {limits}, got {self.bits}; use bits=8 for INT8"
+            )
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             raise ConfigError(f"Scheme axis must be an int, got {self.axis!r}")
 

@@ -22,6 +22,7 @@ import ipywidgets as widgets
 import pandas as pd
 from torch import nn
 
+from workbench.analysis.layer_table import OVERVIEW_COLUMNS
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.engine.config import PRESETS
 from workbench.engine.layers import SUPPORTED_LAYER_TYPES
@@ -41,17 +42,6 @@ from workbench.notebook.runs_table import RunsTable
 TAB_TITLES = ("Summary", "Layers", "Storage", "Plots", "Sensitivity", "Export & Benchmark")
 PLOTS_TAB = TAB_TITLES.index("Plots")
 SENSITIVITY_TAB = TAB_TITLES.index("Sensitivity")
-LAYER_COLUMNS = [
-    "layer",
-    "type",
-    "status",
-    "reason",
-    "scheme",
-    "num_scales",
-    "weight_sqnr_db",
-    "output_sqnr_db",
-    "output_cosine",
-]
 RUN_STEPS = 3  # quantize, tables, runs table
 DEFAULT_NUM_BATCHES = 32
 DEFAULT_EPOCHS, DEFAULT_LR = 1, 1e-4
@@ -79,7 +69,7 @@ def count_batches(data: Any) -> int:
 
 def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table, worst output SQNR first, layers kept FP32 last."""
-    columns = [c for c in LAYER_COLUMNS if c in layers.columns]
+    columns = [c for c in OVERVIEW_COLUMNS if c in layers.columns]
     ordered = layers.sort_values("output_sqnr_db", na_position="last", kind="stable")
     return ordered[columns].reset_index(drop=True)
 

@@ -12,11 +12,11 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from workbench.core.observers import OBSERVER_NAMES
+from workbench.core.scheme import MAX_BITS, MIN_BITS
 from workbench.engine.config import PRESETS, QuantConfig
 from workbench.notebook.magic_args import METHODS, OPTION_KEYS
 
 DEFAULT_PRESET = "int8"
-MIN_BITS, MAX_BITS = 2, 8
 QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
 
 _STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer"}

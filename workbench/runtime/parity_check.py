@@ -31,6 +31,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from workbench.core.metrics import cosine
 from workbench.engine.batches import iter_batches, model_inputs
 from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layers import QuantizedLayer
@@ -72,13 +73,6 @@ class ParityResult:
 
     def __repr__(self) -> str:
         return f"{self.summary_text()}\n{self.table.to_string(index=False)}"
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    denominator = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / denominator) if denominator > 0 else float("nan")
 
 
 def _compare(ort: np.ndarray, sim: np.ndarray, step: float | None) -> dict[str, float]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.analysis.metrics import ErrorAccumulator
+from workbench.core.metrics import ErrorAccumulator
 from workbench.engine.batches import iter_batches, output_tensor, run_model
 from workbench.engine.calibrate import (
     calibrate,

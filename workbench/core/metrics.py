@@ -1,6 +1,8 @@
 """Error metrics between a reference tensor and its quantized approximation.
 
 SQNR (dB) = 10 log10( sum(ref^2) / sum((ref - approx)^2) );  cosine = <ref, approx> / |ref||approx|
+
+Computed in float64; tensors or NumPy arrays (ONNX Runtime's outputs) alike.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class ErrorAccumulator:
         self.count = 0
 
     def add(self, reference: torch.Tensor, approx: torch.Tensor) -> None:
-        ref = reference.detach().double().reshape(-1)
-        app = approx.detach().double().reshape(-1)
+        ref = torch.as_tensor(reference).detach().double().reshape(-1)
+        app = torch.as_tensor(approx).detach().double().reshape(-1)
         self.signal += float(ref @ ref)
         self.noise += float((ref - app) @ (ref - app))
         self.dot += float(ref @ app)

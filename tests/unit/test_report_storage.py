@@ -90,3 +90,22 @@ def test_whole_model_total_is_the_sum_of_the_layers():
     assert summary["fp32_bytes"] == total["fp32_bytes"]
     assert summary["quantized_bytes"] == total["total_bytes"]
     assert summary["compression_ratio"] == pytest.approx(total["fp32_bytes"] / total["total_bytes"])
+
+
+def test_bias_bytes_are_the_int32_codes_the_export_stores(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    data = torch.randn(8, 10)
+    res = wb.ptq(nn.Sequential(nn.Linear(10, 5)), data, progress=False)
+    path = res.export_onnx(tmp_path / "linear.onnx", data[:2], check_fusion=False)
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    gemm = next(node for node in graph.node if node.op_type == "Gemm")
+    bias_dq = next(node for node in graph.node if gemm.input[2] in node.output)
+    assert bias_dq.op_type == "DequantizeLinear"
+    codes = inits[bias_dq.input[0]]
+    assert codes.dtype == np.int32 and codes.shape == (5,)
+    assert res.report.storage.set_index("layer").loc["0", "bias_bytes"] == codes.nbytes

@@ -3,7 +3,9 @@
 * weights: 1 byte per INT8 value, b/8 bytes per value when b < 8 (packed);
 * scales: 4 bytes each (FP32), one per tensor or one per channel;
 * zero points: 1 byte each, only for asymmetric schemes;
-* bias: FP32, 4 bytes each (INT32 when the config asks: also 4 bytes each).
+* bias: 4 bytes each. Where the layer's input is quantized the bias is rounded to the INT32
+  grid of ``s_input * s_weight`` and the export stores those INT32 codes (Conv, and Linear as
+  Gemm); a weight-only layer keeps it FP32. The tutorial counts it FP32: the bytes are the same.
 Layers kept in FP32 store 4 bytes per parameter.
 
 For nn.Linear(10, 5): FP32 220 B; symmetric per-tensor 74 B; asymmetric per-tensor 75 B;
@@ -31,6 +33,7 @@ STORAGE_COLUMNS = [
 ]
 
 FP32_BYTES = 4
+BIAS_BYTES = 4  # INT32 codes or FP32 values (weight-only layers): 4 bytes either way
 
 
 def packed_bytes(values: int, bits: int) -> int:
@@ -47,7 +50,7 @@ def quantized_layer_storage(layer: QuantizedLayer) -> dict[str, int]:
     weight_bytes = packed_bytes(weight.numel(), scheme.bits)
     scale_bytes = FP32_BYTES * num_scales
     zero_point_bytes = 0 if scheme.symmetric else num_scales
-    bias_bytes = FP32_BYTES * bias.numel() if bias is not None else 0
+    bias_bytes = BIAS_BYTES * bias.numel() if bias is not None else 0
     return {
         "weight_bytes": weight_bytes,
         "scale_bytes": scale_bytes,

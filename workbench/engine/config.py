@@ -29,8 +29,6 @@ class QuantConfig:
         Percentile used by the ``percentile`` observer.
     weight_observer : str
         ``minmax`` (default, as ONNX Runtime) or ``mse`` (per-channel clipping search).
-    int32_bias : bool
-        Count biases as INT32 (4 B each, scale s_w * s_x) instead of FP32 in storage.
     quantize_embeddings : bool
         Store ``nn.Embedding`` tables with the weight scheme (per-channel = one scale per row),
         weight-only; an exported transformer's file then shrinks to about a quarter.
@@ -42,7 +40,6 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     percentile: float = 99.99
     weight_observer: str = "minmax"
-    int32_bias: bool = False
     quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:

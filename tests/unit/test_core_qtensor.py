@@ -1,4 +1,4 @@
-"""quantize_tensor on the seed's worked tensor and on degenerate inputs."""
+"""quantize_tensor on the tutorial's worked tensor and on degenerate inputs."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_seed_asymmetric_uint8():
     qt = wb.quantize_tensor(SEED_TENSOR, wb.Scheme(8, symmetric=False))
     scale = 1.1 / 255
     assert float(qt.scale) == pytest.approx(scale, rel=1e-6)
-    # round(0.5 / scale) = round(115.9) = 116 (the seed prints 106 by mistake)
+    # round(0.5 / scale) = round(115.9) = 116 (the tutorial prints 106 by mistake)
     assert int(qt.zero_point) == 116
     codes = [round(v / scale) + 116 for v in (-0.5, -0.2, 0.0, 0.3, 0.6)]
     assert qt.q.tolist() == [max(0, min(255, c)) for c in codes] == [0, 70, 116, 186, 255]

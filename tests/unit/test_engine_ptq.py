@@ -81,7 +81,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor], training
 
 
 def asym_qparams(low: float, high: float, levels: int = 256) -> tuple[float, int]:
-    """The seed's asymmetric formulas, written out in double precision."""
+    """The tutorial's asymmetric formulas, written out in double precision."""
     low, high = min(low, 0.0), max(high, 0.0)
     scale = (high - low) / (levels - 1)
     return scale, round(-low / scale)

@@ -1,4 +1,4 @@
-"""Storage accounting against the seed's Linear(10, 5) table and whole-model sums."""
+"""Storage accounting against the tutorial's Linear(10, 5) table and whole-model sums."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 import workbench as wb
 
-# The seed's table for nn.Linear(10, 5): 50 weights, 5 biases.
+# The tutorial's table for nn.Linear(10, 5): 50 weights, 5 biases.
 #             weight  scales  zero points  bias  total
 SEED_TABLE = {
     "symmetric per-tensor": (wb.Scheme(8, True, False), 50, 4, 0, 20, 74),

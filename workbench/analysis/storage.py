@@ -1,4 +1,4 @@
-"""What a quantized model stores, layer by layer (the seed's byte accounting).
+"""What a quantized model stores, layer by layer (the tutorial's byte accounting).
 
 * weights: 1 byte per INT8 value, b/8 bytes per value when b < 8 (packed);
 * scales: 4 bytes each (FP32), one per tensor or one per channel;

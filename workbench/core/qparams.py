@@ -1,4 +1,4 @@
-"""Scale and zero point from a clipping range (the seed's formulas).
+"""Scale and zero point from a clipping range (the tutorial's formulas).
 
 symmetric:  s = max(|min|, |max|) / (2^(b-1) - 1),              z = 0
 asymmetric: range widened to include 0 so that 0.0 is exact,

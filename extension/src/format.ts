@@ -1,9 +1,20 @@
 /** Number formatting and the SQNR colour scale shared by the report views. */
 
+/** The bands of workbench/analysis/sqnr_bands.py: poor (red) below, fair (amber) between,
+ *  good (green) from SQNR_GOOD_DB up. */
+export const SQNR_POOR_DB = 20;
+export const SQNR_GOOD_DB = 30;
+
+export type SqnrBand = 'poor' | 'fair' | 'good';
+
+export function sqnrBand(sqnrDb: number): SqnrBand {
+  return sqnrDb < SQNR_POOR_DB ? 'poor' : sqnrDb < SQNR_GOOD_DB ? 'fair' : 'good';
+}
+
 /** SQNR at or below this is drawn fully "bad" (red). */
 export const SQNR_BAD_DB = 10;
 /** SQNR at or above this is drawn fully "good" (green). */
-export const SQNR_GOOD_DB = 40;
+export const SQNR_FULLY_GOOD_DB = 40;
 
 export const MISSING = '\u2014';
 
@@ -50,7 +61,7 @@ export function formatCell(value: unknown): string {
 
 /** Position of an SQNR on the bad (0) .. good (1) scale. */
 export function sqnrQuality(sqnrDb: number): number {
-  const t = (sqnrDb - SQNR_BAD_DB) / (SQNR_GOOD_DB - SQNR_BAD_DB);
+  const t = (sqnrDb - SQNR_BAD_DB) / (SQNR_FULLY_GOOD_DB - SQNR_BAD_DB);
   return Math.min(1, Math.max(0, t));
 }
 

@@ -12,7 +12,7 @@ import {
   isNumber,
   MISSING,
   SQNR_BAD_DB,
-  SQNR_GOOD_DB,
+  SQNR_FULLY_GOOD_DB,
   sqnrColour
 } from './format';
 import { ILayerRow } from './report';
@@ -286,10 +286,10 @@ function renderLegend(): HTMLElement {
   legend.title = 'SQNR colour scale';
   const bad = element('span', 'jp-WorkbenchReport-swatch', `\u2264${SQNR_BAD_DB} dB`);
   bad.style.backgroundColor = sqnrColour(SQNR_BAD_DB);
-  const mid = element('span', 'jp-WorkbenchReport-swatch', `${(SQNR_BAD_DB + SQNR_GOOD_DB) / 2} dB`);
-  mid.style.backgroundColor = sqnrColour((SQNR_BAD_DB + SQNR_GOOD_DB) / 2);
-  const good = element('span', 'jp-WorkbenchReport-swatch', `\u2265${SQNR_GOOD_DB} dB`);
-  good.style.backgroundColor = sqnrColour(SQNR_GOOD_DB);
+  const mid = element('span', 'jp-WorkbenchReport-swatch', `${(SQNR_BAD_DB + SQNR_FULLY_GOOD_DB) / 2} dB`);
+  mid.style.backgroundColor = sqnrColour((SQNR_BAD_DB + SQNR_FULLY_GOOD_DB) / 2);
+  const good = element('span', 'jp-WorkbenchReport-swatch', `\u2265${SQNR_FULLY_GOOD_DB} dB`);
+  good.style.backgroundColor = sqnrColour(SQNR_FULLY_GOOD_DB);
   append(legend, element('span', undefined, 'SQNR: '), bad, mid, good);
   return legend;
 }

@@ -47,15 +47,21 @@ def test_html_fallback_shows_layers_and_sizes_as_text(tmp_path) -> None:
             page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
             page.set_content(f"<!doctype html><html><body>{page_html}</body></html>")
             report = page.locator(".workbench-report")
-            text = report.inner_text()
-            assert f"{fp32_bytes:,} B FP32" in text
+            size_card = report.locator(".jp-WorkbenchReport-card").first.inner_text()
+            assert f"{fp32_bytes} B \u2192 " in size_card, size_card
 
-            layers_table = report.locator("table").nth(0)
-            storage_table = report.locator("table").nth(1)
+            layers_table = report.locator("table.jp-WorkbenchReport-layerTable")
             layer_names = layers_table.locator("tbody tr td:first-child").all_inner_texts()
             assert layer_names == [HOSTILE_NAME, "head"]
-            storage_names = storage_table.locator("tbody tr td:first-child").all_inner_texts()
-            assert storage_names == [HOSTILE_NAME, "head", "TOTAL"]
+            storage_names = report.locator(
+                ".jp-WorkbenchReport-storageRow .jp-WorkbenchReport-layerName"
+            ).all_inner_texts()
+            assert storage_names == [HOSTILE_NAME, "head", "total"]
+            bars = report.locator(".jp-WorkbenchReport-sqnrBar")
+            assert [bars.nth(i).get_attribute("data-layer") for i in range(2)] == [
+                HOSTILE_NAME,
+                "head",
+            ]
             assert page.locator("img").count() == 0
             page.screenshot(path=str(tmp_path / "html-fallback.png"), full_page=True)
         finally:

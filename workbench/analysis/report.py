@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,12 @@ from workbench.errors import ConfigError
 SUMMARY_WORST_LAYERS = 5
 
 
+def metric_name_of(eval_fn: Any) -> str | None:
+    """The name the views give an eval_fn's metric: its function name (None for a lambda)."""
+    name = getattr(eval_fn, "__name__", None)
+    return name if isinstance(name, str) and name.isidentifier() else None
+
+
 def build_summary(
     layers: pd.DataFrame,
     storage: pd.DataFrame,
@@ -24,8 +29,10 @@ def build_summary(
     config_text: str,
     metric_fp32: float | None = None,
     metric_quantized: float | None = None,
+    metric_name: str | None = None,
 ) -> dict[str, Any]:
-    """Sizes, compression, SQNR figures, the worst layers, and the metric when measured."""
+    """Sizes, compression, SQNR figures, the worst layers, and the metric when measured
+    (``metric_name``: what the views call it, the eval_fn's name)."""
     total = storage[storage["layer"] == "TOTAL"].iloc[0]
     quantized = layers[layers["status"] == "quantized"]
     sqnr = quantized["output_sqnr_db"].astype(float)
@@ -46,6 +53,7 @@ def build_summary(
         summary["metric_fp32"] = float(metric_fp32)
         summary["metric_quantized"] = float(metric_quantized)
         summary["metric_drop"] = float(metric_fp32) - float(metric_quantized)
+        summary["metric_name"] = metric_name
     return summary
 
 
@@ -130,9 +138,10 @@ class Report:
                 f"SQNR {s['model_output_sqnr_db']:.1f} dB"
             )
         if "metric_fp32" in s:
+            name = s.get("metric_name") or "eval_fn metric"
             lines.append(
-                f"  metric: FP32 {s['metric_fp32']:.4f} -> quantized {s['metric_quantized']:.4f} "
-                f"(drop {s['metric_drop']:.4f})"
+                f"  {name}: FP32 {s['metric_fp32']:.3f} -> quantized {s['metric_quantized']:.3f} "
+                f"(drop {s['metric_drop']:.3f})"
             )
         return "\n".join(lines)
 
@@ -140,14 +149,16 @@ class Report:
         return self.summary_text()
 
     def _repr_html_(self) -> str:
-        summary = "<br>".join(html.escape(line) for line in self.summary_text().splitlines())
-        sections = [f"<div><b>{summary}</b></div>"]
-        tables = {"Layers": self.layers, "Storage": self.storage} | self.extra_tables
-        for title, table in tables.items():
-            sections.append(f"<h4>{html.escape(title)}</h4>")
-            # to_html escapes cell text, so a layer named "<img ...>" shows as text
-            sections.append(table.to_html(index=False, escape=True, float_format="{:.4g}".format))
-        return "<div class='workbench-report'>" + "".join(sections) + "</div>"
+        """The styled report view (summary, SQNR chart, layer table, storage, further
+        tables) for front ends without the JupyterLab extension; no script."""
+        from workbench.analysis.report_html import report_view_html
+
+        return report_view_html(self.to_json())
+
+    def view(self, *sections: str) -> ReportView:
+        """Only some sections of the report view (``"summary"``, ``"chart"``, ``"layers"``,
+        ``"storage"``, ``"tables"``), displayed like the report itself (the panel's tabs)."""
+        return ReportView(self, sections)
 
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-safe dict (schema: ``workbench/analysis/report_schema.json``)."""
@@ -164,12 +175,40 @@ class Report:
             REPORT_MIME_TYPE: self.to_json(),
         }
 
+    def model_name(self) -> str | None:
+        """The class name of the quantized model, when the report has one attached."""
+        return type(self._model).__name__ if self._model is not None else None
+
     def to_html(self, path) -> None:
-        """Write the report (summary and tables) as a standalone HTML file (atomically)."""
-        page = (
-            "<!doctype html><html><head><meta charset='utf-8'>"
-            "<title>Quantization report</title></head><body>"
-            f"{self._repr_html_()}</body></html>"
-        )
+        """Write the report as one self-contained HTML page (inline CSS and SVG, no network;
+        model name, date, versions; dark with the reader's colour scheme), atomically."""
+        from workbench.analysis.report_page import report_page
+
+        page = report_page(self.to_json(), self.model_name())
         with atomic_path(Path(path), ".html") as temporary:
             temporary.write_text(page, encoding="utf-8")
+
+
+class ReportView:
+    """Some sections of a report's view: the JupyterLab renderer shows them where the
+    extension is installed, the same styled HTML elsewhere."""
+
+    def __init__(self, report: Report, sections: tuple[str, ...]) -> None:
+        from workbench.analysis.report_html import SECTIONS
+
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"unknown report sections {unknown}; choose from {list(SECTIONS)}")
+        self.report = report
+        self.sections = tuple(sections) or SECTIONS
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
+        from workbench.analysis.report_html import report_view_html
+        from workbench.analysis.report_json import REPORT_MIME_TYPE
+
+        bundle = self.report.to_json()
+        return {
+            "text/plain": self.report.summary_text(),
+            "text/html": report_view_html(bundle, self.sections),
+            REPORT_MIME_TYPE: bundle | {"sections": list(self.sections)},
+        }

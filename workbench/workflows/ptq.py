@@ -11,7 +11,7 @@ from torch import nn
 
 from workbench.analysis.layer_errors import measure_layer_errors
 from workbench.analysis.layer_table import layer_table
-from workbench.analysis.report import Report, build_summary
+from workbench.analysis.report import Report, build_summary, metric_name_of
 from workbench.analysis.storage import storage_table
 from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import (
@@ -51,7 +51,13 @@ def build_report(
                 metric_fp32 = float(eval_fn(original))
         metric_quantized = float(eval_fn(quantized))
     summary = build_summary(
-        layers, storage, model_stats, config.describe(), metric_fp32, metric_quantized
+        layers,
+        storage,
+        model_stats,
+        config.describe(),
+        metric_fp32,
+        metric_quantized,
+        metric_name_of(eval_fn),
     )
     return Report(layers, storage, summary, model=quantized)
 

@@ -66,17 +66,30 @@ def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
     return unique
 
 
+def bn_fold_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)``, one per channel: what the weight is scaled by."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    return gamma / std
+
+
+def bn_folded_bias(
+    bn: nn.modules.batchnorm._BatchNorm, bias: torch.Tensor | None, factor: torch.Tensor
+) -> torch.Tensor:
+    """``(b - running_mean) * factor + beta``: the bias of the folded layer."""
+    if bias is None:
+        bias = torch.zeros_like(bn.running_mean)
+    beta = bn.bias if bn.affine else torch.zeros_like(factor)
+    return (bias - bn.running_mean) * factor + beta
+
+
 def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold ``bn`` (eval statistics) into ``layer``'s weight and bias, in place."""
     with torch.no_grad():
-        std = torch.sqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.affine else torch.ones_like(std)
-        beta = bn.bias if bn.affine else torch.zeros_like(std)
-        factor = gamma / std
+        factor = bn_fold_factor(bn)
+        new_bias = bn_folded_bias(bn, layer.bias, factor)
         shape = [-1] + [1] * (layer.weight.dim() - 1)
         layer.weight.mul_(factor.reshape(shape))
-        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = (bias - bn.running_mean) * factor + beta
         if layer.bias is None:
             layer.bias = nn.Parameter(new_bias.detach().clone())
         else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workbench.engine.bn_fold import BN_TYPES, fold_bn_into
+from workbench.engine.bn_fold import BN_TYPES, bn_fold_factor, bn_folded_bias, fold_bn_into
 from workbench.engine.layers import QuantizedLayer
 from workbench.engine.modules import get_layer, set_submodule
 from workbench.engine.prepare import LayerPlan
@@ -42,9 +42,7 @@ class QuantizedConvBn(QuantizedLayer):
         self.bn = bn
 
     def fold_factor(self) -> torch.Tensor:
-        std = torch.sqrt(self.bn.running_var + self.bn.eps)
-        gamma = self.bn.weight if self.bn.affine else torch.ones_like(std)
-        return gamma / std
+        return bn_fold_factor(self.bn)
 
     def folded_weight(self) -> torch.Tensor:
         factor = self.fold_factor()
@@ -71,11 +69,7 @@ class QuantizedConvBn(QuantizedLayer):
                 y = y + bias.reshape(view)
             y = self.bn(y)
         else:
-            if bias is None:
-                bias = torch.zeros_like(self.bn.running_mean)
-            beta = self.bn.bias if self.bn.affine else torch.zeros_like(factor)
-            folded_bias = (bias - self.bn.running_mean) * factor + beta
-            y = y + folded_bias.reshape(view)
+            y = y + bn_folded_bias(self.bn, bias, factor).reshape(view)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         return y

@@ -85,16 +85,14 @@ def test_quantizers_sit_where_integer_kernels_need_them(in_place):
         "block2.bn2",
         "block2.down.1",
         "block2.relu2",
+        "avg",  # DQ -> GlobalAveragePool -> Q: QLinearGlobalAveragePool
     }
     assert sites(result.model) == expected
     layers = dict(iter_quantized_layers(result.model))
-    shares = {
-        name: getattr(layer.input_quantizer, "shares_scale_of", None)
-        for name, layer in layers.items()
-    }
+    shares = {name: layer.input_quantizer.shares_scale_of for name, layer in layers.items()}
     assert shares["block1.conv1"] == "relu.output_quantizer"  # through the max pool
     assert shares["block2.down.0"] == "block1.relu2.output_quantizer"
-    assert shares["fc"] is None  # average pooling leaves the grid
+    assert shares["fc"] == "avg.output_quantizer"  # through torch.flatten
     source = result.model.get_submodule("block1.relu1").output_quantizer
     conv2 = layers["block1.conv2"].input_quantizer
     assert float(conv2.scale) == float(source.scale)

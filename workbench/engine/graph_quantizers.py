@@ -1,33 +1,35 @@
-"""Activation quantizers placed from the data flow, so that the simulated model computes what
-an INT8 runtime computes.
+"""Activation quantizers placed from the data flow, per call site, so that the simulated model
+computes what an INT8 runtime computes.
 
 Module swapping quantizes the *inputs* of Linear / Conv layers. That is all a Linear needs
 (ONNX Runtime runs DQ -> MatMul as MatMulIntegerToFloat, FP32 out), but a convolution runs as
-an integer kernel only as DQ -> Conv -> Q (QLinearConv: uint8 in, uint8 out), and a residual
-add only as DQ, DQ -> Add -> Q (QLinearAdd). So, when activations are quantized:
+an integer kernel only as DQ -> Conv -> Q (QLinearConv), a residual add only as
+DQ, DQ -> Add -> Q (QLinearAdd), a concat as QLinearConcat, an average pool as
+QLinearAveragePool. What each op kind needs is declared once, in ``engine.op_kinds``; this
+pass walks the calls of one real forward in order and:
 
-* every quantized conv's output is quantized. The quantizer goes after the ReLU module that
-  alone consumes the conv (Conv -> ReLU -> Q: the ReLU vanishes into the kernel, since a range
-  starting at 0 has zero point 0), else into the folded BatchNorm's slot (an ``nn.Identity``
-  after folding), else around the conv itself;
-* a ReLU module fed by an addition quantizes its output: the residual stream of a ResNet
-  stays on the uint8 grid, so Add -> ReLU -> Q becomes QLinearAdd (a ReLU between Linear
-  layers is left alone: DQ -> MatMul needs no producer-side Q, and keeping a Linear FP32 then
-  really gives it FP32 input);
-* a quantized layer whose input comes off such a quantizer (directly, or through max pooling /
-  flatten / reshape, which keep values on the grid) takes over its scale and zero point after
-  calibration: its own quantizer becomes an exact no-op and the exported graph needs no
-  requantization;
-* the bias of a quantized conv / linear is rounded to the INT32 grid of ``s_input * s_weight``,
-  as QLinearConv and QGemm store it.
+* gives every op of a ``quantized output`` kind an output quantizer (a conv always; an add, a
+  concat or an average pool when all its inputs are already on a quantization grid). When a
+  ReLU-like op alone consumes it, the quantizer goes after that op instead (ONNX Runtime drops
+  the ReLU into the kernel, since the range then starts at zero point 0); a conv without one
+  puts it into its folded BatchNorm's slot (an ``nn.Identity``) or holds it itself;
+* lets values stay on the grid through ops that only move or select them (max pooling,
+  flatten / view / reshape, dropout);
+* makes a quantized layer whose input comes off such a grid take over its scale and zero point
+  after calibration (its own quantizer is then an exact no-op and the export needs no
+  requantization; the input quantizer's ``shares_scale_of`` names the source);
+* rounds the bias of a quantized conv / linear to the INT32 grid of ``s_input * s_weight``, as
+  QLinearConv and QGemm store it.
 
-Each placed quantizer lives in an :class:`OutputQuantized` wrapper that replaces the module at
-its own name, so every other module keeps its name and type.
+Quantizers attach to *call sites* (``engine.call_sites``): a module called once is wrapped in
+an :class:`OutputQuantized` at its own name; a parameter-free module called at several sites
+(ResNet's shared ``self.relu``) becomes one clone per call; a tensor op (``out += identity``,
+``torch.cat``, ``F.relu``) gets a quantizer in the root's ``quantization_sites``. The user's
+model is never touched: all of this happens in the prepared copy.
 
-The data flow comes from one real forward pass: forward hooks on the leaf modules plus a
-``TorchFunctionMode`` that sees every tensor op outside them (``out + identity``,
-``torch.flatten``). Tensors are keyed by identity *and* version, so an in-place
-``out += identity`` is a new value, not the conv's output.
+The data flow comes from one real forward pass: global module hooks plus a
+``TorchFunctionMode`` that sees every tensor op outside leaf modules. Tensors are keyed by
+identity *and* version, so an in-place ``out += identity`` is a new value.
 """
 
 from __future__ import annotations
@@ -43,45 +45,36 @@ from torch.utils._pytree import tree_flatten
 
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import set_submodule
+from workbench.engine.call_sites import (
+    CallTracker,
+    FunctionSites,
+    PerCallSite,
+    function_name,
+    install_function_sites,
+    tracked_calls,
+)
 from workbench.engine.config import QuantConfig
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
+from workbench.engine.op_kinds import (
+    CLAMP,
+    CONV,
+    KEEPS_GRID,
+    LINEAR,
+    OTHER,
+    QUANTIZED_OUTPUT,
+    OpKind,
+    function_kind,
+    module_kind,
+)
 from workbench.engine.quantizers import OBSERVE, ActivationQuantizer
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-RELU_TYPES = (nn.ReLU, nn.ReLU6)
-# ops that only move or select values, so a tensor on a quantization grid stays on it
-GRID_PRESERVING_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.Dropout,
-)
-GRID_PRESERVING_FUNCTIONS = {
-    "flatten",
-    "reshape",
-    "view",
-    "permute",
-    "transpose",
-    "contiguous",
-    "squeeze",
-    "unsqueeze",
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "_max_pool1d",
-    "_max_pool2d",
-    "_max_pool3d",
-    "dropout",
-    "clone",
-}
-ADD_FUNCTIONS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 
 
 class OutputQuantized(nn.Module):
     """``output_quantizer(module(...))``: a module whose output is quantized where it is made."""
+
+    quantization_leaf = True
 
     def __init__(self, module: nn.Module, output_quantizer: ActivationQuantizer) -> None:
         super().__init__()
@@ -105,13 +98,15 @@ Key = tuple[int, int]
 
 @dataclass
 class FlowNode:
-    """One module call (a leaf module) or one tensor op outside leaf modules."""
+    """One call at depth 0: a leaf module call or a tensor op outside leaf modules."""
 
     kind: str  # "module" or "function"
     name: str  # module name or op name
     module: nn.Module | None
     inputs: list[Key]
     outputs: list[Key]
+    site: str = ""  # the call site ("layer1.0.relu#1", "layer1.0.__iadd__#0")
+    op: OpKind = OTHER
 
 
 @dataclass
@@ -144,21 +139,25 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    return isinstance(module, QuantizedLayer | OutputQuantized) or not any(
-        True for _ in module.children()
-    )
+def _layer_kind(module: nn.Module) -> OpKind:
+    if isinstance(module, QuantizedLayer):
+        if isinstance(module.layer, CONV_TYPES) and module.input_quantizer is not None:
+            return CONV
+        return LINEAR if isinstance(module.layer, nn.Linear) else OTHER
+    return module_kind(module)
 
 
 class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, flow: DataFlow, depth: list[int]) -> None:
+    def __init__(self, flow: DataFlow, tracker: CallTracker) -> None:
         super().__init__()
         self.flow = flow
-        self.depth = depth
+        self.tracker = tracker
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.depth[0] > 0 or getattr(func, "__name__", "") == "__get__":
+        name = function_name(func)
+        site = self.tracker.function_site(name)
+        if site is None:
             return func(*args, **kwargs)
         inputs = _tensors((args, kwargs))
         in_keys = [_key(t) for t in inputs]
@@ -166,9 +165,8 @@ class _FunctionRecorder(TorchFunctionMode):
         outputs = _tensors(out)
         out_keys = [_key(t) for t in outputs]
         if outputs and not set(out_keys) <= set(in_keys):
-            self.flow.nodes.append(
-                FlowNode("function", getattr(func, "__name__", str(func)), None, in_keys, out_keys)
-            )
+            op = function_kind(name, args, kwargs)
+            self.flow.nodes.append(FlowNode("function", name, None, in_keys, out_keys, site, op))
             self.flow.keep_alive.extend(inputs + outputs)
         return out
 
@@ -188,126 +186,117 @@ def _few_samples(batch: Any, count: int = 2) -> Any:
 def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:
     """Run ``batch`` through ``model`` once and record which call consumed which tensor."""
     flow = DataFlow()
-    depth = [0]
-    pending: dict[int, list] = {}
-    names = {module: name for name, module in model.named_modules()}
-    handles = []
+    names = {module: name for name, module in model.named_modules() if name}
+    tracker = CallTracker(names)
+    pending: list = []
 
-    def pre_hook(module, args, kwargs):
-        if depth[0] == 0:
-            inputs = _tensors((args, kwargs))
-            pending.setdefault(id(module), []).append(([_key(t) for t in inputs], inputs))
-        depth[0] += 1
+    def on_enter(module, site, args):
+        if site is not None:
+            inputs = _tensors(args)
+            pending.append((site, [_key(t) for t in inputs], inputs))
 
-    def post_hook(module, args, kwargs, output):
-        depth[0] -= 1
-        if depth[0] == 0:
-            name = names.get(module, "")
-            flow.calls[name] = flow.calls.get(name, 0) + 1
-            in_keys, inputs = pending[id(module)].pop()
-            outputs = _tensors(output)
-            out_keys = [_key(t) for t in outputs]
-            if not set(out_keys) <= set(in_keys):  # nn.Identity & co. are transparent
-                flow.nodes.append(FlowNode("module", name, module, in_keys, out_keys))
-            flow.keep_alive.extend(inputs + outputs)
+    def on_leave(module, args, output):
+        if not pending:
+            return
+        site, in_keys, inputs = pending.pop()
+        name = names[module]
+        flow.calls[name] = flow.calls.get(name, 0) + 1
+        outputs = _tensors(output)
+        out_keys = [_key(t) for t in outputs]
+        if not set(out_keys) <= set(in_keys):  # nn.Identity & co. are transparent
+            op = _layer_kind(module)
+            flow.nodes.append(FlowNode("module", name, module, in_keys, out_keys, site, op))
+        flow.keep_alive.extend(inputs + outputs)
 
-    for module in model.modules():
-        if _is_leaf(module):
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
-    try:
-        with torch.no_grad(), _FunctionRecorder(flow, depth):
-            run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    recorder = _FunctionRecorder(flow, tracker)
+    with torch.no_grad(), tracked_calls(tracker, on_enter, on_leave), recorder:
+        run_model(model, batch)
     return flow
-
-
-def _grid_preserving(node: FlowNode) -> bool:
-    if node.kind == "module":
-        return isinstance(node.module, GRID_PRESERVING_MODULES)
-    return node.name in GRID_PRESERVING_FUNCTIONS
 
 
 # placement -----------------------------------------------------------------------------------
 @dataclass
 class Placement:
-    """Where output quantizers go (module names) and which layer inputs share them."""
+    """Which call sites get an output quantizer, and which layer inputs then share it.
 
-    wrap: list[str] = field(default_factory=list)
-    inner: list[str] = field(default_factory=list)  # quantized layers holding it themselves
-    share: dict[str, str] = field(default_factory=dict)  # layer name -> wrapped module name
+    ``outputs``: site -> the call whose output is quantized; ``slots``: site -> the folded
+    BatchNorm slot that holds a conv's quantizer; ``share``: layer name -> site;
+    ``kinds``: site -> the op kind that asked for the quantizer (for the reports)."""
+
+    outputs: dict[str, FlowNode] = field(default_factory=dict)
+    slots: dict[str, str] = field(default_factory=dict)
+    share: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+
+
+def _can_hold_quantizer(node: FlowNode, calls: dict[str, int]) -> bool:
+    """Whether a quantizer can be attached to this call (see ``engine.call_sites``)."""
+    if node.kind == "function":
+        return True
+    if calls.get(node.name, 0) == 1:
+        return True
+    has_parameters = any(True for _ in node.module.parameters())
+    return not has_parameters and not isinstance(node.module, QuantizedLayer)
 
 
 def plan_output_quantizers(
     model: nn.Module, flow: DataFlow, folded_bn: dict[str, str] | None = None
 ) -> Placement:
-    """Decide which modules get an output quantizer and which layer inputs then share it."""
+    """Decide which call sites get an output quantizer (``engine.op_kinds``' table) and which
+    layer inputs then share it."""
     bn_slot = {conv: bn for bn, conv in (folded_bn or {}).items()}
-    producer, consumers = flow.producer(), flow.consumers()
-    sites: dict[Key, str] = {}
+    consumers = flow.consumers()
+    on_grid: dict[Key, str] = {}  # tensor -> site whose quantizer it comes off
     placement = Placement()
-
-    def once(node: FlowNode) -> bool:
-        return flow.calls.get(node.name, 0) == 1
-
-    def add_site(name: str, key: Key, inner: bool = False) -> None:
-        names = placement.inner if inner else placement.wrap
-        if name not in names:
-            names.append(name)
-        sites[key] = name
-
-    quantized_relus: set[str] = set()
     for node in flow.nodes:
-        layer = node.module
-        if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
+        op = node.op
+        if op.output == KEEPS_GRID:
+            if node.inputs and node.inputs[0] in on_grid:
+                for key in node.outputs:
+                    on_grid[key] = on_grid[node.inputs[0]]
             continue
-        if not isinstance(layer.layer, CONV_TYPES) or not once(node) or not node.outputs:
+        if op.output != QUANTIZED_OUTPUT or not node.outputs or node.site in placement.outputs:
+            continue
+        if op is CONV and flow.calls.get(node.name, 0) != 1:
+            continue  # one conv at several sites: one output quantizer cannot serve them all
+        if op.tensor_inputs and len(node.inputs) != op.tensor_inputs:
+            continue
+        if op.grid_inputs and not all(key in on_grid for key in node.inputs):
             continue
         out = node.outputs[0]
         users = consumers.get(out, [])
-        slot = bn_slot.get(layer.layer_name)
+        target = node
         if (
             len(users) == 1
-            and isinstance(users[0].module, RELU_TYPES)
-            and once(users[0])
-            and users[0].inputs[0] == out
+            and users[0].op.output == CLAMP
+            and users[0].inputs[:1] == [out]
+            and users[0].outputs
+            and _can_hold_quantizer(users[0], flow.calls)
         ):
-            add_site(users[0].name, users[0].outputs[0])
-            quantized_relus.add(users[0].name)
-        elif (
-            slot is not None
-            and isinstance(_get(model, slot), nn.Identity)
-            and flow.calls.get(slot, 0) == 1
-        ):
-            add_site(slot, out)
-        else:
-            add_site(node.name, out, inner=True)
-
-    for node in flow.nodes:
-        if not isinstance(node.module, RELU_TYPES) or node.name in quantized_relus:
+            target = users[0]
+        elif not _can_hold_quantizer(node, flow.calls):
             continue
-        if not once(node) or not node.inputs or not node.outputs:
-            continue
-        source = producer.get(node.inputs[0])
-        fed_by_add = (
-            source is not None and source.kind == "function" and (source.name in ADD_FUNCTIONS)
-        )
-        if fed_by_add:
-            add_site(node.name, node.outputs[0])
+        placement.outputs[target.site] = target
+        placement.kinds[target.site] = op.name
+        on_grid[target.outputs[0]] = target.site
+        if target is node and op is CONV:
+            slot = bn_slot.get(node.module.layer_name)
+            if (
+                slot is not None
+                and isinstance(_get(model, slot), nn.Identity)
+                and flow.calls.get(slot, 0) == 1
+            ):
+                placement.slots[target.site] = slot
 
     for node in flow.nodes:
         layer = node.module
         if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
             continue
-        key = node.inputs[0] if node.inputs else None
-        while key is not None and key not in sites:
-            source = producer.get(key)
-            passes = source is not None and _grid_preserving(source) and source.inputs
-            key = source.inputs[0] if passes else None
-        if key is not None and sites[key] != node.name:
-            placement.share[layer.layer_name] = sites[key]
+        if flow.calls.get(node.name, 0) != 1 or not node.inputs:
+            continue
+        site = on_grid.get(node.inputs[0])
+        if site is not None and site != node.site:
+            placement.share[layer.layer_name] = site
     return placement
 
 
@@ -319,15 +308,17 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
 
 
 # entry points --------------------------------------------------------------------------------
+def _might_need_output_quantizers(model: nn.Module) -> bool:
+    if any(isinstance(layer.layer, CONV_TYPES) for _, layer in iter_quantized_layers(model)):
+        return True
+    return any(module_kind(m).output != "float" for m in model.modules())
+
+
 def insert_output_quantizers(
     model: nn.Module, batch: Any, config: QuantConfig, folded_bn: dict[str, str] | None = None
 ) -> None:
     """Place output quantizers in ``model`` (in place; see the module docstring)."""
-    if config.activation is None:
-        return
-    has_conv = any(isinstance(layer.layer, CONV_TYPES) for _, layer in iter_quantized_layers(model))
-    has_relu = any(isinstance(module, RELU_TYPES) for module in model.modules())
-    if not has_conv and not has_relu:
+    if config.activation is None or isinstance(model, QuantizedLayer):
         return
     try:
         flow = trace_data_flow(model, _few_samples(batch))
@@ -339,30 +330,43 @@ def insert_output_quantizers(
         )
         return
     placement = plan_output_quantizers(model, flow, folded_bn)
+    if not placement.outputs:
+        return
 
-    def new_quantizer(name: str) -> ActivationQuantizer:
+    def new_quantizer(site: str) -> ActivationQuantizer:
         return ActivationQuantizer(
-            config.activation, config.observer, f"output of {name}", config.percentile
+            config.activation, config.observer, f"output of {site}", config.percentile
         )
 
-    placed: set[str] = set()
-    for name in placement.wrap:
-        target = _get(model, name) if name else None
-        if target is not None:
-            set_submodule(model, name, OutputQuantized(target, new_quantizer(name)))
-            placed.add(name)
-    for name in placement.inner:
-        layer = model if not name else _get(model, name)
-        if isinstance(layer, QuantizedLayer):
-            layer.output_quantizer = new_quantizer(layer.layer_name)
-            placed.add(name)
+    paths: dict[str, str] = {}  # site -> path of its quantizer below the root
+    per_call: dict[str, dict[int, str]] = {}  # module called at several sites
+    for site, node in placement.outputs.items():
+        if node.kind == "function":
+            paths[site] = install_function_sites(model).add(site, new_quantizer(site))
+        elif site in placement.slots:
+            slot = placement.slots[site]
+            set_submodule(model, slot, OutputQuantized(_get(model, slot), new_quantizer(site)))
+            paths[site] = f"{slot}.output_quantizer"
+        elif flow.calls.get(node.name, 0) > 1:
+            index = int(site.rsplit("#", 1)[1])
+            per_call.setdefault(node.name, {})[index] = site
+        elif isinstance(node.module, QuantizedLayer):
+            node.module.output_quantizer = new_quantizer(site)
+            paths[site] = f"{node.name}.output_quantizer"
+        else:
+            set_submodule(model, node.name, OutputQuantized(node.module, new_quantizer(site)))
+            paths[site] = f"{node.name}.output_quantizer"
+    for name, sites in per_call.items():
+        shared = PerCallSite(_get(model, name), flow.calls[name])
+        for index, site in sites.items():
+            shared.sites[index] = OutputQuantized(shared.sites[index], new_quantizer(site))
+            paths[site] = f"{name}.sites.{index}.output_quantizer"
+        set_submodule(model, name, shared)
+        install_function_sites(model)  # resets the clones' call counters at every forward
+    layers = dict(iter_quantized_layers(model))
     for layer_name, site in placement.share.items():
-        if site not in placed:
-            continue
-        for name, layer in iter_quantized_layers(model):
-            if name == layer_name:
-                path = f"{site}.output_quantizer" if site else "output_quantizer"
-                layer.input_quantizer.shares_scale_of = path
+        if site in paths and layer_name in layers:
+            layers[layer_name].input_quantizer.shares_scale_of = paths[site]
 
 
 def round_bias(layer: QuantizedLayer) -> None:
@@ -394,12 +398,22 @@ def finish_output_quantizers(model: nn.Module) -> None:
                 set_submodule(model, name, module.module)
             else:
                 module.output_quantizer.calibrate()
+    sites = getattr(model, FunctionSites.ATTRIBUTE, None)
+    if isinstance(sites, FunctionSites):
+        for site in list(sites.site_names):
+            quantizer = sites.quantizer(site)
+            if quantizer.calibrated:
+                continue
+            if quantizer.observer is None or quantizer.observer.batches_seen == 0:
+                sites.remove(site)  # the op never ran on the calibration data
+            else:
+                quantizer.calibrate()
     for _, layer in iter_quantized_layers(model):
         if layer.output_quantizer is not None and not layer.output_quantizer.calibrated:
             layer.output_quantizer.calibrate()
     for _, layer in iter_quantized_layers(model):
         quantizer = layer.input_quantizer
-        source_name = getattr(quantizer, "shares_scale_of", None)
+        source_name = quantizer.shares_scale_of if quantizer is not None else None
         source = _get(model, source_name) if source_name else None
         if isinstance(source, ActivationQuantizer) and source.calibrated:
             with torch.no_grad():

@@ -41,6 +41,9 @@ class ActivationQuantizer(nn.Module):
         self.observer: Observer | None = make_observer(observer, scheme, tensor_name, percentile)
         self.mode = OFF
         self.learn_scale = False
+        # path (below the model's root) of the quantizer whose scale / zero point this one
+        # takes over after calibration: its input is already on that grid (graph_quantizers)
+        self.shares_scale_of: str | None = None
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
 

@@ -31,6 +31,7 @@ from torch import nn
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.scheme import Scheme
 from workbench.engine.bn_fold import set_submodule
+from workbench.engine.call_sites import FunctionSites
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
@@ -274,6 +275,8 @@ class _QuantizedEmbedding(torch.autograd.Function):
 class ExportLayer(nn.Module):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv."""
 
+    quantization_leaf = True  # one call site, as the QuantizedLayer it stands in for
+
     def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
         self.spec = layer_spec(layer)
@@ -297,6 +300,8 @@ class ExportLayer(nn.Module):
 class ExportFloatLayer(nn.Module):
     """A quantized layer whose weight quantization is switched off: its FP32 module, between
     the quantizers it still has."""
+
+    quantization_leaf = True
 
     def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
@@ -329,6 +334,9 @@ def exportable_model(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules()
         if isinstance(module, OutputQuantized)
     }
+    function_sites = getattr(model, FunctionSites.ATTRIBUTE, None)
+    if isinstance(function_sites, FunctionSites):
+        sites.update(function_sites.site_of_path())
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer) and module.output_quantizer is not None:
             sites[f"{name}.output_quantizer" if name else "output_quantizer"] = module.layer_name

@@ -1,0 +1,131 @@
+"""One table: what each op kind needs around it to run on an ONNX Runtime integer kernel.
+
+Every call in a model's forward (a module call or a tensor op such as ``out + identity``) has
+a kind. The placement pass (``engine.graph_quantizers``) reads only this table:
+
+* ``QUANTIZED_OUTPUT``: the op runs as an integer kernel when its inputs arrive quantized and
+  its output is quantized right after it (``DQ -> Conv -> Q`` is QLinearConv,
+  ``DQ, DQ -> Add -> Q`` QLinearAdd). With ``grid_inputs`` the op is quantized only when every
+  input already sits on a quantization grid (quantizing float inputs just for it would add
+  work, e.g. a transformer's residual add between float LayerNorms).
+* ``CLAMP``: a ReLU-like op (ReLU, ReLU6, hardtanh from 0). When it alone consumes an op of
+  the first kind, the output quantizer goes after it: with zero point 0 (and a range inside the
+  clamp's) ONNX Runtime drops it into the kernel, and the simulation clamps as the kernel does.
+* ``KEEPS_GRID``: ops that only move or select values (max pooling, flatten / view / reshape,
+  dropout at inference): values on a grid stay on it, so the next quantized layer takes the
+  scale over and the export moves the dequantization past them (MaxPool runs on uint8).
+* ``FLOAT``: anything else runs in FP32 between a DequantizeLinear and the next quantizer.
+
+Linear layers need no output quantizer: ``DQ -> MatMul`` is MatMulIntegerToFloat (FP32 out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+QUANTIZED_OUTPUT, CLAMP, KEEPS_GRID, FLOAT = "quantized output", "clamp", "keeps grid", "float"
+
+
+@dataclass(frozen=True)
+class OpKind:
+    """What one kind of op needs around it and what ONNX Runtime runs it as."""
+
+    name: str
+    output: str  # QUANTIZED_OUTPUT, CLAMP, KEEPS_GRID or FLOAT
+    kernel: str  # the ONNX Runtime kernel when quantized ("" when none)
+    onnx_ops: tuple[str, ...] = ()  # the op types it exports as
+    grid_inputs: bool = False  # quantized only when every input is already on a grid
+    tensor_inputs: int = 0  # exact number of tensor inputs required (0: any)
+
+
+CONV = OpKind("conv", QUANTIZED_OUTPUT, "QLinearConv", ("Conv",))
+LINEAR = OpKind("linear", FLOAT, "QGemm / MatMulIntegerToFloat", ("MatMul", "Gemm"))
+ADD = OpKind("add", QUANTIZED_OUTPUT, "QLinearAdd", ("Add",), grid_inputs=True, tensor_inputs=2)
+CONCAT = OpKind("concat", QUANTIZED_OUTPUT, "QLinearConcat", ("Concat",), grid_inputs=True)
+AVERAGE_POOL = OpKind(
+    "average pool",
+    QUANTIZED_OUTPUT,
+    "QLinearAveragePool / QLinearGlobalAveragePool",
+    ("AveragePool", "GlobalAveragePool"),
+    grid_inputs=True,
+    tensor_inputs=1,
+)
+RELU = OpKind("relu", CLAMP, "", ("Relu", "Clip"))
+MAX_POOL = OpKind("max pool", KEEPS_GRID, "MaxPool (uint8)", ("MaxPool",))
+RESHAPE = OpKind("reshape", KEEPS_GRID, "", ("Flatten", "Reshape", "Transpose", "Squeeze"))
+OTHER = OpKind("other", FLOAT, "")
+
+MODULE_KINDS: tuple[tuple[tuple[type[nn.Module], ...], OpKind], ...] = (
+    ((nn.ReLU, nn.ReLU6), RELU),
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), MAX_POOL),
+    ((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), MAX_POOL),
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), AVERAGE_POOL),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), AVERAGE_POOL),
+    ((nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout), RESHAPE),
+)
+FUNCTION_KINDS: dict[str, OpKind] = {
+    **dict.fromkeys(("add", "add_", "__add__", "__radd__", "__iadd__"), ADD),
+    **dict.fromkeys(("cat", "concat", "concatenate"), CONCAT),
+    **dict.fromkeys(("relu", "relu_", "relu6"), RELU),
+    **dict.fromkeys(
+        (
+            "avg_pool1d",
+            "avg_pool2d",
+            "avg_pool3d",
+            "adaptive_avg_pool1d",
+            "adaptive_avg_pool2d",
+            "adaptive_avg_pool3d",
+        ),
+        AVERAGE_POOL,
+    ),
+    **dict.fromkeys(
+        (
+            "max_pool1d",
+            "max_pool2d",
+            "max_pool3d",
+            "_max_pool1d",
+            "_max_pool2d",
+            "_max_pool3d",
+            "adaptive_max_pool1d",
+            "adaptive_max_pool2d",
+            "adaptive_max_pool3d",
+        ),
+        MAX_POOL,
+    ),
+    **dict.fromkeys(
+        (
+            "flatten",
+            "reshape",
+            "view",
+            "permute",
+            "transpose",
+            "contiguous",
+            "squeeze",
+            "unsqueeze",
+            "dropout",
+            "clone",
+        ),
+        RESHAPE,
+    ),
+}
+HARDTANH_FUNCTIONS = ("hardtanh", "hardtanh_")
+
+
+def module_kind(module: nn.Module) -> OpKind:
+    """The kind of a leaf module call (quantized layers are classified by the caller)."""
+    if isinstance(module, nn.Hardtanh) and float(module.min_val) == 0.0:
+        return RELU  # ReLU6 is a Hardtanh(0, 6)
+    for types, kind in MODULE_KINDS:
+        if isinstance(module, types):
+            return kind
+    return OTHER
+
+
+def function_kind(name: str, args: tuple = (), kwargs: dict | None = None) -> OpKind:
+    """The kind of a tensor op called ``name`` with these (non-tensor) arguments."""
+    if name in HARDTANH_FUNCTIONS:
+        low = (kwargs or {}).get("min_val", args[1] if len(args) > 1 else -1.0)
+        return RELU if isinstance(low, int | float) and float(low) == 0.0 else OTHER
+    return FUNCTION_KINDS.get(name, OTHER)

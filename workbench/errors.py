@@ -27,6 +27,10 @@ class NonFiniteError(WorkbenchError, ValueError):
     """A tensor holding NaN or Inf where a quantization range must be computed."""
 
 
+class MetricError(WorkbenchError, ValueError):
+    """An ``eval_fn`` that returns something other than one finite number."""
+
+
 class ExportError(WorkbenchError, RuntimeError):
     """A model that could not be written as ONNX; the message names the op or module."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_guard import untouched
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,32 +29,16 @@ def mlp() -> nn.Module:
 
 
 def expect_clean_failure(model, calib_data, error, match, **kwargs):
-    """ptq raises ``error`` (matching ``match``), and ``model`` is as before, still usable."""
-    is_module = isinstance(model, nn.Module)
-    if is_module:
-        training = model.training
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with pytest.raises(error, match=match) as info:
+    """ptq raises ``error`` (matching ``match``) in one line; ``model`` and ``calib_data`` are
+    as before (tests/unit/model_guard.py), the model still free of quantizers."""
+    with untouched(model, calib_data), pytest.raises(error, match=match) as info:
         wb.ptq(model, calib_data, progress=False, **kwargs)
     assert isinstance(info.value, wb.WorkbenchError)
     assert len(str(info.value).splitlines()) == 1
-    if is_module:
-        after = model.state_dict()
-        assert after.keys() == before.keys()
-        for key, value in before.items():
-            assert _same(after[key], value), key
-        assert model.training == training
+    if isinstance(model, nn.Module):
         for module in model.modules():
             assert not isinstance(module, QuantizedLayer)
-            assert not module._forward_hooks and not module._forward_pre_hooks
     return info.value
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal, NaN included (the NaN-weight tests keep their NaN)."""
-    if a.is_floating_point():
-        return bool(torch.equal(torch.nan_to_num(a, nan=1234.5), torch.nan_to_num(b, nan=1234.5)))
-    return bool(torch.equal(a, b))
 
 
 @pytest.mark.parametrize(

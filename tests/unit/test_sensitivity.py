@@ -10,6 +10,7 @@ from torch import nn
 
 import workbench as wb
 import workbench.workflows.sensitivity as sensitivity_module
+from workbench.engine.quantizers import WeightQuantizer
 
 
 def small_mlp() -> nn.Module:
@@ -106,7 +107,9 @@ def test_auto_mixed_precision_measures_the_fp32_model_once():
     res = wb.auto_mixed_precision(
         model, [data], eval_fn, max_drop=1e-9, config="w4a4", progress=False
     )
-    assert sum(m is model for m in evaluated) == 1
+    # the FP32 metric once, on an eval-mode copy: the user's model itself is never run
+    assert not any(m is model for m in evaluated)
+    assert sum(not any(isinstance(x, WeightQuantizer) for x in m.modules()) for m in evaluated) == 1
     assert res.report.summary["metric_fp32"] == 0.0
     search = res.report.extra_tables["Mixed-precision search"]
     # sensitivity (at most 2 x 3 layers), the search's steps, the final report's quantized metric

@@ -50,6 +50,13 @@ class Scheme:
             )
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             raise ConfigError(f"Scheme axis must be an int, got {self.axis!r}")
+        for flag in ("symmetric", "per_channel", "narrow_range"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):  # "False" and "no" are truthy strings
+                raise ConfigError(
+                    f"Scheme {flag} must be True or False, got {type(value).__name__} {value!r}; "
+                    f"pass e.g. {flag}=False"
+                )
 
     @property
     def quant_min(self) -> int:

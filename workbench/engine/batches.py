@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain, islice
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -26,6 +27,13 @@ def iter_batches(
 ) -> Iterator:
     """Batches from a DataLoader, an iterable of batches, or a single tensor, at most
     ``max_batches`` (the caller's option ``limit_name``, checked now, before any batch)."""
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, Integral)
+    ):
+        raise CalibrationError(
+            f"{limit_name} must be an int or None, got {type(max_batches).__name__} "
+            f"{max_batches!r}; pass e.g. {limit_name}=8"
+        )
     if max_batches is not None and max_batches < 1:
         raise CalibrationError(
             f"{limit_name} must be >= 1, got {max_batches}; pass a positive number of batches "
@@ -75,20 +83,25 @@ def _is_empty(batch: Any) -> bool:
 
 
 def model_inputs(batch: Any) -> tuple[tuple, dict]:
-    """Split a batch into ``(args, kwargs)`` for the model."""
+    """Split a batch into ``(args, kwargs)`` for the model. The tensors are copies: a model
+    that changes its input in place must not change the user's data."""
     if isinstance(batch, torch.Tensor):
-        return (batch,), {}
+        return (_copy(batch),), {}
     if isinstance(batch, Mapping):
-        return (), dict(batch)
+        return (), {key: _copy(value) for key, value in batch.items()}
     if isinstance(batch, list | tuple) and batch:
         first = batch[0]
         if isinstance(first, Mapping):
-            return (), dict(first)
-        return (first,), {}
+            return (), {key: _copy(value) for key, value in first.items()}
+        return (_copy(first),), {}
     raise CalibrationError(
         f"cannot read a model input from a batch of type {type(batch).__name__}; "
         "yield tensors, (inputs, targets) tuples or dicts of keyword inputs"
     )
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def batch_size(batch: Any) -> int:
@@ -104,9 +117,10 @@ def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_d
         return model(*args, **kwargs)
     except WorkbenchError:
         raise  # already one clear sentence (a NaN activation, an observer's complaint)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+    except Exception as exc:  # the model's own error (shape, KeyError, assert), in one line
         raise CalibrationError(
-            f"batch {index} of {what} could not run through the model ({first_line(exc)}); "
+            f"batch {index} of {what} could not run through the model "
+            f"({type(exc).__name__}: {first_line(exc)}); "
             "pass batches shaped like the model's input"
         ) from exc
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from workbench.core.qparams import check_finite
@@ -15,8 +17,15 @@ from workbench.engine.bn_fold import fold_batchnorms
 from workbench.engine.config import QuantConfig
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.modules import ROOT_NAME, set_submodule
-from workbench.engine.prepare import FP32, QUANTIZED, LayerPlan, insert_quantizers, plan_layers
+from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
+from workbench.engine.prepare import (
+    FP32,
+    QUANTIZED,
+    LayerPlan,
+    insert_quantizers,
+    matches_any,
+    plan_layers,
+)
 from workbench.engine.quantizers import OBSERVE, QUANTIZE, ActivationQuantizer
 from workbench.errors import CalibrationError, ConfigError, ModelError
 
@@ -33,17 +42,71 @@ def resolve_config(config: QuantConfig | str | None) -> QuantConfig:
     return config
 
 
+# modules whose output depends on the training flag (the ones eval mode switches)
+MODE_DEPENDENT_TYPES = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
 def check_model(model: Any) -> None:
     """A clear error for anything that is not a usable nn.Module."""
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself"
         )
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = [name for name, tensor in tensors if tensor.is_meta]
+    if meta:
+        raise ModelError(
+            f"{meta[0]!r} of the model is on the meta device (no values to quantize); "
+            "materialize it first: model.to_empty(device='cpu') then load_state_dict(...)"
+        )
     for name, param in model.named_parameters():
         check_finite(param.detach(), f"parameter {name!r} of the model")
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point():  # BatchNorm statistics end up in the folded weights
             check_finite(buffer.detach(), f"buffer {name!r} of the model")
+
+
+def user_model_copy(model: Any, caller: str) -> nn.Module:
+    """The copy of the user's model that every internal forward runs on: checked, in eval
+    mode, ``torch.compile``'s wrapper removed, parametrizations (weight norm) replaced by the
+    weights they compute. The user's model is never run, moved or switched to eval.
+
+    A model in training mode (dropout / BatchNorm layers) gets a warning: the FP32 metric, the
+    BN folding and the calibration use eval mode (dropout off, BatchNorm's running
+    statistics), as inference does.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the module
+    check_model(model)
+    training = [
+        name
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, MODE_DEPENDENT_TYPES)
+    ]
+    if training:
+        more = f" and {len(training) - 1} more" if len(training) > 1 else ""
+        warnings.warn(
+            f"{caller}: the model is in training mode ({training[0]!r}{more} would use "
+            "dropout / batch statistics); it is quantized and measured in eval mode, on a copy "
+            "(your model is untouched); call model.eval() first to silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as exc:  # a module holding a lock, a generator, an open file, ...
+        raise ModelError(
+            f"the model cannot be copied ({type(exc).__name__}: {exc}); the workbench "
+            "quantizes a deep copy and never the model itself: make it copy.deepcopy-able"
+        ) from exc
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return copied.eval()
 
 
 def set_activation_mode(model: nn.Module, mode: str) -> None:
@@ -59,6 +122,7 @@ def prepare_model(
     fp32_model = copy.deepcopy(model).eval()
     folded = fold_batchnorms(fp32_model, first_batch)
     plans = plan_layers(fp32_model, config, folded)
+    check_plans(fp32_model, plans, config)
     if not any(plan.status == QUANTIZED for plan in plans):
         types = sorted({plan.layer_type for plan in plans}) or ["none"]
         raise ModelError(
@@ -69,6 +133,29 @@ def prepare_model(
     prepared = insert_quantizers(prepared, plans, config)
     insert_output_quantizers(prepared, first_batch, config, folded)
     return fp32_model, prepared, plans
+
+
+def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -> None:
+    """Exclude patterns that match no layer (a typo would quietly quantize the layer meant to
+    stay FP32) and layers with nothing to quantize are errors naming the layer."""
+    names = [plan.name for plan in plans]
+    for pattern in config.exclude:
+        if not any(matches_any(name, (pattern,)) for name in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ConfigError(
+                f"config.exclude pattern {pattern!r} matches no layer of the model; "
+                f"use layer names as in report.layers (this model's: {shown})"
+            )
+    for plan in plans:
+        if plan.status != QUANTIZED:
+            continue
+        weight = getattr(get_layer(model, plan.name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() == 0:
+            raise ModelError(
+                f"layer {plan.name!r} ({plan.layer_type}) has an empty weight of shape "
+                f"{list(weight.shape)}: nothing to quantize; remove the layer or add "
+                f"{plan.name!r} to config.exclude"
+            )
 
 
 def calibrate(model: nn.Module, batches: list[Any], progress: bool = True) -> set[str]:
@@ -114,6 +201,31 @@ def finish_calibration(model: nn.Module, plans: list[LayerPlan], reached: set[st
         if not layer.weight_quantizer.frozen:
             layer.weight_quantizer.freeze(layer.layer.weight)
         if layer.input_quantizer is not None:
+            warn_if_degenerate(layer.input_quantizer, name)
             layer.input_quantizer.calibrate()
+    for module in model.modules():  # the output quantizers placed after layers
+        if isinstance(module, ActivationQuantizer) and module.observer is not None:
+            warn_if_degenerate(module, module.tensor_name)
     finish_output_quantizers(model)
     set_activation_mode(model, QUANTIZE)
+
+
+def warn_if_degenerate(quantizer: ActivationQuantizer, layer_name: str) -> None:
+    """A warning naming the layer whose calibration input never varied (all zeros, one
+    constant): its scale fits no real input."""
+    observer = quantizer.observer
+    if observer is None or observer.batches_seen == 0:
+        return
+    low = getattr(observer, "seen_min", None)
+    high = getattr(observer, "seen_max", None)
+    if getattr(observer, "min_val", None) is not None:
+        low, high = float(observer.min_val.min()), float(observer.max_val.max())
+    if low is None or low != high:
+        return
+    warnings.warn(
+        f"the calibration data of {quantizer.tensor_name} ({layer_name!r}) was constant "
+        f"(every value {low:g}): its quantization range fits no other input; calibrate with "
+        "representative data (real samples, not zeros or one repeated value)",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from numbers import Real
 
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.core.scheme import Scheme
@@ -54,23 +56,41 @@ class QuantConfig:
             raise ConfigError(
                 "per-channel activations are not supported; use a per-tensor activation Scheme"
             )
-        if self.observer not in OBSERVER_NAMES:
+        if self.weight.per_channel and self.weight.axis != 0:
+            raise ConfigError(
+                f"per-channel weights use axis=0 (the output channels of Linear / Conv, which "
+                f"the bias and the exported DequantizeLinear follow), got axis="
+                f"{self.weight.axis}; pass wb.Scheme(..., per_channel=True, axis=0)"
+            )
+        if not isinstance(self.observer, str) or self.observer not in OBSERVER_NAMES:
             raise ConfigError(
                 f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVER_NAMES)}"
             )
-        if self.weight_observer not in WEIGHT_OBSERVER_NAMES:
+        if (
+            not isinstance(self.weight_observer, str)
+            or self.weight_observer not in WEIGHT_OBSERVER_NAMES
+        ):
             raise ConfigError(
                 f"unknown weight_observer {self.weight_observer!r}; "
                 f"choose one of {', '.join(WEIGHT_OBSERVER_NAMES)}"
+            )
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, Real):
+            raise ConfigError(
+                f"percentile must be a number in (50, 100], got "
+                f"{type(self.percentile).__name__} {self.percentile!r}; e.g. percentile=99.99"
             )
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(
                 f"percentile must be in (50, 100], got {self.percentile}; e.g. percentile=99.99"
             )
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        else:
-            object.__setattr__(self, "exclude", tuple(self.exclude))
+        for flag in ("int32_bias", "quantize_embeddings"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise ConfigError(
+                    f"QuantConfig {flag} must be True or False, got {type(value).__name__} "
+                    f"{value!r}"
+                )
+        object.__setattr__(self, "exclude", _exclude_patterns(self.exclude))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> QuantConfig:
@@ -90,6 +110,20 @@ class QuantConfig:
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "fp32"
         return f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
+
+
+def _exclude_patterns(exclude: object) -> tuple[str, ...]:
+    """``exclude`` as a tuple of layer names / glob patterns (one string is one pattern)."""
+    if isinstance(exclude, str):
+        return (exclude,)
+    fix = "pass layer names or glob patterns, e.g. exclude=('fc2', 'encoder.*.dense'), or ()"
+    if exclude is None or not isinstance(exclude, Iterable):
+        raise ConfigError(f"exclude must be a tuple of layer names, got {exclude!r}; {fix}")
+    patterns = tuple(exclude)
+    wrong = [p for p in patterns if not isinstance(p, str)]
+    if wrong:
+        raise ConfigError(f"exclude holds {wrong[0]!r}, not a layer name; {fix}")
+    return patterns
 
 
 PRESETS: dict[str, QuantConfig] = {

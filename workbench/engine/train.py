@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.engine.batches import forward_loss, move_batch
+from workbench.engine.eval_metric import measure_metric
 from workbench.engine.live_bn import freeze_batchnorms, set_training_mode
 from workbench.engine.qat_quantizers import learned_scales, scale_values
 from workbench.errors import CalibrationError, NonFiniteError
@@ -93,7 +94,7 @@ def train_qat(
                 )
             metric = None
             if eval_fn is not None:
-                metric = float(eval_fn(model))
+                metric = measure_metric(eval_fn, model, f"the model after epoch {epoch}")
                 log.steps[-1]["metric"] = metric
                 bar.set_postfix(
                     loss=f"{epoch_loss / epoch_steps:.4f}", metric=f"{metric:.4g}", refresh=False

@@ -56,10 +56,6 @@ def quantize(
             raise CalibrationError(
                 "PTQ needs calibration data; pass calib_data (a DataLoader or a list of batches)"
             )
-        if max_drop is not None and eval_fn is None:
-            raise ConfigError(
-                "max_drop is a drop of the eval_fn metric; pass eval_fn(model) -> float"
-            )
         if keep_most_sensitive > 0:
             return wb.keep_most_sensitive_fp32(
                 model,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from itertools import islice
+from numbers import Integral
 from typing import Any
 
 import pandas as pd
@@ -22,8 +23,9 @@ from torch import nn
 from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import resolve_config
 from workbench.engine.config import QuantConfig
+from workbench.engine.eval_metric import check_eval_fn, check_search, measure_metric
 from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.modules import set_submodule
+from workbench.engine.modules import ROOT_NAME, set_submodule
 from workbench.engine.prepare import FP32
 from workbench.engine.switches import quantize_only
 from workbench.errors import ConfigError
@@ -59,7 +61,7 @@ def auto_mixed_precision(
     Returns a QuantResult whose report lists the layers kept (and why) and has two extra
     tables: ``Sensitivity`` and ``Mixed-precision search`` (layers kept vs metric).
     """
-    _check_search(eval_fn, max_drop, "auto_mixed_precision")
+    check_search(eval_fn, max_drop, "auto_mixed_precision")
     return _search(model, calib_data, eval_fn, max_drop, config, num_batches, progress, {})
 
 
@@ -87,7 +89,13 @@ def keep_most_sensitive_fp32(
     """
     config = resolve_config(config)
     if max_drop is not None:
-        _check_search(eval_fn, max_drop, "keep_most_sensitive_fp32 with max_drop")
+        check_search(eval_fn, max_drop, "keep_most_sensitive_fp32 with max_drop")
+    check_eval_fn(eval_fn, "keep_most_sensitive_fp32")
+    if isinstance(count, bool) or not isinstance(count, Integral):
+        raise ConfigError(
+            f"count must be an int (the number of layers kept FP32), got "
+            f"{type(count).__name__} {count!r}"
+        )
     # read once: the ranking and the quantization see the same batches (a generator too)
     batches = list(iter_batches(calib_data, num_batches))
     metric_fp32 = None
@@ -96,6 +104,10 @@ def keep_most_sensitive_fp32(
         if eval_fn is not None:
             metric_fp32 = sensitivity.attrs["metric_fp32"]
     kept = _most_sensitive(sensitivity, count)
+    names = {name or ROOT_NAME for name, _ in getattr(model, "_orig_mod", model).named_modules()}
+    for name in kept:
+        if name not in names:
+            raise _stale_table_error(name)
     ranks = {name: rank for rank, name in enumerate(sensitivity["layer"], start=1)}
     reasons = {
         name: f"kept FP32: sensitivity rank {ranks[name]} of {len(sensitivity)}" for name in kept
@@ -113,13 +125,6 @@ def keep_most_sensitive_fp32(
     result.report.extra_tables[title] = sensitivity
     result.report.summary["kept_higher_precision"] = list(kept) + list(searched)
     return result
-
-
-def _check_search(eval_fn: Any, max_drop: float, caller: str) -> None:
-    if eval_fn is None or not callable(eval_fn):
-        raise ConfigError(f"{caller} needs eval_fn(model) -> float, higher is better")
-    if max_drop < 0:
-        raise ConfigError(f"max_drop must be >= 0, got {max_drop}")
 
 
 def _most_sensitive(sensitivity: pd.DataFrame, count: int) -> list[str]:
@@ -142,12 +147,16 @@ def _set_reasons(plans: list, reasons: Mapping[str, str]) -> None:
     for name, reason in reasons.items():
         plan = next((p for p in plans if p.name == name), None)
         if plan is None or plan.status != FP32:
-            raise ConfigError(
-                f"the sensitivity table names layer {name!r}, which this model does not keep "
-                "FP32 under the config; pass the table wb.sensitivity computed for this model "
-                "and config"
-            )
+            raise _stale_table_error(name)
         plan.note = reason
+
+
+def _stale_table_error(name: str) -> ConfigError:
+    return ConfigError(
+        f"the sensitivity table names layer {name!r}, which this model does not keep "
+        "FP32 under the config; pass the table wb.sensitivity computed for this model "
+        "and config"
+    )
 
 
 def _ptq(
@@ -161,10 +170,12 @@ def _ptq(
 ) -> QuantResult:
     """``wb.ptq``'s steps, with ``reasons`` set on the plans before the report is built
     (``metric_fp32``: ``eval_fn`` of the FP32 model when already measured)."""
-    calibrated = CalibratedModel(model, batches, config, None, None, progress)
+    calibrated = CalibratedModel(
+        model, batches, config, None, None, progress, "wb.keep_most_sensitive_fp32"
+    )
     _set_reasons(calibrated.plans, reasons)
     report = build_report(
-        model,
+        calibrated.original,
         calibrated.fp32_model,
         calibrated.model,
         calibrated.plans,
@@ -195,13 +206,17 @@ def _search(
 ) -> QuantResult:
     """The mixed-precision search; ``reasons`` of layers the config already keeps FP32 are set
     on the plans before the report is built."""
-    low = CalibratedModel(model, calib_data, config, eval_fn, num_batches, progress)
+    low = CalibratedModel(
+        model, calib_data, config, eval_fn, num_batches, progress, "wb.auto_mixed_precision"
+    )
     sens = sensitivity_table(low, progress)
     metric_fp32 = sens.attrs["metric_fp32"]
     fallback_config = higher_precision_config(low.config)
     high = None
     if fallback_config is not None:
-        high = CalibratedModel(model, low.batches, fallback_config, None, None, progress)
+        high = CalibratedModel(
+            model, low.batches, fallback_config, None, None, progress, "wb.auto_mixed_precision"
+        )
     low_layers = dict(iter_quantized_layers(low.model))
     # what a kept layer becomes: its 8-bit twin, or its FP32 module; the search measures
     # exactly the model it returns
@@ -216,7 +231,7 @@ def _search(
     for k in range(len(order) + 1):
         kept = order[:k]
         _apply(low.model, low_layers, fallback_layers, kept)
-        metric = float(eval_fn(low.model))
+        metric = measure_metric(eval_fn, low.model, f"the model with {k} layer(s) kept")
         drop = metric_fp32 - metric
         trajectory.append(
             {"layers_kept": k, "kept": ", ".join(kept), "metric": metric, "drop": drop}
@@ -235,7 +250,7 @@ def _search(
     _set_reasons(low.plans, reasons)
     search = pd.DataFrame(trajectory)
     report = build_report(
-        model,
+        low.original,
         low.fp32_model,
         mixed,
         low.plans,

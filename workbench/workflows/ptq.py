@@ -16,14 +16,14 @@ from workbench.analysis.storage import storage_table
 from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import (
     calibrate,
-    check_model,
     finish_calibration,
     prepare_model,
     resolve_config,
+    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.prepare import LayerPlan
-from workbench.engine.training_modes import training_modes_kept
 from workbench.workflows.result import QuantResult
 
 REPORT_BATCHES = 8
@@ -40,16 +40,17 @@ def build_report(
     metric_fp32: float | None = None,
 ) -> Report:
     """The report of a calibrated model: layer table, storage, summary with ``eval_fn``'s
-    metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``."""
+    metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``.
+    ``original`` is the eval-mode copy of the user's model (``user_model_copy``), never the
+    user's model itself: ``eval_fn`` may run it in training mode."""
     measured, model_stats = measure_layer_errors(fp32_model, quantized, report_batches)
     layers = layer_table(quantized, plans, measured)
     storage = storage_table(original, quantized, plans)
     metric_quantized = None
     if eval_fn is not None:
         if metric_fp32 is None:
-            with training_modes_kept(original):  # eval_fn may switch the user's model to eval
-                metric_fp32 = float(eval_fn(original))
-        metric_quantized = float(eval_fn(quantized))
+            metric_fp32 = measure_metric(eval_fn, original, "the FP32 model")
+        metric_quantized = measure_metric(eval_fn, quantized, "the quantized model")
     summary = build_summary(
         layers,
         storage,
@@ -88,17 +89,18 @@ def ptq(
         Show a progress bar.
     """
     config = resolve_config(config)
-    check_model(model)
+    check_eval_fn(eval_fn, "wb.ptq")
+    reference = user_model_copy(model, "wb.ptq")
     # Stream the calibration data: only the first batches (BN folding, the report) are kept,
     # so a whole training DataLoader does not have to fit in memory.
     stream = iter_batches(calib_data, num_batches)
     head = list(islice(stream, REPORT_BATCHES))
     batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
-    fp32_model, prepared, plans = prepare_model(model, head[0], config)
+    fp32_model, prepared, plans = prepare_model(reference, head[0], config)
     reached = calibrate(prepared, batches, progress)
     finish_calibration(prepared, plans, reached)
     prepared.eval()
-    report = build_report(model, fp32_model, prepared, plans, config, head, eval_fn)
+    report = build_report(reference, fp32_model, prepared, plans, config, head, eval_fn)
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
 
 

@@ -7,7 +7,6 @@ start by default; see ``engine/live_bn.py`` for ``freeze_bn_after``).
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 from itertools import islice
@@ -27,12 +26,13 @@ from workbench.engine.batches import (
 )
 from workbench.engine.calibrate import (
     calibrate,
-    check_model,
     finish_calibration,
     prepare_model,
     resolve_config,
+    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.eval_metric import check_eval_fn
 from workbench.engine.live_bn import unfold_batchnorms
 from workbench.engine.qat_options import (
     build_optimizer,
@@ -114,14 +114,15 @@ def qat(
         the result so far, with a warning.
     """
     config = resolve_config(config)
-    check_model(model)
     check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
+    check_eval_fn(eval_fn, "wb.qat")
     device = resolve_device(device)
     first_batches = take_first_batches(train_data, CALIB_BATCHES)
     loss_target(first_batches[0])  # (inputs, targets) or a dict, else one clear error now
     batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
     calib = first_batches if calib_data is None else list(iter_batches(calib_data))
-    source = _on_cpu(model)
+    # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself
+    source = user_model_copy(model, "wb.qat").to("cpu")
     fp32_model, prepared, plans = prepare_model(source, calib[0], config)
     reached = calibrate(prepared, calib, progress)
     finish_calibration(prepared, plans, reached)
@@ -153,7 +154,7 @@ def qat(
         )
     prepared = finish_qat(prepared).to("cpu")
     base = build_report(
-        model,
+        source,
         fp32_model,
         prepared,
         plans,
@@ -192,15 +193,6 @@ def training_summary(log: TrainingLog, epochs: int, learn_scales: bool) -> dict[
         "qat_learn_scales": learn_scales,
         "qat_bn_frozen_at_step": log.bn_frozen_at_step,
     }
-
-
-def _on_cpu(model: nn.Module) -> nn.Module:
-    """``model`` itself when it lives on the CPU, else a CPU copy (calibration and the report
-    run on the CPU; the user's model is never moved)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device.type == "cpu" for t in tensors):
-        return model
-    return copy.deepcopy(model).to("cpu")
 
 
 def _length(data: Any) -> int | None:

@@ -21,15 +21,15 @@ from workbench.core.metrics import ErrorAccumulator
 from workbench.engine.batches import iter_batches, output_tensor, run_model
 from workbench.engine.calibrate import (
     calibrate,
-    check_model,
     finish_calibration,
     prepare_model,
     resolve_config,
+    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.switches import quantize_only
-from workbench.engine.training_modes import training_modes_kept
 
 METRIC_BATCHES = 8
 SENSITIVITY_COLUMNS = [
@@ -54,12 +54,15 @@ class CalibratedModel:
         eval_fn: Callable[[nn.Module], float] | None,
         num_batches: int | None,
         progress: bool,
+        caller: str = "wb.sensitivity",
     ) -> None:
         self.config = resolve_config(config)
-        check_model(model)
-        self.original = model
+        check_eval_fn(eval_fn, caller)
+        self.original = user_model_copy(model, caller)  # the FP32 reference, in eval mode
         self.batches = list(iter_batches(calib_data, num_batches))
-        self.fp32_model, self.model, self.plans = prepare_model(model, self.batches[0], self.config)
+        self.fp32_model, self.model, self.plans = prepare_model(
+            self.original, self.batches[0], self.config
+        )
         reached = calibrate(self.model, self.batches, progress)
         finish_calibration(self.model, self.plans, reached)
         self.model.eval()
@@ -94,17 +97,18 @@ class CalibratedModel:
         if self.eval_fn is None:
             return float("inf")
         self.eval_calls += 1
-        with training_modes_kept(self.original):  # eval_fn may switch it to eval
-            return float(self.eval_fn(self.original))
+        return measure_metric(self.eval_fn, self.original, "the FP32 model")
 
     def measure(self, quantized_layers, between_layers: bool = True) -> tuple[float, float]:
         """``(metric, output cosine)`` with exactly ``quantized_layers`` quantized."""
+        quantized_layers = list(quantized_layers)
         quantize_only(self.model, quantized_layers, between_layers)
         acc = self.output_error()
         if self.eval_fn is None:
             return acc.sqnr_db, acc.cosine
         self.eval_calls += 1
-        return float(self.eval_fn(self.model)), acc.cosine
+        which = f"the model with {len(quantized_layers)} layer(s) quantized"
+        return measure_metric(self.eval_fn, self.model, which), acc.cosine
 
 
 def sensitivity_table(calibrated: CalibratedModel, progress: bool = True) -> pd.DataFrame:

@@ -83,7 +83,7 @@ class QuantConfig:
             raise ConfigError(
                 f"percentile must be in (50, 100], got {self.percentile}; e.g. percentile=99.99"
             )
-        for flag in ("int32_bias", "quantize_embeddings"):
+        for flag in ("quantize_embeddings",):
             value = getattr(self, flag)
             if not isinstance(value, bool):
                 raise ConfigError(

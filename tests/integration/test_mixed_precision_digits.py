@@ -26,6 +26,8 @@ def test_digits_4bit_search_meets_the_drop_with_few_layers_kept(
     layers = res.report.layers.set_index("layer")
     for name in kept:
         assert layers.loc[name, "bits"] == 8 and "kept 8-bit" in layers.loc[name, "reason"]
+    plan_bits = {plan.name: plan.weight_bits for plan in res.plans if plan.weight_bits is not None}
+    assert plan_bits == dict.fromkeys(kept, 8)  # the plan says it as a field too
 
 
 def test_digits_3bit_search_keeps_layers_in_8_bit(digits_model, digits_data, digits_eval_fn):

@@ -85,6 +85,8 @@ def test_layers_has_the_issue_columns_and_one_row_per_parameter_layer(result):
     assert rows.loc["fc1", "type"] == "Linear" and rows.loc["conv", "type"] == "Conv2d"
     assert rows.loc["norm", "status"] == "fp32" and "LayerNorm" in rows.loc["norm", "reason"]
     assert rows.loc["bn", "reason"] == "folded into conv"
+    assert rows.loc["bn", "folded_into"] == "conv"  # the fact as a field, for renderers
+    assert rows["folded_into"].drop("bn").isna().all()
     assert (rows.loc[["conv", "fc1", "fc2"], "status"] == "quantized").all()
     assert (rows.loc[["conv", "fc1", "fc2"], "bits"] == 8).all()
     assert rows.loc["fc1", "num_scales"] == 16

@@ -15,6 +15,7 @@ LAYER_COLUMNS = [
     "type",
     "status",
     "reason",
+    "folded_into",
     "weight_shape",
     "scheme",
     "bits",
@@ -88,6 +89,7 @@ def layer_table(
             "type": plan.layer_type,
             "status": plan.status,
             "reason": plan.reason,
+            "folded_into": plan.folded_into,
         }
         module = get_layer(quantized_model, plan.name)
         if isinstance(module, QuantizedLayer):

@@ -272,7 +272,7 @@ def is_folded(row: dict[str, Any]) -> bool:
     """A layer folded away (BatchNorm into the conv before it): no bytes of its own."""
     if row.get("status") != "fp32":
         return False
-    return bool(row.get("folded_into")) or str(row.get("reason") or "").startswith("folded into")
+    return bool(row.get("folded_into"))
 
 
 def status_badge(row: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import fold_batchnorms
 from workbench.engine.config import QuantConfig
+from workbench.engine.equalize import equalize_model, mark_equalized
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
@@ -123,6 +124,8 @@ def prepare_model(
     folded = fold_batchnorms(fp32_model, first_batch)
     plans = plan_layers(fp32_model, config, folded)
     check_plans(fp32_model, plans, config)
+    if config.equalize:
+        mark_equalized(plans, equalize_model(fp32_model, first_batch))
     if not any(plan.status == QUANTIZED for plan in plans):
         types = sorted({plan.layer_type for plan in plans}) or ["none"]
         raise ModelError(

@@ -11,6 +11,8 @@ from workbench.core.scheme import Scheme
 from workbench.errors import ConfigError
 
 WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
+WEIGHT_METHODS = ("nearest", "adaround")  # how weights are rounded to their grid
+BIAS_CORRECTIONS = (False, True, "empirical", "analytic")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,19 @@ class QuantConfig:
         Percentile used by the ``percentile`` observer.
     weight_observer : str
         ``minmax`` (default, as ONNX Runtime) or ``mse`` (per-channel clipping search).
+    equalize : bool
+        Cross-layer equalization before calibration (conv -> ReLU / ReLU6 / nothing -> conv,
+        depthwise included, and Linear -> ReLU -> Linear), with high-bias absorption; the FP32
+        function of the model is unchanged.
+    bias_correction : bool or str
+        Remove each quantized layer's expected output error from its bias: ``True`` /
+        ``"empirical"`` measures it on the calibration data, ``"analytic"`` derives it from the
+        folded BatchNorm statistics (no data).
+    weight_method : str
+        How weights are rounded: ``nearest`` or ``adaround`` (learned per layer on the
+        calibration data; the export stores the learned codes).
+    adaround_iterations : int
+        Optimisation steps per layer for ``weight_method="adaround"``.
     quantize_embeddings : bool
         Store ``nn.Embedding`` tables with the weight scheme (per-channel = one scale per row),
         weight-only; an exported transformer's file then shrinks to about a quarter.
@@ -43,6 +58,10 @@ class QuantConfig:
     percentile: float = 99.99
     weight_observer: str = "minmax"
     quantize_embeddings: bool = False
+    equalize: bool = False
+    bias_correction: bool | str = False
+    weight_method: str = "nearest"
+    adaround_iterations: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, Scheme):
@@ -91,6 +110,34 @@ class QuantConfig:
                     f"{value!r}"
                 )
         object.__setattr__(self, "exclude", _exclude_patterns(self.exclude))
+        self._check_ptq_methods()
+
+    def _check_ptq_methods(self) -> None:
+        if not isinstance(self.equalize, bool):
+            raise ConfigError(f"QuantConfig equalize must be True or False, got {self.equalize!r}")
+        correction = self.bias_correction
+        if not isinstance(correction, bool | str) or correction not in BIAS_CORRECTIONS:
+            raise ConfigError(
+                f"unknown bias_correction {self.bias_correction!r}; "
+                "choose True (empirical, from the calibration data), 'analytic' or False"
+            )
+        if not isinstance(self.weight_method, str) or self.weight_method not in WEIGHT_METHODS:
+            raise ConfigError(
+                f"unknown weight_method {self.weight_method!r}; "
+                f"choose one of {', '.join(WEIGHT_METHODS)}"
+            )
+        iterations = self.adaround_iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ConfigError(
+                f"adaround_iterations must be a positive int, got {iterations!r}; e.g. 1000"
+            )
+
+    @property
+    def bias_correction_method(self) -> str | None:
+        """``"empirical"``, ``"analytic"`` or None (no bias correction)."""
+        if self.bias_correction is False:
+            return None
+        return "empirical" if self.bias_correction is True else self.bias_correction
 
     @classmethod
     def preset(cls, name: str, **overrides) -> QuantConfig:
@@ -109,7 +156,17 @@ class QuantConfig:
 
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "fp32"
-        return f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
+        text = f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
+        return text + "".join(f", {name}" for name in self.ptq_methods())
+
+    def ptq_methods(self) -> list[str]:
+        """The PTQ refinements this config applies, in the order they run."""
+        methods = ["cross-layer equalization"] if self.equalize else []
+        if self.weight_method != "nearest":
+            methods.append(f"{self.weight_method} rounding")
+        if self.bias_correction_method is not None:
+            methods.append(f"{self.bias_correction_method} bias correction")
+        return methods
 
 
 def _exclude_patterns(exclude: object) -> tuple[str, ...]:

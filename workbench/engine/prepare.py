@@ -37,6 +37,9 @@ class LayerPlan:
     folded_into: str | None = None  # a BatchNorm folded into this conv / linear
     weight_bits: int | None = None  # per-layer precision; None: the config's scheme
     activation_bits: int | None = None
+    equalized: bool = False  # scaled by cross-layer equalization (engine.equalize)
+    bias_corrected: bool = False  # expected output error removed from the bias
+    weight_rounding: str | None = None  # "nearest" / "adaround" when quantized
 
     @property
     def reason(self) -> str:

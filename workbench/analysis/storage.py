@@ -60,11 +60,17 @@ def quantized_layer_storage(layer: QuantizedLayer) -> dict[str, int]:
     }
 
 
-def fp32_module_storage(module: nn.Module) -> dict[str, int]:
-    """Bytes of a module's own parameters kept in FP32 (bias counted apart)."""
+def fp32_module_storage(module: nn.Module, counted: set[int] | None = None) -> dict[str, int]:
+    """Bytes of a module's own parameters kept in FP32 (bias counted apart). A parameter
+    whose id is in ``counted`` is already stored by another layer (tied embedding and head
+    weights) and adds nothing; the ids counted here are added to it."""
     bias_numel = 0
     weight_numel = 0
     for name, param in module.named_parameters(recurse=False):
+        if counted is not None:
+            if id(param) in counted:
+                continue
+            counted.add(id(param))
         if name == "bias":
             bias_numel += param.numel()
         else:
@@ -83,17 +89,19 @@ def storage_table(
 ) -> pd.DataFrame:
     """One row per parameter-holding layer of the original model, and a TOTAL row."""
     rows = []
+    counted_fp32: set[int] = set()  # tied parameters are stored once
+    counted_kept: set[int] = set()
     for plan in plans:
         name = plan.name
         original = get_layer(original_model, name)
         current = get_layer(quantized_model, name)
-        fp32_bytes = fp32_module_storage(original)["total_bytes"]
+        fp32_bytes = fp32_module_storage(original, counted_fp32)["total_bytes"]
         if isinstance(current, QuantizedLayer):
             sizes = quantized_layer_storage(current)
         elif plan.folded_into is not None:
             sizes = dict.fromkeys(STORAGE_COLUMNS[4:], 0)
         else:
-            sizes = fp32_module_storage(current)
+            sizes = fp32_module_storage(current, counted_kept)
         rows.append(
             {
                 "layer": name,

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 
 from workbench.errors import WorkbenchError
 from workbench.notebook import actions
@@ -82,16 +82,40 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     return result
 
 
+RESULT_TYPES = ("QuantResult", "WorkbenchPanel")
+
+
+def check_output_name(recipe: Recipe, namespace: Mapping[str, Any]) -> None:
+    """``-o NAME`` never replaces the model, and replaces another variable only when it holds
+    an earlier result, unless ``--force``."""
+    name = recipe.output
+    if name == recipe.model:
+        raise UsageError(
+            f"%quantize: -o {name} would replace the model with the result; choose another "
+            "name (e.g. -o result)"
+        )
+    if name in namespace and not recipe.force:
+        held = type(namespace[name]).__name__
+        if held not in RESULT_TYPES:
+            raise UsageError(
+                f"%quantize: -o {name} would replace the variable {name!r} (it holds a {held} "
+                "object); choose another name, or add --force to replace it"
+            )
+
+
 @magics_class
 class QuantizeMagics(Magics):
     """``%quantize`` (line) and ``%%quantize`` (cell with a YAML recipe)."""
 
+    @no_var_expand  # names are looked up, never evaluated: no {expr} / $name expansion
     @line_cell_magic
     def quantize(self, line: str, cell: str | None = None) -> Any:
         options = parse_line(line)
         if cell is not None:
             options = merge_options(options, recipe_from_yaml(cell))
         recipe = make_recipe(options)
+        if recipe.output:
+            check_output_name(recipe, self.shell.user_ns)
         with usage_errors():
             value = run_recipe(recipe, self.shell.user_ns)
         if recipe.output:

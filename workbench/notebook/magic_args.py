@@ -113,7 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="PTQ with --eval: keep the fewest most sensitive layers in higher precision "
         "(FP32, or 8-bit below 8 bits) so the metric drops by at most X",
     )
-    what.add_argument("-o", "--output", metavar="NAME", help="also store the result as NAME")
+    what.add_argument(
+        "-o",
+        "--output",
+        metavar="NAME",
+        help="also store the result as NAME (a new name, or one holding an earlier result)",
+    )
+    what.add_argument(
+        "--force",
+        action="store_const",
+        const=True,
+        help="let -o replace a variable that is not an earlier result",
+    )
     what.add_argument(
         "--panel", action="store_const", const=True, help="open the panel with these settings"
     )

@@ -22,7 +22,7 @@ QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
 _STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer"}
 _STR_KEYS |= {"train", "loss", "export", "example"}
 _INT_KEYS = {"num_batches", "bits", "epochs"}
-_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric"}
+_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force"}
 _FLOAT_KEYS = {"lr", "max_drop"}
 # recipe-only spellings: the negative flags and the short output flag
 _NEGATED_KEYS = {"per_tensor": "per_channel", "asymmetric": "symmetric"}
@@ -40,6 +40,7 @@ class Recipe:
     num_batches: int | None = None
     max_drop: float | None = None
     output: str | None = None
+    force: bool = False
     panel: bool = False
     preset: str = DEFAULT_PRESET
     bits: int | None = None
@@ -117,12 +118,39 @@ def _check_type(key: str, value: Any) -> Any:
     raise AssertionError(key)
 
 
+def _unique_key_loader() -> type:
+    """yaml's SafeLoader, except that a key written twice is an error (plain YAML keeps the
+    last value silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if not isinstance(key, str | int | float | bool):
+                continue
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise UsageError(
+                    f"%%quantize: the recipe sets {key!r} twice (line {line}); keep one line "
+                    "per key"
+                )
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
 def recipe_from_yaml(text: str) -> dict[str, Any]:
     """The options of a ``%%quantize`` cell body (YAML), as ``{key: value}``."""
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -249,4 +277,5 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
     fields["exclude"] = tuple(options.get("exclude", ()))
     fields["method"], fields["preset"] = method, preset
     fields["panel"], fields["bench"] = panel, bool(options.get("bench"))
+    fields["force"] = bool(options.get("force"))
     return Recipe(**fields)

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import pandas as pd
 
-from workbench.runtime.ort_session import make_session
+from workbench.runtime.ort_session import load_onnx_model, make_session
 from workbench.runtime.qdq_graph import QuantizedLayerInfo, read_graph_info
 
 INTEGER_KERNELS = {
@@ -114,7 +114,7 @@ def check_fusion(
     ``path`` must be a model written by ``export_onnx`` (its metadata lists the quantized
     layers). With ``warn``, every layer that did not fuse is named in a warning.
     """
-    exported = onnx.load(str(path))
+    exported = load_onnx_model(path)
     layers = read_graph_info(exported).layers
     with tempfile.TemporaryDirectory(prefix="workbench-fusion-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"

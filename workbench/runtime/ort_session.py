@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from workbench.errors import MissingDependencyError
+from workbench.errors import CalibrationError, ConfigError, MissingDependencyError, first_line
 from workbench.runtime.onnx_export import input_names
 
 ORT_PIP = "pip install onnxruntime"
@@ -49,7 +49,33 @@ def make_session(
     )
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    _check_file(path)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's InvalidArgument / Fail / NoSuchFile on a bad file
+        raise ConfigError(
+            f"ONNX Runtime cannot load {str(path)!r} ({first_line(exc)}); pass the path of "
+            "an .onnx file that export_onnx / export_fp32_onnx wrote"
+        ) from exc
+
+
+def load_onnx_model(path: str | os.PathLike):
+    """``onnx.load`` of a file given by the user; one ConfigError when it is not ONNX."""
+    import onnx
+
+    _check_file(path)
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError on a file that is not a model
+        raise ConfigError(
+            f"{str(path)!r} is not an ONNX model ({first_line(exc)}); pass the path of an "
+            ".onnx file that export_onnx wrote"
+        ) from exc
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
+        raise ConfigError(f"no ONNX file at {str(path)!r}; pass the path that export_onnx returned")
 
 
 def session_feeds(session, example_input: Any) -> dict[str, np.ndarray]:
@@ -62,9 +88,49 @@ def session_feeds(session, example_input: Any) -> dict[str, np.ndarray]:
     arrays = {name: value.detach().cpu().numpy() for name, value in zip(names, values, strict=True)}
     wanted = [i.name for i in session.get_inputs()]
     if all(name in arrays for name in wanted):
-        return {name: arrays[name] for name in wanted}
-    ordered = list(arrays.values())
-    return {name: ordered[i] for i, name in enumerate(wanted) if i < len(ordered)}
+        feeds = {name: arrays[name] for name in wanted}
+    else:
+        ordered = list(arrays.values())
+        feeds = {name: ordered[i] for i, name in enumerate(wanted) if i < len(ordered)}
+    check_feeds(session, feeds)
+    return feeds
+
+
+ORT_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def check_feeds(session, feeds: dict[str, np.ndarray]) -> None:
+    """One CalibrationError naming the input, what it got and what the model takes, before
+    ONNX Runtime's own message about dimensions or types."""
+    for spec in session.get_inputs():
+        if spec.name not in feeds:
+            raise CalibrationError(
+                f"the ONNX model takes an input {spec.name!r} that the data does not give; "
+                "pass batches shaped like the calibration data"
+            )
+        array = feeds[spec.name]
+        expected_dtype = ORT_NUMPY_TYPES.get(spec.type)
+        dims = [d if isinstance(d, int) else None for d in spec.shape]
+        shape_ok = len(dims) == array.ndim and all(
+            d is None or d == n for d, n in zip(dims, array.shape, strict=False)
+        )
+        if (expected_dtype is not None and array.dtype != expected_dtype) or not shape_ok:
+            wanted = [d if d is not None else "N" for d in dims]
+            expected = np.dtype(expected_dtype).name if expected_dtype else spec.type
+            raise CalibrationError(
+                f"input {spec.name!r} has shape {list(array.shape)} and dtype {array.dtype}; "
+                f"the ONNX model takes shape {wanted} of {expected}; pass batches like the "
+                "calibration data (e.g. x.float() for float32)"
+            )
 
 
 def run_session(session, example_input: Any) -> list[np.ndarray]:

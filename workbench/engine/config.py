@@ -12,7 +12,7 @@ from workbench.errors import ConfigError
 
 WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
 WEIGHT_METHODS = ("nearest", "adaround")  # how weights are rounded to their grid
-BIAS_CORRECTIONS = (False, True, "empirical", "analytic")
+BIAS_CORRECTIONS = (False, True, "empirical")
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class QuantConfig:
         function of the model is unchanged.
     bias_correction : bool or str
         Remove each quantized layer's expected output error from its bias: ``True`` /
-        ``"empirical"`` measures it on the calibration data, ``"analytic"`` derives it from the
-        folded BatchNorm statistics (no data).
+        ``"empirical"`` measures it on the calibration data (each layer with the layers before
+        it already quantized and corrected).
     weight_method : str
         How weights are rounded: ``nearest`` or ``adaround`` (learned per layer on the
         calibration data; the export stores the learned codes).
@@ -119,7 +119,7 @@ class QuantConfig:
         if not isinstance(correction, bool | str) or correction not in BIAS_CORRECTIONS:
             raise ConfigError(
                 f"unknown bias_correction {self.bias_correction!r}; "
-                "choose True (empirical, from the calibration data), 'analytic' or False"
+                "choose True (or 'empirical': measured on the calibration data) or False"
             )
         if not isinstance(self.weight_method, str) or self.weight_method not in WEIGHT_METHODS:
             raise ConfigError(

@@ -24,6 +24,7 @@ from workbench.engine.calibrate import (
 from workbench.engine.config import QuantConfig
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.prepare import LayerPlan
+from workbench.engine.refine import refine_quantized_model
 from workbench.workflows.result import QuantResult
 
 REPORT_BATCHES = 8
@@ -100,6 +101,7 @@ def ptq(
     reached = calibrate(prepared, batches, progress)
     finish_calibration(prepared, plans, reached)
     prepared.eval()
+    refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
     report = build_report(reference, fp32_model, prepared, plans, config, head, eval_fn)
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
 

@@ -1,0 +1,33 @@
+"""The PTQ refinements that run after calibration, in order: learned weight rounding
+(``weight_method="adaround"``), then bias correction (which then also removes the mean error
+the learned rounding leaves). Each marks the layers it changed in their plans."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from workbench.engine.bias_correction import correct_biases
+from workbench.engine.config import QuantConfig
+from workbench.engine.prepare import QUANTIZED, LayerPlan
+
+
+def refine_quantized_model(
+    fp32_model: nn.Module,
+    quantized_model: nn.Module,
+    plans: list[LayerPlan],
+    config: QuantConfig,
+    batches: Sequence[Any],
+    progress: bool = True,
+) -> None:
+    """Apply the config's post-calibration refinements to ``quantized_model`` in place."""
+    by_name = {plan.name: plan for plan in plans}
+    for plan in plans:
+        if plan.status == QUANTIZED:
+            plan.weight_rounding = "nearest"
+    if config.bias_correction_method == "empirical":
+        for name in correct_biases(fp32_model, quantized_model, batches):
+            if name in by_name:
+                by_name[name].bias_corrected = True

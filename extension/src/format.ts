@@ -1,4 +1,8 @@
-/** Number formatting and the SQNR colour scale shared by the report views. */
+/**
+ * Number formatting and the SQNR bands shared by the report views. The same rules as
+ * workbench/analysis/report_format.py and sqnr_bands.py: a unit on every number, at most
+ * 3 decimals, positional notation (never 1e+05), an em dash for a missing value.
+ */
 
 /** The bands of workbench/analysis/sqnr_bands.py: poor (red) below, fair (amber) between,
  *  good (green) from SQNR_GOOD_DB up. */
@@ -11,62 +15,76 @@ export function sqnrBand(sqnrDb: number): SqnrBand {
   return sqnrDb < SQNR_POOR_DB ? 'poor' : sqnrDb < SQNR_GOOD_DB ? 'fair' : 'good';
 }
 
-/** SQNR at or below this is drawn fully "bad" (red). */
-export const SQNR_BAD_DB = 10;
-/** SQNR at or above this is drawn fully "good" (green). */
-export const SQNR_FULLY_GOOD_DB = 40;
-
 export const MISSING = '\u2014';
 
 export function isNumber(value: unknown): value is number {
   return typeof value === 'number' && Number.isFinite(value);
 }
 
+/** ``digits`` significant digits, at most 3 decimals from 0.1 up, positional, grouped. */
+export function significant(value: number | null | undefined, digits = 3): string {
+  if (!isNumber(value)) {
+    return MISSING;
+  }
+  if (value === 0) {
+    return '0';
+  }
+  const magnitude = Math.floor(Math.log10(Math.abs(value)));
+  let decimals = Math.max(0, digits - 1 - magnitude);
+  if (Math.abs(value) >= 0.1) {
+    decimals = Math.min(decimals, 3);
+  }
+  decimals = Math.min(decimals, 20);
+  const text = value.toLocaleString('en-US', {
+    minimumFractionDigits: 0,
+    maximumFractionDigits: decimals
+  });
+  return text;
+}
+
 export function formatBytes(bytes: number | null | undefined): string {
   if (!isNumber(bytes)) {
     return MISSING;
   }
-  if (bytes < 1024) {
-    return `${bytes} B`;
+  if (Math.abs(bytes) < 1024) {
+    return `${bytes.toFixed(0)} B`;
   }
-  if (bytes < 1024 * 1024) {
-    return `${(bytes / 1024).toFixed(1)} KiB`;
+  if (Math.abs(bytes) < 1024 * 1024) {
+    return `${significant(bytes / 1024)} KiB`;
   }
-  return `${(bytes / (1024 * 1024)).toFixed(2)} MiB`;
+  return `${significant(bytes / (1024 * 1024))} MiB`;
 }
 
 export function formatDb(value: number | null | undefined): string {
   return isNumber(value) ? `${value.toFixed(1)} dB` : MISSING;
 }
 
-export function formatNumber(value: number | null | undefined, digits = 4): string {
-  if (!isNumber(value)) {
-    return MISSING;
-  }
-  if (value !== 0 && (Math.abs(value) < 1e-3 || Math.abs(value) >= 1e5)) {
-    return value.toExponential(digits - 1);
-  }
-  return Number(value.toPrecision(digits)).toString();
+export function formatRatio(value: number | null | undefined): string {
+  return isNumber(value) ? `${value.toFixed(2)}\u00d7` : MISSING;
 }
 
 export function formatCell(value: unknown): string {
   if (value === null || value === undefined) {
     return MISSING;
   }
+  if (typeof value === 'boolean') {
+    return value ? 'yes' : 'no';
+  }
   if (typeof value === 'number') {
-    return Number.isInteger(value) ? value.toString() : formatNumber(value);
+    if (!Number.isFinite(value)) {
+      return MISSING;
+    }
+    return Number.isInteger(value) ? value.toLocaleString('en-US') : significant(value, 4);
   }
   return String(value);
 }
 
-/** Position of an SQNR on the bad (0) .. good (1) scale. */
-export function sqnrQuality(sqnrDb: number): number {
-  const t = (sqnrDb - SQNR_BAD_DB) / (SQNR_FULLY_GOOD_DB - SQNR_BAD_DB);
-  return Math.min(1, Math.max(0, t));
-}
-
-/** Background colour for an SQNR: red (bad) through amber to green (good). */
-export function sqnrColour(sqnrDb: number): string {
-  const hue = Math.round(120 * sqnrQuality(sqnrDb));
-  return `hsla(${hue}, 75%, 50%, 0.35)`;
+/** ``encoder.layer.0.attention.self.query`` -> ``encoder.layer.0…self.query``. */
+export function shortenMiddle(name: string, maxChars = 40): string {
+  if (name.length <= maxChars) {
+    return name;
+  }
+  const tail = Math.floor((maxChars - 1) / 2);
+  const head = maxChars - 1 - tail;
+  return `${name.slice(0, head)}\u2026${name.slice(name.length - tail)}`;
 }

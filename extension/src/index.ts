@@ -50,7 +50,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
         )
     });
     palette?.addItem({ command: NEW_NOTEBOOK_COMMAND, category: 'Quantization Workbench' });
-    launcher?.add({ command: NEW_NOTEBOOK_COMMAND, category: 'Notebook', rank: 10 });
+    // Not in the "Notebook" category: its cards show a kernel's logo (or the label's first
+    // letter when there is none), never the command's icon.
+    launcher?.add({ command: NEW_NOTEBOOK_COMMAND, category: 'Other', rank: 10 });
   }
 };
 

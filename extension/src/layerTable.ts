@@ -8,12 +8,12 @@ import { append, element } from './dom';
 import {
   formatCell,
   formatDb,
-  formatNumber,
   isNumber,
   MISSING,
-  SQNR_BAD_DB,
-  SQNR_FULLY_GOOD_DB,
-  sqnrColour
+  significant,
+  SQNR_GOOD_DB,
+  SQNR_POOR_DB,
+  sqnrBand
 } from './format';
 import { ILayerRow } from './report';
 
@@ -63,10 +63,10 @@ export const LAYER_COLUMNS: IColumn[] = [
   {
     id: 'status',
     label: 'Status',
-    title: 'Quantized, or kept in FP32 and why',
+    title: 'Quantized, or kept in FP32 (hover for the reason)',
     numeric: false,
     value: row => `${row.status} ${row.reason || ''}`,
-    text: row => (row.status === 'fp32' ? `FP32 ${row.reason || ''}`.trim() : 'quantized')
+    text: row => (row.status === 'fp32' ? (isFolded(row) ? 'folded' : 'FP32') : 'quantized')
   },
   textColumn('scheme', 'Scheme', 'Weight quantization scheme'),
   {
@@ -90,7 +90,7 @@ export const LAYER_COLUMNS: IColumn[] = [
     title: 'Cosine similarity of the layer output to FP32',
     numeric: true,
     value: row => numberOrNull(row.output_cosine),
-    text: row => (isNumber(row.output_cosine) ? row.output_cosine.toFixed(6) : MISSING)
+    text: row => (isNumber(row.output_cosine) ? row.output_cosine.toFixed(3) : MISSING)
   },
   {
     id: 'num_scales',
@@ -108,7 +108,7 @@ export const LAYER_COLUMNS: IColumn[] = [
     value: row => numberOrNull(row.scale_max),
     text: row =>
       isNumber(row.scale_min) && isNumber(row.scale_max)
-        ? `${formatNumber(row.scale_min, 3)} \u2026 ${formatNumber(row.scale_max, 3)}`
+        ? `${significant(row.scale_min)} \u2026 ${significant(row.scale_max)}`
         : MISSING
   },
   textColumn('zero_point', 'Zero point', 'Weight zero point(s)')
@@ -116,7 +116,7 @@ export const LAYER_COLUMNS: IColumn[] = [
 
 /** A layer kept in FP32 because it was folded away (BatchNorm into the conv before it). */
 export function isFolded(row: ILayerRow): boolean {
-  return row.status === 'fp32' && (row.reason || '').startsWith('folded into');
+  return row.status === 'fp32' && (!!row.folded_into || (row.reason || '').startsWith('folded into'));
 }
 
 function compare(a: SortValue, b: SortValue, numeric: boolean): number {
@@ -135,6 +135,10 @@ export class LayerTable {
   private readonly headers = new Map<string, HTMLTableCellElement>();
   private readonly count: HTMLElement;
   private readonly filterInput: HTMLInputElement;
+  private readonly hideInput: HTMLInputElement;
+  /** The table's own scroll area (bounded height, sticky header and first column). */
+  readonly scroller: HTMLElement;
+  private hidingFp32 = false;
   private sortColumn: IColumn | null = null;
   private sortDirection: SortDirection = 'ascending';
   private filterText = '';
@@ -152,11 +156,21 @@ export class LayerTable {
       this.filterText = this.filterInput.value;
       this.update();
     });
+    const worstFirst = element('button', 'jp-WorkbenchReport-worstFirst', 'Worst first');
+    worstFirst.type = 'button';
+    worstFirst.title = 'Sort by output SQNR, lowest first';
+    worstFirst.addEventListener('click', () => this.sortBy('output_sqnr_db', 'ascending'));
+    const hideLabel = element('label');
+    this.hideInput = element('input', 'jp-WorkbenchReport-hideFp32');
+    this.hideInput.type = 'checkbox';
+    this.hideInput.addEventListener('change', () => this.hideFp32(this.hideInput.checked));
+    append(hideLabel, this.hideInput, element('span', undefined, 'hide FP32 / folded'));
     this.count = element('span', 'jp-WorkbenchReport-count');
-    append(toolbar, this.filterInput, this.count, renderLegend());
+    append(toolbar, this.filterInput, worstFirst, hideLabel, this.count, renderLegend());
     this.node.appendChild(toolbar);
 
-    const scroller = element('div', 'jp-WorkbenchReport-scroll');
+    const scroller = element('div', 'jp-WorkbenchReport-tableScroll');
+    this.scroller = scroller;
     const table = element('table', 'jp-WorkbenchReport-table jp-WorkbenchReport-layerTable');
     const headRow = element('tr');
     for (const column of LAYER_COLUMNS) {
@@ -213,12 +227,20 @@ export class LayerTable {
     this.update();
   }
 
+  /** Show only the quantized layers (or all again). */
+  hideFp32(hide: boolean): void {
+    this.hideInput.checked = hide;
+    this.hidingFp32 = hide;
+    this.update();
+  }
+
   /** The rows shown, in display order. */
   visibleRows(): ILayerRow[] {
     const needle = this.filterText.trim().toLowerCase();
     const indexed = this.rows
       .map((row, index) => ({ row, index }))
-      .filter(({ row }) => !needle || String(row.layer).toLowerCase().includes(needle));
+      .filter(({ row }) => !needle || String(row.layer).toLowerCase().includes(needle))
+      .filter(({ row }) => !this.hidingFp32 || row.status === 'quantized');
     const column = this.sortColumn;
     if (column) {
       const sign = this.sortDirection === 'ascending' ? 1 : -1;
@@ -258,23 +280,27 @@ function renderRow(row: ILayerRow): HTMLTableRowElement {
     td.dataset.column = column.id;
     if (column.id === 'layer') {
       td.appendChild(element('code', 'jp-WorkbenchReport-layerName', row.layer));
-    } else if (column.id === 'status' && row.status === 'fp32') {
+    } else if (column.id === 'status') {
       const folded = isFolded(row);
+      const quantized = row.status !== 'fp32';
       const badge = element(
         'span',
-        `jp-WorkbenchReport-badge${folded ? ' jp-mod-folded' : ''}`,
-        folded ? 'folded' : 'FP32'
+        `jp-WorkbenchReport-badge${quantized ? ' jp-mod-quantized' : folded ? ' jp-mod-folded' : ''}`,
+        column.text(row)
       );
       td.appendChild(badge);
-      if (row.reason) {
-        td.appendChild(element('span', 'jp-WorkbenchReport-reason', row.reason));
+      if (!quantized && row.reason) {
+        badge.title = row.reason;
+        const marker = element('span', 'jp-WorkbenchReport-reason', '?');
+        marker.title = row.reason;
+        td.appendChild(marker);
       }
     } else {
       td.textContent = column.text(row);
     }
     const value = column.value(row);
     if (column.sqnr && typeof value === 'number') {
-      td.style.backgroundColor = sqnrColour(value);
+      td.classList.add(`jp-mod-${sqnrBand(value)}`);
     }
     tr.appendChild(td);
   }
@@ -283,13 +309,17 @@ function renderRow(row: ILayerRow): HTMLTableRowElement {
 
 function renderLegend(): HTMLElement {
   const legend = element('span', 'jp-WorkbenchReport-legend');
-  legend.title = 'SQNR colour scale';
-  const bad = element('span', 'jp-WorkbenchReport-swatch', `\u2264${SQNR_BAD_DB} dB`);
-  bad.style.backgroundColor = sqnrColour(SQNR_BAD_DB);
-  const mid = element('span', 'jp-WorkbenchReport-swatch', `${(SQNR_BAD_DB + SQNR_FULLY_GOOD_DB) / 2} dB`);
-  mid.style.backgroundColor = sqnrColour((SQNR_BAD_DB + SQNR_FULLY_GOOD_DB) / 2);
-  const good = element('span', 'jp-WorkbenchReport-swatch', `\u2265${SQNR_FULLY_GOOD_DB} dB`);
-  good.style.backgroundColor = sqnrColour(SQNR_FULLY_GOOD_DB);
-  append(legend, element('span', undefined, 'SQNR: '), bad, mid, good);
+  legend.title = 'SQNR bands';
+  const items: [string, string][] = [
+    ['poor', `< ${SQNR_POOR_DB} dB`],
+    ['fair', `${SQNR_POOR_DB}\u2013${SQNR_GOOD_DB} dB`],
+    ['good', `\u2265 ${SQNR_GOOD_DB} dB`]
+  ];
+  legend.appendChild(element('span', undefined, 'SQNR: '));
+  for (const [band, label] of items) {
+    const swatch = element('span', 'jp-WorkbenchReport-swatch', label);
+    swatch.style.background = `var(--wb-${band})`;
+    legend.appendChild(swatch);
+  }
   return legend;
 }

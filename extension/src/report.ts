@@ -21,6 +21,8 @@ export interface IReportSummary {
   metric_fp32?: number | null;
   metric_quantized?: number | null;
   metric_drop?: number | null;
+  /** What the views call the metric: the eval_fn's name. */
+  metric_name?: string | null;
 }
 
 export interface ILayerRow {
@@ -28,6 +30,7 @@ export interface ILayerRow {
   type: string;
   status: 'quantized' | 'fp32';
   reason?: string | null;
+  folded_into?: string | null;
   scheme?: string | null;
   bits?: number | null;
   num_scales?: number | null;
@@ -58,8 +61,14 @@ export interface IExtraTable {
   rows: unknown[][];
 }
 
+export type ReportSection = 'summary' | 'chart' | 'layers' | 'storage' | 'tables';
+
+export const ALL_SECTIONS: ReportSection[] = ['summary', 'chart', 'layers', 'storage', 'tables'];
+
 export interface IReportBundle {
   schema_version: number;
+  /** Only these sections (the panel's tabs); all when absent. */
+  sections?: ReportSection[];
   summary: IReportSummary;
   layers: ILayerRow[];
   storage: IStorageRow[];

@@ -1,11 +1,21 @@
-/** The report's summary header: sizes, compression, SQNR, metric FP32 against quantized. */
+/** The report's summary header: sizes, layers, the named metric, SQNR, the poor layers. */
 
 import { append, element } from './dom';
-import { formatBytes, formatDb, formatNumber, isNumber, sqnrColour } from './format';
-import { IReportSummary } from './report';
+import {
+  formatBytes,
+  formatDb,
+  formatRatio,
+  isNumber,
+  significant,
+  SQNR_GOOD_DB,
+  sqnrBand
+} from './format';
+import { ILayerRow, IReportSummary } from './report';
 
-function card(label: string, value: string, detail?: string): HTMLElement {
-  const node = element('div', 'jp-WorkbenchReport-card');
+const WORST_LISTED = 5;
+
+function card(label: string, value: string, detail?: string, band?: string): HTMLElement {
+  const node = element('div', `jp-WorkbenchReport-card${band ? ` jp-mod-${band}` : ''}`);
   append(
     node,
     element('div', 'jp-WorkbenchReport-cardLabel', label),
@@ -17,15 +27,23 @@ function card(label: string, value: string, detail?: string): HTMLElement {
   return node;
 }
 
-function sqnrCard(label: string, sqnrDb: number | null | undefined, detail?: string): HTMLElement {
-  const node = card(label, formatDb(sqnrDb), detail);
-  if (isNumber(sqnrDb)) {
-    node.style.backgroundColor = sqnrColour(sqnrDb);
-  }
-  return node;
+function bandOf(value: number | null | undefined): string | undefined {
+  return isNumber(value) ? sqnrBand(value) : undefined;
 }
 
-export function renderSummary(summary: IReportSummary): HTMLElement {
+/** Quantized layers below the good band, worst first. */
+export function poorLayers(layers: ILayerRow[]): ILayerRow[] {
+  return layers
+    .filter(
+      row =>
+        row.status === 'quantized' &&
+        isNumber(row.output_sqnr_db) &&
+        row.output_sqnr_db < SQNR_GOOD_DB
+    )
+    .sort((a, b) => (a.output_sqnr_db as number) - (b.output_sqnr_db as number));
+}
+
+export function renderSummary(summary: IReportSummary, layers: ILayerRow[]): HTMLElement {
   const root = element('div', 'jp-WorkbenchReport-summary');
   const title = element('div', 'jp-WorkbenchReport-title');
   append(
@@ -36,62 +54,67 @@ export function renderSummary(summary: IReportSummary): HTMLElement {
   root.appendChild(title);
 
   const cards = element('div', 'jp-WorkbenchReport-cards');
-  const ratio = isNumber(summary.compression_ratio)
-    ? `${summary.compression_ratio.toFixed(2)}\u00d7 smaller`
-    : undefined;
   cards.appendChild(
     card(
-      'Size',
+      'Size FP32 \u2192 quantized',
       `${formatBytes(summary.fp32_bytes)} \u2192 ${formatBytes(summary.quantized_bytes)}`,
-      ratio
+      `${formatRatio(summary.compression_ratio)} smaller`
     )
   );
   cards.appendChild(
-    card(
-      'Layers',
-      `${summary.layers_quantized} quantized`,
-      `${summary.layers_fp32} kept FP32`
-    )
+    card('Layers', `${summary.layers_quantized} quantized`, `${summary.layers_fp32} kept FP32`)
   );
   if (isNumber(summary.metric_fp32) && isNumber(summary.metric_quantized)) {
-    const drop = isNumber(summary.metric_drop) ? `drop ${formatNumber(summary.metric_drop)}` : '';
+    const name = summary.metric_name ? `${summary.metric_name} (eval_fn)` : 'eval_fn metric';
+    const drop = summary.metric_fp32 - summary.metric_quantized;
     const metric = card(
-      'Metric FP32 \u2192 quantized',
-      `${formatNumber(summary.metric_fp32)} \u2192 ${formatNumber(summary.metric_quantized)}`,
-      drop
+      `${name}: FP32 \u2192 quantized`,
+      `${significant(summary.metric_fp32, 4)} \u2192 ${significant(summary.metric_quantized, 4)}`,
+      `${drop >= 0 ? 'drop' : 'gain'} ${significant(Math.abs(drop))} (in the metric's own unit)`
     );
     metric.classList.add('jp-WorkbenchReport-metric');
     cards.appendChild(metric);
   } else {
-    cards.appendChild(card('Metric FP32 \u2192 quantized', 'not measured', 'pass eval_fn to measure'));
+    cards.appendChild(card('Metric', 'not measured', 'pass eval_fn(model) -> float'));
   }
   cards.appendChild(
-    sqnrCard(
-      'Output SQNR (mean)',
-      summary.mean_output_sqnr_db,
-      `worst ${formatDb(summary.worst_output_sqnr_db)}`
+    card(
+      'Layer output SQNR vs FP32',
+      `mean ${formatDb(summary.mean_output_sqnr_db)}`,
+      `worst ${formatDb(summary.worst_output_sqnr_db)}`,
+      bandOf(summary.mean_output_sqnr_db)
     )
   );
-  if (isNumber(summary.model_output_cosine)) {
+  if (isNumber(summary.model_output_sqnr_db)) {
     cards.appendChild(
-      sqnrCard(
-        'Model output vs FP32',
-        summary.model_output_sqnr_db,
-        `cosine ${summary.model_output_cosine.toFixed(5)}`
+      card(
+        'Model output SQNR vs FP32',
+        formatDb(summary.model_output_sqnr_db),
+        isNumber(summary.model_output_cosine)
+          ? `cosine ${summary.model_output_cosine.toFixed(3)}`
+          : undefined,
+        bandOf(summary.model_output_sqnr_db)
       )
     );
   }
   root.appendChild(cards);
 
-  if (summary.worst_layers && summary.worst_layers.length) {
+  const poor = poorLayers(layers);
+  if (poor.length) {
     const worst = element('div', 'jp-WorkbenchReport-worst');
-    worst.appendChild(element('span', 'jp-WorkbenchReport-cardLabel', 'Worst layers: '));
-    summary.worst_layers.forEach((name, index) => {
+    worst.appendChild(
+      element('span', 'jp-WorkbenchReport-cardLabel', `Layers below ${SQNR_GOOD_DB} dB: `)
+    );
+    poor.slice(0, WORST_LISTED).forEach((row, index) => {
       if (index > 0) {
         worst.appendChild(element('span', undefined, ', '));
       }
-      worst.appendChild(element('code', 'jp-WorkbenchReport-layerName', name));
+      worst.appendChild(element('code', 'jp-WorkbenchReport-layerName', row.layer));
+      worst.appendChild(element('span', undefined, ` ${formatDb(row.output_sqnr_db)}`));
     });
+    if (poor.length > WORST_LISTED) {
+      worst.appendChild(element('span', undefined, ` and ${poor.length - WORST_LISTED} more`));
+    }
     root.appendChild(worst);
   }
   return root;

@@ -3,10 +3,11 @@
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 import { Widget } from '@lumino/widgets';
 
+import { renderSqnrChart } from './chart';
 import { element } from './dom';
 import { renderExtraTable } from './extraTables';
 import { LayerTable } from './layerTable';
-import { IReportBundle, REPORT_MIME_TYPE } from './report';
+import { ALL_SECTIONS, IReportBundle, REPORT_MIME_TYPE } from './report';
 import { renderStorage } from './storageBars';
 import { renderSummary } from './summary';
 
@@ -57,16 +58,31 @@ export class ReportWidget extends Widget implements IRenderMime.IRenderer {
       return Promise.resolve();
     }
     const bundle = data as unknown as IReportBundle;
-    this.layerTable = new LayerTable(bundle.layers);
-    const sections: HTMLElement[] = [
-      renderSummary(bundle.summary),
-      element('h4', 'jp-WorkbenchReport-sectionTitle', 'Layers'),
-      this.layerTable.node,
-      element('h4', 'jp-WorkbenchReport-sectionTitle', 'Storage'),
-      renderStorage(bundle.storage)
-    ];
-    for (const [title, table] of Object.entries(bundle.tables || {})) {
-      sections.push(renderExtraTable(title, table));
+    const wanted = new Set(bundle.sections && bundle.sections.length ? bundle.sections : ALL_SECTIONS);
+    const table = new LayerTable(bundle.layers);
+    this.layerTable = wanted.has('layers') ? table : null;
+    const title = (text: string) => element('h4', 'jp-WorkbenchReport-sectionTitle', text);
+    const sections: HTMLElement[] = [];
+    if (wanted.has('summary')) {
+      sections.push(renderSummary(bundle.summary, bundle.layers));
+    }
+    if (wanted.has('chart') && bundle.layers.length) {
+      const select = (layer: string) => {
+        table.filter(layer);
+        table.node.scrollIntoView({ block: 'nearest' });
+      };
+      sections.push(title('Output SQNR per layer'), renderSqnrChart(bundle.layers, select));
+    }
+    if (wanted.has('layers')) {
+      sections.push(title('Layers'), table.node);
+    }
+    if (wanted.has('storage')) {
+      sections.push(title('Storage'), renderStorage(bundle.storage));
+    }
+    if (wanted.has('tables')) {
+      for (const [name, extra] of Object.entries(bundle.tables || {})) {
+        sections.push(renderExtraTable(name, extra));
+      }
     }
     this.node.replaceChildren(...sections);
     return Promise.resolve();

@@ -6,16 +6,24 @@ References: the config is compared with a QuantConfig written out by hand, the r
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from digits_models import tiny_cnn
 from torch import nn
 
 import workbench as wb
+from workbench.analysis.report_format import format_bytes
+from workbench.analysis.report_json import REPORT_MIME_TYPE
 from workbench.demo import accuracy
 from workbench.notebook.panel import PLOTS_TAB, WorkbenchPanel
 
-PNG_MAGIC = b"\x89PNG"
+
+def is_svg(image: bytes) -> bool:
+    """An SVG document (the panel's figures are SVG: sharp, transparent for dark themes)."""
+    image = bytes(image)
+    return image.lstrip().startswith(b"<?xml") and b"<svg" in image[:2000]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +41,16 @@ def app(model, digits) -> WorkbenchPanel:
         train_data=train,
         loss_fn=nn.CrossEntropyLoss(),
     )
+
+
+def displayed(output) -> dict:
+    """What an Output widget shows: the data of its one display."""
+    (shown,) = output.outputs
+    return shown["data"]
+
+
+def body(page: str) -> str:
+    return re.sub(r"<style>.*?</style>", "", page, flags=re.S)
 
 
 def parameter_holding_modules(model: nn.Module) -> set[str]:
@@ -81,7 +99,12 @@ def test_layers_tab_has_one_row_per_layer_worst_first(app, model):
     quantized = table[table["status"] == "quantized"]["output_sqnr_db"].astype(float).tolist()
     assert quantized == sorted(quantized)
     assert table["status"].tolist()[: len(quantized)] == ["quantized"] * len(quantized)
-    assert app.layers_html.value.count("<tr") == len(table) + 1  # header row
+    shown = displayed(app.layers_view)
+    assert shown[REPORT_MIME_TYPE]["sections"] == ["chart", "layers"]
+    assert [row["layer"] for row in shown[REPORT_MIME_TYPE]["layers"]] == list(
+        app.result.report.layers["layer"]
+    )
+    assert shown["text/html"].count("data-index=") == len(table)  # one table row per layer
 
 
 def test_runs_table_grows_by_one_per_run(app):
@@ -97,7 +120,7 @@ def test_runs_table_grows_by_one_per_run(app):
     assert frame["size_bytes"].is_monotonic_decreasing
     assert frame["metric_fp32"].nunique() == 1
     assert app.runs_html.value.count("<tr") == 4
-    assert app.runs_plot.value[:4] == PNG_MAGIC
+    assert is_svg(app.runs_plot.value)
 
 
 def test_failing_run_shows_one_line_and_panel_stays_usable(model, digits):
@@ -165,19 +188,25 @@ def test_qat_run_uses_epochs_and_lr(app):
 def test_plots_are_drawn_when_their_tab_is_opened(app):
     app.run_button.click()
     assert app.sqnr_plot.value == b""
+    assert app.runs_view.box.layout.display is None  # shown from the first run on
     app.tabs.selected_index = PLOTS_TAB
-    assert app.sqnr_plot.value[:4] == PNG_MAGIC
-    assert app.storage_plot.value[:4] == PNG_MAGIC
+    assert is_svg(app.sqnr_plot.value)
+    assert is_svg(app.storage_plot.value)
     app.bits.value = 4
     app.run_button.click()  # the Plots tab is open: redrawn at once
-    assert app.sqnr_plot.value[:4] == PNG_MAGIC
+    assert is_svg(app.sqnr_plot.value)
 
 
 def test_summary_and_storage_tabs_show_the_result(app):
     app.run_button.click()
     summary = app.result.report.summary
-    assert f"{summary['quantized_bytes']:,} B" in app.summary_html.value
-    assert app.storage_html.value.count("<tr") == len(app.result.report.storage) + 1
+    shown = displayed(app.summary_view)
+    assert shown[REPORT_MIME_TYPE]["summary"]["quantized_bytes"] == summary["quantized_bytes"]
+    assert format_bytes(summary["quantized_bytes"]) in shown["text/html"]
+    assert "jp-WorkbenchReport-layerTable" not in body(shown["text/html"])
+    storage = displayed(app.storage_view)
+    rows = len(re.findall(r'class="jp-WorkbenchReport-storageRow[" ]', storage["text/html"]))
+    assert rows == len(app.result.report.storage)  # one per layer and the total
 
 
 def test_panel_refuses_what_is_not_a_model(digits):

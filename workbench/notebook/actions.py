@@ -4,20 +4,51 @@ The magic and the panel call these and nothing else: ``wb.ptq`` / ``wb.qat`` /
 ``wb.auto_mixed_precision`` / ``wb.keep_most_sensitive_fp32`` to quantize, ``wb.sensitivity``
 to rank the layers,
 ``QuantResult.export_onnx`` to export, ``wb.benchmark`` to time FP32 against INT8,
-``wb.pareto_table`` to compare runs. No quantization logic lives here.
+``wb.pareto_table`` to compare runs, the engine's planner (``plan_layers``) to list the layers
+a config can keep FP32. No quantization logic lives here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from torch import nn
 
-from workbench.engine.config import QuantConfig
+import workbench as wb
+from workbench.core.observers import OBSERVER_NAMES
+from workbench.engine.config import PRESETS, QuantConfig
+from workbench.engine.prepare import QUANTIZED, matches_any, plan_layers
 from workbench.errors import CalibrationError, ConfigError
+
+PRESET_NAMES = tuple(PRESETS)
+OBSERVERS = tuple(OBSERVER_NAMES)
+
+
+def preset_config(preset: str) -> QuantConfig:
+    """``QuantConfig.preset(preset)``."""
+    return QuantConfig.preset(preset)
+
+
+def preset_weight_scheme(preset: str):
+    """The weight Scheme of a named preset (the panel's scheme controls start from it)."""
+    return PRESETS[preset].weight
+
+
+def quantizable_layers(model: nn.Module, config: QuantConfig) -> list[str]:
+    """The layers ``config`` would quantize with nothing excluded, in model order: the ones
+    a user can choose to keep FP32 (the engine's planner decides, embeddings and the
+    MultiheadAttention rule included)."""
+    plans = plan_layers(model, replace(config, exclude=()))
+    return [plan.name for plan in plans if plan.status == QUANTIZED]
+
+
+def layers_matching(names: Sequence[str], patterns: Sequence[str]) -> tuple[str, ...]:
+    """The names that are one of ``patterns`` or match one as a glob (``config.exclude``)."""
+    return tuple(name for name in names if matches_any(name, tuple(patterns)))
 
 
 def quantize(
@@ -39,8 +70,6 @@ def quantize(
     """``wb.ptq`` or ``wb.qat`` with the options that apply to it; with ``max_drop``,
     ``wb.auto_mixed_precision``; with ``keep_most_sensitive`` > 0,
     ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). Both PTQ only."""
-    import workbench as wb
-
     if max_drop is not None and method != "ptq":
         raise ConfigError(
             "max_drop searches mixed precision with PTQ; switch the method to PTQ "
@@ -114,8 +143,6 @@ def sensitivity(
     progress: bool = True,
 ) -> pd.DataFrame:
     """``wb.sensitivity``: one row per quantized layer, most sensitive first."""
-    import workbench as wb
-
     if calib_data is None:
         raise CalibrationError(
             "sensitivity needs calibration data; pass calib_data (a DataLoader or a list of "
@@ -134,8 +161,6 @@ def sensitivity(
 def pareto_optimal(runs: Sequence[dict[str, Any]]) -> list[bool]:
     """``wb.pareto_table`` over runs given as dicts with ``run``, ``metric``, ``size_bytes``
     and ``latency_ms`` (None when not benchmarked): whether each run is non-dominated."""
-    import workbench as wb
-
     if not runs:
         return []
     return [bool(flag) for flag in wb.pareto_table(list(runs))["pareto_optimal"]]
@@ -168,6 +193,13 @@ def benchmark(result, example_input: Any, onnx_path: str | Path | None = None, t
     result.report.extra_tables[REPORT_TITLE] = bench.table
     result.extras["benchmark"] = bench
     return bench
+
+
+def fusion_table(result) -> tuple[str, pd.DataFrame | None]:
+    """The title and table of ONNX Runtime's fusion check the export added to the report."""
+    from workbench.runtime.fusion_check import REPORT_TITLE
+
+    return REPORT_TITLE, result.report.extra_tables.get(REPORT_TITLE)
 
 
 def latencies_ms(bench) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Display glue of the notebook front ends: one-line errors, escaped HTML tables, PNG figures.
+"""Display glue of the notebook front ends: one-line errors, styled tables, SVG figures.
 
 Reports and results display themselves (``Report._repr_mimebundle_``: text/plain, escaped
 text/html and ``application/vnd.workbench.report+json``); this module formats what the panel
@@ -13,6 +13,7 @@ import io
 
 import pandas as pd
 
+from workbench.analysis.report_html import frame_html, stylesheet
 from workbench.errors import WorkbenchError, first_line
 
 MAX_ERROR_CHARS = 300
@@ -38,19 +39,28 @@ def status_html(text: str, kind: str = "info") -> str:
     return f"<span style='color:{color}'>{html.escape(text)}</span>"
 
 
-def table_html(frame: pd.DataFrame) -> str:
-    """A DataFrame as an escaped HTML table (a layer named ``<img ...>`` shows as text)."""
-    return frame.to_html(index=False, escape=True, float_format="{:.4g}".format, na_rep="")
+def table_html(frame: pd.DataFrame, headers: dict[str, str] | None = None) -> str:
+    """A DataFrame in the report view's table style: escaped text (a layer named
+    ``<img ...>`` shows as text), friendly headers, numbers positional with at most 3
+    decimals, an em dash for a missing value."""
+    return styled(frame_html(frame, headers))
 
 
-def summary_html(summary_text: str) -> str:
-    """The report's summary lines, escaped, one per line."""
-    lines = "<br>".join(html.escape(line) for line in summary_text.splitlines())
-    return f"<div style='font-family:monospace'>{lines}</div>"
+def text_html(text: str) -> str:
+    """Lines of text (a benchmark's summary), escaped, in the report view's font."""
+    lines = "<br>".join(html.escape(line) for line in text.splitlines())
+    return styled(f"<div class='jp-WorkbenchReport-note'>{lines}</div>")
 
 
-def figure_png(figure) -> bytes:
-    """A matplotlib figure as PNG bytes (for an ``ipywidgets.Image``; no pyplot state)."""
+def styled(inner: str) -> str:
+    """``inner`` inside the report view's container, with its stylesheet (front ends without
+    the JupyterLab extension have no other copy of it)."""
+    return f"<style>{stylesheet()}</style><div class='jp-WorkbenchReport'>{inner}</div>"
+
+
+def figure_svg(figure) -> bytes:
+    """A matplotlib figure as SVG bytes (for an ``ipywidgets.Image`` of format svg+xml:
+    sharp at any zoom, the background kept transparent for dark themes)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
+    figure.savefig(buffer, format="svg", transparent=True)
     return buffer.getvalue()

@@ -14,7 +14,7 @@ layers, when both are set).
 
 from __future__ import annotations
 
-import os
+import html
 from collections.abc import Callable
 from typing import Any
 
@@ -22,59 +22,29 @@ import ipywidgets as widgets
 import pandas as pd
 from torch import nn
 
-from workbench.analysis.layer_table import OVERVIEW_COLUMNS
-from workbench.core.observers import OBSERVER_NAMES
-from workbench.engine.config import PRESETS
-from workbench.engine.layers import SUPPORTED_LAYER_TYPES
-from workbench.engine.prepare import ROOT_NAME, matches_any
 from workbench.errors import ModelError
 from workbench.notebook import actions
-from workbench.notebook.display import (
-    error_line,
-    figure_png,
-    status_html,
-    summary_html,
-    table_html,
-)
-from workbench.notebook.recipe import DEFAULT_PRESET, MAX_BITS, MIN_BITS, build_config
-from workbench.notebook.runs_table import RunsTable
+from workbench.notebook.display import error_line, status_html
+from workbench.notebook.export_tab import ExportTab
+from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
+from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
+from workbench.notebook.report_tabs import TITLES as REPORT_TITLES
+from workbench.notebook.runs_view import RunsView
+from workbench.notebook.sensitivity_tab import SensitivityTab
 
-TAB_TITLES = ("Summary", "Layers", "Storage", "Plots", "Sensitivity", "Export & Benchmark")
-PLOTS_TAB = TAB_TITLES.index("Plots")
+TAB_TITLES = (*REPORT_TITLES, "Sensitivity", "Export & Benchmark")
+PLOTS_TAB = PLOTS_PAGE
 SENSITIVITY_TAB = TAB_TITLES.index("Sensitivity")
-RUN_STEPS = 3  # quantize, tables, runs table
-DEFAULT_NUM_BATCHES = 32
-DEFAULT_EPOCHS, DEFAULT_LR = 1, 1e-4
-DEFAULT_MAX_DROP = 0.5
-
-
-def quantizable_layer_names(model: nn.Module) -> list[str]:
-    """Names of the layers a config can quantize or keep FP32 (Linear / Conv)."""
-    return [
-        name or ROOT_NAME
-        for name, module in model.named_modules()
-        if isinstance(module, SUPPORTED_LAYER_TYPES)
-    ]
-
-
-def count_batches(data: Any) -> int:
-    """How many batches ``data`` holds when it can say so (a tensor is one batch)."""
-    if data is None or isinstance(data, dict) or hasattr(data, "dim"):
-        return 1
-    try:
-        return max(1, len(data))
-    except TypeError:
-        return DEFAULT_NUM_BATCHES
+OVERVIEW_ORDER = "output_sqnr_db"
 
 
 def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table, worst output SQNR first, layers kept FP32 last."""
-    columns = [c for c in OVERVIEW_COLUMNS if c in layers.columns]
-    ordered = layers.sort_values("output_sqnr_db", na_position="last", kind="stable")
-    return ordered[columns].reset_index(drop=True)
+    ordered = layers.sort_values(OVERVIEW_ORDER, na_position="last", kind="stable")
+    return ordered.reset_index(drop=True)
 
 
-class WorkbenchPanel(widgets.VBox):
+class WorkbenchPanel(PanelControls, widgets.VBox):
     """Controls, a Run button, result tabs and a runs table for one model.
 
     Attributes
@@ -109,18 +79,12 @@ class WorkbenchPanel(widgets.VBox):
         self.loss_fn = loss_fn
         self.example_input = example_input
         self.result = None
-        self.runs = RunsTable()
         self.layers_table: pd.DataFrame | None = None
         self.error = ""
         self.last_exception: BaseException | None = None
         self.onnx_path = None
         self.benchmark = None
-        self.sensitivity_table: pd.DataFrame | None = None
-        self._sensitivity_tables: dict[tuple, pd.DataFrame] = {}
-        self._sensitivity_stale = False
         self._run_number: int | None = None
-        self._run_preset = DEFAULT_PRESET
-        self._plots_stale = False
         self._busy = False
         self._build_controls()
         self._build_outputs()
@@ -134,9 +98,7 @@ class WorkbenchPanel(widgets.VBox):
                 widgets.HBox([self.keep_most_sensitive, self.mixed_precision, self.max_drop]),
                 widgets.HBox([self.run_button, self.progress, self.status]),
                 self.tabs,
-                widgets.HTML("<b>Runs</b>"),
-                self.runs_html,
-                self.runs_plot,
+                self.runs_view.box,
             ]
         )
         self._on_preset()
@@ -147,202 +109,45 @@ class WorkbenchPanel(widgets.VBox):
         latest = f"run {self._run_number}" if self._run_number else "no run yet"
         return f"WorkbenchPanel({type(self.model).__name__}, {len(self.runs)} runs, {latest})"
 
+    @property
+    def runs(self):
+        """The runs table (``RunsTable``)."""
+        return self.runs_view.runs
+
+    @property
+    def sensitivity_table(self) -> pd.DataFrame | None:
+        return self.sensitivity.table
+
     # construction ------------------------------------------------------------------------
     def _title_html(self) -> str:
-        import html
-
         layers = len(self.keep_fp32.options)
         name = html.escape(type(self.model).__name__)
         return f"<b>Quantization Workbench</b>: {name}, {layers} quantizable layers"
 
-    def _build_controls(self) -> None:
-        style = {"description_width": "initial"}
-        self.method = widgets.ToggleButtons(
-            options=[("PTQ", "ptq"), ("QAT", "qat")], value="ptq", description="method"
-        )
-        self.preset = widgets.Dropdown(
-            options=list(PRESETS), value=DEFAULT_PRESET, description="preset"
-        )
-        self.observer = widgets.Dropdown(
-            options=list(OBSERVER_NAMES), value="minmax", description="observer"
-        )
-        self.bits = widgets.BoundedIntText(
-            value=8, min=MIN_BITS, max=MAX_BITS, description="weight bits", style=style
-        )
-        self.symmetric = widgets.ToggleButtons(
-            options=[("symmetric", True), ("asymmetric", False)], value=True
-        )
-        self.per_channel = widgets.ToggleButtons(
-            options=[("per-channel", True), ("per-tensor", False)], value=True
-        )
-        self.num_batches = widgets.BoundedIntText(
-            value=count_batches(self.calib_data),
-            min=1,
-            max=1_000_000,
-            description="calibration batches",
-            style=style,
-        )
-        self.epochs = widgets.BoundedIntText(
-            value=DEFAULT_EPOCHS, min=1, max=10_000, description="QAT epochs", style=style
-        )
-        self.lr = widgets.BoundedFloatText(
-            value=DEFAULT_LR, min=1e-9, max=10.0, step=1e-5, description="QAT lr", style=style
-        )
-        names = quantizable_layer_names(self.model)
-        self.keep_fp32 = widgets.SelectMultiple(
-            options=names,
-            value=(),
-            rows=min(8, max(2, len(names))),
-            description="keep FP32",
-            style=style,
-        )
-        self.keep_most_sensitive = widgets.BoundedIntText(
-            value=0,
-            min=0,
-            max=max(0, len(names) - 1),  # keeping every layer FP32 quantizes nothing
-            description="keep the N most sensitive layers FP32",
-            style=style,
-        )
-        self.mixed_precision = widgets.Checkbox(
-            value=False,
-            description="auto mixed precision (PTQ)",
-            disabled=self.eval_fn is None,
-            tooltip="needs eval_fn" if self.eval_fn is None else "",
-            indent=False,
-        )
-        self.max_drop = widgets.BoundedFloatText(
-            value=DEFAULT_MAX_DROP, min=0.0, max=1e12, step=0.1, description="max drop"
-        )
-        self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
-        self.progress = widgets.IntProgress(value=0, min=0, max=RUN_STEPS, bar_style="info")
-        self.progress.layout.display = "none"
-        self.status = widgets.HTML(status_html("Choose a scheme and press Run."))
-        self.preset.observe(self._on_preset, names="value")
-        self.method.observe(self._on_method, names="value")
-        self.mixed_precision.observe(self._on_mixed_precision, names="value")
-        self.run_button.on_click(self._on_run)
-
     def _build_outputs(self) -> None:
-        self.summary_html = widgets.HTML()
-        self.layers_html = widgets.HTML()
-        self.storage_html = widgets.HTML()
-        self.sqnr_plot = widgets.Image(format="png")
-        self.storage_plot = widgets.Image(format="png")
-        self.export_path = widgets.Text(value="model_int8.onnx", description="ONNX path")
-        self.threads = widgets.BoundedIntText(
-            value=1, min=1, max=os.cpu_count() or 1, description="threads"
-        )
-        self.export_button = widgets.Button(description="Export", icon="download", disabled=True)
-        self.bench_button = widgets.Button(description="Benchmark", icon="clock", disabled=True)
-        self.export_status = widgets.HTML(status_html("Run first, then export."))
-        self.fusion_html = widgets.HTML()
-        self.bench_html = widgets.HTML()
+        self.report_tabs = ReportTabs()
+        self.summary_view, self.layers_view, self.storage_view = self.report_tabs.views.values()
+        self.sqnr_plot = self.report_tabs.sqnr_plot
+        self.storage_plot = self.report_tabs.storage_plot
+        metric = "eval_fn" if self.eval_fn is not None else "the model output SQNR against FP32"
+        self.sensitivity = SensitivityTab(metric, self._rank_layers)
+        self.sensitivity_button = self.sensitivity.button
+        self.sensitivity_status = self.sensitivity.status
+        self.sensitivity_html = self.sensitivity.html
+        self.sensitivity_plot = self.sensitivity.plot
+        self.sensitivity_button.on_click(self._on_sensitivity)
+        self.export = ExportTab()
+        self.export_path, self.threads = self.export.export_path, self.export.threads
+        self.export_button, self.bench_button = self.export.export_button, self.export.bench_button
+        self.export_status = self.export.status
+        self.fusion_html, self.bench_html = self.export.fusion_html, self.export.bench_html
         self.export_button.on_click(self._on_export)
         self.bench_button.on_click(self._on_bench)
-        self.sensitivity_button = widgets.Button(
-            description="Compute sensitivity", icon="sort-amount-desc"
-        )
-        metric = "eval_fn" if self.eval_fn is not None else "the model output SQNR against FP32"
-        self.sensitivity_status = widgets.HTML(
-            status_html(
-                f"Rank the layers of the current config by {metric}: each layer quantized "
-                "alone, and every layer but that one."
-            )
-        )
-        self.sensitivity_html = widgets.HTML()
-        self.sensitivity_plot = widgets.Image(format="png")
-        self.sensitivity_button.on_click(self._on_sensitivity)
-        pages = [
-            self.summary_html,
-            self.layers_html,
-            self.storage_html,
-            widgets.VBox([self.sqnr_plot, self.storage_plot]),
-            widgets.VBox(
-                [
-                    widgets.HBox([self.sensitivity_button, self.sensitivity_status]),
-                    self.sensitivity_html,
-                    self.sensitivity_plot,
-                ]
-            ),
-            widgets.VBox(
-                [
-                    widgets.HBox([self.export_path, self.threads]),
-                    widgets.HBox([self.export_button, self.bench_button]),
-                    self.export_status,
-                    self.fusion_html,
-                    self.bench_html,
-                ]
-            ),
-        ]
+        pages = [*self.report_tabs.pages, self.sensitivity.page, self.export.page]
         self.tabs = widgets.Tab(children=pages, titles=TAB_TITLES)
         self.tabs.observe(self._on_tab, names="selected_index")
-        self.runs_html = widgets.HTML()
-        self.runs_plot = widgets.Image(format="png")
-
-    # controls ----------------------------------------------------------------------------
-    def _on_preset(self, _change=None) -> None:
-        weight = PRESETS[self.preset.value].weight
-        self.bits.value = weight.bits
-        self.symmetric.value = weight.symmetric
-        self.per_channel.value = weight.per_channel
-
-    def _on_method(self, _change=None) -> None:
-        qat = self.method.value == "qat"
-        self.epochs.disabled = not qat
-        self.lr.disabled = not qat
-        self.num_batches.disabled = qat  # a PTQ option: QAT calibrates on calib_data whole
-
-    def _on_mixed_precision(self, _change=None) -> None:
-        self.max_drop.disabled = not self.mixed_precision.value
-
-    def set_controls(
-        self,
-        method: str | None = None,
-        preset: str | None = None,
-        bits: int | None = None,
-        symmetric: bool | None = None,
-        per_channel: bool | None = None,
-        observer: str | None = None,
-        exclude: tuple[str, ...] = (),
-        num_batches: int | None = None,
-        epochs: int | None = None,
-        lr: float | None = None,
-        max_drop: float | None = None,
-    ) -> None:
-        """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
-        they match in the keep-FP32 list; ``max_drop`` turns auto mixed precision on."""
-        values = {
-            self.method: method,
-            self.preset: preset,  # before the scheme controls: a preset resets them
-            self.bits: bits,
-            self.symmetric: symmetric,
-            self.per_channel: per_channel,
-            self.observer: observer,
-            self.num_batches: num_batches,
-            self.epochs: epochs,
-            self.lr: lr,
-        }
-        for control, value in values.items():
-            if value is not None:
-                control.value = value
-        if max_drop is not None:
-            self.max_drop.value = max_drop
-            self.mixed_precision.value = True
-        if exclude:
-            self.keep_fp32.value = tuple(
-                name for name in self.keep_fp32.options if matches_any(name, tuple(exclude))
-            )
-
-    def config(self):
-        """The QuantConfig the controls describe."""
-        return build_config(
-            self.preset.value,
-            self.bits.value,
-            self.symmetric.value,
-            self.per_channel.value,
-            self.observer.value,
-            tuple(self.keep_fp32.value),
-        )
+        self.runs_view = RunsView()
+        self.runs_html, self.runs_plot = self.runs_view.html, self.runs_view.plot
 
     # running -----------------------------------------------------------------------------
     def _set_busy(self, busy: bool, message: str = "", where: widgets.HTML | None = None) -> None:
@@ -395,7 +200,7 @@ class WorkbenchPanel(widgets.VBox):
             self._run_number = self.runs.add(
                 method, self.preset.value, result.config, result.report.summary
             )
-            self._show_runs()
+            self.runs_view.refresh()
             self.progress.value = RUN_STEPS
         except Exception as exc:  # the panel stays usable; the error is shown in one line
             self._fail(exc, self.status)
@@ -408,9 +213,10 @@ class WorkbenchPanel(widgets.VBox):
     def _run_line(self) -> str:
         s = self.result.report.summary
         line = f"Run {self._run_number} ({self.result.method.upper()}): {s['config']}; "
-        line += f"{s['fp32_bytes']:,} B -> {s['quantized_bytes']:,} B"
+        line += f"{s['fp32_bytes']:,} B \u2192 {s['quantized_bytes']:,} B"
         if s.get("metric_quantized") is not None:
-            line += f"; metric {s['metric_fp32']:.4g} -> {s['metric_quantized']:.4g}"
+            name = s.get("metric_name") or "metric"
+            line += f"; {name} {s['metric_fp32']:.4g} \u2192 {s['metric_quantized']:.4g}"
         if s.get("kept_higher_precision"):
             line += f"; kept by sensitivity: {', '.join(s['kept_higher_precision'])}"
         return line
@@ -418,50 +224,22 @@ class WorkbenchPanel(widgets.VBox):
     def _show_result(self, result) -> None:
         self.result = result
         self.onnx_path = self.benchmark = None
-        report = result.report
-        self.summary_html.value = summary_html(report.summary_text())
-        self.layers_table = layers_by_sqnr(report.layers)
-        self.layers_html.value = table_html(self.layers_table)
-        self.storage_html.value = table_html(report.storage)
-        self.export_status.value = status_html("Not exported yet.")
-        self.fusion_html.value = self.bench_html.value = ""
-        self._plots_stale = True
-        if self.tabs.selected_index == PLOTS_TAB:
-            self._draw_plots()
-
-    def _show_runs(self) -> None:
-        self.runs_html.value = table_html(self.runs.frame)
-        figure = self.runs.plot()
-        if figure is not None:
-            self.runs_plot.value = figure_png(figure)
+        self.layers_table = layers_by_sqnr(result.report.layers)
+        self.report_tabs.show(result.report, self.tabs.selected_index == PLOTS_TAB)
+        self.export.reset()
 
     def _on_tab(self, _change=None) -> None:
         try:
-            if self.tabs.selected_index == PLOTS_TAB and self._plots_stale:
-                self._draw_plots()
-            if self.tabs.selected_index == SENSITIVITY_TAB and self._sensitivity_stale:
-                self._draw_sensitivity()
+            if self.tabs.selected_index == PLOTS_TAB:
+                self.report_tabs.draw_plots()
+            if self.tabs.selected_index == SENSITIVITY_TAB:
+                self.sensitivity.draw()
         except Exception as exc:
             self._fail(exc, self.status)
 
-    def _draw_plots(self) -> None:
-        self.sqnr_plot.value = figure_png(self.result.report.plot_sqnr())
-        self.storage_plot.value = figure_png(self.result.report.plot_storage())
-        self._plots_stale = False
-
     # sensitivity -------------------------------------------------------------------------
-    def _sensitivity_key(self, config) -> tuple:
-        return (config, self.num_batches.value)
-
-    def _sensitivity_for(self, config) -> pd.DataFrame:
-        """The sensitivity table of ``config``: the one computed before, else a new one."""
-        table = self._sensitivity_tables.get(self._sensitivity_key(config))
-        if table is None:
-            table = self._compute_sensitivity(config)
-        return table
-
-    def _compute_sensitivity(self, config) -> pd.DataFrame:
-        table = actions.sensitivity(
+    def _rank_layers(self, config) -> pd.DataFrame:
+        return actions.sensitivity(
             self.model,
             self.calib_data if self.calib_data is not None else self.train_data,
             config,
@@ -469,35 +247,22 @@ class WorkbenchPanel(widgets.VBox):
             num_batches=self.num_batches.value,
             progress=False,
         )
-        self._sensitivity_tables[self._sensitivity_key(config)] = table
-        self._show_sensitivity(table, config)
-        return table
 
-    def _show_sensitivity(self, table: pd.DataFrame, config) -> None:
-        self.sensitivity_table = table
-        self.sensitivity_html.value = table_html(table)
-        metric = table.attrs.get("metric", "metric")
-        line = f"{len(table)} layers of {config.describe()}, most sensitive first ({metric}"
-        if metric == "eval_fn":
-            line += f", FP32 {table.attrs['metric_fp32']:.4g}"
-        line += f"; {table.attrs.get('eval_calls', 0)} eval_fn calls)"
-        self.sensitivity_status.value = status_html(line, "ok")
-        self._sensitivity_stale = True
-        if self.tabs.selected_index == SENSITIVITY_TAB:
-            self._draw_sensitivity()
+    def _sensitivity_open(self) -> bool:
+        return self.tabs.selected_index == SENSITIVITY_TAB
 
-    def _draw_sensitivity(self) -> None:
-        from workbench.analysis.sensitivity_plots import sensitivity_chart
-
-        self.sensitivity_plot.value = figure_png(sensitivity_chart(self.sensitivity_table))
-        self._sensitivity_stale = False
+    def _sensitivity_for(self, config) -> pd.DataFrame:
+        """The sensitivity table of ``config``: the one computed before, else a new one."""
+        return self.sensitivity.table_for(config, self.num_batches.value, self._sensitivity_open())
 
     def _on_sensitivity(self, _button=None) -> None:
         if self._busy:
             return
         self._set_busy(True, "Ranking the layers by sensitivity...", self.sensitivity_status)
         try:
-            self._compute_sensitivity(self.config())
+            self.sensitivity.compute(
+                self.config(), self.num_batches.value, self._sensitivity_open()
+            )
             self.error, self.last_exception = "", None
         except Exception as exc:
             self._fail(exc, self.sensitivity_status)
@@ -524,13 +289,11 @@ class WorkbenchPanel(widgets.VBox):
             self._set_busy(False)
 
     def _export(self) -> None:
-        from workbench.runtime.fusion_check import REPORT_TITLE
-
         path = actions.export(self.result, self.export_path.value, self._example())
         self.onnx_path = path
-        fusion = self.result.report.extra_tables.get(REPORT_TITLE)
+        title, fusion = actions.fusion_table(self.result)
         if fusion is not None:
-            self.fusion_html.value = f"<b>{REPORT_TITLE}</b>" + table_html(fusion)
+            self.export.show_fusion(title, fusion)
         self.error, self.last_exception = "", None
         self.export_status.value = status_html(f"Exported {path} ({path.stat().st_size:,} B)", "ok")
 
@@ -546,10 +309,8 @@ class WorkbenchPanel(widgets.VBox):
             )
             fp32_ms, int8_ms = actions.latencies_ms(self.benchmark)
             self.runs.set_latency(self._run_number, fp32_ms, int8_ms)
-            self.bench_html.value = summary_html(self.benchmark.summary_text()) + table_html(
-                self.benchmark.table
-            )
-            self._show_runs()
+            self.export.show_benchmark(self.benchmark)
+            self.runs_view.refresh()
             self.export_status.value = status_html(f"Benchmarked {self.onnx_path}", "ok")
             self.error, self.last_exception = "", None
         except Exception as exc:

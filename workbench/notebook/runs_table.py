@@ -35,6 +35,24 @@ RUN_COLUMNS = [
 ]
 
 
+# What a reader sees first (latency, speedup and Pareto without scrolling), with units.
+DISPLAY_COLUMNS = {
+    "run": "Run",
+    "method": "Method",
+    "weights": "Weights",
+    "metric": "Metric",
+    "model_sqnr_db": "Model SQNR (dB)",
+    "size_kib": "Size (KiB)",
+    "compression": "Smaller by",
+    "int8_ms": "INT8 (ms)",
+    "speedup": "Speedup",
+    "pareto_optimal": "Pareto",
+    "activations": "Activations",
+    "observer": "Observer",
+    "fp32_layers": "Kept FP32",
+}
+
+
 class RunsTable:
     """One row per successful run: its config, metric, size and (once benchmarked) latency."""
 
@@ -101,6 +119,28 @@ class RunsTable:
         rows = [row | {"pareto_optimal": o} for row, o in zip(self._rows, optimal, strict=True)]
         return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
+    def display_frame(self) -> pd.DataFrame:
+        """The runs as a reader sees them: the columns of ``DISPLAY_COLUMNS`` (friendly
+        headers, sizes in KiB, the ratios as ``3.91x``, the layers kept FP32 by hand and by
+        sensitivity together), no metric column when no run has one."""
+        frame = self.frame.copy()
+        frame["size_kib"] = (frame["size_bytes"].astype(float) / 1024).round(1)
+        frame["compression"] = [f"{value:.2f}\u00d7" for value in frame["compression"]]
+        frame["speedup"] = [
+            f"{value:.2f}\u00d7" if value == value and value is not None else None
+            for value in frame["speedup"]
+        ]
+        frame["pareto_optimal"] = ["\u2605" if flag else "" for flag in frame["pareto_optimal"]]
+        kept = [
+            ", ".join(part for part in (by_hand, by_rank) if part)
+            for by_hand, by_rank in zip(
+                frame["fp32_layers"], frame["kept_by_sensitivity"], strict=True
+            )
+        ]
+        frame["fp32_layers"] = kept
+        columns = [c for c in DISPLAY_COLUMNS if c != "metric" or frame["metric"].notna().any()]
+        return frame[columns].rename(columns=DISPLAY_COLUMNS)
+
     def plot(self):
         """Scatter of metric (or model output SQNR when no eval_fn) against size, one labelled
         point per run, Pareto-optimal runs in red; None before the first run. A
@@ -119,6 +159,12 @@ class RunsTable:
         with_latency = bool(frame["int8_ms"].notna().all())
         figure = Figure(figsize=(5.5, 3.0))
         ax = figure.add_subplot()
+        reference = [float(frame["metric_fp32"].iloc[-1])] if has_metric else []
+        shown = [v for v in [*values.dropna().tolist(), *reference] if v == v]
+        if shown:  # a margin around the values, not matplotlib's default (104 for 100 %)
+            low, high = min(shown), max(shown)
+            pad = max(0.1 * (high - low), 0.01 * max(abs(high), 1.0))
+            ax.set_ylim(low - pad, high + pad)
         ax.scatter(size_kib[~optimal], values[~optimal], color="#999999", label="dominated")
         ax.scatter(
             size_kib[optimal],
@@ -137,5 +183,8 @@ class RunsTable:
         ax.set_ylabel(label)
         ax.set_title("Runs: metric against size (FP32 metric dashed)", fontsize=9)
         ax.legend(fontsize=7)
+        from workbench.analysis.plots import themed
+
+        themed(figure, ax)
         figure.tight_layout()
         return figure

@@ -9,9 +9,16 @@
 The histogram observers keep one fixed-size histogram (2048 bins plus an exact count of zeros,
 which ReLU produces in bulk) and re-bin it when a batch widens the range, so their memory does
 not grow with the number of calibration batches.
+
+Observers of the same tensor on several processes (one data shard each) combine their
+statistics with :meth:`Observer.combine`, given a ``reduce(tensor, op)`` that returns the
+elementwise ``"min"`` / ``"max"`` / ``"sum"`` over all of them (the engine passes an
+all-reduce); afterwards every observer holds the statistics of the union of the shards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,6 +30,9 @@ from workbench.errors import CalibrationError, ConfigError
 
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "entropy")
 HISTOGRAM_BINS = 2048
+
+# reduce(tensor, op) -> the elementwise op ("min", "max" or "sum") of tensor over all peers
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 class Observer:
@@ -47,6 +57,16 @@ class Observer:
         raise NotImplementedError
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def combine(self, reduce: Reduce) -> None:
+        """Replace this observer's statistics by those of all peers together (see module
+        docstring). Every peer must call it, in the same order, even one that saw no data."""
+        seen = reduce(torch.tensor(float(self.batches_seen), dtype=torch.float64), "sum")
+        self._combine(reduce)
+        self.batches_seen = int(seen)
+
+    def _combine(self, reduce: Reduce) -> None:
         raise NotImplementedError
 
     def compute_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +105,26 @@ class MinMaxObserver(Observer):
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min_val, self.max_val
 
+    def _combine(self, reduce: Reduce) -> None:
+        # A peer that saw nothing does not know the number of channels: agree on it first.
+        channels = 0 if self.min_val is None else self.min_val.numel()
+        agreed = int(reduce(torch.tensor(float(channels), dtype=torch.float64), "max"))
+        if agreed == 0:
+            return
+        if self.min_val is None:
+            shape = (agreed,) if self.scheme.per_channel else ()
+            self.min_val = torch.full(shape, float("inf"))
+            self.max_val = torch.full(shape, float("-inf"))
+        elif channels != agreed:
+            raise CalibrationError(
+                f"{self.tensor_name} has {channels} channels here and {agreed} on another "
+                "process; use a per-tensor scheme"
+            )
+        # min(a) == -max(-a) exactly, so one reduction carries both ends
+        both = reduce(torch.cat([self.min_val.reshape(-1), -self.max_val.reshape(-1)]), "min")
+        self.min_val = both[:agreed].reshape(self.min_val.shape).clone()
+        self.max_val = (-both[agreed:]).reshape(self.max_val.shape).clone()
+
 
 class StreamingHistogram:
     """A fixed-size histogram whose range grows as data arrives; zeros are counted exactly."""
@@ -120,6 +160,23 @@ class StreamingHistogram:
             self._rebin(min(lo, self.low), max(hi, self.high))
         batch = torch.histc(nonzero, bins=self.bins, min=self.low, max=self.high)
         self.counts += batch.double().numpy()
+
+    def combine(self, reduce: Reduce) -> None:
+        """Sum this histogram with its peers': all are re-binned onto the range that covers
+        every one of them, then their counts are added (see ``Observer.combine``)."""
+        low = float("inf") if self.empty else self.low
+        high = float("-inf") if self.empty else self.high
+        ends = reduce(torch.tensor([low, -high], dtype=torch.float64), "min")
+        common_low, common_high = float(ends[0]), -float(ends[1])
+        if common_low <= common_high:  # some peer holds non-zero values
+            if self.empty:
+                self.counts = np.zeros(self.bins, dtype=np.float64)
+                self.low, self.high, self.empty = common_low, common_high, False
+            elif (self.low, self.high) != (common_low, common_high):
+                self._rebin(common_low, common_high)
+            self.counts = reduce(torch.from_numpy(self.counts), "sum").numpy().copy()
+        zeros = reduce(torch.tensor(self.zero_count, dtype=torch.float64), "sum")
+        self.zero_count = float(zeros)
 
     def _rebin(self, new_low: float, new_high: float) -> None:
         old_edges = self.edges
@@ -172,6 +229,11 @@ class HistogramObserver(Observer):
         self.seen_min = min(self.seen_min, float(x.min()))
         self.seen_max = max(self.seen_max, float(x.max()))
         self.histogram.add(x)
+
+    def _combine(self, reduce: Reduce) -> None:
+        ends = reduce(torch.tensor([self.seen_min, -self.seen_max], dtype=torch.float64), "min")
+        self.seen_min, self.seen_max = float(ends[0]), -float(ends[1])
+        self.histogram.combine(reduce)
 
     def _range(self, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor(low, dtype=torch.float32), torch.tensor(high, dtype=torch.float32)

@@ -15,6 +15,7 @@ from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import fold_batchnorms
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import Job, combine_calibration
 from workbench.engine.equalize import equalize_model, mark_equalized
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
@@ -161,10 +162,14 @@ def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -
             )
 
 
-def calibrate(model: nn.Module, batches: list[Any], progress: bool = True) -> set[str]:
+def calibrate(
+    model: nn.Module, batches: list[Any], progress: bool = True, job: Job | None = None
+) -> set[str]:
     """Run calibration batches with observers on; returns the names of layers that ran.
 
-    Raises a ``CalibrationError`` when no quantizable layer ran at all.
+    In a distributed ``job`` every process runs its own batches, then the observers combine
+    their statistics over the processes (``engine.distributed``), so all end with the same
+    qparams. Raises a ``CalibrationError`` when no quantizable layer ran at all.
     """
     reached: set[str] = set()
     handles = []
@@ -182,6 +187,8 @@ def calibrate(model: nn.Module, batches: list[Any], progress: bool = True) -> se
     finally:
         for handle in handles:
             handle.remove()
+    if job is not None:
+        reached = combine_calibration(model, reached, job)
     if not reached:
         raise CalibrationError(
             "no quantizable layer ran on the calibration data; check that the calibration "

@@ -22,6 +22,14 @@ from workbench.engine.calibrate import (
     user_model_copy,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import (
+    broadcast_model,
+    join_job,
+    shard_loader,
+    share_report,
+    start_from_rank0,
+    unwrap_ddp,
+)
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.refine import refine_quantized_model
@@ -85,25 +93,37 @@ def ptq(
     eval_fn : callable, optional
         ``eval_fn(model) -> float`` (e.g. accuracy); measured for FP32 and quantized.
     num_batches : int, optional
-        Use at most this many calibration batches.
+        Use at most this many calibration batches (per process in a distributed job).
     progress : bool
         Show a progress bar.
     """
     config = resolve_config(config)
     check_eval_fn(eval_fn, "wb.ptq")
-    reference = user_model_copy(model, "wb.ptq")
+    reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
+    job = join_job()  # a torch.distributed job: each process calibrates on its shard
+    if job is not None:
+        calib_data, progress = shard_loader(calib_data, job), progress and job.writes_files
     # Stream the calibration data: only the first batches (BN folding, the report) are kept,
     # so a whole training DataLoader does not have to fit in memory.
     stream = iter_batches(calib_data, num_batches)
     head = list(islice(stream, REPORT_BATCHES))
     batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
-    fp32_model, prepared, plans = prepare_model(reference, head[0], config)
-    reached = calibrate(prepared, batches, progress)
+    first = head[0] if job is None else start_from_rank0(reference, head[0], job)
+    fp32_model, prepared, plans = prepare_model(reference, first, config)
+    reached = calibrate(prepared, batches, progress, job)
     finish_calibration(prepared, plans, reached)
     prepared.eval()
     refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
+    if job is not None:  # refinements ran on each shard's batches: rank 0's everywhere
+        broadcast_model(prepared, job)
     report = build_report(reference, fp32_model, prepared, plans, config, head, eval_fn)
-    return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
+    if job is not None:
+        report = share_report(report, prepared, job)
+        job.close()
+    writes = job is None or job.writes_files
+    return QuantResult(
+        prepared, fp32_model, report, config, plans, method="ptq", writes_files=writes
+    )
 
 
 class _CalibrationBatches:

@@ -32,6 +32,9 @@ class QuantResult:
         ``"ptq"`` or ``"qat"``.
     history : pandas.DataFrame or None
         QAT training history (None for PTQ).
+    writes_files : bool
+        Whether ``export_onnx`` / ``export_fp32_onnx`` write: False on the processes of a
+        ``torch.distributed`` job other than rank 0 (set it to True to write there too).
     """
 
     model: nn.Module
@@ -42,6 +45,7 @@ class QuantResult:
     method: str = "ptq"
     history: pd.DataFrame | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    writes_files: bool = True
 
     def __repr__(self) -> str:
         return f"QuantResult(method={self.method!r})\n{self.report.summary_text()}"
@@ -74,6 +78,8 @@ class QuantResult:
         """
         from workbench.runtime.onnx_export import export_int8_onnx
 
+        if not self.writes_files:  # a distributed job's other processes: rank 0 writes
+            return Path(path)
         written, _ = export_int8_onnx(
             self.model, path, example_input, dynamic_batch, opset, amx=amx
         )
@@ -93,6 +99,8 @@ class QuantResult:
         """Write the FP32 reference (BatchNorm folded, no quantizers) as ONNX."""
         from workbench.runtime.onnx_export import export_fp32_onnx
 
+        if not self.writes_files:
+            return Path(path)
         return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):

@@ -143,3 +143,30 @@ def test_space_to_depth_stem_gives_the_same_values(channels, kernel, stride, pad
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert {a.name: list(a.ints) for a in conv.attribute}["strides"] == [1, 1]
     np.testing.assert_allclose(run(model, x=x)[0], before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("axis_a", "axis_b", "merged"), [(0, 1, False), (1, 1, True), (0, 0, True)]
+)
+def test_per_channel_quantizers_merge_only_on_the_same_axis(axis_a, axis_b, merged):
+    """Two per-channel QuantizeLinear nodes with equal scales on a [2, 2] tensor are the same
+    quantization only along the same axis (axis 0 is not axis 1)."""
+    from workbench.runtime.qdq_graph import merge_duplicate_quantize
+
+    scale = numpy_helper.from_array(np.array([0.1, 0.2], np.float32), "scale")
+    zero = numpy_helper.from_array(np.array([0, 0], np.uint8), "zero")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["qa"], axis=axis_a),
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["qb"], axis=axis_b),
+        helper.make_node("DequantizeLinear", ["qa", "scale", "zero"], ["a"], axis=axis_a),
+        helper.make_node("DequantizeLinear", ["qb", "scale", "zero"], ["b"], axis=axis_b),
+    ]
+    outputs = [float_input("a", [2, 2]), float_input("b", [2, 2])]
+    model = make_model(nodes, [float_input("x", [2, 2])], outputs, [scale, zero])
+    x = np.array([[0.31, 0.52], [0.13, 0.77]], np.float32)
+    expected = run(model, x=x)
+    g = _Graph(model.graph)
+    assert merge_duplicate_quantize(g, {}) is merged
+    assert ops(model).count("QuantizeLinear") == (1 if merged else 2)
+    for got, want in zip(run(model, x=x), expected, strict=True):
+        np.testing.assert_array_equal(got, want)

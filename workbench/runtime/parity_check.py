@@ -36,6 +36,7 @@ from workbench.engine.batches import iter_batches, model_inputs
 from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layers import QuantizedLayer
 from workbench.runtime.onnx_export import flatten_outputs
+from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.ort_session import make_session, run_session
 from workbench.runtime.qdq_graph import read_graph_info
 
@@ -114,11 +115,8 @@ def _points(model: onnx.ModelProto) -> list[_Point]:
     """Output quantizers' codes, unshared input quantizers' codes, and the FP32 outputs of
     Linear layers that are not quantized next (exposing those keeps ONNX Runtime's fusion)."""
     info = read_graph_info(model)
-    producer = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    tensors = tensor_map(model.graph)
+    producer, consumers = tensors.producer, tensors.consumers
     inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
     def codes_of(tensor: str) -> tuple[float, int] | None:

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.qdq_modules import MARKER_DOMAIN
 
 GRID_PRESERVING_OPS = {
@@ -76,21 +77,17 @@ def read_graph_info(model: onnx.ModelProto) -> GraphInfo:
 
 
 class _Graph:
-    """Lookup tables over ``graph``, rebuilt after each pass."""
+    """Lookup tables over ``graph``: the producer / consumer map (``onnx_maps``) is kept up to
+    date by the edits below and rebuilt (``refresh``) at most once per pass."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.refresh()
 
     def refresh(self) -> None:
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(node)
+        self.tensors = tensor_map(self.graph)
+        self.producer = self.tensors.producer
+        self.consumers = self.tensors.consumers
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.outputs = {out.name for out in self.graph.output}
 
@@ -99,17 +96,33 @@ class _Graph:
         return None if init is None else numpy_helper.to_array(init)
 
     def replace_uses(self, old: str, new: str) -> None:
-        for node in self.graph.node:
+        """Every node reading ``old`` reads ``new`` instead."""
+        users = self.consumers.pop(old, [])
+        seen: set[int] = set()
+        for node in users:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             for i, name in enumerate(node.input):
                 if name == old:
                     node.input[i] = new
+        self.consumers[new].extend(users)
+
+    def insert(self, position: int, node: onnx.NodeProto) -> None:
+        self.graph.node.insert(position, node)
+        self.tensors.add_node(self.graph.node[position])
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self.tensors.remove_node(node)
+        self.graph.node.remove(node)
 
     def rename_initializer(self, old: str, new: str) -> None:
         if old == new or old not in self.initializers or new in self.initializers:
             return
-        self.initializers[old].name = new
+        init = self.initializers.pop(old)
+        init.name = new
+        self.initializers[new] = init
         self.replace_uses(old, new)
-        self.refresh()
 
 
 def constants_to_initializers(graph: onnx.GraphProto) -> None:
@@ -136,8 +149,7 @@ def _attr(node: onnx.NodeProto, name: str):
 
 def _drop_marker(g: _Graph, marker: onnx.NodeProto) -> None:
     g.replace_uses(marker.output[0], marker.input[0])
-    g.graph.node.remove(marker)
-    g.refresh()
+    g.remove(marker)
 
 
 def resolve_markers(g: _Graph) -> GraphInfo:
@@ -201,8 +213,10 @@ def _unique_name(g: _Graph, base: str) -> str:
 
 
 def commute_dequantize(g: _Graph) -> bool:
-    """P(DQ(q)) -> DQ(P(q)) for ops that only move values (the first applicable one)."""
-    for position, node in enumerate(g.graph.node):
+    """P(DQ(q)) -> DQ(P(q)) for ops that only move values, in one pass over the graph (a chain
+    of such ops is handled in the same pass: the moved DQ is the next op's input)."""
+    changed = False
+    for node in list(g.graph.node):
         if node.op_type not in GRID_PRESERVING_OPS or not node.input:
             continue
         if len([o for o in node.output if o]) != 1:
@@ -210,6 +224,7 @@ def commute_dequantize(g: _Graph) -> bool:
         dq = _per_tensor_dq(g, node.input[0])
         if dq is None:
             continue
+        position = list(g.graph.node).index(node)
         codes = _unique_name(g, f"{node.output[0]}_quantized")
         moved = onnx.NodeProto()
         moved.CopyFrom(node)
@@ -221,12 +236,11 @@ def commute_dequantize(g: _Graph) -> bool:
             [node.output[0]],
             name=_unique_name(g, f"{node.name or node.output[0]}/dequantize"),
         )
-        g.graph.node.remove(node)
-        g.graph.node.insert(position, dequantize)
-        g.graph.node.insert(position, moved)
-        g.refresh()
-        return True
-    return False
+        g.remove(node)
+        g.insert(position, dequantize)
+        g.insert(position, moved)
+        changed = True
+    return changed
 
 
 def _conv_attrs(node: onnx.NodeProto) -> dict:
@@ -395,6 +409,11 @@ def route_convs_to_qgemm(g: _Graph) -> int:
     return count
 
 
+def _axis(node: onnx.NodeProto) -> int:
+    axis = _attr(node, "axis")
+    return 1 if axis is None else int(axis)  # QuantizeLinear / DequantizeLinear's default
+
+
 def _same_qparams(g: _Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
     if len(a.input) < 3 or len(b.input) < 3:
         return False
@@ -402,12 +421,13 @@ def _same_qparams(g: _Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
     zero_a, zero_b = g.array(a.input[2]), g.array(b.input[2])
     if any(v is None for v in (scale_a, scale_b, zero_a, zero_b)):
         return False
+    per_tensor = scale_a.ndim == 0 and scale_b.ndim == 0
     return (
         scale_a.shape == scale_b.shape
         and zero_a.dtype == zero_b.dtype
         and np.array_equal(scale_a, scale_b)
         and np.array_equal(zero_a, zero_b)
-        and (_attr(a, "axis") or 1) == (_attr(b, "axis") or 1)
+        and (per_tensor or _axis(a) == _axis(b))
     )
 
 
@@ -422,8 +442,7 @@ def remove_requantize_identity(g: _Graph, renames: dict[str, str]) -> bool:
             continue
         g.replace_uses(node.output[0], dq.input[0])
         renames[node.output[0]] = dq.input[0]
-        g.graph.node.remove(node)
-        g.refresh()
+        g.remove(node)
         changed = True
     return changed
 
@@ -441,9 +460,8 @@ def merge_duplicate_quantize(g: _Graph, renames: dict[str, str]) -> bool:
             continue
         g.replace_uses(node.output[0], twin.output[0])
         renames[node.output[0]] = twin.output[0]
-        g.graph.node.remove(node)
+        g.remove(node)
         changed = True
-    g.refresh()
     return changed
 
 
@@ -482,8 +500,7 @@ def prune(g: _Graph) -> None:
         if not dead:
             break
         for node in dead:
-            g.graph.node.remove(node)
-        g.refresh()
+            g.remove(node)
     used = {name for node in g.graph.node for name in node.input} | g.outputs
     kept = [init for init in g.graph.initializer if init.name in used]
     del g.graph.initializer[:]
@@ -518,9 +535,7 @@ def finalize_qdq_graph(model: onnx.ModelProto, amx: bool = False) -> GraphInfo:
     info = resolve_markers(g)
     renames: dict[str, str] = {}
     while True:
-        changed = False
-        while commute_dequantize(g):
-            changed = True
+        changed = commute_dequantize(g)
         changed |= remove_requantize_identity(g, renames)
         changed |= merge_duplicate_quantize(g, renames)
         if not changed:

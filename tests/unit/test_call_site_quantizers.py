@@ -135,15 +135,24 @@ def test_tensor_ops_are_quantized_at_their_call_sites(tmp_path):
     assert {"add#0", "cat#0", "relu#0", "relu6#0", "avg_pool2d#0"} <= set(sites)
     x = _batches(3, 1)[0]
     path = result.export_onnx(tmp_path / "functional.onnx", x, check_fusion=False)
-    kernels = _kernels(result.fusion(path, warn=False))
+    fusion = result.fusion(path, warn=False)
+    kernels = _kernels(fusion)
     assert kernels["QLinearAdd"] == 1 and kernels["QLinearConcat"] == 1
+    rows = {row.op_type: row for row in fusion.ops.itertuples()}
+    assert set(rows) == {"Add", "Concat", "MaxPool", "AveragePool"}
+    assert rows["MaxPool"].kernel == "MaxPool (uint8)"
+    assert rows["Concat"].site == "cat#0" and rows["Add"].site == "add#0"
+    assert fusion.ops["fused"].all() and fusion.unfused_ops == []
+    assert (
+        result.report.extra_tables["ONNX Runtime fusion of adds, concats and pools"] is fusion.ops
+    )
     assert kernels["QLinearAveragePool"] == 1 and kernels["QLinearConv"] == 4
     with torch.no_grad():
         simulated = result.model(x).numpy()
     assert _cosine(_unoptimized_ort(path, x), simulated) > 0.9999
 
 
-def test_a_residual_add_between_float_ops_stays_float():
+def test_a_residual_add_between_float_ops_stays_float(tmp_path):
     """A transformer's ``x + attention(x)`` between LayerNorms: no input is on a grid, so
     quantizing around the add would only add work."""
 
@@ -160,6 +169,10 @@ def test_a_residual_add_between_float_ops_stays_float():
     torch.manual_seed(0)
     result = wb.ptq(Residual().eval(), [torch.randn(8, 16)], progress=False)
     assert getattr(result.model, "quantization_sites", None) is None
+    path = result.export_onnx(tmp_path / "residual.onnx", torch.randn(2, 16), check_fusion=False)
+    add = result.fusion(path, warn=False).ops.iloc[0]
+    assert not add["quantized"] and not add["fused"]
+    assert add["reason"].startswith("input from LayerNormalization is not quantized")
 
 
 def test_the_op_table_reads_relu_like_clamps():

@@ -6,6 +6,11 @@ model. So we ask ONNX Runtime itself: the session saves the graph it will run
 (``SessionOptions.optimized_model_filepath``), and a quantized layer counts as fused when its
 int8 weight initializer feeds an integer kernel there (QLinearConv, QGemm,
 MatMulIntegerToFloat, ...). Every layer that did not fuse is listed with the likely reason.
+
+Residual adds, concats and pools are listed too (``FusionResult.ops``): each with the integer
+kernel ONNX Runtime made of it (QLinearAdd, QLinearConcat, QLinear(Global)AveragePool, MaxPool
+on uint8), or the reason it runs in FP32 (read from the exported graph: which input is not
+quantized, or that its output is not).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import onnx
 import pandas as pd
 
+from workbench.runtime.onnx_maps import TensorMap, tensor_map
 from workbench.runtime.ort_session import load_onnx_model, make_session
 from workbench.runtime.qdq_graph import QuantizedLayerInfo, read_graph_info
 
@@ -44,6 +50,16 @@ INTEGER_KERNELS = {
 }
 FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv"}
 REPORT_TITLE = "ONNX Runtime fusion"
+OPS_REPORT_TITLE = "ONNX Runtime fusion of adds, concats and pools"
+SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Constant", "Cast", "Slice", "Concat"}
+# exported op type -> the op kind it is (engine.op_kinds) and the integer kernel it can become
+LISTED_OPS = {
+    "Add": ("add", "QLinearAdd"),
+    "Concat": ("concat", "QLinearConcat"),
+    "AveragePool": ("average pool", "QLinearAveragePool"),
+    "GlobalAveragePool": ("average pool", "QLinearGlobalAveragePool"),
+    "MaxPool": ("max pool", "MaxPool (uint8)"),
+}
 
 
 @dataclass
@@ -61,33 +77,46 @@ class FusionResult:
 
     table: pd.DataFrame
     kernels: pd.DataFrame
+    ops: pd.DataFrame | None = None
 
     @property
     def unfused(self) -> list[str]:
         return list(self.table.loc[~self.table["fused"].astype(bool), "layer"])
 
     @property
+    def unfused_ops(self) -> list[str]:
+        """Adds / concats / pools exported quantized that still run in FP32."""
+        if self.ops is None or self.ops.empty:
+            return []
+        stuck = self.ops["quantized"].astype(bool) & ~self.ops["fused"].astype(bool)
+        return list(self.ops.loc[stuck, "op"])
+
+    @property
     def all_fused(self) -> bool:
-        return not self.unfused
+        return not self.unfused and not self.unfused_ops
 
     def summary_text(self) -> str:
         total = len(self.table)
         text = f"{total - len(self.unfused)} of {total} quantized layers run on integer kernels"
         if self.unfused:
             text += f"; not fused: {', '.join(self.unfused)}"
+        if self.ops is not None and not self.ops.empty:
+            for kind in dict.fromkeys(self.ops["kind"]):
+                rows = self.ops[self.ops["kind"] == kind]
+                text += f"; {int(rows['fused'].sum())} of {len(rows)} {kind}s on integer kernels"
         return text
 
     def __repr__(self) -> str:
-        return f"{self.summary_text()}\n{self.table.to_string(index=False)}"
+        text = f"{self.summary_text()}\n{self.table.to_string(index=False)}"
+        if self.ops is not None and not self.ops.empty:
+            text += f"\n{self.ops.to_string(index=False)}"
+        return text
 
 
 def _unfused_reason(graph: onnx.GraphProto, layer: QuantizedLayerInfo) -> str:
     """The likely reason, read from the exported (unoptimized) graph."""
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    tensors = tensor_map(graph)
+    producer, consumers = tensors.producer, tensors.consumers
     node = next((n for n in graph.node if n.name == layer.node), None)
     if node is None:
         return "layer not found in the exported graph"
@@ -104,6 +133,89 @@ def _unfused_reason(graph: onnx.GraphProto, layer: QuantizedLayerInfo) -> str:
     if source.input[0] in types and types[source.input[0]] not in (2, 3):
         return "activation is not 8-bit"
     return "ONNX Runtime did not match the QDQ pattern (check the activation / weight dtypes)"
+
+
+def _float_reason(node: onnx.NodeProto, tensors: TensorMap, code_inputs: set[str]) -> str:
+    """Why an add / concat / pool of the exported graph is not in its quantized form."""
+    for name in node.input[:1] if node.op_type != "Concat" else node.input:
+        source = tensors.producer.get(name)
+        if name in code_inputs or (source is not None and source.op_type == "DequantizeLinear"):
+            continue
+        if node.op_type == "MaxPool":
+            return "input is FP32 (no quantizer before it): runs in FP32"
+        what = source.op_type if source is not None else "a graph input"
+        return f"input from {what} is not quantized (FP32 producer): runs in FP32"
+    if node.op_type == "Add":
+        other = node.input[1] if len(node.input) > 1 else ""
+        source = tensors.producer.get(other)
+        if source is None or source.op_type != "DequantizeLinear":
+            what = source.op_type if source is not None else "a constant or graph input"
+            return f"input from {what} is not quantized (FP32 producer): runs in FP32"
+    return "output is not quantized (no QuantizeLinear after it): runs in FP32"
+
+
+def _op_label(node: onnx.NodeProto) -> str:
+    """``layer1.0/Add`` from the exporter's ``/model/layer1/layer1.0/Add`` (scopes that only
+    repeat the next one's prefix are dropped)."""
+    parts = [p for p in node.name.split("/") if p and p != "model"]
+    kept = [p for i, p in enumerate(parts) if i + 1 >= len(parts) or not parts[i + 1].startswith(p)]
+    return "/".join(kept) or node.output[0]
+
+
+def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFrame:
+    """One row per add / concat / pool of the exported graph: its kernel or the reason."""
+    graph = exported.graph
+    tensors = tensor_map(graph)
+    sites = {tensor: site for site, tensor in read_graph_info(exported).sites.items()}
+    kernel_of_name = {node.name: node.op_type for node in optimized.graph.node}
+    code_inputs = {
+        node.output[0] for node in graph.node if node.op_type == "QuantizeLinear"
+    }  # uint8 / int8 tensors
+    rows = []
+    initializers = {init.name for init in graph.initializer}
+
+    def shape_arithmetic(name: str) -> bool:
+        source = tensors.producer.get(name)
+        return name in initializers or (source is not None and source.op_type in SHAPE_OPS)
+
+    for node in graph.node:
+        if node.op_type not in LISTED_OPS:
+            continue
+        if node.op_type == "Concat" and all(shape_arithmetic(name) for name in node.input):
+            continue  # builds a shape (``x.view(x.shape[0], -1)``), not a tensor of values
+        kind, kernel = LISTED_OPS[node.op_type]
+        users = tensors.users(node.output[0])
+        if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
+            users = tensors.users(users[0].output[0])
+        quantize = users[0] if len(users) == 1 and users[0].op_type == "QuantizeLinear" else None
+        label = _op_label(node)
+        if node.op_type == "MaxPool":
+            on_codes = node.input[0] in code_inputs
+            quantized = fused = on_codes
+        else:
+            inputs = node.input if node.op_type == "Concat" else node.input[:2]
+            quantized = quantize is not None and all(
+                getattr(tensors.producer.get(name), "op_type", "") == "DequantizeLinear"
+                for name in inputs
+            )
+            fused = kernel_of_name.get(node.name, "").startswith("QLinear")
+        reason = "" if fused else _float_reason(node, tensors, code_inputs)
+        if quantized and not fused:
+            reason = "ONNX Runtime did not match the QDQ pattern"
+        rows.append(
+            {
+                "op": label,
+                "site": sites.get(quantize.output[0], "") if quantize is not None else "",
+                "kind": kind,
+                "op_type": node.op_type,
+                "quantized": quantized,
+                "fused": fused,
+                "kernel": kernel if fused else "",
+                "reason": reason,
+            }
+        )
+    columns = ["op", "site", "kind", "op_type", "quantized", "fused", "kernel", "reason"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def check_fusion(
@@ -150,7 +262,13 @@ def check_fusion(
     kernels = pd.DataFrame(sorted(counts.items()), columns=["op_type", "count"]).reset_index(
         drop=True
     )
-    result = FusionResult(table, kernels)
+    result = FusionResult(table, kernels, _op_rows(exported, optimized))
+    if warn and result.unfused_ops:
+        warnings.warn(
+            f"{len(result.unfused_ops)} adds / concats / pools exported quantized still run in "
+            f"FP32 in ONNX Runtime ({', '.join(result.unfused_ops)}); see FusionResult.ops",
+            stacklevel=2,
+        )
     if warn and result.unfused:
         warnings.warn(
             f"{len(result.unfused)} of {len(table)} quantized layers did not fuse into ONNX "

@@ -105,10 +105,12 @@ class QuantResult:
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):
         """Which quantized layers ONNX Runtime runs on integer kernels (a ``FusionResult``)."""
-        from workbench.runtime.fusion_check import REPORT_TITLE, check_fusion
+        from workbench.runtime.fusion_check import OPS_REPORT_TITLE, REPORT_TITLE, check_fusion
 
         result = check_fusion(onnx_path, warn=warn)
         self.report.extra_tables[REPORT_TITLE] = result.table
+        if result.ops is not None and not result.ops.empty:
+            self.report.extra_tables[OPS_REPORT_TITLE] = result.ops
         return result
 
     def parity(

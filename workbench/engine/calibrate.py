@@ -211,16 +211,16 @@ def finish_calibration(model: nn.Module, plans: list[LayerPlan], reached: set[st
         if not layer.weight_quantizer.frozen:
             layer.weight_quantizer.freeze(layer.layer.weight)
         if layer.input_quantizer is not None:
-            warn_if_degenerate(layer.input_quantizer, name)
+            warn_if_degenerate(layer.input_quantizer)
             layer.input_quantizer.calibrate()
     for module in model.modules():  # the output quantizers placed after layers
         if isinstance(module, ActivationQuantizer) and module.observer is not None:
-            warn_if_degenerate(module, module.tensor_name)
+            warn_if_degenerate(module)
     finish_output_quantizers(model)
     set_activation_mode(model, QUANTIZE)
 
 
-def warn_if_degenerate(quantizer: ActivationQuantizer, layer_name: str) -> None:
+def warn_if_degenerate(quantizer: ActivationQuantizer) -> None:
     """A warning naming the layer whose calibration input never varied (all zeros, one
     constant): its scale fits no real input."""
     observer = quantizer.observer
@@ -233,9 +233,9 @@ def warn_if_degenerate(quantizer: ActivationQuantizer, layer_name: str) -> None:
     if low is None or low != high:
         return
     warnings.warn(
-        f"the calibration data of {quantizer.tensor_name} ({layer_name!r}) was constant "
-        f"(every value {low:g}): its quantization range fits no other input; calibrate with "
-        "representative data (real samples, not zeros or one repeated value)",
+        f"{quantizer.tensor_name} was constant on the calibration data (every value {low:g}): "
+        "its quantization range fits no other input; calibrate with representative data "
+        "(real samples, not zeros or one repeated value)",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -20,7 +20,7 @@ from workbench.engine.batches import forward_loss, move_batch
 from workbench.engine.eval_metric import measure_metric
 from workbench.engine.live_bn import freeze_batchnorms, set_training_mode
 from workbench.engine.qat_quantizers import learned_scales, scale_values
-from workbench.errors import CalibrationError, NonFiniteError
+from workbench.errors import CalibrationError, ConfigError, NonFiniteError
 
 
 @dataclass
@@ -71,6 +71,12 @@ def train_qat(
                 batch = move_batch(batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = forward_loss(model, batch, loss_fn)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+                    raise ConfigError(
+                        f"loss_fn returned {shape} at step {step + 1} (epoch {epoch}), not a "
+                        "scalar tensor; return one value, e.g. reduce it with .mean()"
+                    )
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise NonFiniteError(

@@ -29,6 +29,7 @@ from workbench.engine.modules import ROOT_NAME, set_submodule
 from workbench.engine.prepare import FP32
 from workbench.engine.switches import quantize_only
 from workbench.errors import ConfigError
+from workbench.workflows.input_signature import input_signature
 from workbench.workflows.ptq import REPORT_BATCHES, build_report
 from workbench.workflows.result import QuantResult
 from workbench.workflows.sensitivity import CalibratedModel, sensitivity_table
@@ -191,6 +192,7 @@ def _ptq(
         calibrated.config,
         calibrated.plans,
         method="ptq",
+        input_signature=input_signature(calibrated.batches[0]),
     )
 
 
@@ -263,7 +265,15 @@ def _search(
     report.extra_tables["Mixed-precision search"] = search
     report.summary["kept_higher_precision"] = list(kept)
     report.summary["max_drop"] = float(max_drop)
-    return QuantResult(mixed, low.fp32_model, report, low.config, low.plans, method="ptq")
+    return QuantResult(
+        mixed,
+        low.fp32_model,
+        report,
+        low.config,
+        low.plans,
+        method="ptq",
+        input_signature=input_signature(low.batches[0]),
+    )
 
 
 def _apply(model: nn.Module, low_layers: dict, fallback_layers: dict, kept: list[str]) -> None:

@@ -33,6 +33,7 @@ from workbench.engine.distributed import (
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.refine import refine_quantized_model
+from workbench.workflows.input_signature import input_signature
 from workbench.workflows.result import QuantResult
 
 REPORT_BATCHES = 8
@@ -122,7 +123,14 @@ def ptq(
         job.close()
     writes = job is None or job.writes_files
     return QuantResult(
-        prepared, fp32_model, report, config, plans, method="ptq", writes_files=writes
+        prepared,
+        fp32_model,
+        report,
+        config,
+        plans,
+        method="ptq",
+        writes_files=writes,
+        input_signature=input_signature(head[0]),
     )
 
 

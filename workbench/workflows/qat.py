@@ -42,6 +42,7 @@ from workbench.engine.qat_options import (
 )
 from workbench.engine.qat_quantizers import enable_qat, finish_qat
 from workbench.engine.train import TrainingLog, train_qat
+from workbench.workflows.input_signature import input_signature
 from workbench.workflows.ptq import REPORT_BATCHES, build_report
 from workbench.workflows.result import QuantResult
 
@@ -166,7 +167,15 @@ def qat(
     report = QATReport(base, history, training_summary(log, epochs, learn_scales))
     extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}
     return QuantResult(
-        prepared, fp32_model, report, config, plans, method="qat", history=history, extras=extras
+        prepared,
+        fp32_model,
+        report,
+        config,
+        plans,
+        method="qat",
+        history=history,
+        extras=extras,
+        input_signature=input_signature(calib[0]),
     )
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from workbench.analysis.report import Report
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
+from workbench.workflows.input_signature import InputSpec, check_like_calibration
 
 
 @dataclass
@@ -35,6 +36,8 @@ class QuantResult:
     writes_files : bool
         Whether ``export_onnx`` / ``export_fp32_onnx`` write: False on the processes of a
         ``torch.distributed`` job other than rank 0 (set it to True to write there too).
+    input_signature : tuple of InputSpec
+        Name, per-sample shape and dtype of each calibration input (export inputs must fit).
     """
 
     model: nn.Module
@@ -46,6 +49,7 @@ class QuantResult:
     history: pd.DataFrame | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     writes_files: bool = True
+    input_signature: tuple[InputSpec, ...] | None = None
 
     def __repr__(self) -> str:
         return f"QuantResult(method={self.method!r})\n{self.report.summary_text()}"
@@ -80,6 +84,7 @@ class QuantResult:
 
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
+        check_like_calibration(self.input_signature, example_input)
         written, _ = export_int8_onnx(
             self.model, path, example_input, dynamic_batch, opset, amx=amx
         )
@@ -101,6 +106,7 @@ class QuantResult:
 
         if not self.writes_files:
             return Path(path)
+        check_like_calibration(self.input_signature, example_input)
         return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):

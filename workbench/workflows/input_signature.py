@@ -1,0 +1,57 @@
+"""What the model was calibrated on (each input's name, per-sample shape and dtype), so that
+an export or benchmark input that does not fit is one clear error before any tracing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.engine.batches import model_inputs
+from workbench.errors import CalibrationError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input of the calibration batches; ``sample_shape`` leaves out the batch."""
+
+    name: str
+    sample_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        dims = ", ".join(["N", *map(str, self.sample_shape)])
+        return f"[{dims}] {str(self.dtype).removeprefix('torch.')}"
+
+
+def input_signature(batch: Any) -> tuple[InputSpec, ...]:
+    """The inputs a calibration batch gives the model (tensors only)."""
+    args, kwargs = model_inputs(batch)
+    named = [(f"input {i}", v) for i, v in enumerate(args)] + list(kwargs.items())
+    return tuple(
+        InputSpec(name, tuple(value.shape[1:]), value.dtype)
+        for name, value in named
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    )
+
+
+def check_like_calibration(signature: tuple[InputSpec, ...] | None, example_input: Any) -> None:
+    """A ``CalibrationError`` when ``example_input`` differs from the calibration batches in
+    an input's per-sample shape or dtype (the batch size may differ)."""
+    if not signature:
+        return
+    given = {spec.name: spec for spec in input_signature(example_input)}
+    for spec in signature:
+        got = given.get(spec.name)
+        if got is None:
+            raise CalibrationError(
+                f"example_input gives no {spec.name} ({spec.describe()}), which the "
+                "calibration batches gave; pass one batch shaped like them"
+            )
+        if got.sample_shape != spec.sample_shape or got.dtype != spec.dtype:
+            raise CalibrationError(
+                f"example_input's {spec.name} is {got.describe()}, the model was calibrated "
+                f"on {spec.describe()}; pass one batch shaped like the calibration data "
+                "(e.g. x.float() for float32)"
+            )

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from workbench.engine.adaround import adaround_model
 from workbench.engine.bias_correction import correct_biases
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import QUANTIZED, LayerPlan
@@ -27,6 +28,13 @@ def refine_quantized_model(
     for plan in plans:
         if plan.status == QUANTIZED:
             plan.weight_rounding = "nearest"
+    if config.weight_method == "adaround":
+        rounded = adaround_model(
+            fp32_model, quantized_model, batches, config.adaround_iterations, progress
+        )
+        for name in rounded:
+            if name in by_name:
+                by_name[name].weight_rounding = "adaround"
     if config.bias_correction_method == "empirical":
         for name in correct_biases(fp32_model, quantized_model, batches):
             if name in by_name:

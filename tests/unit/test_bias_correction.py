@@ -40,6 +40,11 @@ def test_bias_correction_zeroes_the_mean_output_error_per_channel():
     assert largest_after < largest_before / 10
     assert all(plan.bias_corrected for plan in corrected.plans if plan.status == "quantized")
     assert not any(plan.bias_corrected for plan in plain.plans)
+    rows = corrected.report.layers.set_index("layer")
+    assert rows.loc[list(layers), "bias_corrected"].tolist() == [True] * len(layers)
+    assert set(rows.loc[list(layers), "weight_rounding"]) == {"nearest"}
+    assert corrected.report.summary["ptq_methods"] == ["empirical bias correction"]
+    assert plain.report.summary["ptq_methods"] == []
 
 
 def test_bias_correction_moves_the_model_output_closer_to_fp32():

@@ -78,4 +78,7 @@ def test_ptq_with_equalize_keeps_the_reference_and_marks_the_layers():
     with torch.no_grad():
         assert _relative_error(expected, result.fp32_model(batches[0])) < 1e-5
     equalized = {plan.name for plan in result.plans if plan.equalized}
+    rows = result.report.layers.set_index("layer")["equalized"]
+    assert set(rows[rows.astype(bool)].index) == equalized
+    assert result.report.summary["ptq_methods"] == ["cross-layer equalization"]
     assert equalized == {"expand", "depthwise", "project", "mix", "mix2", "fc1", "fc2"}

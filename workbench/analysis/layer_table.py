@@ -30,6 +30,9 @@ LAYER_COLUMNS = [
     "layer_sqnr_db",
     "output_sqnr_db",
     "output_cosine",
+    "equalized",
+    "bias_corrected",
+    "weight_rounding",
 ]
 OVERVIEW_COLUMNS = [  # the layer table at a glance (the panel's Layers tab, the CLI)
     "layer",
@@ -90,6 +93,9 @@ def layer_table(
             "status": plan.status,
             "reason": plan.reason,
             "folded_into": plan.folded_into,
+            "equalized": plan.equalized,
+            "bias_corrected": plan.bias_corrected,
+            "weight_rounding": plan.weight_rounding,
         }
         module = get_layer(quantized_model, plan.name)
         if isinstance(module, QuantizedLayer):

@@ -70,6 +70,7 @@ def build_report(
         metric_quantized,
         metric_name_of(eval_fn),
     )
+    summary["ptq_methods"] = config.ptq_methods()
     return Report(layers, storage, summary, model=quantized)
 
 

@@ -14,12 +14,24 @@ import pandas as pd
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.errors import WorkbenchError
 
+PRINTED_LAYER_COLUMNS = [  # of report.layers, what the demo prints
+    "layer",
+    "type",
+    "status",
+    "reason",
+    "scheme",
+    "num_scales",
+    "weight_sqnr_db",
+    "layer_sqnr_db",
+    "output_sqnr_db",
+    "output_cosine",
+]
+
 
 def run_demo(out: Path, epochs: int, progress: bool, onnx: bool = True) -> int:
     """Train the digits CNN, PTQ it with every observer and preset, export the int8 model to
     ONNX, check fusion and parity, benchmark it against FP32, print and save the report."""
     import workbench as wb
-    from workbench.analysis.layer_table import OVERVIEW_COLUMNS
     from workbench.demo import accuracy, load_digits_data, train_digits_cnn
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +70,7 @@ def run_demo(out: Path, epochs: int, progress: bool, onnx: bool = True) -> int:
         best = results[("int8", "minmax")]
         print("\n" + best.report.summary_text())
         print("\nPer-layer report (int8, minmax):")
-        print(best.report.layers[OVERVIEW_COLUMNS].round(3).to_string(index=False))
+        print(best.report.layers[PRINTED_LAYER_COLUMNS].round(3).to_string(index=False))
         print("\nStorage (bytes):")
         print(best.report.storage.to_string(index=False))
         if onnx:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.core.observers import HISTOGRAM_BINS, make_observer
+from workbench.core.histogram import HISTOGRAM_BINS
+from workbench.core.observers import make_observer
 from workbench.core.scheme import Scheme
 
 OPS = {"min": torch.minimum, "max": torch.maximum, "sum": torch.add}

@@ -9,7 +9,8 @@ import torch
 
 import workbench as wb
 from workbench.core import dequantize_with, make_observer, qparams_from_range, quantize_with
-from workbench.core.observers import HISTOGRAM_BINS, weight_range_mse
+from workbench.core.histogram import HISTOGRAM_BINS
+from workbench.core.observers import weight_range_mse
 
 HISTOGRAM_OBSERVERS = ["percentile", "mse", "entropy"]
 

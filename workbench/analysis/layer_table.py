@@ -34,17 +34,6 @@ LAYER_COLUMNS = [
     "bias_corrected",
     "weight_rounding",
 ]
-OVERVIEW_COLUMNS = [  # the layer table at a glance (the panel's Layers tab, the CLI)
-    "layer",
-    "type",
-    "status",
-    "reason",
-    "scheme",
-    "num_scales",
-    "weight_sqnr_db",
-    "output_sqnr_db",
-    "output_cosine",
-]
 
 
 def _zero_point_text(zero_point: torch.Tensor) -> str:

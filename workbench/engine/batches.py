@@ -2,12 +2,20 @@
 
 A batch may be a tensor (``model(x)``), a tuple / list whose first item is the input
 (``(inputs, targets)`` as a DataLoader of a TensorDataset yields), or a dict of keyword inputs
-(``model(**batch)``, e.g. a tokenizer's output). Training batches also carry what ``loss_fn``
-compares the output with: the targets of ``(inputs, targets)``, or the whole dict.
+(``model(**batch)``, e.g. a tokenizer's output).
+
+Models whose ``forward`` requires several positional inputs (``forward(ids, mask)``): a
+tuple / list batch gives them its first n items, n = the number of required positional
+parameters (so ``(ids, mask)`` and ``(ids, mask, labels)`` both work); a batch with fewer
+items is one error naming the fix (a dict of keyword inputs is never ambiguous).
+
+Training batches also carry what ``loss_fn`` compares the output with: the targets of
+``(inputs, targets)``, or the whole dict.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import chain, islice
 from numbers import Integral
@@ -82,9 +90,23 @@ def _is_empty(batch: Any) -> bool:
     return isinstance(batch, torch.Tensor) and batch.numel() == 0
 
 
-def model_inputs(batch: Any) -> tuple[tuple, dict]:
-    """Split a batch into ``(args, kwargs)`` for the model. The tensors are copies: a model
-    that changes its input in place must not change the user's data."""
+def required_positional_inputs(model: nn.Module | None) -> int:
+    """How many positional parameters ``model.forward`` requires (1 when it cannot be read)."""
+    if model is None:
+        return 1
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return max(1, len(required))
+
+
+def model_inputs(batch: Any, model: nn.Module | None = None) -> tuple[tuple, dict]:
+    """Split a batch into ``(args, kwargs)`` for the model (the rule: module docstring). The
+    tensors are copies: a model that changes its input in place must not change the user's
+    data."""
     if isinstance(batch, torch.Tensor):
         return (_copy(batch),), {}
     if isinstance(batch, Mapping):
@@ -93,7 +115,16 @@ def model_inputs(batch: Any) -> tuple[tuple, dict]:
         first = batch[0]
         if isinstance(first, Mapping):
             return (), {key: _copy(value) for key, value in first.items()}
-        return (_copy(first),), {}
+        count = required_positional_inputs(model)
+        if count == 1:
+            return (_copy(first),), {}
+        if len(batch) < count:
+            raise CalibrationError(
+                f"the model's forward takes {count} positional inputs but a batch is a "
+                f"{type(batch).__name__} of {len(batch)} item(s); yield tuples of the {count} "
+                "inputs (optionally followed by the targets) or dicts of keyword inputs"
+            )
+        return tuple(_copy(value) for value in batch[:count]), {}
     raise CalibrationError(
         f"cannot read a model input from a batch of type {type(batch).__name__}; "
         "yield tensors, (inputs, targets) tuples or dicts of keyword inputs"
@@ -112,7 +143,7 @@ def batch_size(batch: Any) -> int:
 
 def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_data") -> Any:
     """Run one batch through ``model``; a failure becomes one error naming the batch."""
-    args, kwargs = model_inputs(batch)
+    args, kwargs = model_inputs(batch, model)
     try:
         return model(*args, **kwargs)
     except WorkbenchError:
@@ -184,7 +215,7 @@ def move_batch(batch: Any, device: torch.device) -> Any:
 
 def forward_loss(model: nn.Module, batch: Any, loss_fn: Callable) -> torch.Tensor:
     """``loss_fn(model(inputs), target)`` for one (already moved) batch."""
-    args, kwargs = model_inputs(batch)
+    args, kwargs = model_inputs(batch, model)
     output = model(*args, **kwargs)
     return loss_fn(output, loss_target(batch))
 

@@ -22,10 +22,11 @@ How, and why this way:
   (``engine.graph_quantizers``). ``qdq_graph`` then moves DQs past MaxPool / Flatten /
   Reshape and removes requantizations that are identities, so the residual adds of a ResNet
   see ``DQ, DQ -> Add -> Q`` (QLinearAdd).
-* **On CPUs with AMX-INT8, conv weights are stored with zero point -1** (codes shifted by -1,
-  the same values): ONNX Runtime then runs the convs on its AMX GEMM instead of its
-  symmetric-weight VNNI kernels, 1.4-1.9x faster for convs with 128+ channels here
-  (``amx=False`` turns it off).
+* **For CPUs with AMX-INT8, ``amx=True`` stores conv weights with zero point -1** (codes
+  shifted by -1, the same values): ONNX Runtime then runs the convs on its AMX GEMM instead of
+  its symmetric-weight VNNI kernels, 1.4-1.9x faster for convs with 128+ channels there. The
+  default is ``amx=False`` so that the file does not depend on the CPU that exported it;
+  ``amx="auto"`` follows this machine's CPU.
 * **Atomic write.** The exporter writes into a temporary file in the target directory, the
   rewritten graph is saved into another, and ``os.replace`` moves it into place: a failed
   export leaves no file (and an existing file untouched). Errors name the op and, when it can
@@ -43,6 +44,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 from workbench.atomic_file import atomic_path, temporary_path_beside
 from workbench.engine.batches import model_inputs
 from workbench.engine.training_modes import training_modes_kept
-from workbench.errors import ExportError, first_line
+from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
@@ -80,9 +82,22 @@ def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torc
     return flat
 
 
+def export_inputs(example_input: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of an example input, read as ``torch.onnx.export`` reads it: a tensor
+    is the one input, a dict the keyword inputs, a tuple / list the positional inputs (a dict
+    as its last item: keyword inputs after them)."""
+    if isinstance(example_input, list | tuple):
+        items = list(example_input)
+        kwargs = dict(items.pop()) if items and isinstance(items[-1], Mapping) else {}
+        if not items and not kwargs:
+            raise ExportError("example_input is an empty tuple; pass the model's input tensors")
+        return tuple(items), kwargs
+    return model_inputs(example_input)
+
+
 def input_names(example_input: Any) -> tuple[tuple, list[str]]:
     """The positional tensors the exported graph takes, and their names."""
-    args, kwargs = model_inputs(example_input)
+    args, kwargs = export_inputs(example_input)
     names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
     names += list(kwargs)
     values = tuple(args) + tuple(kwargs.values())
@@ -181,11 +196,20 @@ def _torch_export(
     model: nn.Module, example_input: Any, file: Path, dynamic_batch: bool, opset: int, what: str
 ) -> None:
     values, names = input_names(example_input)
-    args, kwargs = model_inputs(example_input)
+    args, kwargs = export_inputs(example_input)
     with training_modes_kept(model):  # export runs it in eval mode
         wrapper = _Positional(model, len(args), list(kwargs)).eval()
-        with torch.no_grad():
-            outputs = flatten_outputs(model(*args, **kwargs))
+        try:
+            with torch.no_grad():
+                outputs = flatten_outputs(model(*args, **kwargs))
+        except WorkbenchError:
+            raise
+        except Exception as exc:  # the user's forward on the example input
+            raise ExportError(
+                f"example_input could not run through {what} ({type(exc).__name__}: "
+                f"{first_line(exc)}); pass one tensor, a tuple of the forward's positional "
+                "inputs, or a dict of keyword inputs"
+            ) from exc
         if not outputs:
             raise ExportError(
                 f"{what} returned no tensor; return a tensor, a tuple or a dict of them"
@@ -253,16 +277,19 @@ def export_int8_onnx(
     example_input: Any,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
-    amx: bool | None = None,
+    amx: bool | str = False,
 ) -> tuple[Path, GraphInfo]:
     """Write the simulated ``quantized_model`` as an INT8 QDQ ONNX model (atomically).
 
     ``amx``: store conv weights for ONNX Runtime's AMX GEMM (``qdq_graph.route_convs_to_qgemm``;
-    same values); ``None`` = when this machine's CPU has AMX-INT8. Returns the path and the map
-    of quantized layers / output quantizers in the graph.
+    same values, faster on CPUs with AMX-INT8, equal elsewhere). Default ``False``: the file
+    does not depend on the CPU that exports it; ``"auto"`` = when this machine's CPU has
+    AMX-INT8. Returns the path and the map of quantized layers / output quantizers in the graph.
     """
-    if amx is None:
+    if amx == "auto":
         amx = detect_cpu_features().amx
+    elif not isinstance(amx, bool):
+        raise ExportError(f"amx must be True, False or 'auto', got {amx!r}")
     target = _target(path)
     stand_in = exportable_model(quantized_model).eval()
     proto = _exported_proto(

@@ -94,7 +94,7 @@ def _compare(ort: np.ndarray, sim: np.ndarray, step: float | None) -> dict[str, 
 
 
 def _torch_outputs(model: nn.Module, batch: Any) -> list[np.ndarray]:
-    args, kwargs = model_inputs(batch)
+    args, kwargs = model_inputs(batch, model)
     with torch.no_grad():
         output = model(*args, **kwargs)
     return [tensor.detach().cpu().numpy() for _, tensor in flatten_outputs(output)]

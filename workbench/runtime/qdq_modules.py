@@ -38,6 +38,8 @@ from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, appl
 from workbench.errors import ExportError
 
 MARKER_DOMAIN = "workbench"
+ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+AVG_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -326,6 +328,36 @@ def _stand_in_for_quantizer(quantizer: ActivationQuantizer, name: str, site: str
     return ExportQuantDequant(quantizer, name, site)
 
 
+class ExportAdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool{1,2,3}d`` as the plain average pool it is when each input size is a
+    multiple of its output size (VGG's ``(7, 7)`` on 7x7 or 14x14 maps): the TorchScript
+    exporter can only export adaptive pooling to sizes other than 1 when it sees the input's
+    static sizes, which no autograd-Function stand-in keeps. Other sizes stay adaptive."""
+
+    quantization_leaf = True  # one call site, as the pooling module it stands in for
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+        self.dims = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[
+            type(pool)
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = [int(size) for size in x.shape[-self.dims :]]
+        wanted = self.pool.output_size
+        wanted = [wanted] * self.dims if isinstance(wanted, int) else list(wanted)
+        wanted = [
+            size if out is None else int(out) for size, out in zip(sizes, wanted, strict=True)
+        ]
+        if all(out == 1 for out in wanted) or any(
+            s % o for s, o in zip(sizes, wanted, strict=True)
+        ):
+            return self.pool(x)  # global pooling exports as it is; uneven windows stay adaptive
+        kernel = [s // o for s, o in zip(sizes, wanted, strict=True)]
+        return AVG_POOLS[self.dims](x, kernel, kernel)
+
+
 def exportable_model(model: nn.Module) -> nn.Module:
     """A copy of the simulated ``model`` whose quantizers and quantized layers export as QDQ."""
     model = copy.deepcopy(model)
@@ -351,4 +383,6 @@ def exportable_model(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, ActivationQuantizer):
             set_submodule(model, name, _stand_in_for_quantizer(module, name, sites.get(name, "")))
+        elif isinstance(module, ADAPTIVE_AVG_POOLS) and name:
+            set_submodule(model, name, ExportAdaptiveAvgPool(module))
     return model

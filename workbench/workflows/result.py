@@ -69,7 +69,7 @@ class QuantResult:
         fp32_path: str | os.PathLike | None = None,
         check_fusion: bool = True,
         opset: int = 17,
-        amx: bool | None = None,
+        amx: bool | str = False,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -77,8 +77,9 @@ class QuantResult:
         file is written atomically. ``fp32_path`` also writes the FP32 model (same exporter
         settings) for :func:`workbench.benchmark`. With ``check_fusion`` ONNX Runtime's
         optimized graph is inspected: a warning names every quantized layer that did not
-        fuse, and the table goes into the report. ``amx`` stores conv weights so that ONNX
-        Runtime runs them on AMX tiles (same values; default: when this CPU has AMX-INT8).
+        fuse, and the table goes into the report. ``amx=True`` stores conv weights so that ONNX
+        Runtime runs them on AMX tiles (same values); the default ``False`` keeps the file
+        independent of the exporting CPU, ``"auto"`` follows this machine's CPU.
         """
         from workbench.runtime.onnx_export import export_int8_onnx
 

@@ -74,3 +74,50 @@ def test_histogram_observers_match_one_process_within_one_bin(calibration, obser
         range_error = abs(float(scale) - float(single[name][0])) * (LEVELS - 1)
         assert range_error <= bin_width, name
         assert abs(int(zero_point) - int(single[name][1])) <= 1, name
+
+
+@pytest.fixture(scope="module")
+def qat_job(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("qat")
+    return out_dir, run_job("qat", out_dir)
+
+
+def test_qat_ranks_end_with_identical_weights_and_learned_scales(qat_job):
+    _, results = qat_job
+    rank0, rank1 = results["rank0"]["state"], results["rank1"]["state"]
+    assert rank0.keys() == rank1.keys()
+    assert any(name.endswith("weight_quantizer.scale") for name in rank0)  # learned, per channel
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), name
+    # and training moved them: the job did train, identically
+    assert results["rank0"]["history_loss"] == results["rank1"]["history_loss"]
+
+
+def test_only_rank0_writes_the_export(qat_job):
+    out_dir, results = qat_job
+    assert (out_dir / "rank0.onnx").is_file()
+    assert not (out_dir / "rank1.onnx").exists()
+    assert results["rank0"]["writes_files"] and not results["rank1"]["writes_files"]
+
+
+def test_qat_on_two_processes_matches_one_process_with_the_same_total_batch(qat_job):
+    # Same samples per step (two shards of 32 against batches of 64), same steps: DDP's
+    # averaged gradient is the one-process gradient up to the order of float sums.
+    _, results = qat_job
+    single = results["single"]["accuracy"]
+    assert results["rank0"]["accuracy"] == results["rank1"]["accuracy"]
+    assert abs(results["rank0"]["accuracy"] - single) <= 0.3
+    assert len(results["rank0"]["history_loss"]) == len(results["single"]["history_loss"])
+
+
+@pytest.mark.parametrize("job", ["interrupt", "exception"])
+def test_a_stopped_rank_gives_an_error_on_every_rank_not_a_hang(tmp_path, job):
+    results = run_job(job, tmp_path, timeout_env_s=5)
+    stopped, waiting = results["rank1"], results["rank0"]
+    if job == "interrupt":
+        assert stopped["error"] == "DistributedError"
+        assert "rank 1 was interrupted" in stopped["message"]
+    else:
+        assert stopped["error"] == "ValueError" and "on purpose" in stopped["message"]
+    assert waiting["error"] == "DistributedError"
+    assert "rank 0: another process stopped" in waiting["message"]

@@ -101,29 +101,36 @@ def join_job(device: torch.device | None = None) -> Job | None:
     return Job(dist.get_rank(), dist.get_world_size(), seconds, cpu_group, train_group, backend)
 
 
+COLLECTIVE_ERRORS = (RuntimeError, dist.DistError)
+
+
 @contextlib.contextmanager
 def collective_errors(seconds: float, doing: str) -> Iterator[None]:
     """Turn a collective's failure (a peer stopped, or the timeout passed) into one
     :class:`DistributedError` naming what to look at."""
     try:
         yield
-    except WorkbenchError:
-        raise
-    except (RuntimeError, dist.DistError) as exc:
-        if not _is_collective_failure(exc):
+    except COLLECTIVE_ERRORS as exc:
+        failure = collective_failure(exc, seconds, doing)
+        if failure is None:
             raise
-        raise DistributedError(
-            f"rank {dist.get_rank()}: another process stopped or did not answer within "
-            f"{seconds:g} s while {doing} ({first_line(exc)}); see the other processes' "
-            f"errors, or raise {TIMEOUT_ENV} if a step legitimately takes longer"
-        ) from exc
+        raise failure from exc
 
 
-def _is_collective_failure(exc: BaseException) -> bool:
-    if isinstance(exc, dist.DistError):
-        return True
+def collective_failure(exc: BaseException, seconds: float, doing: str) -> DistributedError | None:
+    """The :class:`DistributedError` telling ``exc``, when ``exc`` is a collective's failure
+    (a peer stopped or the timeout passed); None for any other error."""
+    if isinstance(exc, WorkbenchError):
+        return None
     text = str(exc).lower()
-    return any(word in text for word in ("gloo", "nccl", "timed out", "connection", "peer"))
+    words = ("gloo", "nccl", "timed out", "connection", "peer")
+    if not isinstance(exc, dist.DistError) and not any(word in text for word in words):
+        return None
+    return DistributedError(
+        f"rank {dist.get_rank()}: another process stopped or did not answer within "
+        f"{seconds:g} s while {doing} ({first_line(exc)}); see the other processes' "
+        f"errors, or raise {TIMEOUT_ENV} if a step legitimately takes longer"
+    )
 
 
 # calibration ----------------------------------------------------------------------------------

@@ -17,6 +17,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.engine.batches import forward_loss, move_batch
+from workbench.engine.distributed import (
+    COLLECTIVE_ERRORS,
+    DistributedError,
+    Job,
+    broadcast_model,
+    collective_failure,
+    wrap_ddp,
+)
 from workbench.engine.eval_metric import measure_metric
 from workbench.engine.live_bn import freeze_batchnorms, set_training_mode
 from workbench.engine.qat_quantizers import learned_scales, scale_values
@@ -44,18 +52,26 @@ def train_qat(
     freeze_bn_after: int = 0,
     steps_per_epoch: int | None = None,
     progress: bool = True,
+    job: Job | None = None,
 ) -> tuple[nn.Module, TrainingLog]:
     """Train ``model`` (fake-quantized, on ``device``) for ``epochs``; returns the model (a new
     object only if the model itself was a live conv-BN) and the log.
 
     A KeyboardInterrupt ends training cleanly: the log holds the steps completed and
     ``interrupted`` is set; the caller decides what to tell the user.
+
+    In a distributed ``job`` the model trains under DistributedDataParallel (wrapped again
+    when BatchNorm is folded, which changes its modules) and ends with rank 0's parameters
+    and buffers on every process. An interrupt then stops this process with a
+    ``DistributedError`` (the others, waiting for its gradients, fail within the job's
+    timeout), since a process leaving the loop alone would desynchronise the job.
     """
     log = TrainingLog()
     bn_frozen = False
     if freeze_bn_after == 0:
         model = freeze_batchnorms(model)
         bn_frozen, log.bn_frozen_at_step = True, 0
+    trained = model if job is None else wrap_ddp(model, job, device)
     scales = learned_scales(model)
     total = steps_per_epoch * epochs if steps_per_epoch else None
     bar = tqdm(total=total, desc="QAT", disable=not progress, unit="step")
@@ -68,9 +84,10 @@ def train_qat(
                 if not bn_frozen and step >= freeze_bn_after:
                     model = freeze_batchnorms(model)
                     bn_frozen, log.bn_frozen_at_step = True, step
+                    trained = model if job is None else wrap_ddp(model, job, device)
                 batch = move_batch(batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = forward_loss(model, batch, loss_fn)
+                loss = forward_loss(trained, batch, loss_fn)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
                     raise ConfigError(
@@ -114,7 +131,19 @@ def train_qat(
                 }
             )
     except KeyboardInterrupt:
+        if job is not None:
+            raise DistributedError(
+                f"rank {job.rank} was interrupted at step {step + 1}; the other processes "
+                f"stop with an error within {job.timeout_s:g} s"
+            ) from None
         log.interrupted = True
+    except COLLECTIVE_ERRORS as exc:
+        failure = None if job is None else collective_failure(exc, job.timeout_s, "training")
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         bar.close()
+    if job is not None:
+        broadcast_model(model, job)
     return model, log

@@ -32,6 +32,15 @@ from workbench.engine.calibrate import (
     user_model_copy,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import (
+    check_equal_steps,
+    join_job,
+    reshuffled_epochs,
+    shard_loader,
+    share_report,
+    start_from_rank0,
+    unwrap_ddp,
+)
 from workbench.engine.eval_metric import check_eval_fn
 from workbench.engine.live_bn import unfold_batchnorms
 from workbench.engine.qat_options import (
@@ -118,14 +127,23 @@ def qat(
     check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
     check_eval_fn(eval_fn, "wb.qat")
     device = resolve_device(device)
+    job = join_job(device)  # a torch.distributed job: one data shard per process, DDP
+    if job is not None:
+        train_data, progress = shard_loader(train_data, job), progress and job.writes_files
+        calib_data = None if calib_data is None else shard_loader(calib_data, job)
     first_batches = take_first_batches(train_data, CALIB_BATCHES)
     loss_target(first_batches[0])  # (inputs, targets) or a dict, else one clear error now
     batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
     calib = first_batches if calib_data is None else list(iter_batches(calib_data))
     # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself
-    source = user_model_copy(model, "wb.qat").to("cpu")
-    fp32_model, prepared, plans = prepare_model(source, calib[0], config)
-    reached = calibrate(prepared, calib, progress)
+    source = user_model_copy(unwrap_ddp(model), "wb.qat").to("cpu")
+    first = calib[0]
+    if job is not None:
+        first = start_from_rank0(source, first, job)
+        batches_of_epoch = reshuffled_epochs(batches_of_epoch, train_data)
+        check_equal_steps(_length(train_data), job)
+    fp32_model, prepared, plans = prepare_model(source, first, config)
+    reached = calibrate(prepared, calib, progress, job)
     finish_calibration(prepared, plans, reached)
     if freeze_bn_after > 0:
         unfold_batchnorms(prepared, source, plans)
@@ -144,6 +162,7 @@ def qat(
         freeze_bn_after,
         _length(train_data),
         progress,
+        job,
     )
     if log.interrupted:
         warnings.warn(
@@ -165,7 +184,12 @@ def qat(
     )
     history = history_frame(log)
     report = QATReport(base, history, training_summary(log, epochs, learn_scales))
+    if job is not None:  # rank 0's report and history (losses of its shard) everywhere
+        report = share_report(report, prepared, job)
+        history = report.history
+        job.close()
     extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}
+    writes = job is None or job.writes_files
     return QuantResult(
         prepared,
         fp32_model,
@@ -176,6 +200,7 @@ def qat(
         history=history,
         extras=extras,
         input_signature=input_signature(calib[0]),
+        writes_files=writes,
     )
 
 

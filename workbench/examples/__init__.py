@@ -1,0 +1,1 @@
+"""Launchable examples: ``python -m workbench.examples.<name>``."""

@@ -26,6 +26,10 @@ from workbench.runtime.ort_session import make_session, session_feeds
 REPORT_TITLE = "ONNX Runtime benchmark"
 
 
+# Below this FP32 latency, fixed per-call costs dominate and INT8 cannot show its speed.
+SMALL_MODEL_MS = 0.5
+
+
 @dataclass
 class BenchmarkResult:
     """Latency and size of FP32 against INT8 (and any other models) on ONNX Runtime.
@@ -48,11 +52,24 @@ class BenchmarkResult:
     threads: int | None
     batch_size: int
 
+    def speed_text(self) -> str:
+        """``INT8 2.31x faster than FP32``, or ``1.15x slower`` with the likely reason."""
+        if self.speedup >= 1.0:
+            return f"INT8 {self.speedup:.2f}x faster than FP32"
+        text = f"INT8 {1.0 / self.speedup:.2f}x slower than FP32"
+        fp32_ms = float(self.table.set_index("model").loc["fp32", "latency_p50_ms"])
+        if fp32_ms < SMALL_MODEL_MS:
+            return text + (
+                f" (FP32 takes {fp32_ms:.3f} ms: the model is too small for INT8 kernels to "
+                "pay for the quantize / dequantize steps around them)"
+            )
+        return text + " (see the fusion table: a layer that did not fuse runs FP32 with extra work)"
+
     def summary_text(self) -> str:
         int8 = self.table.set_index("model").loc["int8"]
         return (
-            f"INT8 {self.speedup:.2f}x faster than FP32 on ONNX Runtime "
-            f"(p50 {int8['latency_p50_ms']:.2f} ms, batch {self.batch_size}, "
+            f"{self.speed_text()} on ONNX Runtime "
+            f"(p50 {int8['latency_p50_ms']:.3f} ms, batch {self.batch_size}, "
             f"{self.threads or 'default'} thread(s)); file {int8['size_vs_fp32']:.2f}x FP32.\n"
             f"CPU {self.cpu.summary()}"
         )
@@ -65,7 +82,8 @@ class BenchmarkResult:
 
         lines = "<br>".join(html.escape(line) for line in self.summary_text().splitlines())
         return f"<div><b>{lines}</b></div>" + self.table.to_html(
-            index=False, float_format="{:.4g}".format
+            index=False,
+            float_format="{:,.3f}".format,  # positional: no 1.033e+05
         )
 
 

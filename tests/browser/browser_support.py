@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -31,6 +32,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SERVER_START_TIMEOUT_S = 90
+RUN_TIMEOUT_MS = 180_000
+UI_TIMEOUT_MS = 60_000
 REPO = Path(__file__).resolve().parents[2]
 EXTENSION_NAME = "quantization-workbench"
 BUILT_EXTENSION = REPO / "extension" / "labextension"
@@ -153,3 +156,35 @@ def running_lab_server(tmp_path: Path) -> Iterator[LabServer]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def screenshot_dir() -> Path:
+    """Where the browser tests leave their screenshots (CI uploads the folder as an
+    artifact): ``$WORKBENCH_SCREENSHOT_DIR``, default ``test-artifacts/browser`` in the repo."""
+    folder = Path(os.environ.get("WORKBENCH_SCREENSHOT_DIR", REPO / "test-artifacts" / "browser"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_all_cells(page, notebook) -> None:
+    """Run > Run All Cells once the kernel is idle, retried until the first code cell starts
+    (the menu item stays disabled for a moment after the notebook opens)."""
+    page.get_by_text(re.compile(r"\| Idle$")).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    first_prompt = notebook.locator(".jp-CodeCell .jp-InputPrompt").first
+    for _ in range(5):
+        try:
+            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+            page.locator(
+                ".lm-Menu-item[data-command='runmenu:run-all']:not(.lm-mod-disabled)"
+            ).click(timeout=5_000)
+            page.wait_for_function(
+                "el => /\\[(\\*|\\d+)\\]/.test(el.textContent)",
+                arg=first_prompt.element_handle(),
+                timeout=15_000,
+            )
+            return
+        except Exception as exc:  # playwright's TimeoutError; anything else is raised again
+            if type(exc).__name__ != "TimeoutError":
+                raise
+            page.keyboard.press("Escape")
+    raise AssertionError("Run > Run All Cells did not start the notebook's cells")

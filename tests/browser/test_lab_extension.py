@@ -14,14 +14,16 @@ import re
 from pathlib import Path
 
 import pytest
+from browser_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    RUN_TIMEOUT_MS,
+    UI_TIMEOUT_MS,
+    LabServer,
+    missing_browser_tools,
+    run_all_cells,
+)
 from torch import nn
-
-try:
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-except ImportError:  # the tests are skipped then
-    PlaywrightTimeoutError = TimeoutError
-
-from browser_support import CHROMIUM, CHROMIUM_ARGS, LabServer, missing_browser_tools
 
 pytestmark = pytest.mark.skipif(
     missing_browser_tools() is not None, reason=str(missing_browser_tools())
@@ -36,9 +38,6 @@ tiny.add_module({HOSTILE_NAME!r}, nn.Linear(4, 3))
 tiny.add_module("head", nn.Linear(3, 2))
 tiny_calib = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
 %quantize tiny --calib tiny_calib"""
-
-RUN_TIMEOUT_MS = 180_000
-UI_TIMEOUT_MS = 60_000
 
 
 def parameter_layers(model: nn.Module) -> list[str]:
@@ -63,28 +62,6 @@ def db_values(texts: list[str]) -> list[float]:
         match = re.match(r"\s*(-?[\d.]+) dB", text)
         values.append(float(match.group(1)) if match else math.nan)
     return values
-
-
-def run_all_cells(page, notebook) -> None:
-    """Run > Run All Cells once the kernel is idle, retried until the first code cell starts
-    (the menu item stays disabled for a moment after the notebook opens)."""
-    page.get_by_text(re.compile(r"\| Idle$")).first.wait_for(timeout=RUN_TIMEOUT_MS)
-    first_prompt = notebook.locator(".jp-CodeCell .jp-InputPrompt").first
-    for _ in range(5):
-        try:
-            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-            page.locator(
-                ".lm-Menu-item[data-command='runmenu:run-all']:not(.lm-mod-disabled)"
-            ).click(timeout=5_000)
-            page.wait_for_function(
-                "el => /\\[(\\*|\\d+)\\]/.test(el.textContent)",
-                arg=first_prompt.element_handle(),
-                timeout=15_000,
-            )
-            return
-        except PlaywrightTimeoutError:
-            page.keyboard.press("Escape")
-    raise AssertionError("Run > Run All Cells did not start the notebook's cells")
 
 
 def test_launcher_notebook_renders_interactive_report(lab_server: LabServer, tmp_path: Path):

@@ -51,7 +51,7 @@ def sqnr_bar_chart(layers: pd.DataFrame):
     plt = _pyplot()
     quantized = layers[layers["status"] == "quantized"]
     values = quantized["output_sqnr_db"].astype(float).clip(upper=80.0).to_numpy()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(values) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.18 * len(values) + 2)), 3.6))
     colors = [BAND_COLORS[sqnr_band(v) or "good"] for v in values]
     ax.bar(range(len(values)), values, color=colors)
     for threshold in (SQNR_POOR_DB, SQNR_GOOD_DB):
@@ -74,7 +74,7 @@ def storage_breakdown_chart(storage: pd.DataFrame):
     plt = _pyplot()
     rows = storage[storage["layer"] != "TOTAL"]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.45 * len(rows) + 2)), 3.6))
     ax.bar(x - 0.2, rows["fp32_bytes"] / 1024, width=0.4, color=BAND_COLORS["fp32"], label="FP32")
     bottom = np.zeros(len(rows))
     parts = [("weight_bytes", "weights"), ("scale_bytes", "scales")]
@@ -87,7 +87,7 @@ def storage_breakdown_chart(storage: pd.DataFrame):
         bottom += values
     ax.set_yscale("log")  # small layers and the scale / bias pieces stay visible
     ax.set_xticks(x)
-    ax.set_xticklabels(rows["layer"], rotation=75, ha="right", fontsize=7)
+    ax.set_xticklabels(rows["layer"], rotation=75, ha="right", fontsize=7 if len(rows) <= 40 else 5)
     ax.set_ylabel("KiB (log scale)")
     ax.set_title("Storage per layer: FP32 (left) vs quantized (right)")
     ax.legend(fontsize=7)

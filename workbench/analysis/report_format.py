@@ -5,6 +5,7 @@ JupyterLab renderer's copy of the same rules."""
 from __future__ import annotations
 
 import math
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 MISSING = "\u2014"
@@ -43,7 +44,9 @@ def significant(value: float, digits: int = 3) -> str:
     decimals = max(0, digits - 1 - magnitude)
     if abs(value) >= 0.1:
         decimals = min(decimals, 3)
-    text = f"{value:,.{decimals}f}"
+    # half up on the exact binary value, as the renderer's toLocaleString does
+    rounded = Decimal(value).quantize(Decimal(1).scaleb(-decimals), ROUND_HALF_UP)
+    text = f"{rounded:,.{decimals}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 

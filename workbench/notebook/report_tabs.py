@@ -25,8 +25,9 @@ class ReportTabs:
 
     def __init__(self) -> None:
         self.views = {title: widgets.Output() for title in SECTIONS}
-        self.sqnr_plot = widgets.Image(format="svg+xml")
-        self.storage_plot = widgets.Image(format="svg+xml")
+        # hidden until drawn: an empty Image shows a broken-image icon
+        self.sqnr_plot = widgets.Image(format="svg+xml", layout=widgets.Layout(display="none"))
+        self.storage_plot = widgets.Image(format="svg+xml", layout=widgets.Layout(display="none"))
         self.pages = [*self.views.values(), widgets.VBox([self.sqnr_plot, self.storage_plot])]
         self._report = None
         self._plots_stale = False
@@ -44,4 +45,5 @@ class ReportTabs:
             return
         self.sqnr_plot.value = figure_svg(self._report.plot_sqnr())
         self.storage_plot.value = figure_svg(self._report.plot_storage())
+        self.sqnr_plot.layout.display = self.storage_plot.layout.display = None
         self._plots_stale = False

@@ -176,7 +176,14 @@ class RunsTable:
             frontier = frame.assign(x=size_kib, y=values)[optimal].sort_values("x")
             ax.plot(frontier["x"], frontier["y"], color="#d62728", lw=1)
         for run, x, y in zip(frame["run"], size_kib, values, strict=True):
-            ax.annotate(f"#{run}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(
+                f"#{run}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+                color="#888888",
+            )
         if has_metric and frame["metric_fp32"].notna().any():
             ax.axhline(float(frame["metric_fp32"].iloc[-1]), color="#999999", ls="--", lw=1)
         ax.set_xlabel("size (KiB)")

@@ -16,7 +16,7 @@ class RunsView:
     def __init__(self) -> None:
         self.runs = RunsTable()
         self.html = widgets.HTML()
-        self.plot = widgets.Image(format="svg+xml", layout=widgets.Layout(max_width="640px"))
+        self.plot = widgets.Image(format="svg+xml", layout=widgets.Layout(width="560px"))
         self.box = widgets.VBox([widgets.HTML("<b>Runs</b>"), self.html, self.plot])
         self.box.layout.display = "none"
 

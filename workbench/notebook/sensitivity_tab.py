@@ -38,7 +38,7 @@ class SensitivityTab:
             )
         )
         self.html = widgets.HTML()
-        self.plot = widgets.Image(format="svg+xml")
+        self.plot = widgets.Image(format="svg+xml", layout=widgets.Layout(display="none"))
         self.page = widgets.VBox([widgets.HBox([self.button, self.status]), self.html, self.plot])
         self.table: pd.DataFrame | None = None
         self._tables: dict[tuple, pd.DataFrame] = {}
@@ -73,4 +73,5 @@ class SensitivityTab:
         from workbench.analysis.sensitivity_plots import sensitivity_chart
 
         self.plot.value = figure_svg(sensitivity_chart(self.table))
+        self.plot.layout.display = None
         self._stale = False

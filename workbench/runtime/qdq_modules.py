@@ -285,6 +285,15 @@ class ExportLayer(nn.Module):
         self.input_quantizer = layer.input_quantizer
         self.output_quantizer = layer.output_quantizer
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (models read ``layer.weight.dtype`` in their forward)."""
+        return self.spec.weight_dq
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.spec.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
@@ -310,6 +319,14 @@ class ExportFloatLayer(nn.Module):
         self.layer = layer.layer
         self.input_quantizer = layer.input_quantizer
         self.output_quantizer = layer.output_quantizer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

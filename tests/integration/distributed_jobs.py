@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 import workbench as wb
@@ -125,8 +126,9 @@ def run_rank(rank: int, job: str, out_dir: Path, model: nn.Module) -> None:
     try:
         if job == "calibration":
             result = ptq_all(model, calib_batches()[rank::WORLD_SIZE])
-        elif job == "qat":
-            result = qat_run(model, qat_loader(QAT_BATCH_PER_RANK), out_dir, rank)
+        elif job == "qat":  # passed as users of DDP hold it: wrapped
+            wrapped = DistributedDataParallel(model)
+            result = qat_run(wrapped, qat_loader(QAT_BATCH_PER_RANK), out_dir, rank)
         else:
             error = KeyboardInterrupt if job == "interrupt" else ValueError
             try:

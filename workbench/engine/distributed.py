@@ -101,7 +101,10 @@ def join_job(device: torch.device | None = None) -> Job | None:
     return Job(dist.get_rank(), dist.get_world_size(), seconds, cpu_group, train_group, backend)
 
 
-COLLECTIVE_ERRORS = (RuntimeError, dist.DistError)
+# torch.distributed's own error class (a RuntimeError; DistError since torch 2.2, gloo's
+# timeouts and closed connections are plain RuntimeErrors named by their message)
+DIST_ERROR = getattr(dist, "DistError", RuntimeError)
+COLLECTIVE_ERRORS = (RuntimeError, DIST_ERROR)
 
 
 @contextlib.contextmanager
@@ -124,7 +127,8 @@ def collective_failure(exc: BaseException, seconds: float, doing: str) -> Distri
         return None
     text = str(exc).lower()
     words = ("gloo", "nccl", "timed out", "connection", "peer")
-    if not isinstance(exc, dist.DistError) and not any(word in text for word in words):
+    distributed_type = isinstance(exc, DIST_ERROR) and DIST_ERROR is not RuntimeError
+    if not distributed_type and not any(word in text for word in words):
         return None
     return DistributedError(
         f"rank {dist.get_rank()}: another process stopped or did not answer within "

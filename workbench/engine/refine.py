@@ -13,6 +13,22 @@ from workbench.engine.adaround import adaround_model
 from workbench.engine.bias_correction import correct_biases
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import QUANTIZED, LayerPlan
+from workbench.errors import ConfigError
+
+
+def check_training_config(config: QuantConfig, caller: str) -> None:
+    """QAT trains the weights and biases itself: learned rounding and bias correction are
+    PTQ refinements (cross-layer equalization, done before calibration, applies to both)."""
+    given = []
+    if config.weight_method != "nearest":
+        given.append(f"weight_method={config.weight_method!r}")
+    if config.bias_correction_method is not None:
+        given.append("bias_correction")
+    if given:
+        raise ConfigError(
+            f"{caller} trains the weights and biases: {' and '.join(given)} apply to wb.ptq; "
+            "drop them from the config (equalize=True works with QAT)"
+        )
 
 
 def refine_quantized_model(

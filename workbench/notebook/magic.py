@@ -58,6 +58,9 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
             recipe.epochs,
             recipe.lr,
             recipe.max_drop,
+            recipe.equalize,
+            recipe.bias_correction,
+            recipe.weight_method,
         )
         return app
     result = actions.quantize(

@@ -13,7 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from workbench.core.observers import OBSERVER_NAMES
-from workbench.engine.config import PRESETS
+from workbench.engine.config import PRESETS, WEIGHT_METHODS
 
 METHODS = ("ptq", "qat")
 
@@ -34,6 +34,7 @@ examples:
   %quantize model --calib calib_loader --bits 4 --asymmetric --exclude fc2 "encoder.*.dense"
   %quantize model --method qat --train train_loader --loss loss_fn --epochs 2 --lr 1e-4
   %quantize model --calib calib_loader --export model_int8.onnx --example x --bench
+  %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
   %quantize model --calib calib_loader --panel
 
   %%quantize model
@@ -168,6 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         metavar="PATTERN",
         help="layer names or glob patterns kept FP32",
+    )
+    refine = parser.add_argument_group("better PTQ without training")
+    refine.add_argument(
+        "--equalize",
+        action="store_const",
+        const=True,
+        help="cross-layer equalization (with high-bias absorption) before calibration",
+    )
+    refine.add_argument(
+        "--bias-correction",
+        action="store_const",
+        const=True,
+        help="remove each layer's mean output error on the calibration data from its bias",
+    )
+    refine.add_argument(
+        "--weight-method",
+        choices=WEIGHT_METHODS,
+        help="weight rounding: nearest (default) or adaround (learned per layer)",
+    )
+    refine.add_argument(
+        "--adaround-iterations",
+        type=_positive_int,
+        metavar="N",
+        help="optimisation steps per layer for --weight-method adaround (default 1000)",
     )
     qat = parser.add_argument_group("quantization-aware training (--method qat)")
     qat.add_argument("--train", metavar="DATA", help="training data: DataLoader of (x, y)")

@@ -93,6 +93,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
                 widgets.HTML(self._title_html()),
                 widgets.HBox([self.method, self.preset, self.observer]),
                 widgets.HBox([self.bits, self.symmetric, self.per_channel]),
+                widgets.HBox([self.equalize, self.bias_correction, self.weight_method]),
                 widgets.HBox([self.num_batches, self.epochs, self.lr]),
                 self.keep_fp32,
                 widgets.HBox([self.keep_most_sensitive, self.mixed_precision, self.max_drop]),

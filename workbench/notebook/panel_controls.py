@@ -1,5 +1,6 @@
 """The panel's scheme controls: method, preset, bits, symmetric / per-channel, observer,
-batches, QAT epochs and lr, the layers kept FP32, keep-N-most-sensitive, auto mixed precision.
+equalization / bias correction / weight rounding (PTQ), batches, QAT epochs and lr, the layers
+kept FP32, keep-N-most-sensitive, auto mixed precision.
 
 A mixin of :class:`~workbench.notebook.panel.WorkbenchPanel`, so that the controls stay the
 panel's own attributes (``panel.bits.value = 4``); it turns them into a QuantConfig and
@@ -12,6 +13,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from workbench.engine.config import WEIGHT_METHODS
 from workbench.notebook import actions
 from workbench.notebook.display import status_html
 from workbench.notebook.recipe import DEFAULT_PRESET, MAX_BITS, MIN_BITS, build_config
@@ -93,6 +95,18 @@ class PanelControls:
         self.max_drop = widgets.BoundedFloatText(
             value=DEFAULT_MAX_DROP, min=0.0, max=1e12, step=0.1, description="max drop"
         )
+        self.equalize = widgets.Checkbox(
+            value=False, description="cross-layer equalization (PTQ)", indent=False
+        )
+        self.bias_correction = widgets.Checkbox(
+            value=False, description="bias correction (PTQ)", indent=False
+        )
+        self.weight_method = widgets.Dropdown(
+            options=list(WEIGHT_METHODS),
+            value="nearest",
+            description="weight rounding",
+            style=style,
+        )
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=RUN_STEPS, bar_style="info")
         self.progress.layout.display = "none"
@@ -113,6 +127,8 @@ class PanelControls:
         self.epochs.disabled = not qat
         self.lr.disabled = not qat
         self.num_batches.disabled = qat  # a PTQ option: QAT calibrates on calib_data whole
+        for control in (self.equalize, self.bias_correction, self.weight_method):
+            control.disabled = qat
 
     def _on_mixed_precision(self, _change=None) -> None:
         self.max_drop.disabled = not self.mixed_precision.value
@@ -130,6 +146,9 @@ class PanelControls:
         epochs: int | None = None,
         lr: float | None = None,
         max_drop: float | None = None,
+        equalize: bool | None = None,
+        bias_correction: bool | None = None,
+        weight_method: str | None = None,
     ) -> None:
         """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
         they match in the keep-FP32 list; ``max_drop`` turns auto mixed precision on."""
@@ -143,6 +162,9 @@ class PanelControls:
             self.num_batches: num_batches,
             self.epochs: epochs,
             self.lr: lr,
+            self.equalize: equalize,
+            self.bias_correction: bias_correction,
+            self.weight_method: weight_method,
         }
         for control, value in values.items():
             if value is not None:
@@ -162,4 +184,8 @@ class PanelControls:
             self.per_channel.value,
             self.observer.value,
             tuple(self.keep_fp32.value),
+            equalize=self.equalize.value,
+            # QAT trains weights and biases: the rounding and bias options are PTQ's only
+            bias_correction=self.bias_correction.value and self.method.value == "ptq",
+            weight_method=self.weight_method.value if self.method.value == "ptq" else "nearest",
         )

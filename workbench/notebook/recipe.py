@@ -13,16 +13,16 @@ from IPython.core.error import UsageError
 
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.core.scheme import MAX_BITS, MIN_BITS
-from workbench.engine.config import PRESETS, QuantConfig
+from workbench.engine.config import PRESETS, WEIGHT_METHODS, QuantConfig
 from workbench.notebook.magic_args import METHODS, OPTION_KEYS
 
 DEFAULT_PRESET = "int8"
 QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
 
-_STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer"}
+_STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer", "weight_method"}
 _STR_KEYS |= {"train", "loss", "export", "example"}
-_INT_KEYS = {"num_batches", "bits", "epochs"}
-_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force"}
+_INT_KEYS = {"num_batches", "bits", "epochs", "adaround_iterations"}
+_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force", "equalize", "bias_correction"}
 _FLOAT_KEYS = {"lr", "max_drop"}
 # recipe-only spellings: the negative flags and the short output flag
 _NEGATED_KEYS = {"per_tensor": "per_channel", "asymmetric": "symmetric"}
@@ -55,12 +55,27 @@ class Recipe:
     export: str | None = None
     example: str | None = None
     bench: bool = False
+    equalize: bool | None = None
+    bias_correction: bool | None = None
+    weight_method: str | None = None
+    adaround_iterations: int | None = None
 
     def config(self) -> QuantConfig:
         """The QuantConfig these options describe."""
         return build_config(
-            self.preset, self.bits, self.symmetric, self.per_channel, self.observer, self.exclude
+            self.preset,
+            self.bits,
+            self.symmetric,
+            self.per_channel,
+            self.observer,
+            self.exclude,
+            **self.ptq_options(),
         )
+
+    def ptq_options(self) -> dict[str, Any]:
+        """The PTQ refinement options given (``QuantConfig`` field names)."""
+        names = ("equalize", "bias_correction", "weight_method", "adaround_iterations")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 def build_config(
@@ -70,8 +85,11 @@ def build_config(
     per_channel: bool | None = None,
     observer: str | None = None,
     exclude: tuple[str, ...] | list[str] = (),
+    **ptq_options: Any,
 ) -> QuantConfig:
-    """The preset with its weight scheme changed by the options that are not None.
+    """The preset with its weight scheme changed by the options that are not None;
+    ``ptq_options`` (``equalize``, ``bias_correction``, ``weight_method``,
+    ``adaround_iterations``) pass through to the QuantConfig.
 
     Activations keep the preset's scheme (uint8 asymmetric per-tensor for ``int8``, as ONNX
     Runtime runs fastest on x86; FP32 for ``int8-weight-only``).
@@ -82,6 +100,7 @@ def build_config(
     overrides: dict[str, Any] = {"weight": weight, "exclude": tuple(exclude)}
     if observer is not None:
         overrides["observer"] = observer
+    overrides |= {key: value for key, value in ptq_options.items() if value is not None}
     return replace(base, **overrides)
 
 
@@ -218,6 +237,16 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
         raise UsageError(
             f"%quantize: unknown observer {observer!r}; choose one of {', '.join(OBSERVER_NAMES)}"
         )
+    weight_method = options.get("weight_method")
+    if weight_method is not None and weight_method not in WEIGHT_METHODS:
+        raise UsageError(
+            f"%quantize: unknown weight method {weight_method!r}; "
+            f"choose one of {', '.join(WEIGHT_METHODS)}"
+        )
+    if options.get("adaround_iterations") is not None and options["adaround_iterations"] < 1:
+        raise UsageError(
+            f"%quantize: --adaround-iterations must be >= 1, got {options['adaround_iterations']}"
+        )
     bits = options.get("bits")
     if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
         raise UsageError(f"%quantize: --bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
@@ -258,6 +287,13 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
             "%quantize: --num-batches applies to PTQ; QAT calibrates on --calib (default: "
             "the first 8 --train batches)"
         )
+    if method == "qat" and not panel:
+        given = [key for key in ("bias_correction", "weight_method") if key in options]
+        if given:
+            raise UsageError(
+                f"%quantize: {_flags(given)} refine PTQ; QAT trains the weights (drop them, "
+                "or drop --method qat)"
+            )
     if method == "qat":
         missing = [key for key in ("train", "loss") if not options.get(key)]
         if missing:

@@ -50,6 +50,7 @@ from workbench.engine.qat_options import (
     resolve_device,
 )
 from workbench.engine.qat_quantizers import enable_qat, finish_qat
+from workbench.engine.refine import check_training_config
 from workbench.engine.train import TrainingLog, train_qat
 from workbench.workflows.input_signature import input_signature
 from workbench.workflows.ptq import REPORT_BATCHES, build_report
@@ -124,6 +125,7 @@ def qat(
         the result so far, with a warning.
     """
     config = resolve_config(config)
+    check_training_config(config, "wb.qat")
     check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
     check_eval_fn(eval_fn, "wb.qat")
     device = resolve_device(device)

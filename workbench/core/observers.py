@@ -62,7 +62,10 @@ class Observer:
         self.batches_seen = int(seen)
 
     def _combine(self, reduce: Reduce) -> None:
-        raise NotImplementedError
+        raise ConfigError(
+            f"the {self.name} observer cannot combine its statistics over the processes of a "
+            "distributed job; give it a _combine method or calibrate in one process"
+        )
 
     def compute_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for the observed range."""

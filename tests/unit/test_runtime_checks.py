@@ -27,7 +27,7 @@ flags\t\t: fpu sse2 avx2 fma {extra}
         ("avx512f avx512_vnni amx_tile amx_int8", (True, True, True, True), "AMX"),
         ("avx512f avx512_vnni", (True, True, True, False), "VNNI"),
         ("avx_vnni", (True, False, True, False), "VNNI"),
-        ("", (True, False, False, False), "reduce_range"),
+        ("", (True, False, False, False), "wb.Scheme(bits=7, per_channel=True)"),
     ],
 )
 def test_cpu_features_from_cpuinfo_flags(tmp_path, extra, expected, words):
@@ -38,6 +38,29 @@ def test_cpu_features_from_cpuinfo_flags(tmp_path, extra, expected, words):
     assert features.model_name == "Example CPU"
     assert words in features.int8_outlook
     assert features.int8_outlook in features.summary()
+
+
+def test_advised_7_bit_weights_keep_avx2_pair_sums_within_int16(tmp_path):
+    """The advice without VNNI is a config the package runs: its exported weight codes times
+    any uint8 activation, summed in pairs as vpmaddubsw does, fit in int16."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    config = wb.QuantConfig(weight=wb.Scheme(bits=7, per_channel=True))
+    result = wb.ptq(model, [torch.randn(64, 32)], config=config, progress=False)
+    path = result.export_onnx(tmp_path / "w7.onnx", torch.randn(2, 32), check_fusion=False)
+    codes = [
+        numpy_helper.to_array(init)
+        for init in onnx.load(str(path)).graph.initializer
+        if init.name.endswith("weight_quantized")
+    ]
+    assert len(codes) == 2
+    for weight in codes:
+        assert weight.dtype == np.int8
+        assert 2 * 255 * int(np.abs(weight.astype(np.int32)).max()) <= 2**15 - 1
+    assert result.fusion(path, warn=False).all_fused
 
 
 def test_cpu_features_without_cpuinfo(tmp_path):

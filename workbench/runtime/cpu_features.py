@@ -32,8 +32,9 @@ class CpuFeatures:
             )
         if self.avx2:
             return (
-                "no VNNI: INT8 uses AVX2 vpmaddubsw, which saturates at int16; expect little "
-                "gain over FP32 and consider reduce_range (7-bit weights) to avoid overflow."
+                "no VNNI: INT8 uses AVX2 vpmaddubsw, whose int16 sum of two u8 x s8 products "
+                "can saturate; 7-bit weights avoid that (QuantConfig(weight=wb.Scheme(bits=7, "
+                "per_channel=True))). Expect little gain over FP32: measure with wb.benchmark."
             )
         return "no AVX2: INT8 runs on generic kernels; expect it to be no faster than FP32."
 

@@ -49,3 +49,27 @@ def digits_eval_fn(digits_data):
         return accuracy(model, digits_data.test_x, digits_data.test_y)
 
     return eval_fn
+
+
+@pytest.fixture(scope="session")
+def onnx_reference_top1(tmp_path_factory):
+    """Top-1 accuracy (percent) of a result's exported INT8 ONNX model, computed with ONNX's
+    reference implementation (NumPy): independent of the torch simulation, of ``eval_fn``
+    and of any CPU's integer kernels. Its QuantizeLinear / DequantizeLinear start at opset 19,
+    whose semantics for int8 / uint8 are those of opset 13-17, so the copy declares 19."""
+
+    def top1_percent(result, images: torch.Tensor, labels: torch.Tensor) -> float:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        folder = tmp_path_factory.mktemp("onnx-reference")
+        path = result.export_onnx(folder / "model.onnx", images[:1], check_fusion=False)
+        model = onnx.load(str(path))
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, 19)
+        feeds = {model.graph.input[0].name: images.numpy()}
+        logits = ReferenceEvaluator(model).run(None, feeds)[0]
+        return 100.0 * float((logits.argmax(axis=1) == labels.numpy()).mean())
+
+    return top1_percent

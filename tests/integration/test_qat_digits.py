@@ -13,7 +13,9 @@ import workbench as wb
 CE = nn.CrossEntropyLoss()
 
 
-def test_int8_qat_ends_within_0_3_points_of_fp32(digits_model, digits_data, digits_eval_fn):
+def test_int8_qat_ends_within_0_3_points_of_fp32(
+    digits_model, digits_data, digits_eval_fn, onnx_reference_top1
+):
     state = {k: v.clone() for k, v in digits_model.state_dict().items()}
     result = wb.qat(
         digits_model,
@@ -25,14 +27,20 @@ def test_int8_qat_ends_within_0_3_points_of_fp32(digits_model, digits_data, digi
         eval_fn=digits_eval_fn,
         progress=False,
     )
-    fp32 = digits_eval_fn(digits_model)
-    qat = digits_eval_fn(result.model)
-    assert qat >= fp32 - 0.3, f"FP32 {fp32:.2f}% vs int8 QAT {qat:.2f}%"
+    images, labels = digits_data.test_x, digits_data.test_y
+    with torch.no_grad():
+        fp32 = 100.0 * float((digits_model(images).argmax(dim=1) == labels).double().mean())
+    # what QAT trained, exported and run by ONNX's reference implementation (a tie rounded
+    # the other way may flip one image)
+    qat = onnx_reference_top1(result, images, labels)
+    one_image = 100.0 / len(labels)
+    assert qat >= fp32 - 0.3 - one_image, f"FP32 {fp32:.2f}% vs int8 QAT {qat:.2f}%"
     summary = result.report.summary
-    assert summary["metric_fp32"] == pytest.approx(fp32)
-    assert summary["metric_quantized"] == pytest.approx(qat)
+    assert summary["metric_fp32"] == pytest.approx(fp32, abs=1e-4)
+    assert summary["metric_quantized"] == pytest.approx(qat, abs=one_image + 1e-4)
+    assert summary["metric_quantized"] >= fp32 - 0.3
     assert list(result.report.epochs["epoch"]) == [1, 2]
-    assert result.history["metric"].dropna().iloc[-1] == pytest.approx(qat)
+    assert result.history["metric"].dropna().iloc[-1] == pytest.approx(summary["metric_quantized"])
     for key, value in digits_model.state_dict().items():
         assert torch.equal(value, state[key])
 

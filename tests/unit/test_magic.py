@@ -251,17 +251,20 @@ def ort_outputs(path, x: torch.Tensor):
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
-def test_export_writes_onnx_that_runs_like_the_result(shell, tmp_path, digits):
+def test_export_writes_onnx_that_runs_like_the_result(shell, tmp_path, digits, digits_model):
+    # the demo CNN trained to 98-99%: top-1 agreement means something on a model whose
+    # logits are not near ties (tiny_mlp has seen 40 steps)
+    shell.user_ns["trained"] = digits_model
     path = tmp_path / "out" / "model_int8.onnx"
-    result = quantize(shell, f"model --calib calib --export {path}")
+    result = quantize(shell, f"trained --calib calib --export {path}")
     assert path.is_file()
     assert result.extras["onnx_path"] == path
-    x = digits.test_x[:64]
+    x = digits.test_x  # the whole test set: 0.995 allows one image of 360 to differ
     with torch.no_grad():
         simulated = result.model(x).numpy()
     from_ort = ort_outputs(path, x)
     agreement = (from_ort.argmax(1) == simulated.argmax(1)).mean()
-    assert agreement >= 0.95
+    assert agreement >= 0.995  # as tests/integration/test_export_digits.py asks of ptq()
     assert "benchmark" not in result.extras
 
 
@@ -272,7 +275,11 @@ def test_bench_times_fp32_against_the_exported_file(shell, tmp_path):
     table = bench.table.set_index("model")
     assert set(table.index) == {"fp32", "int8"}
     assert table.loc["int8", "file_bytes"] == path.stat().st_size
-    assert (table["latency_p50_ms"] > 0).all()
+    # FP32 and INT8 both timed: the speedup is their p50 ratio and INT8 is the smaller file
+    p50 = table["latency_p50_ms"]
+    assert bench.speedup == pytest.approx(p50["fp32"] / p50["int8"])
+    assert (table["latency_p90_ms"] >= p50).all()
+    assert table.loc["int8", "file_bytes"] < table.loc["fp32", "file_bytes"]
     assert bench.batch_size == len(shell.user_ns["x"])
     titles = set(result.report.extra_tables)
     assert any(table.equals(bench.table) for table in result.report.extra_tables.values()), titles
@@ -281,4 +288,8 @@ def test_bench_times_fp32_against_the_exported_file(shell, tmp_path):
 def test_bench_without_export_uses_a_temporary_file(shell):
     result = quantize(shell, "model --calib calib --bench")
     assert "onnx_path" not in result.extras
-    assert result.extras["benchmark"].speedup > 0
+    bench = result.extras["benchmark"]
+    table = bench.table.set_index("model")
+    p50 = table["latency_p50_ms"]
+    assert bench.speedup == pytest.approx(p50["fp32"] / p50["int8"])
+    assert table.loc["int8", "file_bytes"] < table.loc["fp32", "file_bytes"]

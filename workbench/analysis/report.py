@@ -134,7 +134,7 @@ class Report:
             )
         if s.get("model_output_cosine") is not None:
             lines.append(
-                f"  model output vs FP32: cosine {s['model_output_cosine']:.5f}, "
+                f"  model output vs FP32: cosine {s['model_output_cosine']:.3f}, "
                 f"SQNR {s['model_output_sqnr_db']:.1f} dB"
             )
         if "metric_fp32" in s:

@@ -13,8 +13,11 @@ import io
 
 import pandas as pd
 
+from workbench.analysis.report_format import significant
 from workbench.analysis.report_html import frame_html, stylesheet
 from workbench.errors import WorkbenchError, first_line
+
+__all__ = ["error_line", "figure_svg", "significant", "status_html", "table_html", "text_html"]
 
 MAX_ERROR_CHARS = 300
 STATUS_COLORS = {"info": "#555555", "ok": "#2c7a2c", "error": "#c62828"}

@@ -24,7 +24,7 @@ from torch import nn
 
 from workbench.errors import ModelError
 from workbench.notebook import actions
-from workbench.notebook.display import error_line, status_html
+from workbench.notebook.display import error_line, significant, status_html
 from workbench.notebook.export_tab import ExportTab
 from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
 from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
@@ -217,7 +217,8 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         line += f"{s['fp32_bytes']:,} B \u2192 {s['quantized_bytes']:,} B"
         if s.get("metric_quantized") is not None:
             name = s.get("metric_name") or "metric"
-            line += f"; {name} {s['metric_fp32']:.4g} \u2192 {s['metric_quantized']:.4g}"
+            before, after = significant(s["metric_fp32"], 4), significant(s["metric_quantized"], 4)
+            line += f"; {name} {before} \u2192 {after}"
         if s.get("kept_higher_precision"):
             line += f"; kept by sensitivity: {', '.join(s['kept_higher_precision'])}"
         return line

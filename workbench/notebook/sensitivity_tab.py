@@ -9,7 +9,7 @@ from collections.abc import Callable
 import ipywidgets as widgets
 import pandas as pd
 
-from workbench.notebook.display import figure_svg, status_html, table_html
+from workbench.notebook.display import figure_svg, significant, status_html, table_html
 
 HEADERS = {
     "layer": "Layer",
@@ -59,7 +59,7 @@ class SensitivityTab:
         metric = table.attrs.get("metric", "metric")
         line = f"{len(table)} layers of {config.describe()}, most sensitive first ({metric}"
         if metric == "eval_fn":
-            line += f", FP32 {table.attrs['metric_fp32']:.4g}"
+            line += f", FP32 {significant(table.attrs['metric_fp32'], 4)}"
         line += f"; {table.attrs.get('eval_calls', 0)} eval_fn calls)"
         self.status.value = status_html(line, "ok")
         self._stale = True

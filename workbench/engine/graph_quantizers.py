@@ -44,7 +44,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from workbench.engine.batches import run_model
-from workbench.engine.bn_fold import set_submodule
 from workbench.engine.call_sites import (
     CallTracker,
     FunctionSites,
@@ -55,6 +54,7 @@ from workbench.engine.call_sites import (
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
+from workbench.engine.modules import find_submodule, set_submodule
 from workbench.engine.op_kinds import (
     CLAMP,
     CONV,
@@ -66,7 +66,7 @@ from workbench.engine.op_kinds import (
     function_kind,
     module_kind,
 )
-from workbench.engine.quantizers import OBSERVE, ActivationQuantizer
+from workbench.engine.quantizers import OBSERVE, ActivationQuantizer, scale_source
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -283,7 +283,7 @@ def plan_output_quantizers(
             slot = bn_slot.get(node.module.layer_name)
             if (
                 slot is not None
-                and isinstance(_get(model, slot), nn.Identity)
+                and isinstance(find_submodule(model, slot), nn.Identity)
                 and flow.calls.get(slot, 0) == 1
             ):
                 placement.slots[target.site] = slot
@@ -298,13 +298,6 @@ def plan_output_quantizers(
         if site is not None and site != node.site:
             placement.share[layer.layer_name] = site
     return placement
-
-
-def _get(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 # entry points --------------------------------------------------------------------------------
@@ -345,7 +338,9 @@ def insert_output_quantizers(
             paths[site] = install_function_sites(model).add(site, new_quantizer(site))
         elif site in placement.slots:
             slot = placement.slots[site]
-            set_submodule(model, slot, OutputQuantized(_get(model, slot), new_quantizer(site)))
+            set_submodule(
+                model, slot, OutputQuantized(find_submodule(model, slot), new_quantizer(site))
+            )
             paths[site] = f"{slot}.output_quantizer"
         elif flow.calls.get(node.name, 0) > 1:
             index = int(site.rsplit("#", 1)[1])
@@ -357,7 +352,7 @@ def insert_output_quantizers(
             set_submodule(model, node.name, OutputQuantized(node.module, new_quantizer(site)))
             paths[site] = f"{node.name}.output_quantizer"
     for name, sites in per_call.items():
-        shared = PerCallSite(_get(model, name), flow.calls[name])
+        shared = PerCallSite(find_submodule(model, name), flow.calls[name])
         for index, site in sites.items():
             shared.sites[index] = OutputQuantized(shared.sites[index], new_quantizer(site))
             paths[site] = f"{name}.sites.{index}.output_quantizer"
@@ -413,10 +408,7 @@ def finish_output_quantizers(model: nn.Module) -> None:
             layer.output_quantizer.calibrate()
     for _, layer in iter_quantized_layers(model):
         quantizer = layer.input_quantizer
-        source_name = quantizer.shares_scale_of if quantizer is not None else None
-        source = _get(model, source_name) if source_name else None
-        if isinstance(source, ActivationQuantizer) and source.calibrated:
-            with torch.no_grad():
-                quantizer.scale.copy_(source.scale.reshape(quantizer.scale.shape))
-                quantizer.zero_point.copy_(source.zero_point.reshape(quantizer.zero_point.shape))
+        source = scale_source(model, quantizer) if quantizer is not None else None
+        if source is not None and source.calibrated:
+            quantizer.share_qparams_of(source)
         round_bias(layer)

@@ -19,8 +19,7 @@ from torch import nn
 from workbench.engine.graph_quantizers import round_bias
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
 from workbench.engine.live_bn import QuantizedConvBn, freeze_batchnorms
-from workbench.engine.modules import find_submodule
-from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
+from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, scale_source
 
 
 def enable_qat(model: nn.Module, learn_scales: bool) -> None:
@@ -43,16 +42,10 @@ def enable_qat(model: nn.Module, learn_scales: bool) -> None:
     for quantizer in model.modules():
         if not isinstance(quantizer, ActivationQuantizer) or quantizer.mode != QUANTIZE:
             continue
-        if _shared_source(model, quantizer) is not None:
+        if scale_source(model, quantizer) is not None:
             quantizer.mode = OFF
         elif learn_scales:
             quantizer.enable_learned_scale()
-
-
-def _shared_source(model: nn.Module, quantizer: ActivationQuantizer) -> ActivationQuantizer | None:
-    path = getattr(quantizer, "shares_scale_of", None)
-    source = find_submodule(model, path) if path else None
-    return source if isinstance(source, ActivationQuantizer) else None
 
 
 def finish_qat(model: nn.Module) -> nn.Module:
@@ -70,11 +63,9 @@ def finish_qat(model: nn.Module) -> nn.Module:
         if isinstance(module, ActivationQuantizer) and module.learn_scale:
             module.fix_learned_scale()
     for module in model.modules():
-        source = _shared_source(model, module) if isinstance(module, ActivationQuantizer) else None
+        source = scale_source(model, module) if isinstance(module, ActivationQuantizer) else None
         if source is not None and module.mode == OFF:
-            with torch.no_grad():
-                module.scale.copy_(source.scale.reshape(module.scale.shape))
-                module.zero_point.copy_(source.zero_point.reshape(module.zero_point.shape))
+            module.share_qparams_of(source)
             module.mode = QUANTIZE
     for _, layer in iter_quantized_layers(model):
         round_bias(layer)

@@ -10,6 +10,7 @@ from workbench.core.observers import Observer, make_observer, weight_range_mse
 from workbench.core.qparams import qparams_from_range
 from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
+from workbench.engine.modules import find_submodule
 
 OFF, OBSERVE, QUANTIZE = "off", "observe", "quantize"
 LEARNED_SCALE_FLOOR = 1e-12
@@ -58,6 +59,12 @@ class ActivationQuantizer(nn.Module):
     def calibrated(self) -> bool:
         return self.observer is None
 
+    def share_qparams_of(self, source: ActivationQuantizer) -> None:
+        """Take ``source``'s scale and zero point: this quantizer's input is on its grid."""
+        with torch.no_grad():
+            self.scale.copy_(source.scale.reshape(self.scale.shape))
+            self.zero_point.copy_(source.zero_point.reshape(self.zero_point.shape))
+
     def enable_learned_scale(self) -> None:
         """Make the scale an LSQ-trained parameter (QAT)."""
         _scale_to_parameter(self)
@@ -80,6 +87,13 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme.describe()}, observer={self.observer_name}, mode={self.mode}"
+
+
+def scale_source(model: nn.Module, quantizer: ActivationQuantizer) -> ActivationQuantizer | None:
+    """The quantizer of ``model`` whose grid ``quantizer`` shares (``shares_scale_of``), if any."""
+    path = quantizer.shares_scale_of
+    source = find_submodule(model, path) if path else None
+    return source if isinstance(source, ActivationQuantizer) else None
 
 
 class WeightQuantizer(nn.Module):

@@ -9,12 +9,14 @@ directory is left behind, in the working directory or the temporary directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -612,6 +614,75 @@ def case_export_fp32_float64_input(tmp):
     return result.fp32_model, example, lambda: result.export_fp32_onnx(tmp / "f.onnx", example)
 
 
+class _Inverts(nn.Module):
+    """A Linear, then an op the ONNX exporter does not know (aten::linalg_inv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.linalg.inv(self.fc(x).reshape(-1, 2, 2)).reshape(-1, 4)
+
+
+def unexportable():
+    model, data = _Inverts().eval(), rows()
+    return wb.ptq(model, data, progress=False), data[0]
+
+
+@case(wb.ExportError, "aten::linalg_inv")
+def case_export_unsupported_op_into_new_folders(tmp):
+    result, example = unexportable()
+    return result.model, example, lambda: result.export_onnx(tmp / "a" / "b" / "c.onnx", example)
+
+
+@case(wb.ConfigError, "opset 10 is below 13, the minimum")
+def case_export_opset_10(tmp):
+    result, example = EXPORTED["result"], images()[0]
+    return (
+        result.model,
+        example,
+        lambda: result.export_onnx(tmp / "a" / "m.onnx", example, opset=10),
+    )
+
+
+@case(wb.ConfigError, "opset must be an int")
+def case_export_opset_string(tmp):
+    result, example = EXPORTED["result"], images()[0]
+    return result.model, example, lambda: result.export_onnx(tmp / "m.onnx", example, opset="17")
+
+
+@case(wb.ExportError, r"cannot write the ONNX file '.*m\.onnx': No space left on device")
+def case_export_full_disk(tmp):
+    result, example = EXPORTED["result"], images()[0]
+
+    def call():
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with mock.patch("onnx.save", side_effect=full):
+            result.export_onnx(tmp / "new" / "m.onnx", example, check_fusion=False)
+
+    return result.model, example, call
+
+
+@case(wb.ExportError, r"cannot write the ONNX file '.*m\.onnx': Permission denied")
+def case_export_read_only_folder(tmp):
+    result, example = EXPORTED["result"], images()[0]
+
+    def call():
+        denied = PermissionError(errno.EACCES, "Permission denied")
+        with mock.patch("workbench.atomic_file.tempfile.mkstemp", side_effect=denied):
+            result.export_fp32_onnx(tmp / "m.onnx", example)
+
+    return result.fp32_model, example, call
+
+
+@case(wb.ExportError, "is a directory")
+def case_export_to_a_directory(tmp):
+    result, example = EXPORTED["result"], images()[0]
+    (tmp / "folder.onnx").mkdir()
+    return result.model, example, lambda: result.export_onnx(tmp / "folder.onnx", example)
+
+
 # the magic ----------------------------------------------------------------------------------------
 def magic_case(line: str, cell: str | None = None, **names):
     from IPython.core.interactiveshell import InteractiveShell
@@ -740,6 +811,17 @@ def test_tied_weights_count_once_in_the_fp32_size():
     storage = wb.ptq(model, torch.randint(0, 10, (4, 5)), progress=False).report.storage
     total = storage.set_index("layer").loc["TOTAL", "fp32_bytes"]
     assert total == 4 * sum(p.numel() for p in model.parameters())  # parameters() dedupes
+
+
+def test_a_failed_export_prints_nothing(capfd):
+    """The exporter's TorchScript IR dump is kept on the error, not printed."""
+    result, example = unexportable()
+    capfd.readouterr()
+    with pytest.raises(wb.ExportError) as info:
+        result.export_onnx("never.onnx", example)
+    printed = capfd.readouterr()
+    assert "Torch IR graph" not in printed.out + printed.err
+    assert "Torch IR graph" in info.value.exporter_log
 
 
 def test_the_model_changing_its_input_sees_a_copy():

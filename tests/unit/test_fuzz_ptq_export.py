@@ -144,3 +144,37 @@ def test_ptq_export_runs_in_onnxruntime_or_raises_a_workbench_error(
         simulated = result.model(example).numpy()
     assert onnx_out.shape == simulated.shape
     assert cosine(onnx_out, simulated) >= PARITY_COSINE
+
+
+def test_saturated_int32_bias_keeps_its_sign(folder):
+    """Calibration on zeros gives an input scale of ~1e-7, so bias / (s_x * s_w) exceeds the
+    INT32 range: the exported code saturates at the top (float32 rounds 2**31 - 1 up to
+    2**31, which wrapped to -2**31), and ONNX Runtime still computes the simulation."""
+    import onnx
+    from onnx import numpy_helper
+
+    from workbench.runtime.ort_session import make_session, run_session
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    example = torch.randn(1, 4)
+    with pytest.warns(RuntimeWarning, match="constant"):
+        result = wb.ptq(model, [torch.zeros(1, 4)], progress=False)
+    path = result.export_onnx(folder / "saturated.onnx", example, check_fusion=False)
+    folded_bias = result.model[0].layer.bias.detach().numpy()
+    codes = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(path)).graph.initializer
+        if numpy_helper.to_array(t).dtype == np.int32 and numpy_helper.to_array(t).any()
+    ]
+    first = next(c for c in codes if c.shape == folded_bias.shape)
+    saturated = np.abs(first.astype(np.int64)) > 2**30
+    assert saturated.any()
+    assert (np.sign(first[saturated]) == np.sign(folded_bias[saturated])).all()
+    for optimize in (False, True):
+        onnx_out = run_session(make_session(path, optimize=optimize), example)[0]
+        with torch.no_grad():
+            assert cosine(onnx_out, result.model(example).numpy()) >= PARITY_COSINE

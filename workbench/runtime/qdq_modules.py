@@ -41,6 +41,9 @@ MARKER_DOMAIN = "workbench"
 ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 AVG_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# float32 rounds 2**31 - 1 up to 2**31, which wraps to INT32_MIN when cast: clamp float32
+# codes to the largest float32 below 2**31 instead
+INT32_MAX_FLOAT32 = 2**31 - 128
 
 
 def code_dtype(scheme: Scheme) -> torch.dtype:
@@ -183,7 +186,7 @@ def layer_spec(layer: QuantizedLayer) -> LayerSpec:
             )
         if bias is not None and layer.input_quantizer is not None:
             bias_scale = bias_scale_of(layer)
-            bias_codes = torch.round(bias / bias_scale).clamp(INT32_MIN, INT32_MAX)
+            bias_codes = torch.round(bias / bias_scale).clamp(INT32_MIN, INT32_MAX_FLOAT32)
             bias = bias_codes * bias_scale
             bias_codes = bias_codes.to(torch.int32)
     return LayerSpec(

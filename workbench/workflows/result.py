@@ -13,6 +13,7 @@ from torch import nn
 from workbench.analysis.report import Report
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
+from workbench.runtime.export_guard import guarded_export
 from workbench.workflows.input_signature import InputSpec, check_like_calibration
 
 
@@ -86,9 +87,10 @@ class QuantResult:
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
         check_like_calibration(self.input_signature, example_input)
-        written, _ = export_int8_onnx(
-            self.model, path, example_input, dynamic_batch, opset, amx=amx
-        )
+        with guarded_export(path, opset):
+            written, _ = export_int8_onnx(
+                self.model, path, example_input, dynamic_batch, opset, amx=amx
+            )
         if fp32_path is not None:
             self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
         if check_fusion:
@@ -108,7 +110,8 @@ class QuantResult:
         if not self.writes_files:
             return Path(path)
         check_like_calibration(self.input_signature, example_input)
-        return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
+        with guarded_export(path, opset):
+            return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):
         """Which quantized layers ONNX Runtime runs on integer kernels (a ``FusionResult``)."""

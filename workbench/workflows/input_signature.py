@@ -41,6 +41,9 @@ def check_like_calibration(signature: tuple[InputSpec, ...] | None, example_inpu
     an input's per-sample shape or dtype (the batch size may differ)."""
     if not signature:
         return
+    args, kwargs = model_inputs(example_input)
+    if not all(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        return  # the export names the input that is not a tensor
     given = {spec.name: spec for spec in input_signature(example_input)}
     for spec in signature:
         got = given.get(spec.name)

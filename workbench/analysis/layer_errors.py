@@ -17,7 +17,7 @@ from torch import nn
 from workbench.core.metrics import ErrorAccumulator
 from workbench.engine.batches import output_tensor, run_model
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import ROOT_NAME
+from workbench.engine.modules import ROOT_NAME, hooks_removed
 
 
 def measure_layer_errors(
@@ -53,19 +53,15 @@ def measure_layer_errors(
             handles.append(module.register_forward_hook(fp32_hook(name)))
     for name, module in quantized.items():
         handles.append(module.register_forward_hook(quant_hook(name)))
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                reference_outputs.clear()
-                ref = output_tensor(run_model(fp32_model, batch, index))
-                in_quantized_model[0] = True
-                out = output_tensor(run_model(quantized_model, batch, index))
-                in_quantized_model[0] = False
-                if ref is not None and out is not None and ref.shape == out.shape:
-                    model_acc.add(ref, out)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        for index, batch in enumerate(batches):
+            reference_outputs.clear()
+            ref = output_tensor(run_model(fp32_model, batch, index))
+            in_quantized_model[0] = True
+            out = output_tensor(run_model(quantized_model, batch, index))
+            in_quantized_model[0] = False
+            if ref is not None and out is not None and ref.shape == out.shape:
+                model_acc.add(ref, out)
     per_layer = {
         name: {
             "output_sqnr_db": output_acc[name].sqnr_db,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from workbench.core.qtensor import along_axis
 from workbench.engine.batches import run_model
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import find_submodule
+from workbench.engine.modules import find_submodule, hooks_removed
 from workbench.engine.quantizers import WeightQuantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -113,14 +113,10 @@ def _capture(
         quantized_layer.register_forward_hook(lambda m, args, out: inputs.append(args[0])),
         fp32_layer.register_forward_hook(lambda m, args, out: targets.append(out.detach())),
     ]
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                run_model(quantized_model, batch, index)
-                run_model(fp32_model, batch, index)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        for index, batch in enumerate(batches):
+            run_model(quantized_model, batch, index)
+            run_model(fp32_model, batch, index)
     if not inputs or len(inputs) != len(targets) or len(inputs) != len(batches):
         return None  # not called, or called more than once per forward (a shared module)
     x = torch.cat([t.detach() for t in inputs])
@@ -197,10 +193,6 @@ def _forward_order(model: nn.Module, batch: Any) -> list[str]:
         layer.register_forward_pre_hook(lambda m, args: order.append(m.layer_name))
         for _, layer in iter_quantized_layers(model)
     ]
-    try:
-        with torch.no_grad():
-            run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        run_model(model, batch)
     return list(dict.fromkeys(order))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workbench.engine.batches import output_tensor, run_model
-from workbench.engine.modules import set_submodule
+from workbench.engine.modules import hooks_removed, set_submodule
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -47,12 +47,8 @@ def find_conv_bn_pairs(model: nn.Module, batch: Any) -> list[tuple[str, str]]:
             handles.append(module.register_forward_hook(on_bn))
         elif isinstance(module, FOLDABLE_TYPES):
             handles.append(module.register_forward_hook(on_foldable))
-    try:
-        with torch.no_grad():
-            run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        run_model(model, batch)
     # A conv or BN applied more than once (a shared module) cannot be folded.
     conv_counts: dict[str, int] = {}
     bn_counts: dict[str, int] = {}

@@ -19,7 +19,7 @@ from workbench.engine.distributed import Job, combine_calibration
 from workbench.engine.equalize import equalize_model, mark_equalized
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
+from workbench.engine.modules import ROOT_NAME, get_layer, hooks_removed, set_submodule
 from workbench.engine.prepare import (
     FP32,
     QUANTIZED,
@@ -180,13 +180,9 @@ def calibrate(
         # weights do not change while calibrating: their qparams once, not at every batch
         layer.weight_quantizer.freeze(layer.layer.weight)
     set_activation_mode(model, OBSERVE)
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
-                run_model(model, batch, index)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_removed(handles), torch.no_grad():
+        for index, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
+            run_model(model, batch, index)
     if job is not None:
         reached = combine_calibration(model, reached, job)
     if not reached:

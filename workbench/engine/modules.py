@@ -1,4 +1,5 @@
-"""Module utilities: find and replace submodules of a model by their dotted names.
+"""Module utilities: find and replace submodules of a model by their dotted names, and
+remove the hooks a pass installed.
 
 Every transform of the engine (quantizer insertion, BatchNorm folding, live conv-BN during QAT,
 mixed precision, the export's stand-ins) swaps modules by name; these are the only functions
@@ -7,7 +8,11 @@ that do it. ``ROOT_NAME`` names the model itself (a model that is one single lay
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 ROOT_NAME = "(model)"
 
@@ -30,3 +35,14 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+@contextmanager
+def hooks_removed(handles: list[RemovableHandle]) -> Iterator[None]:
+    """Remove every hook in ``handles`` when the block ends, also when it raises: a pass that
+    watches a forward through hooks never leaves them on the user's (or the copied) model."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

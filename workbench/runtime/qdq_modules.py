@@ -30,10 +30,10 @@ from torch import nn
 
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.scheme import Scheme
-from workbench.engine.bn_fold import set_submodule
 from workbench.engine.call_sites import FunctionSites
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
+from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
 

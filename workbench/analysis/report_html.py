@@ -11,63 +11,38 @@ a dark palette for ``prefers-color-scheme: dark``; the other uses carry no scrip
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterable
-from importlib import resources
 from typing import Any
 
+from workbench.analysis.html_elements import element, esc, shorten_middle, stylesheet
 from workbench.analysis.report_format import (
-    MISSING,
     format_bytes,
-    format_cell,
     format_db,
     format_ratio,
     is_number,
     significant,
 )
-from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, SQNR_POOR_DB, sqnr_band
+from workbench.analysis.report_parts import (
+    frame_html,
+    layer_table_html,
+    sqnr_chart_svg,
+    storage_html,
+    table_html,
+)
+from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, sqnr_band
+
+__all__ = [
+    "SECTIONS",
+    "frame_html",
+    "report_view_html",
+    "shorten_middle",
+    "stylesheet",
+    "summary_html",
+    "table_html",
+]
 
 SECTIONS = ("summary", "chart", "layers", "storage", "tables")
 WORST_LISTED = 5
-NAME_CHARS = 40
-CHART_HEIGHT = 190
-CHART_TOP_DB = 50.0
-STORAGE_PARTS = (
-    ("weight_bytes", "weights", "jp-WorkbenchReport-weights"),
-    ("scale_bytes", "scales", "jp-WorkbenchReport-scales"),
-    ("zero_point_bytes", "zero points", "jp-WorkbenchReport-zeroPoints"),
-    ("bias_bytes", "bias", "jp-WorkbenchReport-bias"),
-)
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def stylesheet() -> str:
-    """The report view's CSS (shared with the JupyterLab extension)."""
-    return resources.files("workbench.analysis").joinpath("report_view.css").read_text()
-
-
-def shorten_middle(name: str, max_chars: int = NAME_CHARS) -> str:
-    """``encoder.layer.0.attention.self.query`` -> ``encoder.layer.0…self.query``: the start
-    and the end of a long name stay, so siblings remain distinct."""
-    if len(name) <= max_chars:
-        return name
-    tail = (max_chars - 1) // 2
-    head = max_chars - 1 - tail
-    return f"{name[:head]}\u2026{name[-tail:]}"
-
-
-def _el(tag: str, cls: str | None = None, text: str | None = None, **attrs: Any) -> str:
-    parts = [tag]
-    if cls:
-        parts.append(f'class="{esc(cls)}"')
-    for key, value in attrs.items():
-        if value is not None:
-            parts.append(f'{key.rstrip("_").replace("_", "-")}="{esc(value)}"')
-    body = esc(text) if text is not None else ""
-    return f"<{' '.join(parts)}>{body}</{tag}>"
 
 
 # summary -------------------------------------------------------------------------------------
@@ -91,19 +66,19 @@ def poor_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _card(label: str, value: str, detail: str = "", band: str | None = None) -> str:
     cls = "jp-WorkbenchReport-card" + (f" jp-mod-{band}" if band else "")
-    inner = _el("div", "jp-WorkbenchReport-cardLabel", label)
-    inner += _el("div", "jp-WorkbenchReport-cardValue", value)
+    inner = element("div", "jp-WorkbenchReport-cardLabel", label)
+    inner += element("div", "jp-WorkbenchReport-cardValue", value)
     if detail:
-        inner += _el("div", "jp-WorkbenchReport-cardDetail", detail)
+        inner += element("div", "jp-WorkbenchReport-cardDetail", detail)
     return f'<div class="{cls}">{inner}</div>'
 
 
 def summary_html(bundle: dict[str, Any], meta: list[str] | None = None) -> str:
     s = bundle["summary"]
-    title = _el("span", "jp-WorkbenchReport-heading", "Quantization report")
-    title += _el("span", "jp-WorkbenchReport-config", s.get("config", ""))
+    title = element("span", "jp-WorkbenchReport-heading", "Quantization report")
+    title += element("span", "jp-WorkbenchReport-config", s.get("config", ""))
     for item in meta or ():
-        title += _el("span", "jp-WorkbenchReport-meta", item)
+        title += element("span", "jp-WorkbenchReport-meta", item)
     cards = [
         _card(
             "Size FP32 \u2192 quantized",
@@ -144,322 +119,25 @@ def summary_html(bundle: dict[str, Any], meta: list[str] | None = None) -> str:
                 sqnr_band(s["model_output_sqnr_db"]),
             )
         )
-    body = _el("div", "jp-WorkbenchReport-title", None).replace("></div>", f">{title}</div>")
+    body = element("div", "jp-WorkbenchReport-title", None).replace("></div>", f">{title}</div>")
     body += '<div class="jp-WorkbenchReport-cards">' + "".join(cards) + "</div>"
     poor = poor_layers(bundle["layers"])
     if poor:
         items = ", ".join(
-            _el("code", "jp-WorkbenchReport-layerName", row["layer"])
+            element("code", "jp-WorkbenchReport-layerName", row["layer"])
             + esc(f" {format_db(row['output_sqnr_db'])}")
             for row in poor[:WORST_LISTED]
         )
         more = f" and {len(poor) - WORST_LISTED} more" if len(poor) > WORST_LISTED else ""
-        label = _el("span", "jp-WorkbenchReport-cardLabel", f"Layers below {SQNR_GOOD_DB:.0f} dB: ")
+        below = f"Layers below {SQNR_GOOD_DB:.0f} dB: "
+        label = element("span", "jp-WorkbenchReport-cardLabel", below)
         body += f'<div class="jp-WorkbenchReport-worst">{label}{items}{esc(more)}</div>'
     return f'<div class="jp-WorkbenchReport-summary">{body}</div>'
 
 
-# chart -------------------------------------------------------------------------------------
-def chart_top_db(layers: list[dict[str, Any]]) -> float:
-    values = [row["output_sqnr_db"] for row in layers if is_number(row.get("output_sqnr_db"))]
-    top = max([CHART_TOP_DB, *values])
-    return float(10 * -(-top // 10))
-
-
-def sqnr_chart_svg(layers: list[dict[str, Any]]) -> str:
-    """Output SQNR per layer in model order, on the poor / fair / good bands. FP32 layers
-    are short grey stubs; each bar's tooltip names its layer and value."""
-    left, right, top, bottom = 44, 8, 8, 22
-    step = 14 if len(layers) <= 60 else 9
-    plot_w = max(400, step * len(layers))
-    width = left + plot_w + right
-    plot_h = CHART_HEIGHT - top - bottom
-    top_db = chart_top_db(layers)
-
-    def y(db: float) -> float:
-        return top + plot_h * (1 - min(max(db, 0.0), top_db) / top_db)
-
-    parts = []
-    bands = (("poor", 0.0, SQNR_POOR_DB), ("fair", SQNR_POOR_DB, SQNR_GOOD_DB))
-    bands += (("good", SQNR_GOOD_DB, top_db),)
-    for band, low, high in bands:
-        parts.append(
-            f'<rect class="jp-WorkbenchReport-band jp-mod-{band}" x="{left}" y="{y(high):.1f}" '
-            f'width="{plot_w}" height="{y(low) - y(high):.1f}"/>'
-        )
-    for db in range(0, int(top_db) + 1, 10):
-        parts.append(f'<line x1="{left - 4}" x2="{left}" y1="{y(db):.1f}" y2="{y(db):.1f}"/>')
-        parts.append(f'<text x="{left - 6}" y="{y(db) + 4:.1f}" text-anchor="end">{db}</text>')
-    parts.append(
-        f'<text x="12" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
-        f'transform="rotate(-90 12 {top + plot_h / 2:.0f})">dB</text>'
-    )
-    bar_w = max(2, step - 3)
-    for index, row in enumerate(layers):
-        value = row.get("output_sqnr_db")
-        x = left + index * step + (step - bar_w) / 2
-        if row.get("status") != "quantized":
-            cls, height = "fp32", 4.0
-            label = f"{row['layer']}: kept FP32"
-        elif is_number(value):
-            cls, height = sqnr_band(value), y(0) - y(value)
-            label = f"{row['layer']}: output SQNR {format_db(value)}"
-        else:
-            cls, height = "good", y(0) - y(top_db)
-            label = f"{row['layer']}: output SQNR exact or not measured"
-        parts.append(
-            f'<rect class="jp-WorkbenchReport-sqnrBar jp-mod-{cls}" '
-            f'data-layer="{esc(row["layer"])}" '
-            f'x="{x:.1f}" y="{y(0) - height:.1f}" width="{bar_w}" height="{max(height, 1):.1f}">'
-            f"<title>{esc(label)}</title></rect>"
-        )
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(0):.1f}" y2="{y(0):.1f}"/>')
-    parts.append(
-        f'<text x="{left}" y="{CHART_HEIGHT - 6}">layers in model order ({len(layers)}); '
-        f"bands: poor &lt; {SQNR_POOR_DB:.0f} dB \u2264 fair &lt; {SQNR_GOOD_DB:.0f} dB "
-        "\u2264 good; grey: kept FP32</text>"
-    )
-    svg = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" viewBox="0 0 {width} {CHART_HEIGHT}" '
-        f'width="{width}" height="{CHART_HEIGHT}" aria-label="Output SQNR per layer">'
-        + "".join(parts)
-        + "</svg>"
-    )
-    return f'<div class="jp-WorkbenchReport-chart">{svg}</div>'
-
-
-# layer table ---------------------------------------------------------------------------------
-def _scale_range(row: dict[str, Any]) -> str:
-    if is_number(row.get("scale_min")) and is_number(row.get("scale_max")):
-        return f"{significant(row['scale_min'])} \u2026 {significant(row['scale_max'])}"
-    return MISSING
-
-
-def _sqnr_cell(column: str):
-    return lambda row: (format_db(row.get(column)), sqnr_band(row.get(column)), row.get(column))
-
-
-def _plain(column: str):
-    return lambda row: (format_cell(row.get(column)), None, row.get(column))
-
-
-# (id, label, tooltip, numeric, cell(row) -> (text, band, sort value))
-LAYER_COLUMNS = (
-    ("layer", "Layer", "Module name in the model", False, _plain("layer")),
-    ("type", "Type", "Module type", False, _plain("type")),
-    ("status", "Status", "Quantized, or kept FP32 (hover for the reason)", False, None),
-    ("scheme", "Scheme", "Weight quantization scheme", False, _plain("scheme")),
-    ("bits", "Bits", "Weight bits", True, _plain("bits")),
-    ("weight_sqnr_db", "Weight SQNR", "Quantized weights against FP32 weights", True,
-     _sqnr_cell("weight_sqnr_db")),
-    ("layer_sqnr_db", "Layer SQNR", "The quantized layer alone, fed the FP32 input", True,
-     _sqnr_cell("layer_sqnr_db")),
-    ("output_sqnr_db", "Output SQNR",
-     "The layer's output in the quantized model against FP32 (earlier errors included)", True,
-     _sqnr_cell("output_sqnr_db")),
-    ("output_cosine", "Cosine", "Cosine similarity of the layer output to FP32", True,
-     lambda row: (f"{row['output_cosine']:.3f}" if is_number(row.get("output_cosine"))
-                  else MISSING, None, row.get("output_cosine"))),
-    ("num_scales", "Scales", "Number of weight scales (one per channel when per-channel)",
-     True, _plain("num_scales")),
-    ("scale_range", "Scale range", "Smallest and largest weight scale", True,
-     lambda row: (_scale_range(row), None, row.get("scale_max"))),
-    ("zero_point", "Zero point", "Weight zero point(s)", False, _plain("zero_point")),
-)  # fmt: skip
-
-
-def is_folded(row: dict[str, Any]) -> bool:
-    """A layer folded away (BatchNorm into the conv before it): no bytes of its own."""
-    if row.get("status") != "fp32":
-        return False
-    return bool(row.get("folded_into"))
-
-
-def status_badge(row: dict[str, Any]) -> str:
-    """A short status; the reason of an FP32 layer in the tooltip (and a marker)."""
-    if row.get("status") == "quantized":
-        return _el("span", "jp-WorkbenchReport-badge jp-mod-quantized", "quantized")
-    folded = is_folded(row)
-    reason = row.get("reason") or ""
-    badge = _el(
-        "span",
-        "jp-WorkbenchReport-badge" + (" jp-mod-folded" if folded else ""),
-        "folded" if folded else "FP32",
-        title=reason or None,
-    )
-    if reason:
-        badge += _el("span", "jp-WorkbenchReport-reason", "?", title=reason)
-    return badge
-
-
-def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) -> str:
-    head = "".join(
-        _el(
-            "th",
-            "jp-mod-numeric" if numeric else None,
-            label,
-            title=f"{tooltip}. Click to sort." if interactive else tooltip,
-            data_column=column,
-        )
-        for column, label, tooltip, numeric, _ in LAYER_COLUMNS
-    )
-    rows = []
-    for index, row in enumerate(layers):
-        cells = []
-        for column, _, _, numeric, cell in LAYER_COLUMNS:
-            classes = ["jp-mod-numeric"] if numeric else []
-            if column == "status":
-                body, sort_value = status_badge(row), row.get("status")
-            elif column == "layer":
-                body = _el("code", "jp-WorkbenchReport-layerName", row["layer"])
-                sort_value = row["layer"]
-            else:
-                text, band, sort_value = cell(row)
-                body = esc(text)
-                if band:
-                    classes.append(f"jp-mod-{band}")
-            sort_attr = f' data-sort="{esc(sort_value)}"' if is_number(sort_value) else ""
-            cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f'<td{cls} data-column="{column}"{sort_attr}>{body}</td>')
-        fp32 = ' class="jp-WorkbenchReport-fp32"' if row.get("status") != "quantized" else ""
-        rows.append(
-            f"<tr{fp32} "
-            f'data-status="{esc(row.get("status"))}" data-index="{index}" '
-            f'data-layer="{esc(row["layer"])}">' + "".join(cells) + "</tr>"
-        )
-    table = (
-        '<table class="jp-WorkbenchReport-table jp-WorkbenchReport-layerTable">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
-    count = _el("span", "jp-WorkbenchReport-count", f"{len(layers)} of {len(layers)} layers")
-    toolbar = count
-    if interactive:
-        toolbar = (
-            '<input class="jp-WorkbenchReport-filter" type="search" '
-            'placeholder="Filter layers by name" aria-label="Filter layers by name">'
-            '<button type="button" class="jp-WorkbenchReport-worstFirst">Worst first</button>'
-            '<label><input type="checkbox" class="jp-WorkbenchReport-hideFp32"> '
-            "hide FP32 / folded</label>" + count
-        )
-    return (
-        '<div class="jp-WorkbenchReport-layers">'
-        f'<div class="jp-WorkbenchReport-toolbar">{toolbar}{legend_html()}</div>'
-        f'<div class="jp-WorkbenchReport-tableScroll">{table}</div></div>'
-    )
-
-
-def legend_html() -> str:
-    items = (
-        ("poor", f"< {SQNR_POOR_DB:.0f} dB"),
-        ("fair", f"{SQNR_POOR_DB:.0f}\u2013{SQNR_GOOD_DB:.0f} dB"),
-        ("good", f"\u2265 {SQNR_GOOD_DB:.0f} dB"),
-    )
-    swatches = "".join(
-        f'<span class="jp-WorkbenchReport-swatch" style="background:var(--wb-{band})">'
-        f"{esc(text)}</span>"
-        for band, text in items
-    )
-    return f'<span class="jp-WorkbenchReport-legend">SQNR: {swatches}</span>'
-
-
-# storage ---------------------------------------------------------------------------------
-def _bar(cls: str, part: float, whole: float, title: str) -> str:
-    width = 100.0 * part / whole if whole > 0 else 0.0
-    return (
-        f'<div class="jp-WorkbenchReport-bar {cls}" style="width:{width:.2f}%" '
-        f'title="{esc(title)}"></div>'
-    )
-
-
-def storage_row_html(row: dict[str, Any]) -> str:
-    total = not row.get("status")
-    name = "total" if total else row["layer"]
-    classes = ["jp-WorkbenchReport-storageRow"]
-    if total:
-        classes.append("jp-WorkbenchReport-storageTotal")
-    label = _el("code", "jp-WorkbenchReport-layerName", shorten_middle(name), title=name)
-    folded = row.get("status") == "fp32" and row["total_bytes"] == 0 and row["fp32_bytes"] > 0
-    if row.get("status") == "fp32":
-        badge_cls = "jp-WorkbenchReport-badge" + (" jp-mod-folded" if folded else "")
-        label += _el("span", badge_cls, "folded" if folded else "FP32")
-    whole = max(row["fp32_bytes"], row["total_bytes"])
-    fp32_track = _bar("jp-WorkbenchReport-fp32Bar", row["fp32_bytes"], whole,
-                      f"FP32: {format_bytes(row['fp32_bytes'])}")  # fmt: skip
-    quant = ""
-    if row.get("status") == "fp32" and not folded:
-        quant = _bar("jp-WorkbenchReport-fp32Kept", row["total_bytes"], whole,
-                     f"kept FP32: {format_bytes(row['total_bytes'])}")  # fmt: skip
-    else:
-        for key, part, cls in STORAGE_PARTS:
-            if row.get(key, 0) > 0:
-                quant += _bar(cls, row[key], whole, f"{part}: {format_bytes(row[key])}")
-    ratio = ""
-    if row["total_bytes"] > 0:
-        ratio = f" ({format_ratio(row['fp32_bytes'] / row['total_bytes'])})"
-    numbers = f"{format_bytes(row['fp32_bytes'])} \u2192 {format_bytes(row['total_bytes'])}{ratio}"
-    return (
-        f'<div class="{" ".join(classes)}" data-layer="{esc(name)}">'
-        f'<div class="jp-WorkbenchReport-storageName">{label}</div>'
-        '<div class="jp-WorkbenchReport-bars">'
-        f'<div class="jp-WorkbenchReport-track">{fp32_track}</div>'
-        f'<div class="jp-WorkbenchReport-track">{quant}</div></div>'
-        f'<div class="jp-WorkbenchReport-storageNumbers">{esc(numbers)}</div></div>'
-    )
-
-
-def storage_html(storage: list[dict[str, Any]]) -> str:
-    """Each layer on its own scale (its FP32 size is the full width), so small layers and
-    the scale / zero point / bias pieces stay visible; the legend lists the pieces present."""
-    layers = [row for row in storage if row.get("status")]
-    totals = [row for row in storage if not row.get("status")]
-    legend = [("jp-WorkbenchReport-fp32Bar", "FP32 (upper bar, full width)")]
-    for key, part, cls in STORAGE_PARTS:
-        if any(row.get(key, 0) > 0 and row.get("status") == "quantized" for row in layers):
-            legend.append((cls, part))
-    if any(row.get("status") == "fp32" and row["total_bytes"] > 0 for row in layers):
-        legend.append(("jp-WorkbenchReport-fp32Kept", "kept FP32"))
-    legend_items = "".join(
-        f'<span class="jp-WorkbenchReport-legendItem"><span class="jp-WorkbenchReport-legendSwatch '
-        f'{cls}"></span>{esc(text)}</span>'
-        for cls, text in legend
-    )
-    rows = "".join(storage_row_html(row) for row in layers)
-    total = "".join(storage_row_html(row) for row in totals)
-    return (
-        '<div class="jp-WorkbenchReport-storage">'
-        f'<div class="jp-WorkbenchReport-storageLegend">{legend_items}</div>'
-        f'<div class="jp-WorkbenchReport-storageRows">{rows}</div>{total}</div>'
-    )
-
-
-# further tables ----------------------------------------------------------------------------
-def table_html(
-    columns: Iterable[str], rows: Iterable[Iterable[Any]], headers: dict[str, str] | None = None
-) -> str:
-    """A plain styled table: friendly headers when given, every cell through format_cell."""
-    columns = list(columns)
-    headers = headers or {}
-    head = "".join(_el("th", None, headers.get(c, c.replace("_", " "))) for c in columns)
-    body = []
-    for row in rows:
-        cells = "".join(
-            _el("td", "jp-mod-numeric" if is_number(v) else None, format_cell(v)) for v in row
-        )
-        body.append(f"<tr>{cells}</tr>")
-    return (
-        '<div class="jp-WorkbenchReport-scroll"><table class="jp-WorkbenchReport-table">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
-    )
-
-
-def frame_html(frame, headers: dict[str, str] | None = None) -> str:
-    """A DataFrame as a styled table (no index, no NaN / <NA>, numbers positional)."""
-    return table_html([str(c) for c in frame.columns], frame.itertuples(index=False), headers)
-
-
 # the whole view ------------------------------------------------------------------------------
 def section_title(text: str) -> str:
-    return _el("h4", "jp-WorkbenchReport-sectionTitle", text)
+    return element("h4", "jp-WorkbenchReport-sectionTitle", text)
 
 
 def report_view_html(

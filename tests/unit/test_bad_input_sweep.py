@@ -683,6 +683,12 @@ def case_export_to_a_directory(tmp):
     return result.model, example, lambda: result.export_onnx(tmp / "folder.onnx", example)
 
 
+@case(SUCCEEDS)
+def case_benchmark_of_a_training_mode_module(tmp):
+    model, example = cnn().train(), images()[0]
+    return model, example, lambda: wb.benchmark(model, EXPORTED["int8"], example, runs=1, warmup=0)
+
+
 # the magic ----------------------------------------------------------------------------------------
 def magic_case(line: str, cell: str | None = None, **names):
     from IPython.core.interactiveshell import InteractiveShell
@@ -745,6 +751,28 @@ def case_magic_eval_returns_nan(tmp):
 @case(wb.ModelError, "needs a torch.nn.Module")
 def case_panel_not_a_module(tmp):
     return None, rows(), lambda: wb.panel("model", rows())
+
+
+def panel_case(model, data, **kwargs):
+    def call():
+        app = wb.panel(model, data, **kwargs)
+        app.run_button.click()
+        if app.last_exception is not None:  # the panel shows it in one line; raise it here
+            raise app.last_exception
+        assert app.result is not None
+
+    return model, data, call
+
+
+@case(wb.MetricError, "returned nan for the FP32 model")
+def case_panel_eval_fn_returns_nan(tmp):
+    return panel_case(mlp(), rows(), eval_fn=lambda m: float("nan"))
+
+
+@case(SUCCEEDS)
+def case_panel_model_in_training_mode(tmp):
+    data = rows()
+    return panel_case(_TrainModeNet().train(), data, eval_fn=metric_without_eval(data[0]))
 
 
 # the sweep ---------------------------------------------------------------------------------------

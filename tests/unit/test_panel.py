@@ -218,6 +218,10 @@ def test_panel_displays_as_a_widget(app):
     bundle = app._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"] == "WorkbenchPanel(Sequential, 0 runs, no run yet)"
+    assert "run this cell again" in bundle["text/html"]  # shown where widgets cannot be
+    app.run_button.click()
+    page = body(app._repr_mimebundle_()["text/html"])
+    assert "jp-WorkbenchReport-cards" in page and "Pareto" in page  # the latest result
 
 
 def test_export_and_benchmark_buttons(app, tmp_path):

@@ -24,7 +24,7 @@ from torch import nn
 
 from workbench.errors import ModelError
 from workbench.notebook import actions
-from workbench.notebook.display import error_line, significant, status_html
+from workbench.notebook.display import error_line, significant, status_html, table_html
 from workbench.notebook.export_tab import ExportTab
 from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
 from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
@@ -109,6 +109,26 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
     def __repr__(self) -> str:
         latest = f"run {self._run_number}" if self._run_number else "no run yet"
         return f"WorkbenchPanel({type(self.model).__name__}, {len(self.runs)} runs, {latest})"
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        """The widget, and for front ends that cannot show it (a reloaded notebook whose
+        kernel is gone, an untrusted one, a static viewer) the latest result as HTML
+        instead of the repr line."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = self.snapshot_html()
+        return bundle
+
+    def snapshot_html(self) -> str:
+        """The panel's state as static HTML: its title, the latest result's summary and the
+        runs table, or how to bring the controls back."""
+        parts = [f"<p>{self._title_html()}</p>"]
+        if self.result is not None:
+            parts.append(self.result.report.view("summary")._repr_mimebundle_()["text/html"])
+            parts.append(table_html(self.runs.display_frame()))
+        parts.append(
+            status_html("The panel's controls need a running kernel: run this cell again.")
+        )
+        return "".join(parts)
 
     @property
     def runs(self):

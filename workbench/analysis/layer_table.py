@@ -14,6 +14,9 @@ LAYER_COLUMNS = [
     "layer",
     "type",
     "status",
+    "precision",
+    "weight_bits",
+    "activation_bits",
     "reason",
     "folded_into",
     "weight_shape",
@@ -80,6 +83,7 @@ def layer_table(
             "layer": plan.name,
             "type": plan.layer_type,
             "status": plan.status,
+            "precision": plan.precision,
             "reason": plan.reason,
             "folded_into": plan.folded_into,
             "equalized": plan.equalized,
@@ -90,6 +94,9 @@ def layer_table(
         if isinstance(module, QuantizedLayer):
             row |= layer_row(module)
             row |= measured.get(plan.name, {})
+            row["weight_bits"] = module.weight_quantizer.scheme.bits
+            if module.input_quantizer is not None:
+                row["activation_bits"] = module.input_quantizer.scheme.bits
         elif module is not None and getattr(module, "weight", None) is not None:
             row["weight_shape"] = tuple(module.weight.shape)
             row["scheme"] = "fp32"
@@ -97,6 +104,8 @@ def layer_table(
         rows.append(row)
     table = pd.DataFrame(rows, columns=LAYER_COLUMNS)
     table["bits"] = table["bits"].astype("Int64")
+    table["weight_bits"] = table["weight_bits"].astype("Int64")
+    table["activation_bits"] = table["activation_bits"].astype("Int64")  # <NA>: FP32
     table["num_scales"] = table["num_scales"].astype("Int64")
     table["input_zero_point"] = table["input_zero_point"].astype("Int64")
     return table

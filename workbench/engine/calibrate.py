@@ -135,7 +135,12 @@ def prepare_model(
         )
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
-    insert_output_quantizers(prepared, first_batch, config, folded)
+    raised = insert_output_quantizers(prepared, first_batch, config, folded)
+    for plan in plans:
+        if plan.name in raised:
+            layer = get_layer(prepared, plan.name)
+            plan.activation_bits = layer.input_quantizer.scheme.bits
+            plan.activation_raised_by = raised[plan.name]
     return fp32_model, prepared, plans
 
 
@@ -143,11 +148,13 @@ def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -
     """Exclude patterns that match no layer (a typo would quietly quantize the layer meant to
     stay FP32) and layers with nothing to quantize are errors naming the layer."""
     names = [plan.name for plan in plans]
-    for pattern in config.exclude:
+    patterns = [("exclude", p) for p in config.exclude]
+    patterns += [("overrides", p) for p in config.overrides]
+    for field_name, pattern in patterns:
         if not any(matches_any(name, (pattern,)) for name in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ConfigError(
-                f"config.exclude pattern {pattern!r} matches no layer of the model; "
+                f"config.{field_name} pattern {pattern!r} matches no layer of the model; "
                 f"use layer names as in report.layers (this model's: {shown})"
             )
     for plan in plans:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import fnmatch
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Real
 
@@ -49,6 +50,14 @@ class QuantConfig:
     quantize_embeddings : bool
         Store ``nn.Embedding`` tables with the weight scheme (per-channel = one scale per row),
         weight-only; an exported transformer's file then shrinks to about a quarter.
+    overrides : dict
+        Per-layer precision: ``{"pattern": {"weight": Scheme, "activation": Scheme or None}}``
+        with layer names or glob patterns as in ``exclude``. A missing key keeps the config's
+        scheme; ``"activation": None`` keeps that layer's input FP32 (weight-only). When
+        several patterns match a layer, later ones replace the keys they give. The quantizers
+        around the layer (the output quantizers placed after the op feeding it, and the ones
+        sharing their scale) follow it; where one feeds layers of different precisions, the
+        higher precision wins.
     """
 
     weight: Scheme = field(default_factory=lambda: Scheme(8, True, True, 0))
@@ -62,6 +71,7 @@ class QuantConfig:
     bias_correction: bool | str = False
     weight_method: str = "nearest"
     adaround_iterations: int = 1000
+    overrides: Mapping[str, Mapping[str, Scheme | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, Scheme):
@@ -111,6 +121,22 @@ class QuantConfig:
                 )
         object.__setattr__(self, "exclude", _exclude_patterns(self.exclude))
         self._check_ptq_methods()
+        object.__setattr__(self, "overrides", _override_table(self.overrides))
+
+    def __hash__(self) -> int:  # overrides is a dict: hash its items
+        fields = [getattr(self, f) for f in self.__dataclass_fields__ if f != "overrides"]
+        items = tuple((p, tuple(v.items())) for p, v in self.overrides.items())
+        return hash((*fields, items))
+
+    def schemes_for(self, name: str) -> tuple[Scheme, Scheme | None]:
+        """``(weight scheme, activation scheme or None)`` of the layer ``name``, with the
+        overrides whose pattern matches it applied in order."""
+        weight, activation = self.weight, self.activation
+        for pattern, override in self.overrides.items():
+            if name == pattern or fnmatch.fnmatchcase(name, pattern):
+                weight = override.get("weight", weight)
+                activation = override.get("activation", activation)
+        return weight, activation
 
     def _check_ptq_methods(self) -> None:
         if not isinstance(self.equalize, bool):
@@ -157,6 +183,12 @@ class QuantConfig:
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "fp32"
         text = f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
+        for pattern, override in self.overrides.items():
+            parts = [
+                f"{key} {scheme.describe() if scheme is not None else 'fp32'}"
+                for key, scheme in override.items()
+            ]
+            text += f", {pattern}: {' / '.join(parts) or 'as the config'}"
         return text + "".join(f", {name}" for name in self.ptq_methods())
 
     def ptq_methods(self) -> list[str]:
@@ -181,6 +213,62 @@ def _exclude_patterns(exclude: object) -> tuple[str, ...]:
     if wrong:
         raise ConfigError(f"exclude holds {wrong[0]!r}, not a layer name; {fix}")
     return patterns
+
+
+OVERRIDE_KEYS = ("weight", "activation")
+
+
+def _override_table(overrides: object) -> dict[str, dict[str, Scheme | None]]:
+    """``overrides`` checked and copied: pattern -> {"weight": Scheme, "activation": ...}."""
+    example = 'e.g. overrides={"fc2": {"weight": wb.Scheme(8, True, True)}}'
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(
+            f"overrides must be a dict of layer name or pattern -> schemes, got "
+            f"{type(overrides).__name__}; {example}"
+        )
+    table: dict[str, dict[str, Scheme | None]] = {}
+    for pattern, override in overrides.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(
+                f"overrides key {pattern!r} is not a layer name or pattern; {example}"
+            )
+        if not isinstance(override, Mapping):
+            raise ConfigError(
+                f"overrides[{pattern!r}] must be a dict with 'weight' and / or 'activation', "
+                f"got {type(override).__name__}; {example}"
+            )
+        unknown = [key for key in override if key not in OVERRIDE_KEYS]
+        if unknown:
+            raise ConfigError(
+                f"overrides[{pattern!r}] has unknown key {unknown[0]!r}; use 'weight' and / or "
+                f"'activation' (to keep the layer FP32, add it to exclude)"
+            )
+        if "weight" in override:
+            weight = override["weight"]
+            if not isinstance(weight, Scheme):
+                raise ConfigError(
+                    f"overrides[{pattern!r}]['weight'] must be a Scheme, got {weight!r}; "
+                    f"{example} (to keep the layer FP32, add it to exclude)"
+                )
+            if weight.per_channel and weight.axis != 0:
+                raise ConfigError(
+                    f"overrides[{pattern!r}]['weight'] is per-channel on axis {weight.axis}; "
+                    "per-channel weights use axis=0: wb.Scheme(..., per_channel=True, axis=0)"
+                )
+        if "activation" in override:
+            activation = override["activation"]
+            if activation is not None and not isinstance(activation, Scheme):
+                raise ConfigError(
+                    f"overrides[{pattern!r}]['activation'] must be a Scheme or None (FP32 "
+                    f"input), got {activation!r}"
+                )
+            if activation is not None and activation.per_channel:
+                raise ConfigError(
+                    f"overrides[{pattern!r}]['activation'] is per-channel; activations are "
+                    "per-tensor: pass wb.Scheme(bits, symmetric, per_channel=False)"
+                )
+        table[pattern] = dict(override)
+    return table
 
 
 PRESETS: dict[str, QuantConfig] = {

@@ -43,6 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from workbench.core.scheme import Scheme
 from workbench.engine.batches import run_model
 from workbench.engine.call_sites import (
     CallTracker,
@@ -221,12 +222,14 @@ class Placement:
 
     ``outputs``: site -> the call whose output is quantized; ``slots``: site -> the folded
     BatchNorm slot that holds a conv's quantizer; ``share``: layer name -> site;
-    ``kinds``: site -> the op kind that asked for the quantizer (for the reports)."""
+    ``kinds``: site -> the op kind that asked for the quantizer (for the reports);
+    ``origins``: site -> the quantized layer whose output it quantizes (its precision)."""
 
     outputs: dict[str, FlowNode] = field(default_factory=dict)
     slots: dict[str, str] = field(default_factory=dict)
     share: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
 
 
 def _can_hold_quantizer(node: FlowNode, calls: dict[str, int]) -> bool:
@@ -278,6 +281,8 @@ def plan_output_quantizers(
             continue
         placement.outputs[target.site] = target
         placement.kinds[target.site] = op.name
+        if isinstance(node.module, QuantizedLayer):
+            placement.origins[target.site] = node.module.layer_name
         on_grid[target.outputs[0]] = target.site
         if target is node and op is CONV:
             slot = bn_slot.get(node.module.layer_name)
@@ -309,10 +314,14 @@ def _might_need_output_quantizers(model: nn.Module) -> bool:
 
 def insert_output_quantizers(
     model: nn.Module, batch: Any, config: QuantConfig, folded_bn: dict[str, str] | None = None
-) -> None:
-    """Place output quantizers in ``model`` (in place; see the module docstring)."""
-    if config.activation is None or isinstance(model, QuantizedLayer):
-        return
+) -> dict[str, str]:
+    """Place output quantizers in ``model`` (in place; see the module docstring). Returns the
+    layers whose input quantizer took a higher precision than their own, each with the layer
+    whose precision won (one quantizer feeds both)."""
+    if isinstance(model, QuantizedLayer):
+        return {}
+    if not any(layer.input_quantizer is not None for _, layer in iter_quantized_layers(model)):
+        return {}  # weight-only
     try:
         flow = trace_data_flow(model, _few_samples(batch))
     except Exception as exc:  # the model ran in BN folding; a failure here only costs speed
@@ -321,14 +330,17 @@ def insert_output_quantizers(
             "stay unquantized and ONNX Runtime will not fuse those convs",
             stacklevel=2,
         )
-        return
+        return {}
     placement = plan_output_quantizers(model, flow, folded_bn)
     if not placement.outputs:
-        return
+        return {}
+
+    layers = dict(iter_quantized_layers(model))
+    schemes, winners = site_schemes(placement, layers, config)
 
     def new_quantizer(site: str) -> ActivationQuantizer:
         return ActivationQuantizer(
-            config.activation, config.observer, f"output of {site}", config.percentile
+            schemes[site], config.observer, f"output of {site}", config.percentile
         )
 
     paths: dict[str, str] = {}  # site -> path of its quantizer below the root
@@ -358,10 +370,48 @@ def insert_output_quantizers(
             paths[site] = f"{name}.sites.{index}.output_quantizer"
         set_submodule(model, name, shared)
         install_function_sites(model)  # resets the clones' call counters at every forward
-    layers = dict(iter_quantized_layers(model))
+    raised: dict[str, str] = {}
     for layer_name, site in placement.share.items():
         if site in paths and layer_name in layers:
-            layers[layer_name].input_quantizer.shares_scale_of = paths[site]
+            layer = layers[layer_name]
+            if layer.input_quantizer.scheme != schemes[site]:  # the higher precision won
+                raised[layer_name] = winners[site]
+                old = layer.input_quantizer
+                layer.input_quantizer = ActivationQuantizer(
+                    schemes[site], old.observer_name, old.tensor_name, old.percentile
+                )
+            layer.input_quantizer.shares_scale_of = paths[site]
+    return raised
+
+
+def site_schemes(
+    placement: Placement, layers: dict[str, QuantizedLayer], config: QuantConfig
+) -> tuple[dict[str, Scheme], dict[str, str]]:
+    """The scheme of each placed output quantizer: the highest precision among the layer whose
+    output it quantizes and the layers whose input shares it (the config's when none); and,
+    per site, the layer whose precision won."""
+    sharing: dict[str, list[str]] = {}
+    for layer_name, site in placement.share.items():
+        sharing.setdefault(site, []).append(layer_name)
+    schemes: dict[str, Scheme] = {}
+    winners: dict[str, str] = {}
+    for site in placement.outputs:
+        names = [placement.origins.get(site), *sharing.get(site, [])]
+        names = [n for n in names if n in layers and layers[n].input_quantizer is not None]
+        candidates = [layers[name].input_quantizer.scheme for name in names]
+        if names:
+            best = max(range(len(names)), key=lambda i: candidates[i].bits)
+            winners[site] = names[best]
+        else:
+            candidates = [config.activation] if config.activation is not None else []
+        if not candidates:  # weight-only config, only overridden layers elsewhere
+            candidates = [
+                layer.input_quantizer.scheme
+                for layer in layers.values()
+                if layer.input_quantizer is not None
+            ]
+        schemes[site] = max(candidates, key=lambda scheme: scheme.bits)
+    return schemes, winners
 
 
 def round_bias(layer: QuantizedLayer) -> None:

@@ -35,17 +35,36 @@ class LayerPlan:
     status: str
     note: str = ""
     folded_into: str | None = None  # a BatchNorm folded into this conv / linear
-    weight_bits: int | None = None  # per-layer precision; None: the config's scheme
-    activation_bits: int | None = None
+    weight_bits: int | None = None  # per-layer precision (config.schemes_for) when quantized
+    activation_bits: int | None = None  # None: FP32 input (weight-only)
+    # the layer whose higher precision its input quantizer took (one quantizer feeding both)
+    activation_raised_by: str | None = None
     equalized: bool = False  # scaled by cross-layer equalization (engine.equalize)
     bias_corrected: bool = False  # expected output error removed from the bias
     weight_rounding: str | None = None  # "nearest" / "adaround" when quantized
+
+    kept_bits: int | None = None  # an override holds it above the config's widths
+
+    @property
+    def precision(self) -> str:
+        """``quantized``, ``kept 8-bit`` (above the config's widths), ``kept FP32``, ``folded``."""
+        if self.folded_into is not None:
+            return "folded"
+        if self.status != QUANTIZED:
+            return "kept FP32"
+        return f"kept {self.kept_bits}-bit" if self.kept_bits is not None else QUANTIZED
 
     @property
     def reason(self) -> str:
         """Why the layer is (not) quantized as it is, rendered for the reports."""
         if self.folded_into is not None:
             return f"folded into {self.folded_into}"
+        if self.activation_raised_by is not None:
+            raised = (
+                f"input at {self.activation_bits} bits: its input quantizer also serves "
+                f"{self.activation_raised_by}, whose higher precision wins"
+            )
+            return f"{self.note}; {raised}" if self.note else raised
         return self.note
 
 
@@ -83,7 +102,7 @@ def plan_layers(
             elif matches_any(name, config.exclude):
                 plans.append(LayerPlan(name, type_name, FP32, "excluded by config"))
             else:
-                plans.append(LayerPlan(name, type_name, QUANTIZED))
+                plans.append(_quantized_plan(name, type_name, config, embedding))
         elif any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, BN_TYPES):
                 reason = "BatchNorm not folded (its input is not a conv output used only by it)"
@@ -100,6 +119,29 @@ def plan_layers(
     return plans
 
 
+def _quantized_plan(name: str, type_name: str, config: QuantConfig, embedding: bool) -> LayerPlan:
+    """The plan of a quantized layer at its own precision (``config.overrides``)."""
+    weight, activation = config.schemes_for(name)
+    if embedding:
+        activation = None  # an embedding's input is ids: weight-only
+    plan = LayerPlan(
+        name,
+        type_name,
+        QUANTIZED,
+        weight_bits=weight.bits,
+        activation_bits=activation.bits if activation is not None else None,
+    )
+    config_act = config.activation.bits if config.activation is not None else 0
+    higher_weight = weight.bits > config.weight.bits
+    higher_act = activation is not None and activation.bits > config_act
+    if higher_weight or higher_act:
+        plan.kept_bits = max(weight.bits, activation.bits if activation is not None else 0)
+        plan.note = "precision set by config.overrides"
+    elif (weight, activation) != (config.weight, config.activation):
+        plan.note = "precision set by config.overrides"
+    return plan
+
+
 def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -> nn.Module:
     """Swap every layer planned as quantized for a ``QuantizedLayer``; returns the model
     (a new object only when the model itself is a single supported layer)."""
@@ -107,16 +149,17 @@ def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantCon
         if plan.status != QUANTIZED:
             continue
         layer = get_layer(model, plan.name)
+        weight_scheme, activation_scheme = config.schemes_for(plan.name)
         weight_quantizer = WeightQuantizer(
-            config.weight, config.weight_observer, f"weight of {plan.name}"
+            weight_scheme, config.weight_observer, f"weight of {plan.name}"
         )
         if isinstance(layer, nn.Embedding):
             wrapped = QuantizedEmbedding(layer, plan.name, weight_quantizer)
         else:
             input_quantizer = None
-            if config.activation is not None:
+            if activation_scheme is not None:
                 input_quantizer = ActivationQuantizer(
-                    config.activation, config.observer, f"input of {plan.name}", config.percentile
+                    activation_scheme, config.observer, f"input of {plan.name}", config.percentile
                 )
             wrapped = QuantizedLayer(layer, plan.name, weight_quantizer, input_quantizer)
         if plan.name == ROOT_NAME:

@@ -19,6 +19,38 @@ settings.load_profile("workbench")
 torch.set_num_threads(1)
 
 
+def ort_exact_weight_bits() -> int:
+    """Weight width at which ONNX Runtime's integer kernels compute the simulation exactly on
+    this CPU. Without VNNI (AVX2 / AVX-512 without VNNI, as on some AMD EPYC hosts), ORT's U8S8
+    kernels add two u8 x s8 products in int16 with saturation (vpmaddubsw): with 8-bit weights
+    the sum can pass 32767 and ORT's output leaves the simulation by many steps. 7-bit weights
+    keep the sum in range (255 * 64 * 2 < 32768): the advice the CPU check gives users."""
+    from workbench.runtime.cpu_features import detect_cpu_features
+
+    cpu = detect_cpu_features()
+    return 8 if cpu.vnni or cpu.amx or not (cpu.avx2 or cpu.avx512) else 7
+
+
+def pytest_report_header(config) -> str:
+    bits = ort_exact_weight_bits()
+    if bits == 8:
+        return "ONNX Runtime parity tests: 8-bit weights (this CPU's U8S8 kernels are exact)"
+    return (
+        f"ONNX Runtime parity tests: {bits}-bit weights (no VNNI: ORT's U8S8 kernels saturate "
+        "int16 sums with 8-bit weights)"
+    )
+
+
+@pytest.fixture(scope="session")
+def ort_exact_int8():
+    """The ``int8`` preset with the weight width at which ORT computes the simulation exactly
+    on this CPU (see ort_exact_weight_bits): for tests comparing ORT with the simulation."""
+    import workbench as wb
+
+    bits = ort_exact_weight_bits()
+    return wb.QuantConfig.preset("int8", weight=wb.Scheme(bits=bits, per_channel=True))
+
+
 @pytest.fixture(scope="session")
 def digits_data():
     """sklearn's bundled digits split into train / test tensors (no download)."""

@@ -12,10 +12,10 @@ from workbench.runtime.ort_session import make_session, run_session
 
 
 @pytest.fixture(scope="module")
-def digits_export(tmp_path_factory):
+def digits_export(tmp_path_factory, ort_exact_int8):
     data = load_digits_data()
     model = train_digits_cnn(data, epochs=8)
-    result = wb.ptq(model, data.calib_batches(), progress=False)
+    result = wb.ptq(model, data.calib_batches(), config=ort_exact_int8, progress=False)
     folder = tmp_path_factory.mktemp("digits")
     path = result.export_onnx(
         folder / "digits_int8.onnx", data.test_x[:8], fp32_path=folder / "digits_fp32.onnx"

@@ -101,9 +101,9 @@ def simulated(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def mlp_export(tmp_path_factory):
+def mlp_export(tmp_path_factory, ort_exact_int8):
     data = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
-    result = wb.ptq(mlp(), [data[:32], data[32:]], progress=False)
+    result = wb.ptq(mlp(), [data[:32], data[32:]], config=ort_exact_int8, progress=False)
     path = tmp_path_factory.mktemp("mlp") / "mlp_int8.onnx"
     result.export_onnx(path, data[:4], check_fusion=False)
     return result, onnx.load(str(path)), path
@@ -173,9 +173,9 @@ def test_int8_file_is_at_most_0_3_of_fp32(tmp_path):
     assert ratio <= 0.3
 
 
-def test_conv_has_int32_bias_on_the_input_times_weight_grid(tmp_path):
+def test_conv_has_int32_bias_on_the_input_times_weight_grid(tmp_path, ort_exact_int8):
     data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    result = wb.ptq(small_cnn(), [data], progress=False)
+    result = wb.ptq(small_cnn(), [data], config=ort_exact_int8, progress=False)
     path = result.export_onnx(tmp_path / "cnn.onnx", data[:2], check_fusion=False)
     model = onnx.load(str(path))
     inits = initializers(model)
@@ -237,10 +237,10 @@ class TokenModel(nn.Module):
         return self.fc(self.embed(ids)).mean(dim=1)
 
 
-def test_embedding_tables_export_as_int8_rows(tmp_path):
+def test_embedding_tables_export_as_int8_rows(tmp_path, ort_exact_int8):
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (8, 7))
-    config = wb.QuantConfig.preset("int8", quantize_embeddings=True)
+    config = wb.QuantConfig.preset("int8", weight=ort_exact_int8.weight, quantize_embeddings=True)
     result = wb.ptq(TokenModel().eval(), [ids], config=config, progress=False)
     assert result.report.layers.set_index("layer").loc["embed", "status"] == "quantized"
     path = result.export_onnx(tmp_path / "tokens.onnx", ids, check_fusion=False)
@@ -308,13 +308,13 @@ def test_layers_switched_off_after_calibration_export_as_fp32(tmp_path):
         nn.Conv2d(4, 4, 3, padding=1, groups=4),
     ],
 )
-def test_conv_padding_forms_and_groups(tmp_path, conv):
+def test_conv_padding_forms_and_groups(tmp_path, conv, ort_exact_int8):
     torch.manual_seed(0)
     shape = (
         (8, conv.in_channels, 16) if isinstance(conv, nn.Conv1d) else (8, conv.in_channels, 9, 9)
     )
     data = torch.randn(*shape)
-    result = wb.ptq(nn.Sequential(conv, nn.Tanh()), [data], progress=False)
+    result = wb.ptq(nn.Sequential(conv, nn.Tanh()), [data], config=ort_exact_int8, progress=False)
     path = result.export_onnx(tmp_path / "conv.onnx", data[:2])
     fused = result.fusion(path, warn=False)
     assert fused.table["kernel"].tolist() == ["QLinearConv"]
@@ -325,9 +325,9 @@ def test_conv_padding_forms_and_groups(tmp_path, conv):
     assert (difference > 1e-5).mean() < 0.01
 
 
-def test_amx_weight_encoding_keeps_values_and_results(tmp_path):
+def test_amx_weight_encoding_keeps_values_and_results(tmp_path, ort_exact_int8):
     data = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    result = wb.ptq(small_cnn(), [data], progress=False)
+    result = wb.ptq(small_cnn(), [data], config=ort_exact_int8, progress=False)
     paths = {
         amx: result.export_onnx(tmp_path / f"amx_{amx}.onnx", data[:2], amx=amx, check_fusion=False)
         for amx in (False, True)

@@ -124,8 +124,11 @@ def test_conv_without_bn_or_relu_holds_its_own_output_quantizer():
 
 
 @pytest.mark.parametrize("in_place", [False, True])
-def test_onnxruntime_fuses_every_conv_and_add_and_matches_the_simulation(tmp_path, in_place):
-    result = wb.ptq(tiny_resnet(in_place), [images(16, 1), images(16, 2)], progress=False)
+def test_onnxruntime_fuses_every_conv_and_add_and_matches_the_simulation(
+    tmp_path, in_place, ort_exact_int8
+):
+    batches = [images(16, 1), images(16, 2)]
+    result = wb.ptq(tiny_resnet(in_place), batches, config=ort_exact_int8, progress=False)
     path = result.export_onnx(tmp_path / "tiny.onnx", images(2, 3), check_fusion=False)
     fusion = result.fusion(path)
     assert fusion.unfused == []

@@ -112,7 +112,7 @@ def _group_supported(conv: nn.Module) -> bool:
 
 def find_equalization_pairs(model: nn.Module, batch: Any) -> list[EqualizedPair]:
     """The ``A -> ReLU / ReLU6 / nothing -> B`` pairs of ``model`` (from its data flow)."""
-    flow = trace_data_flow(model, batch)
+    flow = trace_data_flow(model, _first_samples(batch))
     consumers = flow.consumers()
 
     def once(node: FlowNode) -> bool:
@@ -150,6 +150,18 @@ def find_equalization_pairs(model: nn.Module, batch: Any) -> list[EqualizedPair]
             continue
         pairs.append(EqualizedPair(node.name, user.name, activation, kind))
     return pairs
+
+
+def _first_samples(batch: Any, count: int = 2) -> Any:
+    """The first samples of a batch: the data flow does not depend on the batch size, and a
+    trace keeps every intermediate tensor alive."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:count] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {key: _first_samples(value, count) for key, value in batch.items()}
+    if isinstance(batch, list | tuple) and batch:
+        return [_first_samples(batch[0], count), *batch[1:]]
+    return batch
 
 
 def _output_ranges(layer: nn.Module) -> torch.Tensor:

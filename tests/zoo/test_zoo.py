@@ -87,6 +87,8 @@ def test_zoo_model_quantizes_exports_and_fuses(name, tmp_path):
     assert fusion.unfused_ops == [], fusion.ops
     ops = fusion.ops
     fused = ops[ops["fused"].astype(bool)]
+    excitations = sum(isinstance(m, vision.SqueezeExcitation) for m in model.modules())
+    assert (fused["kind"] == "mul").sum() == excitations, ops  # scale * x on QLinearMul
     adds = _residual_connections(model) if case.residual_adds else 0
     assert adds > 0 or not case.residual_adds
     assert (fused["kind"] == "add").sum() == adds, ops

@@ -59,6 +59,7 @@ from workbench.engine.modules import find_submodule, set_submodule
 from workbench.engine.op_kinds import (
     CLAMP,
     CONV,
+    FLOAT_FEEDING_GRID,
     KEEPS_GRID,
     LINEAR,
     OTHER,
@@ -257,6 +258,15 @@ def plan_output_quantizers(
             if node.inputs and node.inputs[0] in on_grid:
                 for key in node.outputs:
                     on_grid[key] = on_grid[node.inputs[0]]
+            continue
+        if op.output == FLOAT_FEEDING_GRID and node.outputs and node.site not in placement.outputs:
+            readers = consumers.get(node.outputs[0], [])
+            if any(user.op.grid_inputs for user in readers) and _can_hold_quantizer(
+                node, flow.calls
+            ):
+                placement.outputs[node.site] = node
+                placement.kinds[node.site] = op.name
+                on_grid[node.outputs[0]] = node.site
             continue
         if op.output != QUANTIZED_OUTPUT or not node.outputs or node.site in placement.outputs:
             continue

@@ -14,6 +14,11 @@ a kind. The placement pass (``engine.graph_quantizers``) reads only this table:
 * ``KEEPS_GRID``: ops that only move or select values (max pooling, flatten / view / reshape,
   dropout at inference): values on a grid stay on it, so the next quantized layer takes the
   scale over and the export moves the dequantization past them (MaxPool runs on uint8).
+* ``FLOAT_FEEDING_GRID``: a float activation (hardswish, hardsigmoid, SiLU, sigmoid) runs in
+  FP32, but its output is quantized when an op that needs grid inputs (an add, a concat, an
+  average pool, a multiplication) reads it: a squeeze-excitation block then runs its pooling
+  and its ``scale * x`` as QLinearGlobalAveragePool and QLinearMul instead of float ops between
+  layout transposes.
 * ``FLOAT``: anything else runs in FP32 between a DequantizeLinear and the next quantizer.
 
 Linear layers need no output quantizer: ``DQ -> MatMul`` is MatMulIntegerToFloat (FP32 out).
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from torch import nn
 
 QUANTIZED_OUTPUT, CLAMP, KEEPS_GRID, FLOAT = "quantized output", "clamp", "keeps grid", "float"
+FLOAT_FEEDING_GRID = "float, quantized output when read by an op that needs grid inputs"
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,16 @@ AVERAGE_POOL = OpKind(
     grid_inputs=True,
     tensor_inputs=1,
 )
+MUL = OpKind("mul", QUANTIZED_OUTPUT, "QLinearMul", ("Mul",), grid_inputs=True, tensor_inputs=2)
 RELU = OpKind("relu", CLAMP, "", ("Relu", "Clip"))
+ACTIVATION = OpKind("activation", FLOAT_FEEDING_GRID, "")
 MAX_POOL = OpKind("max pool", KEEPS_GRID, "MaxPool (uint8)", ("MaxPool",))
 RESHAPE = OpKind("reshape", KEEPS_GRID, "", ("Flatten", "Reshape", "Transpose", "Squeeze"))
 OTHER = OpKind("other", FLOAT, "")
 
 MODULE_KINDS: tuple[tuple[tuple[type[nn.Module], ...], OpKind], ...] = (
     ((nn.ReLU, nn.ReLU6), RELU),
+    ((nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid), ACTIVATION),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), MAX_POOL),
     ((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), MAX_POOL),
     ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), AVERAGE_POOL),
@@ -68,6 +77,8 @@ MODULE_KINDS: tuple[tuple[tuple[type[nn.Module], ...], OpKind], ...] = (
 FUNCTION_KINDS: dict[str, OpKind] = {
     **dict.fromkeys(("add", "add_", "__add__", "__radd__", "__iadd__"), ADD),
     **dict.fromkeys(("cat", "concat", "concatenate"), CONCAT),
+    **dict.fromkeys(("mul", "mul_", "__mul__", "__rmul__", "__imul__"), MUL),
+    **dict.fromkeys(("hardswish", "hardsigmoid", "silu", "sigmoid"), ACTIVATION),
     **dict.fromkeys(("relu", "relu_", "relu6"), RELU),
     **dict.fromkeys(
         (

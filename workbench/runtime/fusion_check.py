@@ -56,6 +56,7 @@ SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Constant", "Cast", "Sli
 LISTED_OPS = {
     "Add": ("add", "QLinearAdd"),
     "Concat": ("concat", "QLinearConcat"),
+    "Mul": ("mul", "QLinearMul"),
     "AveragePool": ("average pool", "QLinearAveragePool"),
     "GlobalAveragePool": ("average pool", "QLinearGlobalAveragePool"),
     "MaxPool": ("max pool", "MaxPool (uint8)"),

@@ -17,10 +17,14 @@ def assert_bits(res: wb.QuantResult, low_bits: int) -> None:
     for name, row in quantized.iterrows():
         if name in kept:
             assert row["bits"] == 8 and "kept 8-bit" in row["reason"], (name, row["reason"])
+            assert row["precision"] == "kept 8-bit"
+            assert row["weight_bits"] == 8 and row["activation_bits"] == 8
         else:
             assert row["bits"] == low_bits, (name, row["bits"])
-    plan_bits = {plan.name: plan.weight_bits for plan in res.plans if plan.weight_bits is not None}
+            assert row["precision"] == "quantized"
+    plan_bits = {plan.name: plan.kept_bits for plan in res.plans if plan.kept_bits is not None}
     assert plan_bits == dict.fromkeys(kept, 8)  # the plan says it as a field too
+    assert res.report.summary["budget_met"] is (res.report.summary["metric_drop"] <= 0.5)
 
 
 def test_digits_4bit_search_meets_the_drop_with_few_layers_kept(

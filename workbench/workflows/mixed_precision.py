@@ -2,8 +2,11 @@
 
 1. Calibrate once and rank the layers by sensitivity (``workflows/sensitivity.py``).
 2. Keep the top-k layers in higher precision (FP32, or 8-bit when the config is below 8 bits),
-   k = 0, 1, 2, ..., until the metric drop against FP32 is within ``max_drop``.
-The 8-bit fallback is calibrated once too (one pass of its own), never per layer.
+   k = 0, 1, 2, ..., until the metric drop against FP32 is within ``max_drop``; each step is
+   the model it would return (the kept layers go into ``config.overrides`` or ``exclude``, so
+   the quantizers around them follow), prepared, calibrated and measured.
+3. Try the kept layers again one at a time, least sensitive first, and leave out those the
+   budget does not need. No step within budget: the best one, a warning, ``budget_met`` False.
 
 ``keep_most_sensitive_fp32`` keeps a fixed number of the most sensitive layers FP32 instead
 (and, with ``max_drop``, searches the rest as above).
@@ -11,6 +14,7 @@ The 8-bit fallback is calibrated once too (one pass of its own), never per layer
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from itertools import islice
@@ -24,8 +28,7 @@ from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import resolve_config
 from workbench.engine.config import QuantConfig
 from workbench.engine.eval_metric import check_eval_fn, check_search, measure_metric
-from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.modules import ROOT_NAME, set_submodule
+from workbench.engine.modules import ROOT_NAME
 from workbench.engine.prepare import FP32
 from workbench.engine.switches import quantize_only
 from workbench.errors import ConfigError
@@ -196,6 +199,20 @@ def _ptq(
     )
 
 
+def kept_config(config: QuantConfig, fallback: QuantConfig | None, kept: list[str]) -> QuantConfig:
+    """``config`` with the ``kept`` layers at the fallback's precision (through ``overrides``,
+    so the quantizers around them follow) or, without a fallback, in ``exclude`` (FP32)."""
+    if fallback is None:
+        extra = tuple(name for name in kept if name not in config.exclude)
+        return replace(config, exclude=tuple(config.exclude) + extra)
+    schemes = {"weight": fallback.weight, "activation": fallback.activation}
+    overrides = dict(config.overrides)
+    for name in kept:
+        overrides.pop(name, None)
+        overrides[name] = dict(schemes)  # last: it wins over the config's own patterns
+    return replace(config, overrides=overrides)
+
+
 def _search(
     model: nn.Module,
     calib_data: Any,
@@ -207,77 +224,102 @@ def _search(
     reasons: Mapping[str, str],
 ) -> QuantResult:
     """The mixed-precision search; ``reasons`` of layers the config already keeps FP32 are set
-    on the plans before the report is built."""
+    on the plans before the report is built.
+
+    Every step is a model of its own, prepared and calibrated with the kept layers in the
+    config (``kept_config``) and measured as returned: keep the most sensitive layers one more
+    at a time until the drop is within ``max_drop``, then drop again each kept layer (least
+    sensitive first) that the budget does not need. When no step meets the budget, the best
+    one is returned with a warning and ``summary["budget_met"] = False``."""
     low = CalibratedModel(
         model, calib_data, config, eval_fn, num_batches, progress, "wb.auto_mixed_precision"
     )
     sens = sensitivity_table(low, progress)
     metric_fp32 = sens.attrs["metric_fp32"]
-    fallback_config = higher_precision_config(low.config)
-    high = None
-    if fallback_config is not None:
-        high = CalibratedModel(
-            model, low.batches, fallback_config, None, None, progress, "wb.auto_mixed_precision"
-        )
-    low_layers = dict(iter_quantized_layers(low.model))
-    # what a kept layer becomes: its 8-bit twin, or its FP32 module; the search measures
-    # exactly the model it returns
-    if high is not None:
-        fallback_layers = dict(iter_quantized_layers(high.model))
-    else:
-        fallback_layers = {name: layer.layer for name, layer in low_layers.items()}
-
+    fallback = higher_precision_config(low.config)
     order = list(sens["layer"])
-    trajectory = []
-    kept: list[str] = []
+    trajectory: list[dict] = []
+
+    def measure(kept: list[str], step: str) -> tuple[CalibratedModel, float]:
+        if kept:
+            candidate = CalibratedModel(
+                low.original,
+                low.batches,
+                kept_config(low.config, fallback, kept),
+                None,
+                None,
+                False,
+                "wb.auto_mixed_precision",
+            )
+        else:  # the config itself: the model the ranking was measured on, all quantized
+            quantize_only(low.model, low.layer_names)
+            candidate = low
+        what = f"the model with {len(kept)} layer(s) kept"
+        drop = metric_fp32 - measure_metric(eval_fn, candidate.model, what)
+        trajectory.append(
+            {
+                "step": step,
+                "layers_kept": len(kept),
+                "kept": ", ".join(kept),
+                "metric": metric_fp32 - drop,
+                "drop": drop,
+            }
+        )
+        return candidate, drop
+
+    best, best_drop, best_kept = None, float("inf"), []
     for k in range(len(order) + 1):
         kept = order[:k]
-        _apply(low.model, low_layers, fallback_layers, kept)
-        metric = measure_metric(eval_fn, low.model, f"the model with {k} layer(s) kept")
-        drop = metric_fp32 - metric
-        trajectory.append(
-            {"layers_kept": k, "kept": ", ".join(kept), "metric": metric, "drop": drop}
-        )
+        candidate, drop = measure(kept, "keep" if k else "config")
+        if drop < best_drop:
+            best, best_drop, best_kept = candidate, drop, kept
         if drop <= max_drop:
             break
-    mixed = low.model
-    for rank, name in enumerate(kept, start=1):
-        plan = next(p for p in low.plans if p.name == name)
-        why = f"sensitivity rank {rank}, needed for a drop <= {max_drop}"
-        if high is None:
-            plan.status, plan.note = FP32, f"kept FP32: {why}"
+    budget_met = best_drop <= max_drop
+    if budget_met:
+        for name in reversed(list(best_kept)):  # least sensitive first
+            fewer = [n for n in best_kept if n != name]
+            candidate, drop = measure(fewer, f"drop {name}")
+            if drop <= max_drop:
+                best, best_drop, best_kept = candidate, drop, fewer
+    else:
+        warnings.warn(
+            f"wb.auto_mixed_precision: no assignment meets max_drop={max_drop} (the best, "
+            f"{len(best_kept)} layer(s) kept, drops {best_drop:.4g}); it is returned with "
+            "summary['budget_met'] = False: raise max_drop, or try QAT",
+            UserWarning,
+            stacklevel=3,
+        )
+    ranks = {name: rank for rank, name in enumerate(order, start=1)}
+    for name in best_kept:
+        plan = next(p for p in best.plans if p.name == name)
+        why = f"sensitivity rank {ranks[name]}, needed for a drop <= {max_drop}"
+        if fallback is None:
+            plan.note = f"kept FP32: {why}"
         else:
-            plan.weight_bits = fallback_config.weight.bits
-            plan.note = f"kept {plan.weight_bits}-bit: {why}"
-    _set_reasons(low.plans, reasons)
-    search = pd.DataFrame(trajectory)
+            plan.note = f"kept {plan.kept_bits}-bit: {why}"
+    _set_reasons(best.plans, reasons)
     report = build_report(
         low.original,
-        low.fp32_model,
-        mixed,
-        low.plans,
-        low.config,
+        best.fp32_model,
+        best.model,
+        best.plans,
+        best.config,
         list(islice(low.batches, REPORT_BATCHES)),
         eval_fn,
         metric_fp32,
     )
     report.extra_tables["Sensitivity"] = sens
-    report.extra_tables["Mixed-precision search"] = search
-    report.summary["kept_higher_precision"] = list(kept)
+    report.extra_tables["Mixed-precision search"] = pd.DataFrame(trajectory)
+    report.summary["kept_higher_precision"] = list(best_kept)
     report.summary["max_drop"] = float(max_drop)
+    report.summary["budget_met"] = bool(budget_met)
     return QuantResult(
-        mixed,
-        low.fp32_model,
+        best.model,
+        best.fp32_model,
         report,
-        low.config,
-        low.plans,
+        best.config,
+        best.plans,
         method="ptq",
         input_signature=input_signature(low.batches[0]),
     )
-
-
-def _apply(model: nn.Module, low_layers: dict, fallback_layers: dict, kept: list[str]) -> None:
-    """Put every layer in place: ``kept`` ones as their fallback, the rest quantized."""
-    for name in low_layers:
-        set_submodule(model, name, fallback_layers[name] if name in kept else low_layers[name])
-    quantize_only(model, low_layers)

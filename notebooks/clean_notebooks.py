@@ -7,7 +7,7 @@ same tables), the HTML of every report after a notebook's first (their ``text/pl
 stays) and execution timestamps. ``tests/unit/test_notebook_files.py`` fails when a
 committed notebook still carries any of them or grows past its line budget.
 
-    jupyter nbconvert --to notebook --execute --inplace --allow-errors notebooks/0*.ipynb
+    jupyter nbconvert --to notebook --execute --inplace notebooks/0*.ipynb
     python notebooks/clean_notebooks.py notebooks/0*.ipynb
 """
 

@@ -151,3 +151,29 @@ def test_an_8_bit_fc2_on_w4a4_exports_8_bit_codes_and_counts_8_bit_storage(digit
     assert table.loc["fc2", "weight_bits"] == 8 and table.loc["fc2", "activation_bits"] == 4
     assert table.loc["fc2", "precision"] == "kept 8-bit"
     assert table.loc["fc1", "weight_bits"] == 4
+
+
+def test_the_magic_line_and_recipe_give_the_same_overrides():
+    from IPython.core.error import UsageError
+
+    from workbench.notebook.magic_args import parse_line
+    from workbench.notebook.recipe import make_recipe, recipe_from_yaml
+
+    line = make_recipe(
+        parse_line("model --calib c --preset w4a4 --override fc2=int8 'stem.*=int8-weight-only'")
+    )
+    cell = make_recipe(
+        {"model": "model", "calib": "c"}
+        | recipe_from_yaml("preset: w4a4\noverride: {fc2: int8, 'stem.*': int8-weight-only}")
+    )
+    int8 = wb.QuantConfig.preset("int8")
+    for recipe in (line, cell):
+        config = recipe.config()
+        assert config.schemes_for("fc2") == (int8.weight, int8.activation)
+        assert config.schemes_for("stem.0") == (int8.weight, None)
+        assert config.schemes_for("fc1") == (config.weight, config.activation)
+    for bad, says in (("fc2", "PATTERN=PRESET"), ("fc2=int16", "unknown preset 'int16'")):
+        with pytest.raises(UsageError, match=says):
+            make_recipe(parse_line(f"model --calib c --override {bad}"))
+    with pytest.raises(UsageError, match="must map layer patterns to presets"):
+        recipe_from_yaml("override: 3")

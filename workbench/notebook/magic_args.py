@@ -32,6 +32,7 @@ examples:
   %quantize model --calib calib_loader --eval accuracy --bits 4 --max-drop 0.5
   %quantize model --calib calib_loader --preset int8-per-tensor --observer percentile
   %quantize model --calib calib_loader --bits 4 --asymmetric --exclude fc2 "encoder.*.dense"
+  %quantize model --calib calib_loader --preset w4a4 --override fc2=int8 "stem.*=int8"
   %quantize model --method qat --train train_loader --loss loss_fn --epochs 2 --lr 1e-4
   %quantize model --calib calib_loader --export model_int8.onnx --example x --bench
   %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
@@ -43,6 +44,7 @@ examples:
   preset: int8
   observer: entropy
   exclude: [fc2]
+  override: {head: int8}
   eval: accuracy
   output: res
 """
@@ -169,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         metavar="PATTERN",
         help="layer names or glob patterns kept FP32",
+    )
+    scheme.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN=PRESET",
+        help="layers (names or glob patterns) at a preset's weight and activation schemes, "
+        "e.g. fc2=int8 (the quantizers around them follow)",
     )
     refine = parser.add_argument_group("better PTQ without training")
     refine.add_argument(

@@ -6,6 +6,7 @@ A recipe holds names of notebook variables, not the objects; ``names.py`` looks 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,6 +49,7 @@ class Recipe:
     symmetric: bool | None = None
     observer: str | None = None
     exclude: tuple[str, ...] = ()
+    override: tuple[tuple[str, str], ...] = ()  # (layer pattern, preset name)
     train: str | None = None
     loss: str | None = None
     epochs: int | None = None
@@ -69,6 +71,7 @@ class Recipe:
             self.per_channel,
             self.observer,
             self.exclude,
+            override=dict(self.override),
             **self.ptq_options(),
         )
 
@@ -85,11 +88,14 @@ def build_config(
     per_channel: bool | None = None,
     observer: str | None = None,
     exclude: tuple[str, ...] | list[str] = (),
+    override: Mapping[str, str] | None = None,
     **ptq_options: Any,
 ) -> QuantConfig:
     """The preset with its weight scheme changed by the options that are not None;
     ``ptq_options`` (``equalize``, ``bias_correction``, ``weight_method``,
-    ``adaround_iterations``) pass through to the QuantConfig.
+    ``adaround_iterations``) pass through to the QuantConfig. ``override`` maps layer
+    patterns to preset names: those layers take the preset's weight and activation schemes
+    (``QuantConfig.overrides``).
 
     Activations keep the preset's scheme (uint8 asymmetric per-tensor for ``int8``, as ONNX
     Runtime runs fastest on x86; FP32 for ``int8-weight-only``).
@@ -101,6 +107,11 @@ def build_config(
     if observer is not None:
         overrides["observer"] = observer
     overrides |= {key: value for key, value in ptq_options.items() if value is not None}
+    if override:
+        overrides["overrides"] = {
+            pattern: {"weight": PRESETS[name].weight, "activation": PRESETS[name].activation}
+            for pattern, name in override.items()
+        }
     return replace(base, **overrides)
 
 
@@ -127,6 +138,8 @@ def _check_type(key: str, value: Any) -> Any:
             except (TypeError, ValueError):
                 pass
         raise UsageError(f"%%quantize: recipe key {key!r} must be a number, got {value!r}")
+    if key == "override":
+        return _override_pairs(value)
     if key == "exclude":
         patterns = [value] if isinstance(value, str) else value
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
@@ -135,6 +148,40 @@ def _check_type(key: str, value: Any) -> Any:
             )
         return list(patterns)
     raise AssertionError(key)
+
+
+def _override_pairs(value: Any) -> list[str]:
+    """A recipe's ``override`` ({pattern: preset} or a list of 'PATTERN=PRESET') as the
+    line's 'PATTERN=PRESET' words."""
+    if isinstance(value, dict):
+        value = [f"{pattern}={preset}" for pattern, preset in value.items()]
+    elif isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(
+            "%%quantize: recipe key 'override' must map layer patterns to presets, "
+            f"e.g. 'override: {{fc2: int8}}', got {value!r}"
+        )
+    return list(value)
+
+
+def override_table(words: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--override`` words ('PATTERN=PRESET') as (pattern, preset) pairs, checked."""
+    pairs = []
+    for word in words:
+        pattern, sep, preset = word.rpartition("=")
+        if not sep or not pattern:
+            raise UsageError(
+                f"%quantize: --override takes PATTERN=PRESET, got {word!r}; "
+                "e.g. --override fc2=int8"
+            )
+        if preset not in PRESETS:
+            raise UsageError(
+                f"%quantize: --override {word!r}: unknown preset {preset!r}; choose one of "
+                f"{', '.join(PRESETS)} (--exclude keeps a layer FP32)"
+            )
+        pairs.append((pattern, preset))
+    return tuple(pairs)
 
 
 def _unique_key_loader() -> type:
@@ -311,6 +358,7 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
         raise UsageError("%quantize: --example is the input of --export / --bench; add one")
     fields = dict(options)
     fields["exclude"] = tuple(options.get("exclude", ()))
+    fields["override"] = override_table(options.get("override", []))
     fields["method"], fields["preset"] = method, preset
     fields["panel"], fields["bench"] = panel, bool(options.get("bench"))
     fields["force"] = bool(options.get("force"))

@@ -6,7 +6,8 @@ bias correction (BC) against plain PTQ, and AdaRound against plain PTQ and QAT.
 1. A MobileNetV2-style CNN (inverted residuals: 1x1 expand, 3x3 depthwise, 1x1 project, ReLU6,
    BatchNorm) trained on the digits upscaled to 32x32, INT8 with per-tensor weights: test
    accuracy of FP32, plain PTQ, PTQ + CLE, PTQ + BC, PTQ + CLE + BC, and which share of the
-   PTQ loss CLE + BC recovers ((CLE+BC - PTQ) / (FP32 - PTQ)).
+   PTQ loss CLE + BC recovers ((CLE+BC - PTQ) / (FP32 - PTQ)), and the model output's SQNR
+   against FP32 on the calibration batches (finer than accuracy when PTQ loses little).
 2. The 4-channel digits CNN at w3a3 and a ResNet-style digits CNN at W4A8: plain PTQ,
    AdaRound (and AdaRound + BC), the share of the PTQ loss recovered, AdaRound's wall time
    (the whole ``wb.ptq`` call) against QAT's training time per epoch, and the QAT epoch (and
@@ -177,6 +178,7 @@ def cle_table(data, seeds: int) -> pd.DataFrame:
         "ptq+cle+bc": {"equalize": True, "bias_correction": True},
     }
     runs: dict[str, list[float]] = {name: [] for name in ["fp32", *variants]}
+    sqnr: dict[str, list[float]] = {name: [] for name in variants}
     for seed in range(seeds):
         torch.manual_seed(seed)
         model = train(MobileNetV2Digits(), train_x, data.train_y, seed, epochs=8)
@@ -185,9 +187,12 @@ def cle_table(data, seeds: int) -> pd.DataFrame:
             config = wb.QuantConfig.preset("int8-per-tensor", **options)
             result = wb.ptq(model, calib, config=config, progress=False)
             runs[name].append(accuracy(result.model, test_x, data.test_y))
+            sqnr[name].append(result.report.summary["model_output_sqnr_db"])
         print(
             f"  MobileNetV2-style seed {seed}: "
-            + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()),
+            + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items())
+            + " | output SQNR dB: "
+            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sqnr.items()),
             flush=True,
         )
     mean = {name: statistics.mean(values) for name, values in runs.items()}
@@ -195,6 +200,7 @@ def cle_table(data, seeds: int) -> pd.DataFrame:
     row |= {f"{name}_%": value for name, value in mean.items()}
     row["ptq_loss_pp"] = mean["fp32"] - mean["ptq"]
     row["cle+bc_recovered"] = recovered(mean["fp32"], mean["ptq"], mean["ptq+cle+bc"])
+    row |= {f"{name}_sqnr_db": statistics.mean(values) for name, values in sqnr.items()}
     return pd.DataFrame([row])
 
 

@@ -177,3 +177,23 @@ def test_the_magic_line_and_recipe_give_the_same_overrides():
             make_recipe(parse_line(f"model --calib c --override {bad}"))
     with pytest.raises(UsageError, match="must map layer patterns to presets"):
         recipe_from_yaml("override: 3")
+
+
+def test_an_8_bit_conv_in_a_w4a4_model_exports_on_its_integer_kernel(digits, tmp_path):
+    from workbench.runtime.fusion_check import check_fusion
+
+    model, data, calib = digits
+    eight_bit = {"conv": {"weight": W8, "activation": A8}}
+    fusion = {}
+    for name, config in (
+        ("w4a4", wb.QuantConfig.preset("w4a4")),
+        ("mixed", wb.QuantConfig.preset("w4a4", overrides=eight_bit)),
+    ):
+        result = wb.ptq(model, calib, config, progress=False)
+        path = result.export_onnx(tmp_path / f"{name}.onnx", data.test_x[:4], check_fusion=False)
+        fusion[name] = check_fusion(path, warn=False).table.set_index("layer")
+    # at 4 bits the conv runs in float (as before); at 8 bits, with its output quantizer at
+    # 8 bits too, ONNX Runtime runs it as QLinearConv
+    assert not fusion["w4a4"].loc["conv", "fused"]
+    assert fusion["mixed"].loc["conv", "fused"]
+    assert fusion["mixed"].loc["conv", "kernel"] == "QLinearConv"

@@ -197,3 +197,27 @@ def test_an_8_bit_conv_in_a_w4a4_model_exports_on_its_integer_kernel(digits, tmp
     assert not fusion["w4a4"].loc["conv", "fused"]
     assert fusion["mixed"].loc["conv", "fused"]
     assert fusion["mixed"].loc["conv", "kernel"] == "QLinearConv"
+
+
+def test_qat_trains_with_the_overridden_precisions(digits):
+    model, data, _ = digits
+    train = [(data.train_x[i : i + 128], data.train_y[i : i + 128]) for i in range(0, 256, 128)]
+    config = wb.QuantConfig.preset("w4a4", overrides={"conv": {"weight": W8, "activation": A8}})
+    result = wb.qat(
+        model,
+        train,
+        config,
+        loss_fn=torch.nn.functional.cross_entropy,
+        epochs=1,
+        lr=1e-4,
+        learn_scales=True,
+        progress=False,
+    )
+    layers = dict(iter_quantized_layers(result.model))
+    assert layers["conv"].weight_quantizer.scheme == W8
+    assert layers["conv"].input_quantizer.scheme == A8
+    assert layers["fc1"].input_quantizer.scheme.bits == 8  # shares the conv's 8-bit output
+    assert layers["fc2"].weight_quantizer.scheme.bits == 4
+    table = result.report.layers.set_index("layer")
+    assert table.loc["conv", "precision"] == "kept 8-bit"
+    assert list(table.loc[["conv", "fc1", "fc2"], "weight_bits"]) == [8, 4, 4]

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 import workbench as wb
 from tests.unit.digits_models import tiny_cnn
+from workbench.analysis.report_json import report_to_json
 from workbench.demo import accuracy, load_digits_data
 from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.quantizers import ActivationQuantizer
@@ -151,6 +152,9 @@ def test_an_8_bit_fc2_on_w4a4_exports_8_bit_codes_and_counts_8_bit_storage(digit
     assert table.loc["fc2", "weight_bits"] == 8 and table.loc["fc2", "activation_bits"] == 4
     assert table.loc["fc2", "precision"] == "kept 8-bit"
     assert table.loc["fc1", "weight_bits"] == 4
+    bundle = {row["layer"]: row for row in report_to_json(result.report)["layers"]}
+    assert (bundle["fc2"]["weight_bits"], bundle["fc2"]["activation_bits"]) == (8, 4)
+    assert bundle["fc2"]["precision"] == "kept 8-bit" and bundle["fc1"]["precision"] == "quantized"
 
 
 def test_the_magic_line_and_recipe_give_the_same_overrides():

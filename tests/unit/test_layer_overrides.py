@@ -155,6 +155,8 @@ def test_an_8_bit_fc2_on_w4a4_exports_8_bit_codes_and_counts_8_bit_storage(digit
     bundle = {row["layer"]: row for row in report_to_json(result.report)["layers"]}
     assert (bundle["fc2"]["weight_bits"], bundle["fc2"]["activation_bits"]) == (8, 4)
     assert bundle["fc2"]["precision"] == "kept 8-bit" and bundle["fc1"]["precision"] == "quantized"
+    html = result.report._repr_html_()  # the HTML view's status badge and activation column
+    assert ">kept 8-bit</span>" in html and 'data-column="activation_bits"' in html
 
 
 def test_the_magic_line_and_recipe_give_the_same_overrides():

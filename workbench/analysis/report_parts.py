@@ -120,6 +120,8 @@ LAYER_COLUMNS = (
     ("status", "Status", "Quantized, or kept FP32 (hover for the reason)", False, None),
     ("scheme", "Scheme", "Weight quantization scheme", False, _plain("scheme")),
     ("bits", "Bits", "Weight bits", True, _plain("bits")),
+    ("activation_bits", "Act. bits", "Input activation bits (empty: FP32 input)", True,
+     _plain("activation_bits")),
     ("weight_sqnr_db", "Weight SQNR", "Quantized weights against FP32 weights", True,
      _sqnr_cell("weight_sqnr_db")),
     ("layer_sqnr_db", "Layer SQNR", "The quantized layer alone, fed the FP32 input", True,
@@ -148,7 +150,9 @@ def is_folded(row: dict[str, Any]) -> bool:
 def status_badge(row: dict[str, Any]) -> str:
     """A short status; the reason of an FP32 layer in the tooltip (and a marker)."""
     if row.get("status") == "quantized":
-        return element("span", "jp-WorkbenchReport-badge jp-mod-quantized", "quantized")
+        precision = row.get("precision") or "quantized"  # "kept 8-bit" above the config
+        title = (row.get("reason") or None) if precision != "quantized" else None
+        return element("span", "jp-WorkbenchReport-badge jp-mod-quantized", precision, title=title)
     folded = is_folded(row)
     reason = row.get("reason") or ""
     badge = element(

@@ -23,14 +23,19 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
+import sys
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import cpu_model
 
 import workbench as wb
 from workbench.demo import DigitsCNN, accuracy, load_digits_data
@@ -43,17 +48,6 @@ from workbench.engine.train import train_qat
 CE = nn.CrossEntropyLoss()
 NEGLIGIBLE_LOSS_PP = 0.25
 QAT_EPOCHS, QAT_LR = 3, 1e-3
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 # models ---------------------------------------------------------------------------------------

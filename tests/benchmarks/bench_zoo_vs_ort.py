@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from models import print_checks  # noqa: E402
+from models import cpu_model, ort_quantize_static, print_checks  # noqa: E402
 from zoo import vision  # noqa: E402
 
 import workbench as wb  # noqa: E402
@@ -39,50 +38,6 @@ MODELS = {
     "mobilenet_v2": vision.mobilenet_v2,
     "mobilenet_v3_small": vision.mobilenet_v3_small,
 }
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (lscpu not available)"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list) -> Path:
-    """ONNX Runtime's recommended static flow: quant_pre_process, then quantize_static (QDQ,
-    per-channel int8 weights, uint8 activations, MinMax calibration on the same images)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x.numpy()} for x in calib])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(
-        str(prepared),
-        str(out_path),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    return out_path
 
 
 def measure(name: str, args, tmp: Path) -> list[tuple[str, float, bool]]:

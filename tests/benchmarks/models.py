@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -127,3 +130,47 @@ def print_checks(checks: list[tuple[str, float, bool]], digits: int = 3) -> int:
     for label, value, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {label}: {value:.{digits}f}")
     return 0 if all(ok for *_, ok in checks) else 1
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (lscpu not available)"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list) -> Path:
+    """ONNX Runtime's recommended static flow: quant_pre_process, then quantize_static (QDQ,
+    per-channel int8 weights, uint8 activations, MinMax calibration on the same images)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out_path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(prepared))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": x.numpy()} for x in calib])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(
+        str(prepared),
+        str(out_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out_path

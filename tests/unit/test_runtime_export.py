@@ -362,3 +362,35 @@ def test_fp32_export_of_a_user_model_keeps_its_modes(tmp_path):
     with torch.no_grad():
         expected = model(data).numpy()
     np.testing.assert_allclose(reference_run(path, data), expected, rtol=1e-5, atol=1e-6)
+
+
+class SharedLayers(nn.Module):
+    """One Linear and one Conv, each called at two sites (as weight-shared blocks are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.conv(x))))
+        x = x.mean(dim=(2, 3)).repeat(1, 4)
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def test_a_layer_called_at_two_sites_exports_once_per_call(tmp_path, ort_exact_int8):
+    torch.manual_seed(0)
+    data = torch.randn(16, 4, 6, 6)
+    result = wb.ptq(SharedLayers().eval(), [data], config=ort_exact_int8, progress=False)
+    path = result.export_onnx(tmp_path / "shared.onnx", data[:2], check_fusion=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    names = [node.name for node in model.graph.node if node.name]
+    assert len(names) == len(set(names))
+    for layer in ("conv", "fc"):  # both calls are in the graph, each with its own node
+        assert {layer, f"{layer}#1"} <= set(names)
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(6))
+    step = output_step(result.model)
+    assert_matches(reference_run(path, x), simulated(result.model, x), step)
+    assert_matches(run_session(make_session(path), x)[0], simulated(result.model, x), step)

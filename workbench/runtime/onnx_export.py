@@ -58,6 +58,7 @@ from workbench.engine.batches import model_inputs
 from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.per_call_specs import spec_copies_per_call
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
 
@@ -200,7 +201,7 @@ def _torch_export(
     with training_modes_kept(model):  # export runs it in eval mode
         wrapper = _Positional(model, len(args), list(kwargs)).eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), spec_copies_per_call(model):
                 outputs = flatten_outputs(model(*args, **kwargs))
         except WorkbenchError:
             raise

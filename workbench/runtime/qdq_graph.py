@@ -165,33 +165,40 @@ def resolve_markers(g: _Graph) -> GraphInfo:
         layer = layer.decode() if isinstance(layer, bytes) else layer
         _drop_marker(g, marker)
         g.rename_initializer(marker.input[0], f"{layer}.weight_quantized")
+    calls: dict[str, int] = {}
     for marker in [n for n in g.graph.node if n.domain == MARKER_DOMAIN and n.op_type == "Weight"]:
         layer = _attr(marker, "layer")
         layer = layer.decode() if isinstance(layer, bytes) else layer
+        # a layer the model calls at several sites: later calls are named layer#1, layer#2, ...
+        call = calls.get(layer, 0)
+        calls[layer] = call + 1
+        name = f"{layer}#{call}" if call else layer
         dq = g.producer[marker.input[0]]
         targets = g.consumers.get(marker.output[0], [])
         _drop_marker(g, marker)
-        dq.name = f"{layer}/weight_dequantize"
+        dq.name = f"{name}/weight_dequantize"
         suffixes = ("weight_quantized", "weight_scale", "weight_zero_point")
         for old, suffix in zip(dq.input, suffixes, strict=False):
-            g.rename_initializer(old, f"{layer}.{suffix}")
+            g.rename_initializer(old, f"{name}.{suffix}")
         if not targets:
             continue
         target = targets[0]
-        target.name = layer
+        target.name = name
         output = target.output[0]
         if target.op_type == "Conv" and len(target.input) > 2 and target.input[2]:
             bias_dq = g.producer.get(target.input[2])
             if bias_dq is not None and bias_dq.op_type == "DequantizeLinear":
-                bias_dq.name = f"{layer}/bias_dequantize"
+                bias_dq.name = f"{name}/bias_dequantize"
                 suffixes = ("bias_quantized", "bias_scale", "bias_zero_point")
                 for old, suffix in zip(bias_dq.input, suffixes, strict=False):
-                    g.rename_initializer(old, f"{layer}.{suffix}")
+                    g.rename_initializer(old, f"{name}.{suffix}")
         users = g.consumers.get(output, [])
         if target.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add":
-            users[0].name = f"{layer}/bias_add"
+            users[0].name = f"{name}/bias_add"
             output = users[0].output[0]
-        info.layers.append(QuantizedLayerInfo(layer, target.op_type, layer, dq.input[0], output))
+        if not call:  # the report has one row per layer: its first call
+            row = QuantizedLayerInfo(layer, target.op_type, layer, dq.input[0], output)
+            info.layers.append(row)
     return info
 
 

@@ -36,6 +36,7 @@ from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
+from workbench.runtime.per_call_specs import PerCallSpec
 
 MARKER_DOMAIN = "workbench"
 ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -83,7 +84,7 @@ class _QuantDequant(torch.autograd.Function):
         return g.op("DequantizeLinear", q, scale, zero)
 
 
-class ExportQuantDequant(nn.Module):
+class ExportQuantDequant(PerCallSpec):
     """An activation quantizer, exported as QuantizeLinear -> DequantizeLinear."""
 
     def __init__(self, quantizer: ActivationQuantizer, name: str, site: str = "") -> None:
@@ -102,7 +103,7 @@ class ExportQuantDequant(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantDequant.apply(x, self.spec)
+        return _QuantDequant.apply(x, self.call_spec())
 
 
 # layers --------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ class _QuantizedEmbedding(torch.autograd.Function):
         return g.op("Mul", values, scales)
 
 
-class ExportLayer(nn.Module):
+class ExportLayer(PerCallSpec):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv."""
 
     quantization_leaf = True  # one call site, as the QuantizedLayer it stands in for
@@ -300,12 +301,13 @@ class ExportLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        if self.spec.kind == "embedding":
-            return _QuantizedEmbedding.apply(x, self.spec)
-        if self.spec.kind == "linear":
-            out = _QuantizedLinear.apply(x, self.spec)
+        spec = self.call_spec()
+        if spec.kind == "embedding":
+            return _QuantizedEmbedding.apply(x, spec)
+        if spec.kind == "linear":
+            out = _QuantizedLinear.apply(x, spec)
         else:
-            out = _QuantizedConv.apply(x, self.spec)
+            out = _QuantizedConv.apply(x, spec)
         if self.output_quantizer is not None:
             out = self.output_quantizer(out)
         return out

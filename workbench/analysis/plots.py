@@ -107,6 +107,12 @@ def weight_histogram(layer, name: str):
     zero_point = wq.zero_point.detach().reshape(-1)
     channel = int(torch.argmax(scale)) if scale.numel() > 1 else 0
     values = weight.select(scheme.axis, channel) if scale.numel() > 1 else weight
+    where = f", channel {channel}" if scale.numel() > 1 else ""
+    if scheme.group_size is not None and wq.scale.dim() == 2:  # block-wise: the widest group
+        row, group = divmod(channel, wq.scale.shape[1])
+        start = group * scheme.group_size
+        values = weight[row, start : start + scheme.group_size]
+        where = f", channel {row} group {group}"
     s, z = float(scale[channel]), int(zero_point[channel])
     low, high = s * (scheme.quant_min - z), s * (scheme.quant_max - z)
     fig, ax = plt.subplots(figsize=(7, 3.4))
@@ -116,7 +122,6 @@ def weight_histogram(layer, name: str):
             ax.axvline(s * (level - z), color="#999999", lw=0.5, alpha=0.6)
     ax.axvline(low, color="#d62728", ls="--", label="clipping range")
     ax.axvline(high, color="#d62728", ls="--")
-    where = f", channel {channel}" if scale.numel() > 1 else ""
     ax.set_title(f"{name}{where}: weights, {scheme.describe()} grid (step {s:.3g})")
     ax.legend(fontsize=7)
     themed(fig, ax)

@@ -1,8 +1,10 @@
 """What a quantized model stores, layer by layer (the tutorial's byte accounting).
 
 * weights: 1 byte per INT8 value, b/8 bytes per value when b < 8 (packed);
-* scales: 4 bytes each (FP32), one per tensor or one per channel;
-* zero points: 1 byte each, only for asymmetric schemes;
+* scales: 4 bytes each (FP32), one per tensor, one per channel, or one per group of
+  ``group_size`` inputs of each output channel (block-wise);
+* zero points: only for asymmetric schemes, 1 byte each (block-wise: packed at b bits each,
+  as ONNX Runtime's MatMulNBits stores them);
 * bias: 4 bytes each. Where the layer's input is quantized the bias is rounded to the INT32
   grid of ``s_input * s_weight`` and the export stores those INT32 codes (Conv, and Linear as
   Gemm); a weight-only layer keeps it FP32. The tutorial counts it FP32: the bytes are the same.
@@ -17,6 +19,8 @@ from __future__ import annotations
 import pandas as pd
 from torch import nn
 
+from workbench.core.blockwise import group_count
+from workbench.core.qtensor import zero_point_bytes as zero_point_storage
 from workbench.engine.layers import QuantizedLayer
 from workbench.engine.modules import get_layer
 
@@ -47,9 +51,11 @@ def quantized_layer_storage(layer: QuantizedLayer) -> dict[str, int]:
     weight = layer.layer.weight
     bias = layer.layer.bias
     num_scales = weight.shape[scheme.axis % weight.dim()] if scheme.per_channel else 1
+    if scheme.group_size is not None and weight.dim() == 2:
+        num_scales = weight.shape[0] * group_count(weight.shape[1], scheme.group_size)
     weight_bytes = packed_bytes(weight.numel(), scheme.bits)
     scale_bytes = FP32_BYTES * num_scales
-    zero_point_bytes = 0 if scheme.symmetric else num_scales
+    zero_point_bytes = zero_point_storage(num_scales, scheme)
     bias_bytes = BIAS_BYTES * bias.numel() if bias is not None else 0
     return {
         "weight_bytes": weight_bytes,

@@ -8,6 +8,9 @@ rest of the core is tested against). The learnable-scale path implements LSQ
 (Esser et al., 2020): the scale receives the gradient
     dx'/ds = round(x/s) - x/s   inside the range,   q_min - z / q_max - z   outside,
 multiplied by g = 1 / sqrt(numel * q_max) to keep its step size comparable to the weights'.
+
+Block-wise schemes (scale ``[out, G]``) run the same per-channel kernels on the grouped view
+``[out * G, g]`` of the weight (``core.blockwise``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 
 import torch
 
+from workbench.core.blockwise import grouped_rows, ungrouped
 from workbench.core.qtensor import along_axis
 from workbench.core.scheme import Scheme
 
@@ -24,6 +28,16 @@ def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` with fixed qparams; differentiable in ``x`` through the STE."""
+    if scheme.group_size is not None and scale.dim() == 2:
+        rows = torch.fake_quantize_per_channel_affine(
+            grouped_rows(x, scheme.group_size),
+            scale.reshape(-1).to(torch.float32),
+            zero_point.reshape(-1).to(torch.int32),
+            0,
+            scheme.quant_min,
+            scheme.quant_max,
+        )
+        return ungrouped(rows, x.shape)
     if scale.dim() == 0 or not scheme.per_channel:
         return torch.fake_quantize_per_tensor_affine(
             x,
@@ -89,6 +103,17 @@ def fake_quantize_learned_scale(
     if grad_factor is None:
         per_scale = x.numel() / max(scale.numel(), 1)
         grad_factor = 1.0 / math.sqrt(per_scale * max(scheme.quant_max, 1))
+    if scheme.group_size is not None and scale.dim() == 2:
+        rows = _LearnedScaleFakeQuant.apply(
+            grouped_rows(x, scheme.group_size),
+            scale.reshape(-1),
+            zero_point.reshape(-1),
+            scheme.quant_min,
+            scheme.quant_max,
+            0,
+            grad_factor,
+        )
+        return ungrouped(rows, x.shape)
     return _LearnedScaleFakeQuant.apply(
         x, scale, zero_point, scheme.quant_min, scheme.quant_max, axis, grad_factor
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from workbench.core.blockwise import grouped_rows
 from workbench.core.histogram import Reduce, StreamingHistogram
 from workbench.core.qparams import check_finite, qparams_from_range
 from workbench.core.qtensor import dequantize_with, quantize_with, tensor_range
@@ -297,8 +298,8 @@ def make_observer(
 def weight_range_mse(
     weight: torch.Tensor, scheme: Scheme, candidates: int = 50
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (or per-tensor) clipping range of a weight minimising its exact quantization
-    MSE, searched over ranges shrunk from min/max by factors in (0.5, 1]."""
+    """Per-channel, per-group (block-wise) or per-tensor clipping range of a weight minimising
+    its exact quantization MSE, searched over ranges shrunk from min/max by factors in (0.5, 1]."""
     min_val, max_val = tensor_range(weight, scheme)
     best_err = None
     best_min, best_max = min_val, max_val
@@ -307,7 +308,9 @@ def weight_range_mse(
         scale, zp = qparams_from_range(lo, hi, scheme, "weight")
         deq = dequantize_with(quantize_with(weight, scale, zp, scheme), scale, zp, scheme)
         sq = (weight - deq) ** 2
-        if scheme.per_channel:
+        if scheme.group_size is not None:
+            err = grouped_rows(sq, scheme.group_size).sum(dim=1).reshape(min_val.shape)
+        elif scheme.per_channel:
             axis = scheme.axis % weight.dim()
             err = sq.transpose(0, axis).reshape(weight.shape[axis], -1).sum(dim=1)
         else:

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.core.blockwise import (
+    check_blockwise_tensor,
+    expand_groups,
+    group_count,
+    grouped_rows,
+)
 from workbench.core.qparams import check_finite, qparams_from_range
 from workbench.core.scheme import Scheme
 from workbench.errors import ConfigError
@@ -27,14 +33,22 @@ def along_axis(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return param.reshape(shape)
 
 
+def broadcast_qparam(param: torch.Tensor, x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """A scale / zero point (0-d, one per channel, or ``[out, G]`` per group) shaped to
+    broadcast elementwise with ``x``."""
+    if scheme.group_size is not None and param.dim() == 2:
+        return expand_groups(param, x.shape[1], scheme.group_size)
+    axis = scheme.axis % x.dim() if x.dim() else 0
+    return along_axis(param, x, axis)
+
+
 def quantize_with(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
 ) -> torch.Tensor:
     """Integer codes (int32) of ``x`` for given qparams."""
-    axis = scheme.axis % x.dim() if x.dim() else 0
     inv_scale = 1.0 / scale.to(torch.float32)
-    rounded = torch.round(x.to(torch.float32) * along_axis(inv_scale, x, axis))
-    q = rounded + along_axis(zero_point.to(torch.float32), x, axis)
+    rounded = torch.round(x.to(torch.float32) * broadcast_qparam(inv_scale, x, scheme))
+    q = rounded + broadcast_qparam(zero_point.to(torch.float32), x, scheme)
     return torch.clamp(q, scheme.quant_min, scheme.quant_max).to(torch.int32)
 
 
@@ -42,13 +56,18 @@ def dequantize_with(
     q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
 ) -> torch.Tensor:
     """Float32 values ``s * (q - z)``."""
-    axis = scheme.axis % q.dim() if q.dim() else 0
-    centered = q.to(torch.float32) - along_axis(zero_point.to(torch.float32), q, axis)
-    return centered * along_axis(scale.to(torch.float32), q, axis)
+    centered = q.to(torch.float32) - broadcast_qparam(zero_point.to(torch.float32), q, scheme)
+    return centered * broadcast_qparam(scale.to(torch.float32), q, scheme)
 
 
 def tensor_range(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min / max of ``x``, per tensor or per channel along ``scheme.axis``."""
+    """Min / max of ``x``: per tensor, per channel along ``scheme.axis``, or per group
+    (``[out, G]``, block-wise schemes)."""
+    if scheme.group_size is not None:
+        check_blockwise_tensor(x, scheme)
+        rows = grouped_rows(x, scheme.group_size)
+        shape = (x.shape[0], group_count(x.shape[1], scheme.group_size))
+        return rows.min(dim=1).values.reshape(shape), rows.max(dim=1).values.reshape(shape)
     if not scheme.per_channel:
         return x.min(), x.max()
     if x.dim() == 0:
@@ -63,6 +82,16 @@ def tensor_range(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     return flat.min(dim=1).values, flat.max(dim=1).values
 
 
+def zero_point_bytes(count: int, scheme: Scheme) -> int:
+    """Bytes of ``count`` zero points: none when symmetric; 1 byte each, or packed at
+    ``bits`` each for block-wise schemes (whose many zero points are stored packed)."""
+    if scheme.symmetric:
+        return 0
+    if scheme.group_size is not None:
+        return -(-count * scheme.bits // 8)
+    return count
+
+
 @dataclass
 class QTensor:
     """A quantized tensor: integer codes plus the parameters to map them back.
@@ -72,7 +101,8 @@ class QTensor:
     q : torch.Tensor
         Integer codes (int8 when signed, uint8 when unsigned; int32 never needed for b <= 8).
     scale : torch.Tensor
-        float32, shape ``[]`` (per tensor) or ``[C]`` (per channel).
+        float32, shape ``[]`` (per tensor), ``[C]`` (per channel) or ``[C, G]`` (block-wise:
+        per output channel and per group of ``scheme.group_size`` inputs).
     zero_point : torch.Tensor
         int32, same shape as ``scale``.
     scheme : Scheme
@@ -90,9 +120,10 @@ class QTensor:
 
     @property
     def storage_bytes(self) -> int:
-        """Bytes to store codes (packed for b < 8), scales (4 B each) and zero points (1 B each)."""
+        """Bytes to store codes (packed for b < 8), scales (4 B each) and zero points (1 B each;
+        block-wise: packed like the codes, as ONNX Runtime's MatMulNBits stores them)."""
         code_bytes = -(-self.q.numel() * self.scheme.bits // 8)
-        zp_bytes = 0 if self.scheme.symmetric else self.zero_point.numel()
+        zp_bytes = zero_point_bytes(self.zero_point.numel(), self.scheme)
         return code_bytes + 4 * self.scale.numel() + zp_bytes
 
 

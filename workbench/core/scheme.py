@@ -5,6 +5,11 @@ Semantics follow PyTorch and ONNX Runtime:
 * symmetric  -> zero point 0, signed range [-2^(b-1), 2^(b-1)-1]
   (narrow_range drops -2^(b-1) so that the grid is symmetric around 0);
 * asymmetric -> unsigned range [0, 2^b-1] (narrow_range drops 2^b-1).
+
+Block-wise (``group_size``): one scale (and zero point) per output channel and per group of
+``group_size`` consecutive inputs of a 2-D ``[out, in]`` Linear weight; the last group of a row
+may be partial. The layout of ONNX ``DequantizeLinear``'s ``block_size`` and of ONNX Runtime's
+``MatMulNBits``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 from workbench.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 8  # integer widths a Scheme accepts (ONNX Runtime's kernels: up to 8)
+GROUP_SIZES = (16, 32, 64, 128, 256)  # block sizes MatMulNBits runs (powers of two, >= 16)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,10 @@ class Scheme:
         Channel axis for per-channel schemes (0 = output channels of Linear / Conv weights).
     narrow_range : bool
         Drop the most negative (symmetric) or most positive (asymmetric) code.
+    group_size : int or None
+        Block-wise scales: one per output channel and per ``group_size`` inputs (16, 32, 64,
+        128 or 256) of a 2-D Linear weight; needs ``per_channel=True, axis=0``. ``None`` = one
+        scale per channel (or per tensor).
     """
 
     bits: int = 8
@@ -39,6 +49,7 @@ class Scheme:
     per_channel: bool = False
     axis: int = 0
     narrow_range: bool = False
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         limits = f"{MIN_BITS}..{MAX_BITS}"
@@ -57,6 +68,22 @@ class Scheme:
                     f"Scheme {flag} must be True or False, got {type(value).__name__} {value!r}; "
                     f"pass e.g. {flag}=False"
                 )
+        if self.group_size is not None:
+            self._check_group_size()
+
+    def _check_group_size(self) -> None:
+        sizes = ", ".join(map(str, GROUP_SIZES))
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size not in GROUP_SIZES:
+            raise ConfigError(
+                f"Scheme group_size must be a power of two in 16..256 ({sizes}) or None, got "
+                f"{size!r}; e.g. group_size=32 or group_size=128"
+            )
+        if not self.per_channel or self.axis != 0:
+            raise ConfigError(
+                f"a block-wise scheme (group_size={size}) has one scale per output channel and "
+                "per group of inputs; pass per_channel=True, axis=0 with it"
+            )
 
     @property
     def quant_min(self) -> int:
@@ -89,4 +116,6 @@ class Scheme:
         kind = "int" if self.signed else "uint"
         sym = "sym" if self.symmetric else "asym"
         gran = "per-channel" if self.per_channel else "per-tensor"
+        if self.group_size is not None:
+            gran = f"g{self.group_size}"
         return f"{kind}{self.bits} {sym} {gran}"

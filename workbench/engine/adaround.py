@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.core.qtensor import along_axis
+from workbench.core.qtensor import broadcast_qparam
 from workbench.engine.batches import run_model
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import find_submodule, hooks_removed
@@ -50,8 +50,8 @@ def _grid(weight: torch.Tensor, quantizer: WeightQuantizer) -> tuple[torch.Tenso
     scale, zero_point = quantizer.qparams(weight)
     scale, zero_point = scale.detach().to(weight.dtype), zero_point.detach().to(weight.dtype)
     if scale.numel() > 1:
-        s = along_axis(scale, weight, quantizer.scheme.axis)
-        z = along_axis(zero_point, weight, quantizer.scheme.axis)
+        s = broadcast_qparam(scale, weight, quantizer.scheme)
+        z = broadcast_qparam(zero_point, weight, quantizer.scheme)
     else:
         s, z = scale.reshape(()), zero_point.reshape(())
     return weight.detach() / s, s, z

@@ -23,7 +23,8 @@ class QuantConfig:
     Parameters
     ----------
     weight : Scheme
-        Scheme of Linear / Conv weights (axis 0 = output channels when per-channel).
+        Scheme of Linear / Conv weights (axis 0 = output channels when per-channel;
+        ``group_size`` = block-wise scales along the inputs of Linear weights).
     activation : Scheme or None
         Scheme of the activations entering quantized layers; ``None`` = weight-only.
     observer : str
@@ -81,6 +82,11 @@ class QuantConfig:
             )
         if self.activation is not None and not isinstance(self.activation, Scheme):
             raise ConfigError("QuantConfig.activation must be a Scheme or None (weight-only)")
+        if self.activation is not None and self.activation.group_size is not None:
+            raise ConfigError(
+                "block-wise (group_size) activations are not supported: group_size is for "
+                "Linear weights; use a per-tensor activation Scheme (group_size=None)"
+            )
         if self.activation is not None and self.activation.per_channel:
             raise ConfigError(
                 "per-channel activations are not supported; use a per-tensor activation Scheme"
@@ -175,6 +181,13 @@ class QuantConfig:
         ``int8-weight-only`` int8 per-channel weights, FP32 activations.
         ``int4-weight``      4-bit per-channel symmetric weights, uint8 activations.
         ``w4a4``             4-bit per-channel weights and 4-bit activations.
+        ``int4-weight-g32``  4-bit symmetric block-wise weights, one scale per 32 inputs of
+                             each output channel, FP32 activations (weight-only): exported as
+                             packed 4-bit MatMulNBits, ONNX Runtime's 4-bit kernel.
+        ``int4-weight-g128`` as ``int4-weight-g32`` with groups of 128 inputs (smaller file,
+                             coarser scales).
+        Block-wise presets quantize Linear weights; embedding tables (``quantize_embeddings``)
+        take one scale per row, and a conv needs a per-channel override or ``exclude``.
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -277,4 +290,8 @@ PRESETS: dict[str, QuantConfig] = {
     "int8-weight-only": QuantConfig(activation=None),
     "int4-weight": QuantConfig(weight=Scheme(4, True, True, 0)),
     "w4a4": QuantConfig(weight=Scheme(4, True, True, 0), activation=Scheme(4, False, False)),
+    "int4-weight-g32": QuantConfig(weight=Scheme(4, True, True, 0, group_size=32), activation=None),
+    "int4-weight-g128": QuantConfig(
+        weight=Scheme(4, True, True, 0, group_size=128), activation=None
+    ),
 }

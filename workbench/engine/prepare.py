@@ -9,7 +9,7 @@ models) can be quantized, and every layer keeps its name for the reports.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -18,6 +18,7 @@ from workbench.engine.config import QuantConfig
 from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
+from workbench.errors import ConfigError
 
 QUANTIZED, FP32 = "quantized", "fp32"
 
@@ -102,6 +103,7 @@ def plan_layers(
             elif matches_any(name, config.exclude):
                 plans.append(LayerPlan(name, type_name, FP32, "excluded by config"))
             else:
+                _check_blockwise(name, module, config)
                 plans.append(_quantized_plan(name, type_name, config, embedding))
         elif any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, BN_TYPES):
@@ -117,6 +119,20 @@ def plan_layers(
     for bn_name, conv_name in folded_bn.items():
         plans.append(LayerPlan(bn_name, "BatchNorm", FP32, folded_into=conv_name))
     return plans
+
+
+def _check_blockwise(name: str, module: nn.Module, config: QuantConfig) -> None:
+    """Block-wise weight schemes (``group_size``) are for Linear weights (and embedding tables,
+    which take one scale per row instead): a conv raises one clear error."""
+    weight, _ = config.schemes_for(name)
+    if weight.group_size is None or isinstance(module, nn.Linear | nn.Embedding):
+        return
+    per_channel = f"wb.Scheme({weight.bits}, {weight.symmetric}, True)"
+    raise ConfigError(
+        f"layer {name!r} is a {type(module).__name__}: block-wise weights (group_size="
+        f"{weight.group_size}) apply to Linear layers only; give it a per-channel scheme with "
+        f"overrides={{{name!r}: {{'weight': {per_channel}}}}} or exclude it"
+    )
 
 
 def _quantized_plan(name: str, type_name: str, config: QuantConfig, embedding: bool) -> LayerPlan:
@@ -154,6 +170,12 @@ def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantCon
             weight_scheme, config.weight_observer, f"weight of {plan.name}"
         )
         if isinstance(layer, nn.Embedding):
+            if weight_scheme.group_size is not None:  # a table's rows: one scale per row
+                weight_quantizer = WeightQuantizer(
+                    replace(weight_scheme, group_size=None),
+                    config.weight_observer,
+                    f"weight of {plan.name}",
+                )
             wrapped = QuantizedEmbedding(layer, plan.name, weight_quantizer)
         else:
             input_quantizer = None

@@ -109,3 +109,51 @@ def test_the_default_export_does_not_depend_on_the_cpu(tmp_path):
     assert not np.any(inits["conv.weight_zero_point"])  # amx=False: symmetric int8 weights
     with pytest.raises(ExportError, match="amx must be True, False or 'auto'"):
         result.export_onnx(tmp_path / "x.onnx", data[:1], amx="yes", check_fusion=False)
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_qat_targets_follow_the_batch_rule_of_a_multi_input_forward(layout):
+    torch.manual_seed(0)
+    batches = []
+    for seed in range(3):
+        ids, mask = _tokens(seed)
+        labels = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(seed + 9))
+        batches.append(((ids, mask), labels) if layout == "nested" else (ids, mask, labels))
+    seen = []
+
+    def loss_fn(output, target):
+        seen.append(target)
+        return nn.functional.cross_entropy(output, target)
+
+    model = TwoInputs().eval()
+    result = wb.qat(model, batches, loss_fn=loss_fn, epochs=1, lr=1e-3, progress=False)
+    labels = [batch[-1] for batch in batches]
+    assert all(any(target is label for label in labels) for target in seen)
+    assert len(seen) >= len(batches)  # the loss check, then every training batch
+    ids, mask = _tokens(7)
+    with torch.no_grad():
+        assert result.model(ids, mask).shape == (4, 3)
+
+
+def test_qat_batches_of_a_multi_input_forward_without_clear_targets_are_one_error():
+    ids, mask = _tokens(1)
+    labels = torch.zeros(4, dtype=torch.long)
+    for batch in ((ids, mask), (ids, mask, labels, labels)):
+        with pytest.raises(
+            CalibrationError, match=r"targets is ambiguous.*\(\(x0, x1\), targets\)"
+        ):
+            wb.qat(
+                TwoInputs().eval(),
+                [batch],
+                loss_fn=nn.functional.cross_entropy,
+                progress=False,
+            )
+
+
+def test_nested_input_tuples_calibrate_and_are_checked():
+    ids, mask = _tokens(1)
+    labels = torch.zeros(4, dtype=torch.long)
+    result = wb.ptq(TwoInputs().eval(), [((ids, mask), labels)], progress=False)
+    assert result.model.fc.input_quantizer.calibrated
+    with pytest.raises(CalibrationError, match=r"inputs are a tuple of 1 item"):
+        wb.ptq(TwoInputs().eval(), [((ids,), labels)], progress=False)

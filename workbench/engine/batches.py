@@ -4,13 +4,20 @@ A batch may be a tensor (``model(x)``), a tuple / list whose first item is the i
 (``(inputs, targets)`` as a DataLoader of a TensorDataset yields), or a dict of keyword inputs
 (``model(**batch)``, e.g. a tokenizer's output).
 
-Models whose ``forward`` requires several positional inputs (``forward(ids, mask)``): a
-tuple / list batch gives them its first n items, n = the number of required positional
-parameters (so ``(ids, mask)`` and ``(ids, mask, labels)`` both work); a batch with fewer
-items is one error naming the fix (a dict of keyword inputs is never ambiguous).
+Models whose ``forward`` requires several positional inputs (``forward(ids, mask)``), with
+n = the number of required positional parameters, one rule for calibration and training:
 
-Training batches also carry what ``loss_fn`` compares the output with: the targets of
-``(inputs, targets)``, or the whole dict.
+* ``((ids, mask), targets)``: a first item that is itself a tuple / list is the positional
+  inputs (when ``forward`` takes more than one positional parameter);
+* ``(ids, mask)`` or ``(ids, mask, targets)``: the first n items are the inputs and the item
+  right after them, if any, the targets;
+* ``({"input_ids": ..., "attention_mask": ...}, targets)`` or a dict: keyword inputs.
+
+A batch with fewer than n items is one error naming the fix. Training batches also carry what
+``loss_fn`` compares the output with: the targets as above (``batch[1]`` for single-input
+models, as always), or the whole dict (``loss_fn(output, batch)``, e.g. one holding
+``labels``); a flat tuple of n inputs with no targets, or with more than one item after them,
+is one error (which item would be the targets is ambiguous).
 """
 
 from __future__ import annotations
@@ -90,17 +97,34 @@ def _is_empty(batch: Any) -> bool:
     return isinstance(batch, torch.Tensor) and batch.numel() == 0
 
 
-def required_positional_inputs(model: nn.Module | None) -> int:
-    """How many positional parameters ``model.forward`` requires (1 when it cannot be read)."""
+def _positional_parameters(model: nn.Module | None) -> list[inspect.Parameter] | None:
+    """``model.forward``'s positional parameters (``None`` when they cannot be read); a
+    DistributedDataParallel wrapper is read through to the model it wraps."""
     if model is None:
-        return 1
+        return None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        return 1
+        return None
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [p for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return [p for p in parameters if p.kind in kinds]
+
+
+def required_positional_inputs(model: nn.Module | None) -> int:
+    """How many positional parameters ``model.forward`` requires (1 when it cannot be read)."""
+    parameters = _positional_parameters(model) or []
+    required = [p for p in parameters if p.default is inspect.Parameter.empty]
     return max(1, len(required))
+
+
+def _inputs_tuple_first(batch: Any, model: nn.Module | None) -> bool:
+    """Whether ``batch`` is ``((inputs...), targets)``: its first item a tuple / list and the
+    forward taking several positional parameters (a one-parameter forward gets it whole)."""
+    if not (isinstance(batch, list | tuple) and batch and isinstance(batch[0], list | tuple)):
+        return False
+    return len(_positional_parameters(model) or []) > 1
 
 
 def model_inputs(batch: Any, model: nn.Module | None = None) -> tuple[tuple, dict]:
@@ -116,6 +140,14 @@ def model_inputs(batch: Any, model: nn.Module | None = None) -> tuple[tuple, dic
         if isinstance(first, Mapping):
             return (), {key: _copy(value) for key, value in first.items()}
         count = required_positional_inputs(model)
+        if _inputs_tuple_first(batch, model):
+            if len(first) < count:
+                raise CalibrationError(
+                    f"the model's forward takes {count} positional inputs but a batch's inputs "
+                    f"are a {type(first).__name__} of {len(first)} item(s); yield "
+                    f"(({', '.join(['x'] * count)}), targets) with all {count} inputs"
+                )
+            return tuple(_copy(value) for value in first), {}
         if count == 1:
             return (_copy(first),), {}
         if len(batch) < count:
@@ -138,6 +170,8 @@ def _copy(value: Any) -> Any:
 def batch_size(batch: Any) -> int:
     args, kwargs = model_inputs(batch)
     first = args[0] if args else next(iter(kwargs.values()))
+    while isinstance(first, list | tuple) and first:  # ((ids, mask), targets)
+        first = first[0]
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
@@ -181,11 +215,29 @@ def output_tensor(output: Any) -> torch.Tensor | None:
 TRAIN_DATA_EXPECTED = "a DataLoader or a list of (inputs, targets) batches"
 
 
-def loss_target(batch: Any) -> Any:
-    """What ``loss_fn`` receives next to the output: ``targets`` of an ``(inputs, targets)``
-    batch, or the whole batch when it is a dict (``loss_fn(output, batch)``)."""
-    if isinstance(batch, dict):
+def loss_target(batch: Any, model: nn.Module | None = None) -> Any:
+    """What ``loss_fn`` receives next to the output (the rule: module docstring): the targets
+    of ``(inputs, targets)``, ``((ids, mask), targets)`` or ``(ids, mask, targets)`` for a
+    ``forward(ids, mask)``, or the whole batch when it is a dict (``loss_fn(output, batch)``)."""
+    if isinstance(batch, Mapping):
         return batch
+    count = required_positional_inputs(model)
+    flat = (
+        isinstance(batch, list | tuple)
+        and count > 1
+        and not isinstance(batch[0], Mapping)
+        and not _inputs_tuple_first(batch, model)
+    )
+    if flat:
+        if len(batch) == count + 1:
+            return batch[count]
+        example = ", ".join(f"x{i}" for i in range(count))
+        raise CalibrationError(
+            f"the model's forward takes {count} positional inputs and a train_data batch is a "
+            f"{_describe(batch)}: which item is the targets is ambiguous; yield "
+            f"(({example}), targets) or ({example}, targets) batches, or dicts for "
+            "loss_fn(output, batch)"
+        )
     if isinstance(batch, list | tuple) and len(batch) >= 2:
         return batch[1]
     raise CalibrationError(
@@ -217,7 +269,7 @@ def forward_loss(model: nn.Module, batch: Any, loss_fn: Callable) -> torch.Tenso
     """``loss_fn(model(inputs), target)`` for one (already moved) batch."""
     args, kwargs = model_inputs(batch, model)
     output = model(*args, **kwargs)
-    return loss_fn(output, loss_target(batch))
+    return loss_fn(output, loss_target(batch, model))
 
 
 def epoch_batches(train_data: Any, first_batches: list[Any], epochs: int) -> Callable[[], Iterator]:

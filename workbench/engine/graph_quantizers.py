@@ -35,6 +35,7 @@ identity *and* version, so an in-place ``out += identity`` is a new value.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,14 +176,23 @@ class _FunctionRecorder(TorchFunctionMode):
 
 def _few_samples(batch: Any, count: int = 2) -> Any:
     """The first ``count`` samples of a batch: the data flow does not depend on the batch
-    size, and tracing keeps every intermediate tensor alive."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:count] if batch.dim() > 0 else batch
-    if isinstance(batch, dict):
-        return {k: _few_samples(v, count) for k, v in batch.items()}
-    if isinstance(batch, list | tuple) and batch:
-        return [_few_samples(batch[0], count), *batch[1:]]
-    return batch
+    size, and tracing keeps every intermediate tensor alive. Every tensor with the batch's
+    leading size is cut (``(ids, mask)`` and ``((ids, mask), labels)`` alike)."""
+    tensors = _tensors(batch)
+    if not tensors or tensors[0].dim() == 0:
+        return batch
+    size = tensors[0].shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[:count] if value.dim() > 0 and value.shape[0] == size else value
+        if isinstance(value, Mapping):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)([cut(v) for v in value]) if type(value) in (list, tuple) else value
+        return value
+
+    return cut(batch)
 
 
 def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:

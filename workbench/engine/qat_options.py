@@ -106,7 +106,7 @@ def check_loss(model: nn.Module, batch: Any, loss_fn: Callable) -> None:
     model.eval()
     try:
         output = run_model(model, batch, 0, "train_data")
-        target = loss_target(batch)
+        target = loss_target(batch, model)
         try:
             loss = loss_fn(output, target)
         except WorkbenchError:

@@ -134,7 +134,8 @@ def qat(
         train_data, progress = shard_loader(train_data, job), progress and job.writes_files
         calib_data = None if calib_data is None else shard_loader(calib_data, job)
     first_batches = take_first_batches(train_data, CALIB_BATCHES)
-    loss_target(first_batches[0])  # (inputs, targets) or a dict, else one clear error now
+    # (inputs, targets) or a dict (engine.batches' rule), else one clear error now
+    loss_target(first_batches[0], unwrap_ddp(model))
     batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
     calib = first_batches if calib_data is None else list(iter_batches(calib_data))
     # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself

@@ -12,7 +12,8 @@ from workbench.core.scheme import Scheme
 from workbench.errors import ConfigError
 
 WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
-WEIGHT_METHODS = ("nearest", "adaround")  # how weights are rounded to their grid
+WEIGHT_METHODS = ("nearest", "adaround", "gptq")  # how weights are rounded to their grid
+WEIGHT_METHOD_ALIASES = {"rtn": "nearest"}  # round-to-nearest, as GPTQ's paper calls it
 BIAS_CORRECTIONS = (False, True, "empirical")
 
 
@@ -44,10 +45,15 @@ class QuantConfig:
         ``"empirical"`` measures it on the calibration data (each layer with the layers before
         it already quantized and corrected).
     weight_method : str
-        How weights are rounded: ``nearest`` or ``adaround`` (learned per layer on the
-        calibration data; the export stores the learned codes).
+        How weights are rounded: ``nearest`` (also called ``rtn``), ``adaround`` (learned per
+        layer on the calibration data) or ``gptq`` (second-order error feedback from the
+        Hessian of each layer's calibration inputs; Linear, GPT-2's Conv1D and one-group
+        Conv1d / Conv2d). The export stores the learned / GPTQ codes.
     adaround_iterations : int
         Optimisation steps per layer for ``weight_method="adaround"``.
+    gptq_act_order : bool
+        GPTQ quantizes the input columns in order of decreasing Hessian diagonal (the inputs
+        with the most energy first) instead of left to right.
     quantize_embeddings : bool
         Store ``nn.Embedding`` tables with the weight scheme (per-channel = one scale per row),
         weight-only; an exported transformer's file then shrinks to about a quarter.
@@ -72,6 +78,7 @@ class QuantConfig:
     bias_correction: bool | str = False
     weight_method: str = "nearest"
     adaround_iterations: int = 1000
+    gptq_act_order: bool = False
     overrides: Mapping[str, Mapping[str, Scheme | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,6 +160,8 @@ class QuantConfig:
                 f"unknown bias_correction {self.bias_correction!r}; "
                 "choose True (or 'empirical': measured on the calibration data) or False"
             )
+        if isinstance(self.weight_method, str) and self.weight_method in WEIGHT_METHOD_ALIASES:
+            object.__setattr__(self, "weight_method", WEIGHT_METHOD_ALIASES[self.weight_method])
         if not isinstance(self.weight_method, str) or self.weight_method not in WEIGHT_METHODS:
             raise ConfigError(
                 f"unknown weight_method {self.weight_method!r}; "
@@ -162,6 +171,10 @@ class QuantConfig:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ConfigError(
                 f"adaround_iterations must be a positive int, got {iterations!r}; e.g. 1000"
+            )
+        if not isinstance(self.gptq_act_order, bool):
+            raise ConfigError(
+                f"QuantConfig gptq_act_order must be True or False, got {self.gptq_act_order!r}"
             )
 
     @property

@@ -42,7 +42,7 @@ class LayerPlan:
     activation_raised_by: str | None = None
     equalized: bool = False  # scaled by cross-layer equalization (engine.equalize)
     bias_corrected: bool = False  # expected output error removed from the bias
-    weight_rounding: str | None = None  # "nearest" / "adaround" when quantized
+    weight_rounding: str | None = None  # "nearest" / "adaround" / "gptq" when quantized
 
     kept_bits: int | None = None  # an override holds it above the config's widths
 

@@ -1,6 +1,6 @@
-"""The PTQ refinements that run after calibration, in order: learned weight rounding
-(``weight_method="adaround"``), then bias correction (which then also removes the mean error
-the learned rounding leaves). Each marks the layers it changed in their plans."""
+"""The PTQ refinements that run after calibration, in order: learned or second-order weight
+rounding (``weight_method="adaround"`` or ``"gptq"``), then bias correction (which then also
+removes the mean error the rounding leaves). Each marks the layers it changed in their plans."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from workbench.engine.adaround import adaround_model
 from workbench.engine.bias_correction import correct_biases
 from workbench.engine.config import QuantConfig
+from workbench.engine.gptq import gptq_model
 from workbench.engine.prepare import QUANTIZED, LayerPlan
 from workbench.errors import ConfigError
 
@@ -51,6 +52,10 @@ def refine_quantized_model(
         for name in rounded:
             if name in by_name:
                 by_name[name].weight_rounding = "adaround"
+    if config.weight_method == "gptq":
+        for name in gptq_model(quantized_model, batches, config.gptq_act_order, progress):
+            if name in by_name:
+                by_name[name].weight_rounding = "gptq"
     if config.bias_correction_method == "empirical":
         for name in correct_biases(fp32_model, quantized_model, batches):
             if name in by_name:

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument(
         "--weight-method",
         choices=WEIGHT_METHODS,
-        help="weight rounding: nearest (default) or adaround (learned per layer)",
+        help="weight rounding: nearest (default), adaround (learned per layer) or gptq "
+        "(second-order error feedback per layer)",
     )
     refine.add_argument(
         "--adaround-iterations",

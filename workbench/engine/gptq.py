@@ -1,0 +1,385 @@
+"""GPTQ: weights rounded with second-order error feedback, layer by layer (Frantar et al. 2023,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+Rounding each weight to its nearest grid point ignores that the layer's inputs are
+correlated. GPTQ quantizes the columns of ``W`` (``[out, in]``) one at a time and moves the
+rounding error of each column onto the columns not yet quantized, weighted by the inverse
+Hessian of the layer's squared output error on the calibration inputs ``X`` (``[in, n]``):
+
+    H = 2 X X^T / n,   H += damp * mean(diag H) * I                  (dampening)
+    U = cholesky(H^-1)^T                                            (upper triangular)
+    for each column j:  q_j = Q(w_j),  e_j = (w_j - q_j) / U_jj,  w_k -= e_j U_jk  (k > j)
+
+The updates are applied lazily, ``BLOCK_SIZE`` columns at a time (the same result, fewer
+memory passes). Inputs never seen (``H_jj = 0``, dead columns) get a zero weight. With
+``act_order`` the columns are taken in order of decreasing ``H_jj`` and the permutation is
+undone at the end. With block-wise (per-group) scales, a group's scale is computed from the
+weights as updated when its first column is reached, as the reference code does; with
+``act_order`` too, the group scales are fixed from the original weights first ("static
+groups"), so that every group stays a contiguous run of input columns as the export needs.
+
+``X`` is the layer's input in the quantized model, with the layers before it already
+quantized (and rounded by GPTQ), after its input quantizer when activations are quantized.
+Only ``H`` is kept per layer (``in x in`` floats), never the inputs: memory is bounded by one
+batch's activations. The codes are kept in a :class:`GPTQWeightQuantizer`; the simulation and
+the ONNX export both read them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.core.observers import weight_range_mse
+from workbench.core.qparams import qparams_from_range
+from workbench.core.qtensor import tensor_range
+from workbench.core.scheme import Scheme
+from workbench.engine.batches import model_inputs
+from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
+from workbench.engine.modules import hooks_removed
+from workbench.engine.quantizers import WeightQuantizer
+
+BLOCK_SIZE = 128  # columns updated together (lazy batch updates)
+DAMP_FRACTION = 0.01  # dampening: this fraction of the mean Hessian diagonal
+
+
+@dataclass
+class GPTQCodes:
+    """GPTQ's result for one weight matrix ``[rows, cols]``: integer codes and one scale /
+    zero point per row and group (``groups`` = 1 without block-wise scales)."""
+
+    codes: torch.Tensor  # int32 [rows, cols]
+    scale: torch.Tensor  # float32 [rows, groups]
+    zero_point: torch.Tensor  # int32 [rows, groups]
+    group_size: int | None
+
+    def dequantize(self) -> torch.Tensor:
+        """``s * (q - z)`` as a float32 ``[rows, cols]`` matrix."""
+        scale, zero_point = expand_groups(self.scale, self.zero_point, self.codes.shape[1])
+        return (self.codes.to(torch.float32) - zero_point) * scale
+
+
+def expand_groups(
+    scale: torch.Tensor, zero_point: torch.Tensor, cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``[rows, groups]`` qparams repeated to one per weight ``[rows, cols]``."""
+    groups = scale.shape[1]
+    size = -(-cols // groups)
+    scale = scale.repeat_interleave(size, dim=1)[:, :cols]
+    zero_point = zero_point.to(torch.float32).repeat_interleave(size, dim=1)[:, :cols]
+    return scale, zero_point
+
+
+def row_qparams(
+    weight: torch.Tensor, scheme: Scheme, observer: str = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale / zero point per row of ``weight`` (a group of columns), ``[rows, 1]``."""
+    per_row = Scheme(scheme.bits, scheme.symmetric, True, 0, scheme.narrow_range)
+    if observer == "mse":
+        low, high = weight_range_mse(weight, per_row)
+    else:
+        low, high = tensor_range(weight, per_row)
+    scale, zero_point = qparams_from_range(low, high, per_row, "weight")
+    return scale.unsqueeze(1), zero_point.unsqueeze(1)
+
+
+def _round_to_grid(
+    column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of one column (``q = clamp(round(w / s) + z)``, as core.qtensor computes them)
+    and their dequantized values."""
+    codes = torch.clamp(
+        torch.round(column * (1.0 / scale)) + zero_point, scheme.quant_min, scheme.quant_max
+    )
+    return codes, (codes - zero_point) * scale
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+    group_size: int | None = None,
+    act_order: bool = False,
+    observer: str = "minmax",
+    block_size: int = BLOCK_SIZE,
+    damp_fraction: float = DAMP_FRACTION,
+) -> GPTQCodes:
+    """GPTQ codes of ``weight`` (``[rows, cols]``) for the Hessian ``hessian`` (``[cols, cols]``).
+
+    Without ``group_size`` the grid is ``scale`` / ``zero_point`` (0-d or one per row; the
+    layer's own qparams), or one computed per row from ``weight`` when they are None. With
+    ``group_size`` each run of ``group_size`` columns gets its own scale per row.
+    """
+    rows, cols = weight.shape
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    if group_size is not None:
+        block_size = -(-block_size // group_size) * group_size  # a group lies in one block
+        groups = -(-cols // group_size)
+        scales = torch.zeros(rows, groups, dtype=torch.float32)
+        zero_points = torch.zeros(rows, groups, dtype=torch.int32)
+        if act_order:  # static groups: fixed from the weights before any update
+            for g in range(groups):
+                group_cols = slice(g * group_size, (g + 1) * group_size)
+                s, z = row_qparams(w[:, group_cols], scheme, observer)
+                scales[:, g : g + 1], zero_points[:, g : g + 1] = s, z
+    else:
+        if scale is None or zero_point is None:
+            scale, zero_point = row_qparams(w, scheme, observer)
+        scales = scale.detach().to(torch.float32).reshape(-1, 1).expand(rows, 1).clone()
+        zero_points = zero_point.detach().to(torch.int32).reshape(-1, 1).expand(rows, 1).clone()
+
+    order = torch.arange(cols)
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+    h.diagonal().add_(damp_fraction * torch.mean(torch.diagonal(h)))
+    h_inv_upper = _inverse_cholesky_upper(h)
+
+    codes = torch.zeros(rows, cols, dtype=torch.float32)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        h_inv = h_inv_upper[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            original = int(order[column])
+            if group_size is not None:
+                g = original // group_size
+                if not act_order and column % group_size == 0:
+                    s, z = row_qparams(block[:, i : i + group_size], scheme, observer)
+                    scales[:, g : g + 1], zero_points[:, g : g + 1] = s, z
+            else:
+                g = 0
+            s, z = scales[:, g], zero_points[:, g].to(torch.float32)
+            q, dq = _round_to_grid(block[:, i], s, z, scheme)
+            codes[:, column] = q
+            error = (block[:, i] - dq) / h_inv[i, i]
+            block[:, i:] -= error.unsqueeze(1) * h_inv[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv_upper[start:end, end:]
+    if act_order:
+        codes = codes[:, torch.argsort(order)]
+    return GPTQCodes(codes.to(torch.int32), scales, zero_points, group_size)
+
+
+def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1``; more dampening when ``H`` is numerically singular."""
+    damp = torch.mean(torch.diagonal(hessian))
+    for attempt in range(8):
+        h = (
+            hessian
+            if attempt == 0
+            else hessian + damp * (10.0 ** (attempt - 3)) * torch.eye(hessian.shape[0])
+        )
+        lower, info = torch.linalg.cholesky_ex(h.to(torch.float64))
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper.to(torch.float32)
+    raise RuntimeError("the Hessian of the layer's inputs could not be factorised")
+
+
+# ---- layers: weight matrix views and the Hessian of their inputs --------------------------
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a Linear whose weight is ``[in, out]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def supports_gptq(layer: QuantizedLayer) -> bool:
+    """Linear, transformers' Conv1D, and Conv1d / Conv2d with one group and numeric padding."""
+    if isinstance(layer, QuantizedEmbedding):
+        return False
+    module = layer.layer
+    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
+        return True
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+    return False
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a conv's input = channels x kernel, as ``unfold`` lays
+    out its patches)."""
+    weight = module.weight.detach()
+    if _is_transformers_conv1d(module):
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def from_matrix(matrix: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``weight_matrix``'s inverse: a ``[out, in]`` matrix in the module's weight layout."""
+    if _is_transformers_conv1d(module):
+        return matrix.t().contiguous()
+    return matrix.reshape(module.weight.shape)
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``[n, in]`` rows, one per output position (``W x`` for each)."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
+        padding, stride = (0, module.padding[0]), (1, module.stride[0])
+    elif isinstance(module, nn.Conv2d):
+        kernel, dilation = module.kernel_size, module.dilation
+        padding, stride = module.padding, module.stride
+    else:
+        return x.reshape(-1, x.shape[-1])
+    if x.dim() == 3:  # an unbatched conv input
+        x = x.unsqueeze(0)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+class HessianAccumulator:
+    """``H = 2 X X^T / n`` over every input row the layer sees."""
+
+    def __init__(self, columns: int) -> None:
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32)
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float32)
+        self.sum += rows.t() @ rows
+        self.rows += rows.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return 2.0 * self.sum / max(self.rows, 1)
+
+
+class GPTQWeightQuantizer(WeightQuantizer):
+    """A frozen weight quantizer holding the codes GPTQ chose.
+
+    ``codes`` has the weight's layout; ``scale`` / ``zero_point`` are the layer's own qparams
+    (0-d or one per output channel) without block-wise scales, or ``[out, groups]`` with them.
+    The forward pass returns ``s * (q - z)`` whatever weight it is given: GPTQ's codes are
+    not a rounding of the FP32 weight.
+    """
+
+    def __init__(self, base: WeightQuantizer, module: nn.Module, result: GPTQCodes) -> None:
+        super().__init__(base.scheme, base.observer_name, base.tensor_name)
+        self.enabled = base.enabled
+        self.frozen = True
+        self.group_size = result.group_size
+        if result.group_size is None:
+            self.scale = base.scale.detach().clone()
+            self.zero_point = base.zero_point.detach().clone()
+        else:
+            self.scale = result.scale.clone()
+            self.zero_point = result.zero_point.clone()
+        codes = from_matrix(result.codes, module)
+        self.register_buffer("codes", codes.to(torch.int16))  # int8 / uint8 codes fit
+        self.register_buffer("dequantized", from_matrix(result.dequantize(), module))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return self.dequantized.to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rounding=gptq"
+
+
+# ---- the model: layer by layer in forward order -------------------------------------------
+
+
+class _InputsTaken(Exception):
+    """Stops a forward pass once the layer being quantized has seen its input."""
+
+
+def _forward_calls(model: nn.Module, batch: Any) -> list[str]:
+    """Quantized layers in the order the forward pass calls them (repeats kept)."""
+    calls: list[str] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args: calls.append(m.layer_name))
+        for _, layer in iter_quantized_layers(model)
+    ]
+    with hooks_removed(handles), torch.no_grad():
+        args, kwargs = model_inputs(batch, model)
+        model(*args, **kwargs)
+    return calls
+
+
+def layer_hessian(
+    model: nn.Module, layer: QuantizedLayer, batches: Sequence[Any], calls_per_forward: int = 1
+) -> torch.Tensor | None:
+    """``H`` of ``layer``'s inputs in ``model`` (after its input quantizer) over ``batches``;
+    None when it never ran. A layer called once per forward stops the pass there."""
+    module = layer.layer
+    accumulator = HessianAccumulator(weight_matrix(module).shape[1])
+
+    def take(m: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if layer.input_quantizer is not None:
+            x = layer.input_quantizer(x)
+        accumulator.add(input_rows(module, x))
+        if calls_per_forward == 1:
+            raise _InputsTaken
+
+    with hooks_removed([layer.register_forward_pre_hook(take)]), torch.no_grad():
+        for batch in batches:
+            args, kwargs = model_inputs(batch, model)
+            with suppress(_InputsTaken):
+                model(*args, **kwargs)
+    return accumulator.hessian if accumulator.rows else None
+
+
+def gptq_model(
+    quantized_model: nn.Module,
+    batches: Sequence[Any],
+    act_order: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Round every quantized Linear / Conv1D / Conv with GPTQ, in forward order, in place;
+    returns the layers rounded (the others keep round-to-nearest)."""
+    calls = Counter(_forward_calls(quantized_model, batches[0]))
+    layers = dict(iter_quantized_layers(quantized_model))
+    rounded = []
+    for name in tqdm(list(calls), desc="gptq", disable=not progress):
+        layer = layers[name]
+        if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
+            continue
+        hessian = layer_hessian(quantized_model, layer, batches, calls[name])
+        if hessian is None:
+            continue
+        quantizer = layer.weight_quantizer
+        module = layer.layer
+        group_size = getattr(quantizer.scheme, "group_size", None)
+        scale = zero_point = None
+        if group_size is None:
+            scale, zero_point = quantizer.qparams(module.weight)
+        result = gptq_quantize(
+            weight_matrix(module),
+            hessian,
+            quantizer.scheme,
+            scale,
+            zero_point,
+            group_size=group_size,
+            act_order=act_order,
+            observer=quantizer.observer_name,
+        )
+        layer.weight_quantizer = GPTQWeightQuantizer(quantizer, module, result)
+        rounded.append(name)
+    return rounded

@@ -67,7 +67,7 @@ def layer_row(layer: QuantizedLayer) -> dict:
         "input_scale": float("nan"),
         "input_zero_point": None,
     }
-    if layer.input_quantizer is not None:
+    if layer.input_quantizer is not None and not layer.input_quantizer.dynamic:
         row["input_scale"] = float(layer.input_quantizer.scale)
         row["input_zero_point"] = int(layer.input_quantizer.zero_point)
     return row

@@ -60,6 +60,8 @@ class ErrorAccumulator:
 
     @property
     def cosine(self) -> float:
+        if self.count == 0:
+            return float("nan")  # nothing measured
         denom = math.sqrt(self.signal * self.approx_energy)
         if denom == 0.0:
             return 1.0 if self.noise == 0.0 else 0.0

@@ -120,9 +120,12 @@ def set_activation_mode(model: nn.Module, mode: str) -> None:
 def prepare_model(
     model: nn.Module, first_batch: Any, config: QuantConfig
 ) -> tuple[nn.Module, nn.Module, list[LayerPlan]]:
-    """Deep-copy, fold BN, and insert quantizers. Returns (fp32 reference, prepared, plans)."""
+    """Deep-copy, fold BN, and insert quantizers. Returns (fp32 reference, prepared, plans).
+
+    ``first_batch`` None (dynamic mode without calibration data): no BatchNorm folding, whose
+    conv -> BN pairs come from tracing a batch."""
     fp32_model = copy.deepcopy(model).eval()
-    folded = fold_batchnorms(fp32_model, first_batch)
+    folded = fold_batchnorms(fp32_model, first_batch) if first_batch is not None else {}
     plans = plan_layers(fp32_model, config, folded)
     check_plans(fp32_model, plans, config)
     if config.equalize:
@@ -135,7 +138,10 @@ def prepare_model(
         )
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
-    raised = insert_output_quantizers(prepared, first_batch, config, folded)
+    # dynamic mode: no static quantizer anywhere, so no output quantizers after convs / adds
+    raised = (
+        {} if config.dynamic else insert_output_quantizers(prepared, first_batch, config, folded)
+    )
     for plan in plans:
         if plan.name in raised:
             layer = get_layer(prepared, plan.name)

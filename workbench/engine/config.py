@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Real
 
+from workbench.core.dynamic_quant import DYNAMIC_SCHEME
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.core.scheme import Scheme
 from workbench.errors import ConfigError
@@ -15,6 +16,7 @@ WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
 WEIGHT_METHODS = ("nearest", "adaround", "gptq")  # how weights are rounded to their grid
 WEIGHT_METHOD_ALIASES = {"rtn": "nearest"}  # round-to-nearest, as GPTQ's paper calls it
 BIAS_CORRECTIONS = (False, True, "empirical")
+ACTIVATION_MODES = ("static", "dynamic")  # calibrated once / computed from each input
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,11 @@ class QuantConfig:
         ``group_size`` = block-wise scales along the inputs of Linear weights).
     activation : Scheme or None
         Scheme of the activations entering quantized layers; ``None`` = weight-only.
+    activation_mode : str
+        ``static`` (default): activation scales calibrated once and stored. ``dynamic``: each
+        Linear input's uint8 scale and zero point computed from the input at run time, as ONNX
+        Runtime's ``DynamicQuantizeLinear`` (no calibration needed; convs keep FP32 inputs);
+        the activation scheme must then be uint8 per-tensor (the default).
     observer : str
         How activation ranges are calibrated: ``minmax``, ``percentile``, ``mse``, ``entropy``.
     exclude : tuple of str
@@ -80,6 +87,7 @@ class QuantConfig:
     adaround_iterations: int = 1000
     gptq_act_order: bool = False
     overrides: Mapping[str, Mapping[str, Scheme | None]] = field(default_factory=dict)
+    activation_mode: str = "static"
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, Scheme):
@@ -135,6 +143,7 @@ class QuantConfig:
         object.__setattr__(self, "exclude", _exclude_patterns(self.exclude))
         self._check_ptq_methods()
         object.__setattr__(self, "overrides", _override_table(self.overrides))
+        self._check_activation_mode()
 
     def __hash__(self) -> int:  # overrides is a dict: hash its items
         fields = [getattr(self, f) for f in self.__dataclass_fields__ if f != "overrides"]
@@ -150,6 +159,39 @@ class QuantConfig:
                 weight = override.get("weight", weight)
                 activation = override.get("activation", activation)
         return weight, activation
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether activation scales are computed from each input (``activation_mode``)."""
+        return self.activation_mode == "dynamic"
+
+    def _check_activation_mode(self) -> None:
+        mode = self.activation_mode
+        if not isinstance(mode, str) or mode not in ACTIVATION_MODES:
+            raise ConfigError(
+                f"unknown activation_mode {mode!r}; choose 'static' (calibrated scales) or "
+                "'dynamic' (scales from each input, preset 'int8-dynamic')"
+            )
+        if not self.dynamic:
+            return
+        if self.activation is None:
+            raise ConfigError(
+                "activation_mode='dynamic' quantizes activations, but activation=None is "
+                "weight-only; use QuantConfig.preset('int8-dynamic')"
+            )
+        fix = "dynamic activations are uint8 per tensor, as ONNX Runtime's DynamicQuantizeLinear"
+        if self.activation != DYNAMIC_SCHEME:
+            raise ConfigError(
+                f"activation_mode='dynamic' takes activation={DYNAMIC_SCHEME!r}, got "
+                f"{self.activation!r} ({fix}); drop the activation argument"
+            )
+        for pattern, override in self.overrides.items():
+            scheme = override.get("activation", DYNAMIC_SCHEME)
+            if scheme is not None and scheme != DYNAMIC_SCHEME:
+                raise ConfigError(
+                    f"overrides[{pattern!r}]['activation'] is {scheme!r}; {fix}: give "
+                    "None (FP32 input) or leave the activation out"
+                )
 
     def _check_ptq_methods(self) -> None:
         if not isinstance(self.equalize, bool):
@@ -192,6 +234,8 @@ class QuantConfig:
                              activations (what ONNX Runtime runs fastest on x86: U8S8).
         ``int8-per-tensor``  as ``int8`` with one weight scale per tensor.
         ``int8-weight-only`` int8 per-channel weights, FP32 activations.
+        ``int8-dynamic``     as ``int8`` with each Linear input's scale computed from the input
+                             at run time (ONNX Runtime's ``quantize_dynamic``); no calibration.
         ``int4-weight``      4-bit per-channel symmetric weights, uint8 activations.
         ``w4a4``             4-bit per-channel weights and 4-bit activations.
         ``int4-weight-g32``  4-bit symmetric block-wise weights, one scale per 32 inputs of
@@ -208,7 +252,10 @@ class QuantConfig:
 
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "fp32"
-        text = f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
+        if self.dynamic:
+            text = f"weights {self.weight.describe()}, activations {act} dynamic (per input)"
+        else:
+            text = f"weights {self.weight.describe()}, activations {act}, observer {self.observer}"
         for pattern, override in self.overrides.items():
             parts = [
                 f"{key} {scheme.describe() if scheme is not None else 'fp32'}"
@@ -301,6 +348,7 @@ PRESETS: dict[str, QuantConfig] = {
     "int8": QuantConfig(),
     "int8-per-tensor": QuantConfig(weight=Scheme(8, True, False)),
     "int8-weight-only": QuantConfig(activation=None),
+    "int8-dynamic": QuantConfig(activation_mode="dynamic"),
     "int4-weight": QuantConfig(weight=Scheme(4, True, True, 0)),
     "w4a4": QuantConfig(weight=Scheme(4, True, True, 0), activation=Scheme(4, False, False)),
     "int4-weight-g32": QuantConfig(weight=Scheme(4, True, True, 0, group_size=32), activation=None),

@@ -437,8 +437,8 @@ def site_schemes(
 def round_bias(layer: QuantizedLayer) -> None:
     """Round a quantized layer's bias to the INT32 grid of ``s_input * s_weight`` (in place)."""
     bias = layer.layer.bias
-    if bias is None or layer.input_quantizer is None:
-        return
+    if bias is None or layer.input_quantizer is None or layer.input_quantizer.dynamic:
+        return  # a dynamic input's scale changes per call: the bias stays FP32
     with torch.no_grad():
         scale = bias_scale_of(layer)
         bias.copy_(torch.round(bias / scale).clamp(-(2**31), 2**31 - 1) * scale)

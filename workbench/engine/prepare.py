@@ -15,6 +15,7 @@ from torch import nn
 
 from workbench.engine.bn_fold import BN_TYPES
 from workbench.engine.config import QuantConfig
+from workbench.engine.dynamic_quantizers import CONV_NOTE, DynamicActivationQuantizer
 from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
@@ -104,7 +105,10 @@ def plan_layers(
                 plans.append(LayerPlan(name, type_name, FP32, "excluded by config"))
             else:
                 _check_blockwise(name, module, config)
-                plans.append(_quantized_plan(name, type_name, config, embedding))
+                plan = _quantized_plan(name, type_name, config, embedding)
+                if config.dynamic and not isinstance(module, nn.Linear | nn.Embedding):
+                    plan.activation_bits, plan.note = None, CONV_NOTE
+                plans.append(plan)
         elif any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, BN_TYPES):
                 reason = "BatchNorm not folded (its input is not a conv output used only by it)"
@@ -179,7 +183,10 @@ def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantCon
             wrapped = QuantizedEmbedding(layer, plan.name, weight_quantizer)
         else:
             input_quantizer = None
-            if activation_scheme is not None:
+            if config.dynamic and activation_scheme is not None:
+                if isinstance(layer, nn.Linear):  # convs: weight-only (CONV_NOTE)
+                    input_quantizer = DynamicActivationQuantizer(f"input of {plan.name}")
+            elif activation_scheme is not None:
                 input_quantizer = ActivationQuantizer(
                     activation_scheme, config.observer, f"input of {plan.name}", config.percentile
                 )

@@ -31,6 +31,8 @@ class ActivationQuantizer(nn.Module):
     ``quantize`` (fake quantization with the calibrated scale / zero point).
     """
 
+    dynamic = False  # True: qparams from each input (engine.dynamic_quantizers)
+
     def __init__(
         self, scheme: Scheme, observer: str, tensor_name: str, percentile: float = 99.99
     ) -> None:

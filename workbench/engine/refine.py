@@ -19,7 +19,14 @@ from workbench.errors import ConfigError
 
 def check_training_config(config: QuantConfig, caller: str) -> None:
     """QAT trains the weights and biases itself: learned rounding and bias correction are
-    PTQ refinements (cross-layer equalization, done before calibration, applies to both)."""
+    PTQ refinements (cross-layer equalization, done before calibration, applies to both).
+    Dynamic activations have no scale to train: they need no QAT."""
+    if config.dynamic:
+        raise ConfigError(
+            f"{caller} trains static activation scales, and activation_mode='dynamic' computes "
+            "them from each input: quantize with wb.ptq(model, config=config) (no training "
+            "needed), or use activation_mode='static' for QAT"
+        )
     given = []
     if config.weight_method != "nearest":
         given.append(f"weight_method={config.weight_method!r}")

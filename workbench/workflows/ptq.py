@@ -31,8 +31,10 @@ from workbench.engine.distributed import (
     unwrap_ddp,
 )
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
+from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.refine import refine_quantized_model
+from workbench.errors import CalibrationError, ConfigError
 from workbench.workflows.input_signature import input_signature
 from workbench.workflows.result import QuantResult
 
@@ -76,7 +78,7 @@ def build_report(
 
 def ptq(
     model: nn.Module,
-    calib_data: Any,
+    calib_data: Any = None,
     config: QuantConfig | str | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
     num_batches: int | None = None,
@@ -90,6 +92,8 @@ def ptq(
         Any model with Linear / Conv layers. It is deep-copied and never modified.
     calib_data : DataLoader, iterable of batches, or tensor
         Batches are tensors, ``(inputs, targets)`` tuples, or dicts of keyword inputs.
+        Optional with ``activation_mode="dynamic"`` (``wb.ptq(model, config="int8-dynamic")``
+        or ``wb.ptq(model, config)``): there it only feeds the report's per-layer errors.
     config : QuantConfig or preset name
         Default: ``QuantConfig.preset("int8")``.
     eval_fn : callable, optional
@@ -99,8 +103,12 @@ def ptq(
     progress : bool
         Show a progress bar.
     """
+    if isinstance(calib_data, QuantConfig) and config is None:  # wb.ptq(model, config)
+        calib_data, config = None, calib_data
     config = resolve_config(config)
     check_eval_fn(eval_fn, "wb.ptq")
+    if calib_data is None:
+        return ptq_without_data(model, config, eval_fn)
     reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
     job = join_job()  # a torch.distributed job: each process calibrates on its shard
     if job is not None:
@@ -133,6 +141,30 @@ def ptq(
         writes_files=writes,
         input_signature=input_signature(head[0]),
     )
+
+
+def ptq_without_data(
+    model: nn.Module, config: QuantConfig, eval_fn: Callable[[nn.Module], float] | None = None
+) -> QuantResult:
+    """Dynamic quantization needs no calibration: weights from the model, activation scales
+    from each input at run time. The report then has no measured errors (NaN)."""
+    if not config.dynamic:
+        raise CalibrationError(
+            "calib_data is None; pass a DataLoader or a list of input tensors to calibrate the "
+            "activation scales, or use config='int8-dynamic' (scales from each input, no data)"
+        )
+    if config.ptq_methods():
+        raise ConfigError(
+            f"{', '.join(config.ptq_methods())} run(s) on calibration data; pass calib_data "
+            "or drop them from the config"
+        )
+    reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
+    fp32_model, prepared, plans = prepare_model(reference, None, config)
+    finish_calibration(prepared, plans, {name for name, _ in iter_quantized_layers(prepared)})
+    prepared.eval()
+    refine_quantized_model(fp32_model, prepared, plans, config, [], progress=False)
+    report = build_report(reference, fp32_model, prepared, plans, config, [], eval_fn)
+    return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
 
 
 class _CalibrationBatches:

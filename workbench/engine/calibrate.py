@@ -15,11 +15,13 @@ from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import fold_batchnorms
 from workbench.engine.config import QuantConfig
+from workbench.engine.conv1d import linearize_conv1d
 from workbench.engine.distributed import Job, combine_calibration
 from workbench.engine.equalize import equalize_model, mark_equalized
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.modules import ROOT_NAME, get_layer, hooks_removed, set_submodule
+from workbench.engine.op_kinds import LAYER_TYPE_NAMES
 from workbench.engine.prepare import (
     FP32,
     QUANTIZED,
@@ -124,7 +126,8 @@ def prepare_model(
 
     ``first_batch`` None (dynamic mode without calibration data): no BatchNorm folding, whose
     conv -> BN pairs come from tracing a batch."""
-    fp32_model = copy.deepcopy(model).eval()
+    # transformers' Conv1D (GPT-2) is quantized as the Linear it computes, in every step
+    fp32_model = linearize_conv1d(copy.deepcopy(model)).eval()
     folded = fold_batchnorms(fp32_model, first_batch) if first_batch is not None else {}
     plans = plan_layers(fp32_model, config, folded)
     check_plans(fp32_model, plans, config)
@@ -133,7 +136,7 @@ def prepare_model(
     if not any(plan.status == QUANTIZED for plan in plans):
         types = sorted({plan.layer_type for plan in plans}) or ["none"]
         raise ModelError(
-            "the model has no layer to quantize (supported: Linear, Conv1d, Conv2d, Conv3d; "
+            f"the model has no layer to quantize (supported: {LAYER_TYPE_NAMES}; "
             f"found: {', '.join(types)}); check config.exclude or pass a model with such layers"
         )
     prepared = copy.deepcopy(fp32_model)

@@ -13,13 +13,6 @@ from torch import nn
 
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
 
-SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-)
-
 
 class QuantizedLayer(nn.Module):
     """Simulates a quantized Linear / Conv: fake-quantized input and weight, FP32 bias."""

@@ -22,6 +22,10 @@ a kind. The placement pass (``engine.graph_quantizers``) reads only this table:
 * ``FLOAT``: anything else runs in FP32 between a DequantizeLinear and the next quantizer.
 
 Linear layers need no output quantizer: ``DQ -> MatMul`` is MatMulIntegerToFloat (FP32 out).
+
+The layers with weights that get quantizers (``layer_kind``): convolutions (``conv``) and
+linear maps (``linear``): ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's projections, a
+Linear with its weight stored transposed; ``engine.conv1d``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from workbench.engine.conv1d import is_conv1d
 
 QUANTIZED_OUTPUT, CLAMP, KEEPS_GRID, FLOAT = "quantized output", "clamp", "keeps grid", "float"
 FLOAT_FEEDING_GRID = "float, quantized output when read by an op that needs grid inputs"
@@ -122,6 +128,20 @@ FUNCTION_KINDS: dict[str, OpKind] = {
     ),
 }
 HARDTANH_FUNCTIONS = ("hardtanh", "hardtanh_")
+# the layers that hold a quantized weight (transformers' Conv1D is matched by engine.conv1d)
+LAYER_KINDS: tuple[tuple[tuple[type[nn.Module], ...], OpKind], ...] = (
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), CONV),
+    ((nn.Linear,), LINEAR),
+)
+LAYER_TYPE_NAMES = "Linear, Conv1d, Conv2d, Conv3d, transformers' Conv1D"
+
+
+def layer_kind(module: nn.Module) -> OpKind | None:
+    """``CONV`` or ``LINEAR`` for a layer whose weight is quantized, None for any other module."""
+    for types, kind in LAYER_KINDS:
+        if isinstance(module, types):
+            return kind
+    return LINEAR if is_conv1d(module) else None
 
 
 def module_kind(module: nn.Module) -> OpKind:

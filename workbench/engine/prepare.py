@@ -1,6 +1,7 @@
 """Capture a model for quantization by module swapping.
 
-Each supported layer (Linear, Conv1d/2d/3d) is replaced in a deep copy of the model by a
+Each supported layer (Linear, Conv1d/2d/3d; transformers' Conv1D is swapped for the Linear it
+computes beforehand, ``engine.conv1d``) is replaced in a deep copy of the model by a
 ``QuantizedLayer`` holding the original module plus its quantizers. Everything else stays as
 it was, so any model that runs in eager PyTorch (control flow, keyword inputs, transformers
 models) can be quantized, and every layer keeps its name for the reports.
@@ -15,9 +16,11 @@ from torch import nn
 
 from workbench.engine.bn_fold import BN_TYPES
 from workbench.engine.config import QuantConfig
+from workbench.engine.conv1d import layer_type_name
 from workbench.engine.dynamic_quantizers import CONV_NOTE, DynamicActivationQuantizer
-from workbench.engine.layers import SUPPORTED_LAYER_TYPES, QuantizedEmbedding, QuantizedLayer
+from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
+from workbench.engine.op_kinds import layer_kind
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
 from workbench.errors import ConfigError
 
@@ -95,9 +98,9 @@ def plan_layers(
     plans: list[LayerPlan] = []
     for name, module in model.named_modules():
         name = name or ROOT_NAME
-        type_name = type(module).__name__
+        type_name = layer_type_name(module)
         embedding = config.quantize_embeddings and isinstance(module, nn.Embedding)
-        if isinstance(module, SUPPORTED_LAYER_TYPES) or embedding:
+        if layer_kind(module) is not None or embedding:
             if name in functional:
                 reason = "used functionally by MultiheadAttention"
                 plans.append(LayerPlan(name, type_name, FP32, reason))

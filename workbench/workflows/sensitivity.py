@@ -67,9 +67,8 @@ class CalibratedModel:
         finish_calibration(self.model, self.plans, reached)
         self.model.eval()
         self.layer_names = [name for name, _ in iter_quantized_layers(self.model)]
-        self.layer_types = {
-            name: type(layer.layer).__name__ for name, layer in iter_quantized_layers(self.model)
-        }
+        type_of = {plan.name: plan.layer_type for plan in self.plans}  # Conv1D, not its Linear
+        self.layer_types = {name: type_of[name] for name in self.layer_names}
         self.eval_fn = eval_fn
         self.eval_calls = 0
         self._reference = None

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from workbench.errors import CalibrationError, ConfigError, WorkbenchError, first_line
 
@@ -173,6 +174,28 @@ def batch_size(batch: Any) -> int:
     while isinstance(first, list | tuple) and first:  # ((ids, mask), targets)
         first = first[0]
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def first_samples(batch: Any, count: int = 2) -> Any:
+    """The first ``count`` samples of a batch: tracing a data flow needs no more, and a trace
+    keeps every intermediate tensor alive. Every tensor with the batch's leading size is cut
+    (``(ids, mask)`` and ``((ids, mask), labels)`` alike)."""
+    leaves, _ = tree_flatten(batch)
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    if not tensors or tensors[0].dim() == 0:
+        return batch
+    size = tensors[0].shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[:count] if value.dim() > 0 and value.shape[0] == size else value
+        if isinstance(value, Mapping):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)([cut(v) for v in value]) if type(value) in (list, tuple) else value
+        return value
+
+    return cut(batch)
 
 
 def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_data") -> Any:

@@ -12,6 +12,19 @@ also absorbs the mean error its input carries. ``E[y_fp32]`` is the same layer's
 FP32 reference model. The layer's own output quantizer (if it holds one) is off while
 measuring: the correction is of the pre-activation, as the bias enters before it. The
 corrected bias is rounded back to the INT32 grid of ``s_input * s_weight``.
+
+Analytic (data-free) bias correction (section 4.2 of the same paper) needs no measurement: a
+layer's output error is ``(W_q - W) E[x]``, and where its input is ``act(y)`` of a layer whose
+output went through a BatchNorm (folded into it), ``y`` is taken as Gaussian per channel with
+the BatchNorm's ``beta`` and ``|gamma|`` (``LayerPlan.output_mean`` / ``output_std``, rescaled
+by equalization). For ``x = min(max(y, 0), u)`` with ``y ~ N(mu, sigma^2)``:
+
+    E[max(y, 0)] = sigma phi(mu / sigma) + mu Phi(mu / sigma)
+    E[x]         = E[max(y, 0)] - E[max(y - u, 0)]
+
+(``u`` = 6 for ReLU6, the per-channel bound of an equalized ReLU6, infinite for ReLU; ``x = y``
+without an activation). Layers whose input has no such statistics (the first layer, one after
+a residual add) are left as they are. It corrects the weights' rounding only, not the input's.
 """
 
 from __future__ import annotations
@@ -22,10 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.engine.batches import run_model
-from workbench.engine.graph_quantizers import round_bias
+from workbench.engine.batches import first_samples, run_model
+from workbench.engine.equalize import ChannelClippedReLU
+from workbench.engine.graph_quantizers import FlowNode, round_bias, trace_data_flow
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import find_submodule
+from workbench.engine.prepare import LayerPlan
 from workbench.engine.quantizers import OFF
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -178,3 +193,93 @@ class _output_quantizers_off:
     def __exit__(self, *exc) -> None:
         for quantizer, mode in zip(self.quantizers, self.modes, strict=True):
             quantizer.mode = mode
+
+
+# analytic (data-free) ----------------------------------------------------------------------------
+def expected_clipped_relu(
+    mean: torch.Tensor, std: torch.Tensor, upper: torch.Tensor | float | None
+) -> torch.Tensor:
+    """``E[min(max(y, 0), upper)]`` per channel for ``y ~ N(mean, std^2)`` (``upper`` None:
+    no upper bound, a plain ReLU)."""
+    mean, std = mean.to(torch.float64), std.to(torch.float64).clamp_min(1e-12)
+
+    def relu_mean(mu: torch.Tensor) -> torch.Tensor:
+        z = mu / std
+        density = torch.exp(-0.5 * z * z) / (2.0 * torch.pi) ** 0.5
+        return std * density + mu * torch.special.ndtr(z)
+
+    expected = relu_mean(mean)
+    if upper is not None:
+        expected = expected - relu_mean(mean - torch.as_tensor(upper, dtype=torch.float64))
+    return expected
+
+
+def _activation_bound(node: FlowNode) -> tuple[bool, torch.Tensor | float | None]:
+    """``(is a ReLU-like activation, its upper bound or None)``."""
+    if node.kind == "function":
+        return node.name in ("relu", "relu_"), None
+    if isinstance(node.module, ChannelClippedReLU):
+        return True, node.module.upper
+    if type(node.module) is nn.ReLU6:
+        return True, 6.0
+    return type(node.module) is nn.ReLU, None
+
+
+def expected_inputs(
+    fp32_model: nn.Module, plans: list[LayerPlan], batch: Any
+) -> dict[str, torch.Tensor]:
+    """``E[x]`` per input channel of every layer whose input is ``act(y)`` (or ``y``) of a
+    layer carrying output statistics, from one traced forward pass of ``fp32_model``."""
+    statistics = {plan.name: plan for plan in plans if plan.output_mean is not None}
+    flow = trace_data_flow(fp32_model, first_samples(batch))
+    producer = flow.producer()
+
+    def once(node: FlowNode | None) -> bool:
+        return node is not None and node.kind == "module" and flow.calls.get(node.name) == 1
+
+    expected: dict[str, torch.Tensor] = {}
+    for node in flow.nodes:
+        if not once(node) or not isinstance(node.module, (nn.Linear, *CONV_TYPES)):
+            continue
+        source = producer.get(node.inputs[0]) if node.inputs else None
+        upper, clipped = None, False
+        if source is not None and source.name not in statistics:
+            clipped, upper = _activation_bound(source)
+            source = producer.get(source.inputs[0]) if clipped and source.inputs else None
+        if not once(source) or source.name not in statistics:
+            continue
+        if isinstance(source.module, nn.Linear) != isinstance(node.module, nn.Linear):
+            continue  # a conv's channels are not a Linear's features
+        plan = statistics[source.name]
+        if clipped:
+            means = expected_clipped_relu(plan.output_mean, plan.output_std, upper)
+        else:
+            means = plan.output_mean.to(torch.float64)
+        if means.numel() == node.module.weight.shape[1] * getattr(node.module, "groups", 1):
+            expected[node.name] = means
+    return expected
+
+
+def weight_error_shift(layer: QuantizedLayer, input_means: torch.Tensor) -> torch.Tensor:
+    """``(W_q - W) E[x]`` per output channel: the mean output error the weights' rounding
+    adds when input channel ``i`` has mean ``E[x_i]`` (a conv's padding ignored)."""
+    error = (layer.quantized_weight().detach() - layer.weight.detach()).to(torch.float64)
+    error = error.reshape(error.shape[0], error.shape[1], -1).sum(dim=2)  # [out, in / groups]
+    groups = getattr(layer.layer, "groups", 1)
+    per_group = input_means.reshape(groups, -1).repeat_interleave(error.shape[0] // groups, 0)
+    return (error * per_group).sum(dim=1)
+
+
+def correct_biases_analytically(
+    fp32_model: nn.Module, quantized_model: nn.Module, plans: list[LayerPlan], batch: Any
+) -> list[str]:
+    """Analytic bias correction of ``quantized_model`` in place: ``b -= (W_q - W) E[x]`` for
+    every quantized layer whose ``E[x]`` follows from a folded BatchNorm; returns those
+    layers. ``batch`` only traces the data flow."""
+    layers = _correctable_layers(quantized_model)
+    corrected = []
+    for name, means in expected_inputs(fp32_model, plans, batch).items():
+        if name in layers:
+            _remove_from_bias(layers[name], weight_error_shift(layers[name], means).float())
+            corrected.append(name)
+    return corrected

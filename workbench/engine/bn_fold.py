@@ -79,6 +79,16 @@ def bn_folded_bias(
     return (bias - bn.running_mean) * factor + beta
 
 
+def bn_output_statistics(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(beta, |gamma|)`` per channel: the mean and std of the BatchNorm's output where its
+    input follows its running statistics, i.e. of the folded layer's output. Analytic bias
+    correction takes the output to be Gaussian with them (Nagel et al. 2019, section 4.2)."""
+    channels = bn.num_features
+    beta = bn.bias if bn.affine else torch.zeros(channels)
+    gamma = bn.weight if bn.affine else torch.ones(channels)
+    return beta.detach().clone().float(), gamma.detach().abs().float()
+
+
 def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold ``bn`` (eval statistics) into ``layer``'s weight and bias, in place."""
     with torch.no_grad():

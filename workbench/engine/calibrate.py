@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
-from workbench.engine.bn_fold import fold_batchnorms
+from workbench.engine.bn_fold import bn_output_statistics, fold_batchnorms
 from workbench.engine.config import QuantConfig
 from workbench.engine.conv1d import linearize_conv1d
 from workbench.engine.distributed import Job, combine_calibration
@@ -130,6 +130,10 @@ def prepare_model(
     fp32_model = linearize_conv1d(copy.deepcopy(model)).eval()
     folded = fold_batchnorms(fp32_model, first_batch) if first_batch is not None else {}
     plans = plan_layers(fp32_model, config, folded)
+    by_name = {plan.name: plan for plan in plans}
+    for bn_name, layer_name in folded.items():  # ``model`` still holds the BatchNorms
+        plan = by_name[layer_name]
+        plan.output_mean, plan.output_std = bn_output_statistics(model.get_submodule(bn_name))
     check_plans(fp32_model, plans, config)
     if config.equalize:
         mark_equalized(plans, equalize_model(fp32_model, first_batch))

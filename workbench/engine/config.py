@@ -15,7 +15,7 @@ from workbench.errors import ConfigError
 WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
 WEIGHT_METHODS = ("nearest", "adaround", "gptq")  # how weights are rounded to their grid
 WEIGHT_METHOD_ALIASES = {"rtn": "nearest"}  # round-to-nearest, as GPTQ's paper calls it
-BIAS_CORRECTIONS = (False, True, "empirical")
+BIAS_CORRECTIONS = (False, True, "empirical", "analytic")
 ACTIVATION_MODES = ("static", "dynamic")  # calibrated once / computed from each input
 
 
@@ -50,7 +50,9 @@ class QuantConfig:
     bias_correction : bool or str
         Remove each quantized layer's expected output error from its bias: ``True`` /
         ``"empirical"`` measures it on the calibration data (each layer with the layers before
-        it already quantized and corrected).
+        it already quantized and corrected); ``"analytic"`` computes it without data from
+        the weights' rounding and the folded BatchNorms' beta and gamma (the expected input of
+        a layer after BatchNorm -> ReLU / ReLU6), for layers that follow a BatchNorm.
     weight_method : str
         How weights are rounded: ``nearest`` (also called ``rtn``), ``adaround`` (learned per
         layer on the calibration data) or ``gptq`` (second-order error feedback from the
@@ -200,7 +202,8 @@ class QuantConfig:
         if not isinstance(correction, bool | str) or correction not in BIAS_CORRECTIONS:
             raise ConfigError(
                 f"unknown bias_correction {self.bias_correction!r}; "
-                "choose True (or 'empirical': measured on the calibration data) or False"
+                "choose True (or 'empirical': measured on the calibration data), 'analytic' "
+                "(from the folded BatchNorms' statistics, no data) or False"
             )
         if isinstance(self.weight_method, str) and self.weight_method in WEIGHT_METHOD_ALIASES:
             object.__setattr__(self, "weight_method", WEIGHT_METHOD_ALIASES[self.weight_method])

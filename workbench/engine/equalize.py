@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.engine.batches import run_model
+from workbench.engine.batches import first_samples, run_model
 from workbench.engine.graph_quantizers import FlowNode, trace_data_flow
 from workbench.engine.modules import get_layer, set_submodule
 
@@ -78,6 +78,10 @@ class EqualizedPair:
     activation: str | None
     activation_kind: str  # "relu", "relu6" or "identity"
     absorbed_bias: bool = False
+    # what happened to ``first``'s output channel i: divided by scale_i, then shift_i
+    # subtracted (high-bias absorption); None until equalized / when nothing was absorbed
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
 
 def _kind_of_activation(node: FlowNode) -> str | None:
@@ -112,7 +116,7 @@ def _group_supported(conv: nn.Module) -> bool:
 
 def find_equalization_pairs(model: nn.Module, batch: Any) -> list[EqualizedPair]:
     """The ``A -> ReLU / ReLU6 / nothing -> B`` pairs of ``model`` (from its data flow)."""
-    flow = trace_data_flow(model, _first_samples(batch))
+    flow = trace_data_flow(model, first_samples(batch))
     consumers = flow.consumers()
 
     def once(node: FlowNode) -> bool:
@@ -150,18 +154,6 @@ def find_equalization_pairs(model: nn.Module, batch: Any) -> list[EqualizedPair]
             continue
         pairs.append(EqualizedPair(node.name, user.name, activation, kind))
     return pairs
-
-
-def _first_samples(batch: Any, count: int = 2) -> Any:
-    """The first samples of a batch: the data flow does not depend on the batch size, and a
-    trace keeps every intermediate tensor alive."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:count] if batch.dim() > 0 else batch
-    if isinstance(batch, dict):
-        return {key: _first_samples(value, count) for key, value in batch.items()}
-    if isinstance(batch, list | tuple) and batch:
-        return [_first_samples(batch[0], count), *batch[1:]]
-    return batch
 
 
 def _output_ranges(layer: nn.Module) -> torch.Tensor:
@@ -204,6 +196,7 @@ def _equalize_once(model: nn.Module, pair: EqualizedPair, clip: dict[str, torch.
     )
     _scale_output_channels(first, scale)
     _scale_input_channels(second, scale)
+    pair.scale = scale if pair.scale is None else pair.scale * scale
     if pair.activation_kind == "relu6":
         clip[pair.activation] = clip[pair.activation] / scale
     return float(scale.log().abs().max()) if scale.numel() else 0.0
@@ -249,6 +242,7 @@ def _absorb_high_bias(model: nn.Module, pair: EqualizedPair, batch: Any) -> bool
     else:
         added = (weight * _along(shift, weight, 1)).reshape(weight.shape[0], -1).sum(dim=1)
     first.bias.sub_(shift)
+    pair.shift = shift
     if pair.activation_kind == "relu6":  # min(relu(y - c), u - c) = min(relu(y), u) - c, y >= c
         clipped = get_layer(model, pair.activation)
         clipped.upper.sub_(shift)
@@ -307,8 +301,18 @@ def equalize_model(model: nn.Module, batch: Any, absorb_bias: bool = True) -> li
 
 
 def mark_equalized(plans: list, pairs: list[EqualizedPair]) -> None:
-    """Set ``equalized`` on the plans of the layers in ``pairs``."""
+    """Set ``equalized`` on the plans of the layers in ``pairs``; the expected output
+    statistics a ``first`` layer's plan carries (``output_mean`` / ``output_std``) follow its
+    rescaled and shifted output."""
     names = {pair.first for pair in pairs} | {pair.second for pair in pairs}
+    firsts = {pair.first: pair for pair in pairs}
     for plan in plans:
         if plan.name in names:
             plan.equalized = True
+        pair = firsts.get(plan.name)
+        if pair is None or plan.output_mean is None or pair.scale is None:
+            continue
+        plan.output_mean = plan.output_mean / pair.scale
+        plan.output_std = plan.output_std / pair.scale
+        if pair.shift is not None:
+            plan.output_mean = plan.output_mean - pair.shift

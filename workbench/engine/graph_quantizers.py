@@ -35,7 +35,6 @@ identity *and* version, so an in-place ``out += identity`` is a new value.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from workbench.core.scheme import Scheme
-from workbench.engine.batches import run_model
+from workbench.engine.batches import first_samples, run_model
 from workbench.engine.call_sites import (
     CallTracker,
     FunctionSites,
@@ -172,27 +171,6 @@ class _FunctionRecorder(TorchFunctionMode):
             self.flow.nodes.append(FlowNode("function", name, None, in_keys, out_keys, site, op))
             self.flow.keep_alive.extend(inputs + outputs)
         return out
-
-
-def _few_samples(batch: Any, count: int = 2) -> Any:
-    """The first ``count`` samples of a batch: the data flow does not depend on the batch
-    size, and tracing keeps every intermediate tensor alive. Every tensor with the batch's
-    leading size is cut (``(ids, mask)`` and ``((ids, mask), labels)`` alike)."""
-    tensors = _tensors(batch)
-    if not tensors or tensors[0].dim() == 0:
-        return batch
-    size = tensors[0].shape[0]
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value[:count] if value.dim() > 0 and value.shape[0] == size else value
-        if isinstance(value, Mapping):
-            return {k: cut(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)([cut(v) for v in value]) if type(value) in (list, tuple) else value
-        return value
-
-    return cut(batch)
 
 
 def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:
@@ -343,7 +321,7 @@ def insert_output_quantizers(
     if not any(layer.input_quantizer is not None for _, layer in iter_quantized_layers(model)):
         return {}  # weight-only
     try:
-        flow = trace_data_flow(model, _few_samples(batch))
+        flow = trace_data_flow(model, first_samples(batch))
     except Exception as exc:  # the model ran in BN folding; a failure here only costs speed
         warnings.warn(
             f"could not trace the model's data flow ({type(exc).__name__}: {exc}); conv outputs "

@@ -10,8 +10,9 @@ models) can be quantized, and every layer keeps its name for the reports.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from workbench.engine.bn_fold import BN_TYPES
@@ -47,6 +48,11 @@ class LayerPlan:
     equalized: bool = False  # scaled by cross-layer equalization (engine.equalize)
     bias_corrected: bool = False  # expected output error removed from the bias
     weight_rounding: str | None = None  # "nearest" / "adaround" / "gptq" when quantized
+    # per output channel, the expected mean and std of the layer's output, from the BatchNorm
+    # folded into it (its beta and |gamma|), rescaled by equalization: what analytic bias
+    # correction assumes of the next layer's input (engine.bias_correction)
+    output_mean: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    output_std: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     kept_bits: int | None = None  # an override holds it above the config's widths
 

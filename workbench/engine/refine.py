@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from workbench.engine.adaround import adaround_model
-from workbench.engine.bias_correction import correct_biases
+from workbench.engine.bias_correction import correct_biases, correct_biases_analytically
 from workbench.engine.config import QuantConfig
 from workbench.engine.gptq import gptq_model
 from workbench.engine.prepare import QUANTIZED, LayerPlan
@@ -63,7 +63,11 @@ def refine_quantized_model(
         for name in gptq_model(quantized_model, batches, config.gptq_act_order, progress):
             if name in by_name:
                 by_name[name].weight_rounding = "gptq"
+    corrected: list[str] = []
     if config.bias_correction_method == "empirical":
-        for name in correct_biases(fp32_model, quantized_model, batches):
-            if name in by_name:
-                by_name[name].bias_corrected = True
+        corrected = correct_biases(fp32_model, quantized_model, batches)
+    elif config.bias_correction_method == "analytic":
+        corrected = correct_biases_analytically(fp32_model, quantized_model, plans, batches[0])
+    for name in corrected:
+        if name in by_name:
+            by_name[name].bias_corrected = True

@@ -173,15 +173,23 @@ def test_panel_keep_n_with_auto_mixed_precision_calls_the_workflow(digits):
         assert torch.equal(app.result.model(digits.test_x), direct.model(digits.test_x))
 
 
-def test_panel_keep_n_with_qat_names_the_fix(digits):
+def test_panel_keep_n_with_qat_trains_with_the_top_layer_fp32(digits):
+    model = tiny_cnn()
     app = wb.panel(
-        tiny_cnn(),
+        model,
         digits.calib_batches(2, 32),
-        train_data=digits.calib_batches(2, 32),
+        train_data=[(digits.train_x[i : i + 32], digits.train_y[i : i + 32]) for i in (0, 32)],
         loss_fn=nn.CrossEntropyLoss(),
     )
     app.method.value = "qat"
     app.keep_most_sensitive.value = 1
     app.run_button.click()
-    assert app.error.startswith("keeping the most sensitive layers FP32 works with PTQ")
-    assert app.result is None and app.sensitivity_table is None  # nothing was ranked
+    assert app.error == ""
+    top = app.sensitivity_table.iloc[0]["layer"]  # ranked first, then kept and trained
+    result = app.result
+    assert result.method == "qat" and result.config.exclude == (top,)
+    plan = next(p for p in result.plans if p.name == top)
+    assert plan.precision == "kept FP32" and plan.reason.startswith("kept FP32: sensitivity rank 1")
+    assert result.report.summary["kept_higher_precision"] == [top]
+    assert app.runs.frame["fp32_layers"].tolist() == [top]
+    assert type(result.model.get_submodule(top)) is type(model.get_submodule(top))

@@ -75,6 +75,30 @@ def test_max_drop_recipe_key_equals_the_line(shell, reference):
     assert kept == reference.report.summary["kept_higher_precision"]
 
 
+def test_max_drop_with_qat_trains_with_the_precisions_the_search_chose(shell, reference):
+    line = "model --method qat --train train --calib calib --loss loss_fn --eval accuracy"
+    result = shell.run_line_magic("quantize", f"{line} --bits 3 --max-drop {MAX_DROP}")
+    kept = reference.report.summary["kept_higher_precision"]
+    assert result.method == "qat" and result.config == reference.config
+    assert result.report.summary["kept_higher_precision"] == kept
+    layers = result.report.layers.set_index("layer")
+    for name in layers.index:
+        expected = 8 if name in kept else 3
+        assert layers.loc[name, "weight_bits"] == expected
+
+
+def test_keep_most_sensitive_line_and_recipe_equal_the_call(shell, model, digits):
+    direct = wb.keep_most_sensitive_fp32(model, digits.calib_batches(4, 32), 1, progress=False)
+    top = direct.report.summary["kept_higher_precision"]
+    by_line = shell.run_line_magic("quantize", "model --calib calib --keep-most-sensitive 1")
+    by_recipe = shell.run_cell_magic("quantize", "model", "calib: calib\nkeep_most_sensitive: 1")
+    for result in (by_line, by_recipe):
+        assert result.report.summary["kept_higher_precision"] == top
+        assert result.config == direct.config
+        with torch.no_grad():
+            assert torch.equal(result.model(digits.test_x), direct.model(digits.test_x))
+
+
 def test_max_drop_with_panel_sets_the_panel_controls(shell):
     app = shell.run_line_magic(
         "quantize", "model --calib calib --eval accuracy --max-drop 0.25 --panel"
@@ -93,8 +117,8 @@ def test_help_shows_max_drop_with_an_example(shell):
 BAD_LINES = [
     ("model --calib calib --max-drop 0.5", "--max-drop is a drop of the --eval metric; add --eval"),
     (
-        "model --method qat --train train --loss loss_fn --eval accuracy --max-drop 0.5",
-        "--max-drop searches mixed precision with PTQ; drop --method qat or drop --max-drop",
+        "model --calib calib --keep-most-sensitive 0",
+        "argument --keep-most-sensitive: must be >= 1",
     ),
     ("model --calib calib --eval accuracy --max-drop -1", "argument --max-drop: must be >= 0"),
     ("model --calib calib --eval accuracy --max-drop lots", "invalid number >= 0 value: 'lots'"),
@@ -115,6 +139,8 @@ BAD_RECIPES = [
     ("calib: calib\neval: accuracy\nmax_drop: true", "recipe key 'max_drop' must be a number"),
     ("calib: calib\neval: accuracy\nmax_drop: -1", "--max-drop must be >= 0, got -1.0"),
     ("calib: calib\nmax_drop: 0.5", "add --eval FN"),
+    ("calib: calib\nkeep_most_sensitive: 0", "--keep-most-sensitive must be >= 1, got 0"),
+    ("calib: calib\nkeep_most_sensitive: one", "'keep_most_sensitive' must be an integer"),
 ]
 
 

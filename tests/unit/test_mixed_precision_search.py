@@ -1,14 +1,17 @@
 """The mixed-precision search on a CNN with one damaged layer: it meets its budget keeping
-that layer whole-path 8-bit, or says it cannot."""
+that layer whole-path 8-bit, or says it cannot; QAT with ``max_drop`` / ``keep_most_sensitive``
+trains with the precisions the search chose."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 import workbench as wb
 from tests.unit.digits_models import tiny_cnn
+from tests.unit.model_guard import Snapshot
 from workbench.demo import accuracy, load_digits_data
 from workbench.engine.quantizers import ActivationQuantizer
 from workbench.workflows.mixed_precision import higher_precision_config, kept_config
@@ -40,11 +43,17 @@ def damaged():
     return model.eval(), calib, eval_fn, data
 
 
-def test_the_search_meets_the_budget_keeping_the_damaged_layer_at_8_bits(damaged):
+@pytest.fixture(scope="module")
+def searched(damaged):
+    model, calib, eval_fn, _ = damaged
+    return wb.auto_mixed_precision(model, calib, eval_fn, 0.5, "w4a4", progress=False)
+
+
+def test_the_search_meets_the_budget_keeping_the_damaged_layer_at_8_bits(damaged, searched):
     model, calib, eval_fn, _ = damaged
     plain = wb.ptq(model, calib, "w4a4", eval_fn=eval_fn, progress=False)
     assert plain.report.summary["metric_drop"] > 5.0  # the damage shows at 4 bits
-    result = wb.auto_mixed_precision(model, calib, eval_fn, 0.5, "w4a4", progress=False)
+    result = searched
     summary = result.report.summary
     assert summary["budget_met"] is True and summary["metric_drop"] <= 0.5
     kept = summary["kept_higher_precision"]
@@ -96,3 +105,89 @@ def test_every_layer_kept_is_exactly_the_int8_model(damaged):
     with torch.no_grad():
         assert torch.equal(kept.model(data.test_x), int8.model(data.test_x))
     assert eval_fn(kept.model) == eval_fn(int8.model)
+
+
+def train_batches(data, count=2):
+    starts = range(0, 128 * count, 128)
+    return [(data.train_x[i : i + 128], data.train_y[i : i + 128]) for i in starts]
+
+
+def test_qat_with_max_drop_trains_the_layers_the_search_kept_at_8_bits(damaged, searched):
+    model, calib, eval_fn, data = damaged
+    train = train_batches(data)
+    snapshot = Snapshot(model, calib, train)
+    result = wb.qat(
+        model,
+        train,
+        "w4a4",
+        loss_fn=nn.functional.cross_entropy,
+        eval_fn=eval_fn,
+        calib_data=calib,
+        lr=1e-4,
+        max_drop=0.5,
+        progress=False,
+    )
+    snapshot.assert_unchanged()
+    kept = searched.report.summary["kept_higher_precision"]  # the same search, same batches
+    summary = result.report.summary
+    assert result.method == "qat" and summary["kept_higher_precision"] == kept
+    assert result.config == searched.config
+    plans = {plan.name: plan for plan in result.plans}
+    for name in ("conv", "fc1", "fc2"):
+        if name in kept:
+            assert (plans[name].weight_bits, plans[name].activation_bits) == (8, 8)
+            assert plans[name].kept_bits == 8 and plans[name].precision == "kept 8-bit"
+            assert plans[name].reason.startswith("kept 8-bit: sensitivity rank")
+        else:
+            assert (plans[name].weight_bits, plans[name].activation_bits) == (4, 4)
+            assert plans[name].precision == "quantized"
+        layer = result.model.get_submodule(name)
+        assert layer.weight_quantizer.scheme.bits == plans[name].weight_bits
+        assert layer.input_quantizer.scheme.bits == plans[name].activation_bits
+    layers = result.report.layers.set_index("layer")
+    assert list(layers.loc[["conv", "fc1", "fc2"], "weight_bits"]) == [
+        plans[n].weight_bits for n in ("conv", "fc1", "fc2")
+    ]
+    pd.testing.assert_frame_equal(
+        result.report.extra_tables["Mixed-precision search"],
+        searched.report.extra_tables["Mixed-precision search"],
+    )
+    assert summary["search_budget_met"] is True and summary["max_drop"] == 0.5
+    assert summary["metric_quantized"] == pytest.approx(eval_fn(result.model))
+    assert summary["budget_met"] is (summary["metric_drop"] <= 0.5)
+
+
+def test_qat_keeping_the_most_sensitive_layer_trains_it_in_fp32(damaged):
+    model, calib, _, data = damaged
+    ranking = pd.DataFrame({"layer": ["fc2", "fc1", "conv"]})  # a given ranking, used as is
+    result = wb.qat(
+        model,
+        train_batches(data, 1),
+        "w4a4",
+        loss_fn=nn.functional.cross_entropy,
+        calib_data=calib,
+        keep_most_sensitive=1,
+        sensitivity=ranking,
+        progress=False,
+    )
+    assert result.config.exclude == ("fc2",)
+    plans = {plan.name: plan for plan in result.plans}
+    assert plans["fc2"].precision == "kept FP32" and plans["fc2"].weight_bits is None
+    assert plans["fc2"].reason == "kept FP32: sensitivity rank 1 of 3"
+    assert isinstance(result.model.fc2, nn.Linear)  # the FP32 layer itself, no quantizer
+    assert [plans[n].weight_bits for n in ("conv", "fc1")] == [4, 4]
+    assert result.report.summary["kept_higher_precision"] == ["fc2"]
+    assert result.report.extra_tables["Sensitivity"] is ranking
+
+
+def test_qat_search_options_are_checked_before_any_data_is_read(damaged):
+    model, _, _, _ = damaged
+
+    def never_read():
+        raise AssertionError("train_data read before the options were checked")
+        yield
+
+    with pytest.raises(wb.ConfigError, match=r"wb\.qat with max_drop needs eval_fn"):
+        wb.qat(model, never_read(), loss_fn=nn.functional.cross_entropy, max_drop=0.5)
+    with pytest.raises(wb.ConfigError, match="keep_most_sensitive must be >= 0"):
+        wb.qat(model, never_read(), loss_fn=nn.functional.cross_entropy, keep_most_sensitive=-1)

@@ -196,13 +196,31 @@ def test_auto_mixed_precision_from_the_panel(app, model, digits, eval_fn):
         assert torch.equal(app.result.model(digits.test_x), direct.model(digits.test_x))
 
 
-def test_auto_mixed_precision_needs_ptq_and_an_eval_fn(app, model, digits):
-    app.mixed_precision.value = True
-    app.method.value = "qat"
-    app.run_button.click()
-    assert app.error.startswith("max_drop searches mixed precision with PTQ")
-    assert app.result is None
+def test_auto_mixed_precision_needs_an_eval_fn(model, digits):
     assert wb.panel(model, digits.calib_batches(1, 32)).mixed_precision.disabled
+
+
+def test_auto_mixed_precision_with_qat_trains_with_the_searched_precisions(model, digits, eval_fn):
+    calib = digits.calib_batches(4, 32)
+    train = [(digits.train_x[i : i + 64], digits.train_y[i : i + 64]) for i in (0, 64)]
+    app = wb.panel(model, calib, eval_fn, train, torch.nn.CrossEntropyLoss())
+    app.method.value = "qat"
+    app.bits.value = 3
+    app.mixed_precision.value = True
+    app.max_drop.value = 0.5
+    app.run_button.click()
+    assert app.error == ""
+    direct = wb.auto_mixed_precision(model, calib, eval_fn, 0.5, config=INT3, progress=False)
+    result = app.result
+    kept = direct.report.summary["kept_higher_precision"]
+    assert result.method == "qat" and result.config == direct.config
+    assert result.report.summary["kept_higher_precision"] == kept
+    assert result.report.summary["max_drop"] == 0.5
+    for plan in result.plans:
+        if plan.name in kept:
+            assert (plan.weight_bits, plan.activation_bits, plan.precision) == (8, 8, "kept 8-bit")
+        elif plan.status == "quantized":
+            assert plan.weight_bits == 3
 
 
 def dominated_by_another(frame: pd.DataFrame, latency: bool) -> list[bool]:

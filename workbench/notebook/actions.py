@@ -69,17 +69,8 @@ def quantize(
 ):
     """``wb.ptq`` or ``wb.qat`` with the options that apply to it; with ``max_drop``,
     ``wb.auto_mixed_precision``; with ``keep_most_sensitive`` > 0,
-    ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). Both PTQ only."""
-    if max_drop is not None and method != "ptq":
-        raise ConfigError(
-            "max_drop searches mixed precision with PTQ; switch the method to PTQ "
-            "or leave max_drop unset"
-        )
-    if keep_most_sensitive > 0 and method != "ptq":
-        raise ConfigError(
-            "keeping the most sensitive layers FP32 works with PTQ; switch the method to PTQ "
-            "or keep 0 layers by sensitivity (and name them in the exclude list)"
-        )
+    ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). With QAT, the
+    same search runs first inside ``wb.qat`` and training uses the precisions it chose."""
     if method == "ptq":
         if calib_data is None:
             raise CalibrationError(
@@ -129,6 +120,9 @@ def quantize(
             loss_fn=loss_fn,
             eval_fn=eval_fn,
             progress=progress,
+            max_drop=max_drop,
+            keep_most_sensitive=keep_most_sensitive,
+            sensitivity=sensitivity,
             **options,
         )
     raise ConfigError(f"unknown method {method!r}; choose 'ptq' or 'qat'")

@@ -33,7 +33,8 @@ def usage_errors() -> Iterator[None]:
 
 def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     """Look the recipe's names up in ``namespace`` and run it: the QuantResult (exported and
-    benchmarked when asked; a mixed-precision search with ``max_drop``), or the panel with
+    benchmarked when asked; a mixed-precision search with ``max_drop`` or
+    ``keep_most_sensitive``, before QAT too), or the panel with
     ``panel=True``."""
     model = lookup_module(namespace, recipe.model)
     calib = lookup(namespace, recipe.calib, "--calib") if recipe.calib else None
@@ -61,6 +62,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
             recipe.equalize,
             recipe.bias_correction,
             recipe.weight_method,
+            recipe.keep_most_sensitive,
         )
         return app
     result = actions.quantize(
@@ -75,6 +77,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         eval_fn=eval_fn,
         num_batches=recipe.num_batches,
         max_drop=recipe.max_drop,
+        keep_most_sensitive=recipe.keep_most_sensitive or 0,
     )
     if recipe.export or recipe.bench:
         if example is None:

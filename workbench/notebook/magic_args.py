@@ -34,6 +34,8 @@ examples:
   %quantize model --calib calib_loader --bits 4 --asymmetric --exclude fc2 "encoder.*.dense"
   %quantize model --calib calib_loader --preset w4a4 --override fc2=int8 "stem.*=int8"
   %quantize model --method qat --train train_loader --loss loss_fn --epochs 2 --lr 1e-4
+  %quantize model --method qat --train train --loss loss_fn --eval accuracy --bits 4 --max-drop 0.5
+  %quantize model --calib calib_loader --keep-most-sensitive 2
   %quantize model --calib calib_loader --export model_int8.onnx --example x --bench
   %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
   %quantize model --calib calib_loader --panel
@@ -113,8 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-drop",
         type=_non_negative_float,
         metavar="X",
-        help="PTQ with --eval: keep the fewest most sensitive layers in higher precision "
-        "(FP32, or 8-bit below 8 bits) so the metric drops by at most X",
+        help="with --eval: keep the fewest most sensitive layers in higher precision "
+        "(FP32, or 8-bit below 8 bits) so that PTQ drops the metric by at most X; with "
+        "--method qat, then train with those precisions",
+    )
+    what.add_argument(
+        "--keep-most-sensitive",
+        type=_positive_int,
+        metavar="N",
+        help="keep the N most sensitive layers FP32 (with --max-drop, the rest searched); "
+        "with --method qat, then train",
     )
     what.add_argument(
         "-o",

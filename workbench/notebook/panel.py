@@ -7,9 +7,10 @@ controls' ``.value``, call ``run_button.click()``, read ``panel.result`` / ``pan
 
 The Sensitivity tab ranks the layers of the current config (``wb.sensitivity``); with
 "keep the N most sensitive layers FP32" set, Run calls ``wb.keep_most_sensitive_fp32`` with
-that ranking (computed first when missing; PTQ only). "auto mixed precision" runs
+that ranking (computed first when missing). "auto mixed precision" runs
 ``wb.auto_mixed_precision`` with the max drop instead of ``wb.ptq`` (after keeping the N
-layers, when both are set).
+layers, when both are set). With QAT, ``wb.qat`` runs the same search first and trains with
+the precisions it chose.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         try:
             config = self.config()
             table = None
-            if self.keep_most_sensitive.value > 0 and method == "ptq":
+            if self.keep_most_sensitive.value > 0:
                 self.status.value = status_html("Ranking the layers by sensitivity...")
                 table = self._sensitivity_for(config)
                 self.status.value = status_html(f"Running {method.upper()}...")

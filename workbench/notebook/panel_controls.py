@@ -87,7 +87,7 @@ class PanelControls:
         )
         self.mixed_precision = widgets.Checkbox(
             value=False,
-            description="auto mixed precision (PTQ)",
+            description="auto mixed precision",
             disabled=self.eval_fn is None,
             tooltip="needs eval_fn" if self.eval_fn is None else "",
             indent=False,
@@ -149,6 +149,7 @@ class PanelControls:
         equalize: bool | None = None,
         bias_correction: bool | None = None,
         weight_method: str | None = None,
+        keep_most_sensitive: int | None = None,
     ) -> None:
         """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
         they match in the keep-FP32 list; ``max_drop`` turns auto mixed precision on."""
@@ -165,6 +166,7 @@ class PanelControls:
             self.equalize: equalize,
             self.bias_correction: bias_correction,
             self.weight_method: weight_method,
+            self.keep_most_sensitive: keep_most_sensitive,
         }
         for control, value in values.items():
             if value is not None:

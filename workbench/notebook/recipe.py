@@ -22,7 +22,7 @@ QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
 
 _STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer", "weight_method"}
 _STR_KEYS |= {"train", "loss", "export", "example"}
-_INT_KEYS = {"num_batches", "bits", "epochs", "adaround_iterations"}
+_INT_KEYS = {"num_batches", "bits", "epochs", "adaround_iterations", "keep_most_sensitive"}
 _BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force", "equalize", "bias_correction"}
 _FLOAT_KEYS = {"lr", "max_drop"}
 # recipe-only spellings: the negative flags and the short output flag
@@ -40,6 +40,7 @@ class Recipe:
     eval: str | None = None
     num_batches: int | None = None
     max_drop: float | None = None
+    keep_most_sensitive: int | None = None
     output: str | None = None
     force: bool = False
     panel: bool = False
@@ -297,7 +298,7 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
     bits = options.get("bits")
     if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
         raise UsageError(f"%quantize: --bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
-    for key in ("num_batches", "epochs"):
+    for key in ("num_batches", "epochs", "keep_most_sensitive"):
         if options.get(key) is not None and options[key] < 1:
             raise UsageError(f"%quantize: {_flags([key])} must be >= 1, got {options[key]}")
     if options.get("lr") is not None and not options["lr"] > 0:
@@ -324,11 +325,6 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
         given = [key for key in QAT_ONLY_KEYS if key in options]
         if given:
             raise UsageError(f"%quantize: {_flags(given)} apply to QAT; add --method qat")
-    if method == "qat" and max_drop is not None and not panel:
-        raise UsageError(
-            "%quantize: --max-drop searches mixed precision with PTQ; drop --method qat "
-            "or drop --max-drop"
-        )
     if method == "qat" and "num_batches" in options and not panel:
         raise UsageError(
             "%quantize: --num-batches applies to PTQ; QAT calibrates on --calib (default: "

@@ -9,7 +9,9 @@
    budget does not need. No step within budget: the best one, a warning, ``budget_met`` False.
 
 ``keep_most_sensitive_fp32`` keeps a fixed number of the most sensitive layers FP32 instead
-(and, with ``max_drop``, searches the rest as above).
+(and, with ``max_drop``, searches the rest as above). ``wb.qat(..., max_drop=,
+keep_most_sensitive=)`` runs one of them first (``search_for_training``) and trains the model
+with the precisions it chose.
 """
 
 from __future__ import annotations
@@ -129,6 +131,65 @@ def keep_most_sensitive_fp32(
     result.report.extra_tables[title] = sensitivity
     result.report.summary["kept_higher_precision"] = list(kept) + list(searched)
     return result
+
+
+NO_ASSIGNMENT_WARNING = "wb.auto_mixed_precision: no assignment meets"
+
+
+def check_training_search(
+    eval_fn: Any, max_drop: float | None, keep_most_sensitive: Any, caller: str
+) -> None:
+    """The search options of ``wb.qat`` (``max_drop`` and ``keep_most_sensitive``), checked
+    before any data is read."""
+    if max_drop is not None:
+        check_search(eval_fn, max_drop, f"{caller} with max_drop")
+    if isinstance(keep_most_sensitive, bool) or not isinstance(keep_most_sensitive, Integral):
+        raise ConfigError(
+            "keep_most_sensitive must be an int (the number of layers kept FP32), got "
+            f"{type(keep_most_sensitive).__name__} {keep_most_sensitive!r}"
+        )
+    if keep_most_sensitive < 0:
+        raise ConfigError(
+            f"keep_most_sensitive must be >= 0 (the number of layers kept FP32), got "
+            f"{keep_most_sensitive}"
+        )
+
+
+def search_for_training(
+    model: nn.Module,
+    batches: list[Any],
+    config: QuantConfig,
+    eval_fn: Callable[[nn.Module], float] | None,
+    max_drop: float | None,
+    keep_most_sensitive: int,
+    sensitivity: pd.DataFrame | None,
+    progress: bool,
+) -> QuantResult:
+    """The PTQ search whose per-layer precisions QAT trains with: ``keep_most_sensitive_fp32``
+    when ``keep_most_sensitive`` > 0 (with ``max_drop``, the rest searched), else
+    ``auto_mixed_precision``. The search's own warning that PTQ cannot meet the budget is
+    left out: training is what comes next, and QAT's summary says whether it met it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NO_ASSIGNMENT_WARNING, category=UserWarning)
+        if keep_most_sensitive > 0:
+            return keep_most_sensitive_fp32(
+                model,
+                batches,
+                keep_most_sensitive,
+                config,
+                eval_fn,
+                sensitivity,
+                None,
+                progress,
+                max_drop,
+            )
+        return _search(model, batches, eval_fn, max_drop, config, None, progress, {})
+
+
+def kept_layer_notes(search: QuantResult) -> dict[str, str]:
+    """Why the search kept each of its layers (``kept 8-bit: sensitivity rank ...``)."""
+    kept = set(search.report.summary.get("kept_higher_precision", ()))
+    return {plan.name: plan.note for plan in search.plans if plan.name in kept}
 
 
 def _most_sensitive(sensitivity: pd.DataFrame, count: int) -> list[str]:
@@ -284,7 +345,7 @@ def _search(
                 best, best_drop, best_kept = candidate, drop, fewer
     else:
         warnings.warn(
-            f"wb.auto_mixed_precision: no assignment meets max_drop={max_drop} (the best, "
+            f"{NO_ASSIGNMENT_WARNING} max_drop={max_drop} (the best, "
             f"{len(best_kept)} layer(s) kept, drops {best_drop:.4g}); it is returned with "
             "summary['budget_met'] = False: raise max_drop, or try QAT",
             UserWarning,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from workbench.analysis.qat_report import QATReport
+from workbench.analysis.report import Report
 from workbench.engine.batches import (
     epoch_batches,
     iter_batches,
@@ -52,7 +53,13 @@ from workbench.engine.qat_options import (
 from workbench.engine.qat_quantizers import enable_qat, finish_qat
 from workbench.engine.refine import check_training_config
 from workbench.engine.train import TrainingLog, train_qat
+from workbench.errors import ConfigError
 from workbench.workflows.input_signature import input_signature
+from workbench.workflows.mixed_precision import (
+    check_training_search,
+    kept_layer_notes,
+    search_for_training,
+)
 from workbench.workflows.ptq import REPORT_BATCHES, build_report
 from workbench.workflows.result import QuantResult
 
@@ -74,6 +81,9 @@ def qat(
     learn_scales: bool = False,
     freeze_bn_after: int = 0,
     progress: bool = True,
+    max_drop: float | None = None,
+    keep_most_sensitive: int = 0,
+    sensitivity: pd.DataFrame | None = None,
 ) -> QuantResult:
     """Quantization-aware training of a copy of ``model``; ``model`` itself is untouched.
 
@@ -116,6 +126,19 @@ def qat(
         folded for good. 0 (default) folds BN before training, as PTQ does.
     progress : bool
         Show progress bars (calibration, then training with the running loss).
+    max_drop : float, optional
+        Train with mixed precision: first the PTQ search of ``wb.auto_mixed_precision`` on
+        the calibration batches (needs ``eval_fn``) keeps the fewest, most sensitive layers in
+        higher precision (FP32, or 8-bit below 8 bits) so that PTQ drops by at most
+        ``max_drop``; then QAT trains with those precisions (the result's ``config`` carries
+        them). The report gains the search's tables; ``summary["budget_met"]`` says whether
+        the trained model is within ``max_drop``.
+    keep_most_sensitive : int
+        Keep this many of the most sensitive layers FP32 (``wb.keep_most_sensitive_fp32`` on
+        the calibration batches, ranked by ``sensitivity`` when given; with ``max_drop``, the
+        rest searched), then train.
+    sensitivity : DataFrame, optional
+        The ``wb.sensitivity`` table of this model and config for ``keep_most_sensitive``.
 
     Returns
     -------
@@ -128,8 +151,16 @@ def qat(
     check_training_config(config, "wb.qat")
     check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
     check_eval_fn(eval_fn, "wb.qat")
+    check_training_search(eval_fn, max_drop, keep_most_sensitive, "wb.qat")
+    searching = max_drop is not None or keep_most_sensitive > 0
     device = resolve_device(device)
     job = join_job(device)  # a torch.distributed job: one data shard per process, DDP
+    if job is not None and searching:
+        job.close()
+        raise ConfigError(
+            "wb.qat searches mixed precision (max_drop, keep_most_sensitive) in one process "
+            "only; run wb.auto_mixed_precision once and pass its result's config to wb.qat"
+        )
     if job is not None:
         train_data, progress = shard_loader(train_data, job), progress and job.writes_files
         calib_data = None if calib_data is None else shard_loader(calib_data, job)
@@ -140,6 +171,12 @@ def qat(
     calib = first_batches if calib_data is None else list(iter_batches(calib_data))
     # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself
     source = user_model_copy(unwrap_ddp(model), "wb.qat").to("cpu")
+    search = None
+    if searching:  # the PTQ search first: its per-layer precisions are what trains
+        search = search_for_training(
+            source, calib, config, eval_fn, max_drop, keep_most_sensitive, sensitivity, progress
+        )
+        config = search.config
     first = calib[0]
     if job is not None:
         first = start_from_rank0(source, first, job)
@@ -176,6 +213,10 @@ def qat(
             stacklevel=2,
         )
     prepared = finish_qat(prepared).to("cpu")
+    if search is not None:
+        notes = kept_layer_notes(search)
+        for plan in plans:  # why the search kept it, as its own report says
+            plan.note = notes.get(plan.name, plan.note)
     base = build_report(
         source,
         fp32_model,
@@ -185,6 +226,8 @@ def qat(
         list(islice(calib, REPORT_BATCHES)),
         eval_fn,
     )
+    if search is not None:
+        carry_search(base, search, max_drop)
     history = history_frame(log)
     report = QATReport(base, history, training_summary(log, epochs, learn_scales))
     if job is not None:  # rank 0's report and history (losses of its shard) everywhere
@@ -205,6 +248,28 @@ def qat(
         input_signature=input_signature(calib[0]),
         writes_files=writes,
     )
+
+
+def carry_search(report: Report, search: QuantResult, max_drop: float | None) -> None:
+    """The PTQ search's tables and kept layers in the QAT report; with ``max_drop``,
+    ``budget_met`` of the trained model (a warning when it is over budget)."""
+    report.extra_tables.update(search.report.extra_tables)
+    report.summary["kept_higher_precision"] = list(search.report.summary["kept_higher_precision"])
+    if max_drop is None:
+        return
+    report.summary["max_drop"] = float(max_drop)
+    report.summary["search_budget_met"] = bool(search.report.summary["budget_met"])
+    drop = report.summary["metric_drop"]
+    report.summary["budget_met"] = bool(drop <= max_drop)
+    if not report.summary["budget_met"]:
+        warnings.warn(
+            f"wb.qat: the trained model drops {drop:.4g}, over max_drop={max_drop} (PTQ with "
+            f"the search's {len(report.summary['kept_higher_precision'])} kept layer(s) "
+            f"dropped {search.report.summary['metric_drop']:.4g}); train longer or raise "
+            "max_drop",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def history_frame(log: TrainingLog) -> pd.DataFrame:

@@ -13,7 +13,11 @@ How, and why this way:
 * **Weights as INT8 initializers feeding DequantizeLinear directly.** 4x smaller files, and the
   pattern ONNX Runtime matches. A Linear becomes ``DQ(W^T, axis=1) -> MatMul`` (the int8 weight
   is stored transposed: a Transpose between DQ and MatMul blocks the fusion, and such graphs
-  run slower than FP32). 4-bit weights are stored as int8 codes within the 4-bit range.
+  run slower than FP32). Per-channel 4-bit weights are stored as int8 codes within the 4-bit
+  range (ONNX Runtime's integer conv / matmul kernels read int8, and int4 initializers need
+  opset 21, past the TorchScript exporter's 20). Block-wise (``group_size``) Linear weights
+  are stored packed, 2 / 4 / 8 bits per code, in ONNX Runtime's ``MatMulNBits``
+  (``blockwise_export``).
 * **uint8 activations, int8 weights (U8S8),** what ONNX Runtime's x86 kernels (VNNI / AMX)
   run fastest; ``DQ -> MatMul`` becomes MatMulIntegerToFloat (FP32 out, bias added in FP32).
 * **Conv needs DQ -> Conv -> Q** for QLinearConv, with an INT32 bias on the grid of
@@ -57,6 +61,7 @@ from workbench.atomic_file import atomic_path, temporary_path_beside
 from workbench.engine.batches import model_inputs
 from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
+from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.per_call_specs import spec_copies_per_call
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
@@ -279,14 +284,18 @@ def export_int8_onnx(
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
     amx: bool | str = False,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
 ) -> tuple[Path, GraphInfo]:
     """Write the simulated ``quantized_model`` as an INT8 QDQ ONNX model (atomically).
 
     ``amx``: store conv weights for ONNX Runtime's AMX GEMM (``qdq_graph.route_convs_to_qgemm``;
     same values, faster on CPUs with AMX-INT8, equal elsewhere). Default ``False``: the file
     does not depend on the CPU that exports it; ``"auto"`` = when this machine's CPU has
-    AMX-INT8. Returns the path and the map of quantized layers / output quantizers in the graph.
+    AMX-INT8. ``accuracy_level``: of the MatMulNBits nodes block-wise Linear layers export to
+    (4 = int8 compute, ONNX Runtime's fastest; 1 = FP32 compute, closest to the simulation).
+    Returns the path and the map of quantized layers / output quantizers in the graph.
     """
+    check_accuracy_level(accuracy_level)
     if amx == "auto":
         amx = detect_cpu_features().amx
     elif not isinstance(amx, bool):
@@ -297,7 +306,7 @@ def export_int8_onnx(
         stand_in, example_input, target, dynamic_batch, opset, "the quantized model"
     )
     try:
-        info = finalize_qdq_graph(proto, amx=amx)
+        info = finalize_qdq_graph(proto, amx=amx, accuracy_level=accuracy_level)
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ExportError(

@@ -2,7 +2,9 @@
 
 Every pass keeps the values the graph computes (each is exact on the quantization grid):
 
-1. ``Constant`` nodes become initializers (the int8 weights are stored once, as int8).
+1. ``Constant`` nodes become initializers (the int8 weights are stored once, as int8);
+   MatMulNBits nodes of block-wise Linear layers are named after their layers
+   (``blockwise_export.resolve_blockwise_layers``).
 2. Marker nodes from ``qdq_modules`` name each quantized layer's node and weight initializers
    after the layer (``layer1.0.conv1``, ``layer1.0.conv1.weight_quantized``) and are removed.
 3. A per-tensor ``DequantizeLinear`` moves past ops that only move or select values
@@ -29,6 +31,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from workbench.runtime.blockwise_export import (
+    DEFAULT_ACCURACY_LEVEL,
+    ensure_ort_domain,
+    resolve_blockwise_layers,
+)
 from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.qdq_modules import MARKER_DOMAIN
 
@@ -532,14 +539,19 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def finalize_qdq_graph(model: onnx.ModelProto, amx: bool = False) -> GraphInfo:
+def finalize_qdq_graph(
+    model: onnx.ModelProto, amx: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+) -> GraphInfo:
     """Apply every pass (module docstring) to ``model`` in place; returns the layer map.
 
-    ``amx``: also :func:`route_convs_to_qgemm` (for CPUs with AMX-INT8)."""
+    ``amx``: also :func:`route_convs_to_qgemm` (for CPUs with AMX-INT8). ``accuracy_level``:
+    of the MatMulNBits nodes of block-wise Linear layers (``blockwise_export``)."""
     graph = model.graph
     constants_to_initializers(graph)
+    blockwise_rows = resolve_blockwise_layers(graph, accuracy_level)
     g = _Graph(graph)
     info = resolve_markers(g)
+    info.layers.extend(QuantizedLayerInfo(**row) for row in blockwise_rows)
     renames: dict[str, str] = {}
     while True:
         changed = commute_dequantize(g)
@@ -559,6 +571,7 @@ def finalize_qdq_graph(model: onnx.ModelProto, amx: bool = False) -> GraphInfo:
             tensor = renames[tensor]
         info.sites[site] = tensor
     _drop_marker_domain(model)
+    ensure_ort_domain(model)
     info.to_metadata(model)
     return info
 

@@ -36,6 +36,7 @@ from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
+from workbench.runtime.blockwise_export import BlockwiseLinear, blockwise_spec
 from workbench.runtime.per_call_specs import PerCallSpec
 
 MARKER_DOMAIN = "workbench"
@@ -285,7 +286,7 @@ class ExportLayer(PerCallSpec):
 
     def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
-        self.spec = layer_spec(layer)
+        self.spec = blockwise_spec(layer) or layer_spec(layer)  # block-wise: MatMulNBits
         self.input_quantizer = layer.input_quantizer
         self.output_quantizer = layer.output_quantizer
 
@@ -304,7 +305,9 @@ class ExportLayer(PerCallSpec):
         spec = self.call_spec()
         if spec.kind == "embedding":
             return _QuantizedEmbedding.apply(x, spec)
-        if spec.kind == "linear":
+        if spec.kind == "blockwise":
+            out = BlockwiseLinear.apply(x, spec)
+        elif spec.kind == "linear":
             out = _QuantizedLinear.apply(x, spec)
         else:
             out = _QuantizedConv.apply(x, spec)

@@ -71,6 +71,7 @@ class QuantResult:
         check_fusion: bool = True,
         opset: int = 17,
         amx: bool | str = False,
+        accuracy_level: int = 4,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -81,6 +82,8 @@ class QuantResult:
         fuse, and the table goes into the report. ``amx=True`` stores conv weights so that ONNX
         Runtime runs them on AMX tiles (same values); the default ``False`` keeps the file
         independent of the exporting CPU, ``"auto"`` follows this machine's CPU.
+        Block-wise (``group_size``) Linear weights are stored packed in MatMulNBits nodes
+        whose ``accuracy_level`` is given here (4 = int8 compute, fastest; 1 = FP32 compute).
         """
         from workbench.runtime.onnx_export import export_int8_onnx
 
@@ -89,7 +92,13 @@ class QuantResult:
         check_like_calibration(self.input_signature, example_input)
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
-                self.model, path, example_input, dynamic_batch, opset, amx=amx
+                self.model,
+                path,
+                example_input,
+                dynamic_batch,
+                opset,
+                amx=amx,
+                accuracy_level=accuracy_level,
             )
         if fp32_path is not None:
             self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)

@@ -118,3 +118,22 @@ def test_three_bit_codes_run_in_four_bit_blocks(tmp_path):
     np.testing.assert_allclose(
         run_session(make_session(path), x)[0], simulated, rtol=1e-4, atol=1e-5
     )
+
+
+def test_gptq_codes_with_a_partial_last_group_export_as_simulated(tmp_path):
+    model = stack()  # 200 inputs: six groups of 32 and one of 8
+    x = torch.randn(64, 200)
+    config = wb.QuantConfig.preset("int4-weight-g32", weight_method="gptq")
+    result = wb.ptq(model, [x], config=config)
+    quantizer = result.model[0].weight_quantizer
+    scheme = quantizer.scheme
+    rebuilt = wb.core.dequantize_with(
+        quantizer.codes, quantizer.scale, quantizer.zero_point, scheme
+    )
+    assert torch.equal(rebuilt, result.model[0].quantized_weight())
+    path = result.export_onnx(tmp_path / "m.onnx", x[:1], accuracy_level=1, check_fusion=False)
+    with torch.no_grad():
+        simulated = result.model(x).numpy()
+    np.testing.assert_allclose(
+        run_session(make_session(path), x)[0], simulated, rtol=1e-4, atol=1e-5
+    )

@@ -63,16 +63,18 @@ class GPTQCodes:
 
     def dequantize(self) -> torch.Tensor:
         """``s * (q - z)`` as a float32 ``[rows, cols]`` matrix."""
-        scale, zero_point = expand_groups(self.scale, self.zero_point, self.codes.shape[1])
+        scale, zero_point = expand_groups(
+            self.scale, self.zero_point, self.codes.shape[1], self.group_size
+        )
         return (self.codes.to(torch.float32) - zero_point) * scale
 
 
 def expand_groups(
-    scale: torch.Tensor, zero_point: torch.Tensor, cols: int
+    scale: torch.Tensor, zero_point: torch.Tensor, cols: int, group_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``[rows, groups]`` qparams repeated to one per weight ``[rows, cols]``."""
-    groups = scale.shape[1]
-    size = -(-cols // groups)
+    """Per-group ``[rows, groups]`` qparams repeated to one per weight ``[rows, cols]``
+    (groups of ``group_size`` columns, the last one partial; one group without it)."""
+    size = group_size or cols
     scale = scale.repeat_interleave(size, dim=1)[:, :cols]
     zero_point = zero_point.to(torch.float32).repeat_interleave(size, dim=1)[:, :cols]
     return scale, zero_point

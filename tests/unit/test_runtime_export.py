@@ -4,6 +4,8 @@ onnx.reference and ONNX Runtime)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -379,6 +381,63 @@ class SharedLayers(nn.Module):
         return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
 
 
+class SharedConvChain(nn.Module):
+    """One conv applied to its own output, no ReLU between, then ``y + z``: each call's input
+    comes off a different grid (the image, the first call's output quantizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.conv(y)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(z + y, 1), 1))
+
+
+def test_a_shared_conv_keeps_each_call_on_an_integer_kernel_through_qat(tmp_path, ort_exact_int8):
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 6, 6)
+    y = torch.randint(0, 3, (32,))
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    model = SharedConvChain().eval()
+    before = copy.deepcopy(model.state_dict())
+    result = wb.qat(
+        model,
+        batches,
+        config=ort_exact_int8,
+        loss_fn=nn.functional.cross_entropy,
+        epochs=1,
+        lr=1e-3,
+        progress=False,
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    conv = result.model.conv
+    first, second = conv.input_quantizer, conv.call_input_quantizers[0]
+    assert float(first.scale) != float(second.scale)  # one input grid per call
+    path = result.export_onnx(tmp_path / "chain.onnx", x[:2], check_fusion=False)
+    graph = onnx.load(str(path)).graph
+    codes = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # one weight, and each call's INT32 bias on the grid of its own input scale
+    assert "conv#1.weight_quantized" not in codes
+    for name, quantizer in (("conv", first), ("conv#1", second)):
+        expected = torch.round(
+            conv.layer.bias.detach()
+            / (quantizer.scale * conv.weight_quantizer.qparams(conv.layer.weight)[0])
+        )
+        np.testing.assert_array_equal(
+            codes[f"{name}.bias_quantized"], expected.numpy().astype(np.int32)
+        )
+    fusion = result.fusion(path, warn=False)
+    assert list(fusion.table["kernel"]) == ["QLinearConv", "QLinearConv", "QGemm"]
+    assert fusion.all_fused
+    xs = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(3))
+    step = output_step(result.model)
+    assert_matches(run_session(make_session(path), xs)[0], simulated(result.model, xs), step)
+    assert_matches(reference_run(path, xs), simulated(result.model, xs), step)
+
+
 def test_a_layer_called_at_two_sites_exports_once_per_call(tmp_path, ort_exact_int8):
     torch.manual_seed(0)
     data = torch.randn(16, 4, 6, 6)
@@ -390,6 +449,24 @@ def test_a_layer_called_at_two_sites_exports_once_per_call(tmp_path, ort_exact_i
     assert len(names) == len(set(names))
     for layer in ("conv", "fc"):  # both calls are in the graph, each with its own node
         assert {layer, f"{layer}#1"} <= set(names)
+    weights = [i.name for i in model.graph.initializer if i.name.endswith(".weight_quantized")]
+    assert sorted(weights) == [
+        "conv.weight_quantized",
+        "fc.weight_quantized",
+        "head.weight_quantized",
+    ]
+    readers = [n.name for n in model.graph.node if "conv.weight_quantized" in n.input]
+    assert readers == ["conv/weight_dequantize", "conv#1/weight_dequantize"]
+    fusion = result.fusion(path, warn=False)  # every call on an integer kernel
+    rows = dict(zip(fusion.table["layer"], fusion.table["kernel"], strict=True))
+    assert rows == {
+        "conv": "QLinearConv",
+        "conv#1": "QLinearConv",
+        "fc": "QGemm",
+        "fc#1": "QGemm",
+        "head": "QGemm",
+    }
+    assert list(result.report.layers["layer"]).count("conv") == 1
     x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(6))
     step = output_step(result.model)
     assert_matches(reference_run(path, x), simulated(result.model, x), step)

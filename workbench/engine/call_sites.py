@@ -11,7 +11,11 @@ own to hold an output quantizer. So:
 * a tensor op's quantizer lives in :class:`FunctionSites`, a submodule of the model's root,
   keyed by the op's site name ``"<module running it>.<op>#<n>"`` (the n-th such op at depth 0
   of that module's forward). While the root's forward runs, a ``TorchFunctionMode`` numbers the
-  ops the same way the trace did and quantizes the outputs of those that have a quantizer.
+  ops the same way the trace did and quantizes the outputs of those that have a quantizer;
+* a layer with weights called at several sites (a shared conv) cannot be cloned (its calls
+  share one weight, trained once by QAT and stored once): its output quantizers live in
+  :class:`FunctionSites` too, keyed by the module's call site ``"<module>#<n>"``, and a global
+  forward hook quantizes the output of the n-th call with the n-th site's quantizer.
 
 "Depth 0" means: not inside a leaf module (a module without children, or one of the
 quantization wrappers, which carry ``quantization_leaf = True``). The ops a leaf runs
@@ -102,9 +106,11 @@ class tracked_calls:
                 self.on_enter(module, site, args)
 
         def post_hook(module, args, output):
+            replaced = None
             if self.on_leave is not None and self.tracker.leaf_depth == 1:
-                self.on_leave(module, args, output)
+                replaced = self.on_leave(module, args, output)
             self.tracker.leave(module)
+            return replaced  # a forward hook returning a value replaces the module's output
 
         self.handles = [
             torch_module.register_module_forward_pre_hook(pre_hook),
@@ -118,7 +124,21 @@ class tracked_calls:
         self.handles = []
 
 
-class PerCallSite(nn.Module):
+class CountsCalls:
+    """A module that does something different at each of its call sites: ``next_call()`` is the
+    index of this call within the current forward of the root (:class:`FunctionSites` resets
+    ``calls`` when the root's forward begins)."""
+
+    calls: int = 0
+    call_count: int = 1
+
+    def next_call(self) -> int:
+        index = self.calls % max(1, self.call_count)
+        self.calls += 1
+        return index
+
+
+class PerCallSite(CountsCalls, nn.Module):
     """A parameter-free module called at several sites, as one clone per call: the n-th call of
     a forward runs ``sites[n]`` (counted from the root's forward, see :class:`FunctionSites`)."""
 
@@ -128,11 +148,10 @@ class PerCallSite(nn.Module):
         super().__init__()
         self.sites = nn.ModuleList(_clone(module) for _ in range(count))
         self.calls = 0
+        self.call_count = count
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        site = self.sites[self.calls % len(self.sites)]
-        self.calls += 1
-        return site(*args, **kwargs)
+        return self.sites[self.next_call()](*args, **kwargs)
 
 
 def _clone(module: nn.Module) -> nn.Module:
@@ -193,14 +212,27 @@ class FunctionSites(nn.Module):
 
     def begin(self, root: nn.Module, args: Any) -> None:
         for module in root.modules():
-            if isinstance(module, PerCallSite):
+            if isinstance(module, CountsCalls):
                 module.calls = 0
         if not self.site_names:
             self._active.append(None)
             return
         names = {module: name for name, module in root.named_modules() if name}
         tracker = CallTracker(names)
-        calls = tracked_calls(tracker)
+        module_sites: list[str | None] = []
+
+        def on_enter(module: nn.Module, site: str | None, args: Any) -> None:
+            if site is not None:
+                module_sites.append(site)
+
+        def on_leave(module: nn.Module, args: Any, output: Any) -> Any:
+            site = module_sites.pop() if module_sites else None
+            quantizer = self.quantizer(site) if site is not None else None
+            if quantizer is not None and isinstance(output, torch.Tensor):
+                return quantizer(output)
+            return None
+
+        calls = tracked_calls(tracker, on_enter, on_leave)
         calls.__enter__()
         mode = _SiteMode(self, tracker)
         mode.__enter__()

@@ -24,8 +24,12 @@ pass walks the calls of one real forward in order and:
 Quantizers attach to *call sites* (``engine.call_sites``): a module called once is wrapped in
 an :class:`OutputQuantized` at its own name; a parameter-free module called at several sites
 (ResNet's shared ``self.relu``) becomes one clone per call; a tensor op (``out += identity``,
-``torch.cat``, ``F.relu``) gets a quantizer in the root's ``quantization_sites``. The user's
-model is never touched: all of this happens in the prepared copy.
+``torch.cat``, ``F.relu``) and each call of a layer with weights called at several sites (a
+shared conv) get a quantizer in the root's ``quantization_sites``, keyed by call site. Such a
+shared layer keeps one input quantizer for all its calls (its observer sees every call): its
+INT32 bias is stored on the grid of ``s_input * s_weight``, so one input scale lets the calls
+share one weight and one bias in the exported file. The user's model is never touched: all of
+this happens in the prepared copy.
 
 The data flow comes from one real forward pass: global module hooks plus a
 ``TorchFunctionMode`` that sees every tensor op outside leaf modules. Tensors are keyed by
@@ -54,6 +58,7 @@ from workbench.engine.call_sites import (
     tracked_calls,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import find_submodule, set_submodule
 from workbench.engine.op_kinds import (
@@ -212,23 +217,23 @@ class Placement:
     ``outputs``: site -> the call whose output is quantized; ``slots``: site -> the folded
     BatchNorm slot that holds a conv's quantizer; ``share``: layer name -> site;
     ``kinds``: site -> the op kind that asked for the quantizer (for the reports);
-    ``origins``: site -> the quantized layer whose output it quantizes (its precision)."""
+    ``origins``: site -> the quantized layer whose output it quantizes (its precision);
+    ``call_share``: (layer, call n > 0) -> site, for a layer called at several sites."""
 
     outputs: dict[str, FlowNode] = field(default_factory=dict)
     slots: dict[str, str] = field(default_factory=dict)
     share: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    call_share: dict[tuple[str, int], str] = field(default_factory=dict)  # (layer, call n > 0)
 
 
 def _can_hold_quantizer(node: FlowNode, calls: dict[str, int]) -> bool:
-    """Whether a quantizer can be attached to this call (see ``engine.call_sites``)."""
-    if node.kind == "function":
-        return True
-    if calls.get(node.name, 0) == 1:
-        return True
-    has_parameters = any(True for _ in node.module.parameters())
-    return not has_parameters and not isinstance(node.module, QuantizedLayer)
+    """Whether a quantizer can be attached to this call: every call can (``engine.call_sites``:
+    a module called once holds it, a parameter-free module called at several sites becomes one
+    clone per call, a layer with weights called at several sites and a tensor op get it keyed
+    by their call site)."""
+    return node.kind == "function" or node.module is not None
 
 
 def plan_output_quantizers(
@@ -258,8 +263,6 @@ def plan_output_quantizers(
             continue
         if op.output != QUANTIZED_OUTPUT or not node.outputs or node.site in placement.outputs:
             continue
-        if op is CONV and flow.calls.get(node.name, 0) != 1:
-            continue  # one conv at several sites: one output quantizer cannot serve them all
         if op.tensor_inputs and len(node.inputs) != op.tensor_inputs:
             continue
         if op.grid_inputs and not all(key in on_grid for key in node.inputs):
@@ -295,12 +298,25 @@ def plan_output_quantizers(
         layer = node.module
         if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
             continue
-        if flow.calls.get(node.name, 0) != 1 or not node.inputs:
+        if not node.inputs:
             continue
         site = on_grid.get(node.inputs[0])
-        if site is not None and site != node.site:
+        if site is None or site == node.site:
+            continue
+        call = int(node.site.rsplit("#", 1)[1]) if flow.calls.get(node.name, 0) > 1 else 0
+        if call == 0:
             placement.share[layer.layer_name] = site
+        else:  # a later call of a layer called at several sites: its own input quantizer
+            placement.call_share[(layer.layer_name, call)] = site
     return placement
+
+
+def _called_with_weights_at_sites(node: FlowNode, calls: dict[str, int]) -> bool:
+    """A module with parameters (a shared conv) called at several sites: one clone per call
+    would duplicate its weight, so its output quantizers are keyed by call site instead."""
+    if node.module is None or calls.get(node.name, 0) < 2:
+        return False
+    return any(True for _ in node.module.parameters())
 
 
 # entry points --------------------------------------------------------------------------------
@@ -329,6 +345,7 @@ def insert_output_quantizers(
             stacklevel=2,
         )
         return {}
+    split_layer_calls(model, flow, config)
     placement = plan_output_quantizers(model, flow, folded_bn)
     if not placement.outputs:
         return {}
@@ -344,7 +361,7 @@ def insert_output_quantizers(
     paths: dict[str, str] = {}  # site -> path of its quantizer below the root
     per_call: dict[str, dict[int, str]] = {}  # module called at several sites
     for site, node in placement.outputs.items():
-        if node.kind == "function":
+        if node.kind == "function" or _called_with_weights_at_sites(node, flow.calls):
             paths[site] = install_function_sites(model).add(site, new_quantizer(site))
         elif site in placement.slots:
             slot = placement.slots[site]
@@ -379,7 +396,42 @@ def insert_output_quantizers(
                     schemes[site], old.observer_name, old.tensor_name, old.percentile
                 )
             layer.input_quantizer.shares_scale_of = paths[site]
+    for (layer_name, call), site in placement.call_share.items():
+        layer = layers.get(layer_name)
+        if site in paths and isinstance(layer, QuantizedLayerCalls):
+            quantizer = layer.call_input_quantizers[call - 1]
+            if quantizer.scheme != schemes[site]:  # the site's precision serves both
+                quantizer = ActivationQuantizer(
+                    schemes[site],
+                    quantizer.observer_name,
+                    quantizer.tensor_name,
+                    quantizer.percentile,
+                )
+                layer.call_input_quantizers[call - 1] = quantizer
+            quantizer.shares_scale_of = paths[site]
     return raised
+
+
+def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> None:
+    """Give each quantized layer called at several sites one input quantizer per call
+    (``engine.layer_calls``). The flow's nodes are pointed at the new modules."""
+    for name, layer in list(iter_quantized_layers(model)):
+        count = flow.calls.get(layer.layer_name, 0)
+        if count < 2 or layer.input_quantizer is None or isinstance(layer, QuantizedLayerCalls):
+            continue
+        scheme = layer.input_quantizer.scheme
+
+        def new_input_quantizer(index: int, scheme=scheme, name=name) -> ActivationQuantizer:
+            return ActivationQuantizer(
+                scheme, config.observer, f"input of {name} (call {index})", config.percentile
+            )
+
+        calls = QuantizedLayerCalls(layer, count, new_input_quantizer)
+        set_submodule(model, name, calls)
+        install_function_sites(model)  # resets the call counter at every forward
+        for node in flow.nodes:
+            if node.module is layer:
+                node.module = calls
 
 
 def site_schemes(
@@ -424,12 +476,7 @@ def round_bias(layer: QuantizedLayer) -> None:
 
 def bias_scale_of(layer: QuantizedLayer) -> torch.Tensor:
     """``s_input * s_weight`` (one per output channel when the weight is per-channel)."""
-    input_scale = layer.input_quantizer.scale.detach().abs().reshape(())
-    weight_scale, _ = layer.weight_quantizer.qparams(layer.layer.weight)
-    weight_scale = weight_scale.detach().abs().reshape(-1)
-    scale = (input_scale * weight_scale).to(torch.float32)
-    out_channels = layer.layer.weight.shape[0]
-    return scale.expand(out_channels).contiguous() if scale.numel() == 1 else scale
+    return bias_scale_for(layer, layer.input_quantizer)
 
 
 def finish_output_quantizers(model: nn.Module) -> None:
@@ -454,9 +501,13 @@ def finish_output_quantizers(model: nn.Module) -> None:
     for _, layer in iter_quantized_layers(model):
         if layer.output_quantizer is not None and not layer.output_quantizer.calibrated:
             layer.output_quantizer.calibrate()
+        for quantizer in getattr(layer, "call_input_quantizers", ()):
+            if not quantizer.calibrated:
+                quantizer.calibrate()
     for _, layer in iter_quantized_layers(model):
-        quantizer = layer.input_quantizer
-        source = scale_source(model, quantizer) if quantizer is not None else None
-        if source is not None and source.calibrated:
-            quantizer.share_qparams_of(source)
+        quantizers = [layer.input_quantizer, *getattr(layer, "call_input_quantizers", ())]
+        for quantizer in quantizers:
+            source = scale_source(model, quantizer) if quantizer is not None else None
+            if source is not None and source.calibrated:
+                quantizer.share_qparams_of(source)
         round_bias(layer)

@@ -17,8 +17,9 @@ from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer
 def set_layer_quantized(layer: QuantizedLayer, quantized: bool) -> None:
     """Quantize ``layer`` (weights and input) or let it compute in FP32."""
     layer.weight_quantizer.enabled = quantized
-    if layer.input_quantizer is not None:
-        layer.input_quantizer.mode = QUANTIZE if quantized else OFF
+    for quantizer in [layer.input_quantizer, *getattr(layer, "call_input_quantizers", ())]:
+        if quantizer is not None:
+            quantizer.mode = QUANTIZE if quantized else OFF
 
 
 def quantize_only(model: nn.Module, names: Iterable[str], between_layers: bool = True) -> None:

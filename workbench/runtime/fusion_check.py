@@ -246,13 +246,15 @@ def check_fusion(
             counts[f"{node.op_type} (FP32)"] += 1
     rows = []
     for layer in layers:
-        kernel = kernel_of_input.get(layer.weight) or next(
+        by_node = kernel_of_name.get(layer.node) or next(
             (op for name, op in kernel_of_name.items() if name.split("_token")[0] == layer.node),
             None,
         )
+        # the calls of a layer called at several sites share its weight: find each by its node
+        kernel = by_node if layer.call else kernel_of_input.get(layer.weight) or by_node
         rows.append(
             {
-                "layer": layer.name,
+                "layer": layer.node if layer.call else layer.name,
                 "op_type": layer.op_type,
                 "fused": kernel is not None,
                 "kernel": kernel or "",

@@ -140,7 +140,12 @@ def _points(model: onnx.ModelProto) -> list[_Point]:
     ]
     seen = {point.tensor for point in points}
     nodes = {node.name: node for node in model.graph.node}
+    # a layer called at several sites: its module's hooks see every call, so only its output
+    # quantizers (one per call site) are compared
+    called_at_sites = {layer.name for layer in info.layers if layer.call}
     for layer in info.layers:
+        if layer.name in called_at_sites:
+            continue
         node = nodes.get(layer.node)
         dequantize = producer.get(node.input[0]) if node is not None else None
         if dequantize is not None and dequantize.op_type == "DequantizeLinear":

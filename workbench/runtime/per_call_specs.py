@@ -59,6 +59,8 @@ def spec_copies_per_call(model: nn.Module) -> Iterator[None]:
     with hooks_removed(handles):
         yield
     for module, count_of_calls in calls.items():
-        copies = [module.spec, *(_copied(module.spec) for _ in range(count_of_calls - 1))]
+        # a stand-in whose calls differ (``specs_by_call``: one INT32 bias grid per call)
+        base = getattr(module, "specs_by_call", None) or [module.spec]
+        copies = [base[0], *(_copied(base[i % len(base)]) for i in range(1, count_of_calls))]
         module._call_specs = copies if count_of_calls > 1 else []
         module._call_index = 0

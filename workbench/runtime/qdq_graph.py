@@ -61,6 +61,7 @@ class QuantizedLayerInfo:
     node: str
     weight: str  # the int8 / uint8 weight initializer
     output: str  # the layer's output tensor (for a Conv: before its output Q)
+    call: int = 0  # the call site (node ``layer#n``) of a layer called at several sites
 
 
 @dataclass
@@ -187,6 +188,8 @@ def resolve_markers(g: _Graph) -> GraphInfo:
         suffixes = ("weight_quantized", "weight_scale", "weight_zero_point")
         for old, suffix in zip(dq.input, suffixes, strict=False):
             g.rename_initializer(old, f"{name}.{suffix}")
+        if call:  # the same weight as the first call's: one initializer, read by every call
+            _share_initializers(g, dq, layer, suffixes)
         if not targets:
             continue
         target = targets[0]
@@ -203,10 +206,24 @@ def resolve_markers(g: _Graph) -> GraphInfo:
         if target.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add":
             users[0].name = f"{name}/bias_add"
             output = users[0].output[0]
-        if not call:  # the report has one row per layer: its first call
-            row = QuantizedLayerInfo(layer, target.op_type, layer, dq.input[0], output)
-            info.layers.append(row)
+        # one row per call: the report keeps one row per layer (``call`` 0), the fusion check
+        # lists every call's kernel
+        info.layers.append(
+            QuantizedLayerInfo(layer, target.op_type, name, dq.input[0], output, call)
+        )
+    g.refresh()
     return info
+
+
+def _share_initializers(g: _Graph, dq: onnx.NodeProto, layer: str, suffixes) -> None:
+    """Point ``dq`` at the first call's initializers where they hold the same values."""
+    for index, suffix in enumerate(suffixes):
+        if index >= len(dq.input):
+            break
+        first, mine = f"{layer}.{suffix}", dq.input[index]
+        a, b = g.array(first), g.array(mine)
+        if a is not None and b is not None and a.dtype == b.dtype and np.array_equal(a, b):
+            dq.input[index] = first
 
 
 def _per_tensor_dq(g: _Graph, name: str) -> onnx.NodeProto | None:

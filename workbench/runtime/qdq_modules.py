@@ -30,8 +30,9 @@ from torch import nn
 
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.scheme import Scheme
-from workbench.engine.call_sites import FunctionSites
-from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized, bias_scale_of
+from workbench.engine.call_sites import CountsCalls, FunctionSites
+from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
+from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
@@ -151,8 +152,12 @@ def _attrs_of_conv(conv: nn.Module) -> dict:
     }
 
 
-def layer_spec(layer: QuantizedLayer) -> LayerSpec:
-    """Codes, scales and the bias of one quantized layer, exactly as the simulation uses them."""
+def layer_spec(
+    layer: QuantizedLayer, input_quantizer: ActivationQuantizer | None = None
+) -> LayerSpec:
+    """Codes, scales and the bias of one quantized layer, exactly as the simulation uses them
+    (the bias on the grid of ``input_quantizer``, by default the layer's own)."""
+    input_quantizer = input_quantizer or layer.input_quantizer
     module = layer.layer
     scheme = layer.weight_quantizer.scheme
     with torch.no_grad():
@@ -186,8 +191,8 @@ def layer_spec(layer: QuantizedLayer) -> LayerSpec:
                 f"layer {layer.layer_name!r} of type {type(module).__name__} cannot be exported "
                 "as a quantized layer; exclude it (QuantConfig(exclude=...)) to keep it FP32"
             )
-        if bias is not None and layer.input_quantizer is not None:
-            bias_scale = bias_scale_of(layer)
+        if bias is not None and input_quantizer is not None:
+            bias_scale = bias_scale_for(layer, input_quantizer)
             bias_codes = torch.round(bias / bias_scale).clamp(INT32_MIN, INT32_MAX_FLOAT32)
             bias = bias_codes * bias_scale
             bias_codes = bias_codes.to(torch.int32)
@@ -279,16 +284,26 @@ class _QuantizedEmbedding(torch.autograd.Function):
         return g.op("Mul", values, scales)
 
 
-class ExportLayer(PerCallSpec):
-    """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv."""
+class ExportLayer(CountsCalls, PerCallSpec):
+    """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv. A layer called at
+    several sites (``engine.layer_calls``) has one input quantizer and one spec (its INT32
+    bias on that input's grid) per call."""
 
     quantization_leaf = True  # one call site, as the QuantizedLayer it stands in for
 
     def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
-        self.spec = blockwise_spec(layer) or layer_spec(layer)  # block-wise: MatMulNBits
         self.input_quantizer = layer.input_quantizer
+        self.call_input_quantizers = nn.ModuleList(getattr(layer, "call_input_quantizers", ()))
+        self.call_count = 1 + len(self.call_input_quantizers)
+        # block-wise weights: MatMulNBits (weight-only, one call spec)
+        blockwise = blockwise_spec(layer)
+        self.specs_by_call = [blockwise or layer_spec(layer, q) for q in self._input_quantizers()]
+        self.spec = self.specs_by_call[0]
         self.output_quantizer = layer.output_quantizer
+
+    def _input_quantizers(self) -> list[nn.Module | None]:
+        return [self.input_quantizer, *self.call_input_quantizers]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -300,8 +315,9 @@ class ExportLayer(PerCallSpec):
         return self.spec.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
+        quantizer = self._input_quantizers()[self.next_call()]
+        if quantizer is not None:
+            x = quantizer(x)
         spec = self.call_spec()
         if spec.kind == "embedding":
             return _QuantizedEmbedding.apply(x, spec)
@@ -344,7 +360,11 @@ class ExportFloatLayer(nn.Module):
 
 
 def _stand_in_for_layer(layer: QuantizedLayer) -> nn.Module:
-    return ExportLayer(layer) if layer.weight_quantizer.enabled else ExportFloatLayer(layer)
+    if layer.weight_quantizer.enabled:
+        return ExportLayer(layer)
+    if isinstance(layer, QuantizedLayerCalls):
+        return layer  # FP32 weight, its per-call input quantizers replaced like any other
+    return ExportFloatLayer(layer)
 
 
 def _stand_in_for_quantizer(quantizer: ActivationQuantizer, name: str, site: str) -> nn.Module:

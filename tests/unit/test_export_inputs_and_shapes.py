@@ -19,12 +19,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 class PooledTo(nn.Module):
-    def __init__(self, size) -> None:
+    def __init__(self, size, cells: int = 4) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.relu = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(size)
-        self.fc = nn.Linear(8 * 2 * 2, 4)
+        self.fc = nn.Linear(8 * cells, 4)
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.relu(self.conv(x))), 1))
@@ -66,6 +66,27 @@ def test_adaptive_average_pooling_to_any_size_exports(tmp_path, size):
     got = session.run(None, {"input": x.numpy()})[0]
     step = float(result.model.fc.input_quantizer.scale)
     assert np.abs(got - expected).max() <= 2 * step * float(model.fc.weight.abs().sum(1).max())
+
+
+@pytest.mark.parametrize(("size", "image"), [((3, 3), 8), ((7, 7), 10), ((3, 2), 7)])
+def test_adaptive_average_pooling_with_uneven_windows_exports(tmp_path, size, image):
+    torch.manual_seed(0)
+    model = PooledTo(size, size[0] * size[1]).eval()
+    data = torch.randn(8, 3, image, image)
+    result = wb.ptq(model, [data], progress=False)
+    path = result.export_onnx(tmp_path / "uneven.onnx", data[:1], check_fusion=False)
+    graph = onnx.load(str(path)).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, image, image]  # only the batch axis is dynamic
+    session = make_session(path, 1, optimize=False)  # every QDQ node as written
+    x = torch.randn(5, 3, image, image, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = result.model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    # the same windows; float sums in another order may move a value by one input step
+    step = float(result.model.fc.input_quantizer.scale)
+    assert np.abs(got - expected).max() <= step * float(model.fc.weight.abs().sum(1).max())
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9999
 
 
 def test_a_tuple_example_input_is_the_positional_inputs(tmp_path):

@@ -377,7 +377,10 @@ class ExportAdaptiveAvgPool(nn.Module):
     """``nn.AdaptiveAvgPool{1,2,3}d`` as the plain average pool it is when each input size is a
     multiple of its output size (VGG's ``(7, 7)`` on 7x7 or 14x14 maps): the TorchScript
     exporter can only export adaptive pooling to sizes other than 1 when it sees the input's
-    static sizes, which no autograd-Function stand-in keeps. Other sizes stay adaptive."""
+    static sizes, which no autograd-Function stand-in keeps. Uneven windows (``(7, 7)`` on a
+    10x10 map) become the averaging matrices adaptive pooling applies along each axis
+    (window ``[floor(i S / O), ceil((i + 1) S / O))``), fixed for the exported spatial size:
+    MatMuls on constants, in FP32 (ONNX has no adaptive pooling)."""
 
     quantization_leaf = True  # one call site, as the pooling module it stands in for
 
@@ -395,12 +398,32 @@ class ExportAdaptiveAvgPool(nn.Module):
         wanted = [
             size if out is None else int(out) for size, out in zip(sizes, wanted, strict=True)
         ]
-        if all(out == 1 for out in wanted) or any(
-            s % o for s, o in zip(sizes, wanted, strict=True)
-        ):
-            return self.pool(x)  # global pooling exports as it is; uneven windows stay adaptive
+        if all(out == 1 for out in wanted):
+            return self.pool(x)  # global pooling exports as it is
+        if any(s % o for s, o in zip(sizes, wanted, strict=True)):
+            return _averaging_matrices(x, sizes, wanted)
         kernel = [s // o for s, o in zip(sizes, wanted, strict=True)]
         return AVG_POOLS[self.dims](x, kernel, kernel)
+
+
+def averaging_matrix(size: int, out: int) -> torch.Tensor:
+    """``[out, size]``: row i averages adaptive pooling's window i of an axis of ``size``."""
+    matrix = torch.zeros(out, size, dtype=torch.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def _averaging_matrices(x: torch.Tensor, sizes: list[int], wanted: list[int]) -> torch.Tensor:
+    dims = len(sizes)
+    for offset, (size, out) in enumerate(zip(sizes, wanted, strict=True)):
+        axis = x.dim() - dims + offset
+        if size == out:
+            continue
+        moved = x.transpose(axis, -1)
+        x = torch.matmul(moved, averaging_matrix(size, out).t().to(x.dtype)).transpose(axis, -1)
+    return x
 
 
 def exportable_model(model: nn.Module) -> nn.Module:

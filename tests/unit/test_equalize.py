@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 
@@ -82,3 +83,22 @@ def test_ptq_with_equalize_keeps_the_reference_and_marks_the_layers():
     assert set(rows[rows.astype(bool)].index) == equalized
     assert result.report.summary["ptq_methods"] == ["cross-layer equalization"]
     assert equalized == {"expand", "depthwise", "project", "mix", "mix2", "fc1", "fc2"}
+
+
+def test_equalized_relu6_leaves_the_conv_before_it_on_its_integer_kernel(tmp_path, ort_exact_int8):
+    model = inverted_residual_net()
+    batches = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    config = replace(ort_exact_int8, equalize=True)
+    result = wb.ptq(model, batches, config=config, progress=False)
+    clipped = result.model.expand_act
+    assert isinstance(clipped, ChannelClippedReLU)
+    assert float(clipped.upper.max() - clipped.upper.min()) > 1.0  # bounds differ per channel
+    path = result.export_onnx(tmp_path / "equalized.onnx", batches[0][:2], check_fusion=False)
+    fusion = result.fusion(path)
+    kernels = fusion.table.set_index("layer")["kernel"]
+    assert kernels["expand"] == "QLinearConv" and kernels["depthwise"] == "QLinearConv"
+    assert fusion.unfused == []
+    # the per-channel bound runs as Min between the two integer kernels: ORT still computes
+    # what the simulation does
+    parity = result.parity(path, torch.randn(32, 1, 8, 8), per_layer=False)
+    assert parity.table.iloc[0]["cosine"] > 0.9999

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from workbench.engine.batches import first_samples, run_model
-from workbench.engine.equalize import ChannelClippedReLU
+from workbench.engine.equalize import ChannelMinimum
 from workbench.engine.graph_quantizers import FlowNode, round_bias, trace_data_flow
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import find_submodule
@@ -214,15 +214,17 @@ def expected_clipped_relu(
     return expected
 
 
-def _activation_bound(node: FlowNode) -> tuple[bool, torch.Tensor | float | None]:
-    """``(is a ReLU-like activation, its upper bound or None)``."""
+def _clamp_bound(node: FlowNode) -> tuple[bool, torch.Tensor | float | None]:
+    """``(clamps from 0 or is a per-channel minimum, its upper bound or None)``: ReLU, ReLU6,
+    a Hardtanh from 0 and the parts of an equalized ReLU6."""
     if node.kind == "function":
         return node.name in ("relu", "relu_"), None
-    if isinstance(node.module, ChannelClippedReLU):
-        return True, node.module.upper
-    if type(node.module) is nn.ReLU6:
-        return True, 6.0
-    return type(node.module) is nn.ReLU, None
+    module = node.module
+    if isinstance(module, ChannelMinimum):
+        return True, module.upper
+    if isinstance(module, nn.Hardtanh) and float(module.min_val) == 0.0:
+        return True, float(module.max_val)
+    return type(module) is nn.ReLU, None
 
 
 def expected_inputs(
@@ -243,9 +245,19 @@ def expected_inputs(
             continue
         source = producer.get(node.inputs[0]) if node.inputs else None
         upper, clipped = None, False
-        if source is not None and source.name not in statistics:
-            clipped, upper = _activation_bound(source)
-            source = producer.get(source.inputs[0]) if clipped and source.inputs else None
+        while source is not None and source.name not in statistics:  # ReLU, then a bound
+            clamps, bound = _clamp_bound(source)
+            if not clamps or not source.inputs:
+                source = None
+                break
+            if bound is not None:
+                upper = (
+                    bound
+                    if upper is None
+                    else torch.minimum(torch.as_tensor(upper), torch.as_tensor(bound))
+                )
+            clipped = True
+            source = producer.get(source.inputs[0])
         if not once(source) or source.name not in statistics:
             continue
         if isinstance(source.module, nn.Linear) != isinstance(node.module, nn.Linear):

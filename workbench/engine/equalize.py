@@ -13,8 +13,9 @@ grid on a few wide channels. A layer in the middle of a chain belongs to two pai
 pairs are equalized again and again until the scales stop changing.
 
 ReLU6 is not positively homogeneous: its clip at 6 becomes a clip at ``6 / s_i`` per channel,
-so an equalized ReLU6 is replaced by :class:`ChannelClippedReLU` (a ReLU with a per-channel
-upper bound), which computes exactly what ReLU6 did on the unscaled values.
+so an equalized ReLU6 is replaced by :class:`ChannelClippedReLU` (a clip at the largest bound,
+then a per-channel minimum), which computes exactly what ReLU6 did on the unscaled values and
+lets the conv before it still run as QLinearConv.
 
 High-bias absorption (ReLU and ReLU6 pairs): where channel ``i`` of ``A``'s output never falls below
 ``c_i > 0`` on the calibration batch, ``relu(y - c) + c = relu(y)`` there, so ``c`` moves from
@@ -47,12 +48,8 @@ CONVERGED_LOG_SCALE = 1e-6  # |log s_i| below this for every channel: converged
 RANGE_FLOOR = 1e-12
 
 
-class ChannelClippedReLU(nn.ReLU):
-    """``min(relu(x), upper_c)`` with one upper bound per channel: an equalized ReLU6.
-
-    A subclass of ``nn.ReLU`` so that quantizer placement still sees a ReLU after the conv
-    (its output starts at 0).
-    """
+class ChannelMinimum(nn.Module):
+    """``min(x, upper_c)`` with one bound per channel (exports as ``Min`` with a constant)."""
 
     def __init__(self, upper: torch.Tensor, channel_axis: int) -> None:
         super().__init__()
@@ -62,10 +59,38 @@ class ChannelClippedReLU(nn.ReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
         shape[self.channel_axis % x.dim()] = -1
-        return torch.minimum(torch.relu(x), self.upper.reshape(shape))
+        return torch.minimum(x, self.upper.reshape(shape))
 
     def extra_repr(self) -> str:
         return f"channels={self.upper.numel()}"
+
+
+class ChannelClippedReLU(nn.Module):
+    """``min(relu(x), upper_c)`` with one upper bound per channel: an equalized ReLU6.
+
+    Computed as ``clip(x, 0, max_c upper_c)`` (an ``nn.Hardtanh`` from 0: quantizer placement
+    sees a ReLU-like op after the conv, the output quantizer goes after it and ONNX Runtime
+    drops the exported ``Clip`` into QLinearConv) followed by the per-channel
+    :class:`ChannelMinimum`, which runs on its own between the conv's quantized output and the
+    next layer's input quantizer. Equal to ``min(relu(x), upper_c)`` for every ``x``.
+    """
+
+    def __init__(self, upper: torch.Tensor, channel_axis: int) -> None:
+        super().__init__()
+        self.clip = nn.Hardtanh(0.0, float(upper.max()))
+        self.bound = ChannelMinimum(upper, channel_axis)
+
+    @property
+    def upper(self) -> torch.Tensor:
+        return self.bound.upper
+
+    def lower_bounds(self, shift: torch.Tensor) -> None:
+        """``upper_c -= shift_c`` (high-bias absorption moved ``shift`` out of the input)."""
+        self.bound.upper.sub_(shift)
+        self.clip.max_val = float(self.bound.upper.max())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bound(self.clip(x))
 
 
 @dataclass
@@ -244,8 +269,7 @@ def _absorb_high_bias(model: nn.Module, pair: EqualizedPair, batch: Any) -> bool
     first.bias.sub_(shift)
     pair.shift = shift
     if pair.activation_kind == "relu6":  # min(relu(y - c), u - c) = min(relu(y), u) - c, y >= c
-        clipped = get_layer(model, pair.activation)
-        clipped.upper.sub_(shift)
+        get_layer(model, pair.activation).lower_bounds(shift)
     if second.bias is None:
         second.bias = nn.Parameter(added.clone())
     else:

@@ -37,8 +37,8 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * x.t() @ x / x.shape[0]
 
 
-def _nearest(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme):
-    scale, zero_point = expand_groups(scale, zero_point, weight.shape[1])
+def _nearest(weight, scale, zero_point, scheme, group_size=None):
+    scale, zero_point = expand_groups(scale, zero_point, weight.shape[1], group_size)
     codes = torch.round(weight / scale) + zero_point
     codes = torch.clamp(codes, scheme.quant_min, scheme.quant_max)
     return (codes - zero_point) * scale
@@ -143,12 +143,12 @@ def test_dead_inputs_get_a_zero_weight():
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_block_wise_gptq_beats_block_wise_round_to_nearest(act_order):
-    x = _correlated_inputs(2048, 160, seed=8)  # 160 = 5 groups of 32; blocks of 128 and 32
-    weight = torch.randn(32, 160, generator=torch.Generator().manual_seed(8))
+    x = _correlated_inputs(2048, 150, seed=8)  # 5 groups of 32, the last partial (22)
+    weight = torch.randn(32, 150, generator=torch.Generator().manual_seed(8))
     scheme = wb.Scheme(4, True, False, 0)
     result = gptq_quantize(weight, _hessian(x), scheme, group_size=32, act_order=act_order)
     assert result.scale.shape == (32, 5)
-    groups = [row_qparams(weight[:, g : g + 32], scheme)[0] for g in range(0, 160, 32)]
+    groups = [row_qparams(weight[:, g : g + 32], scheme)[0] for g in range(0, 150, 32)]
     static = torch.cat(groups, dim=1)
     if act_order:  # static groups: the scales of the original weights
         assert torch.equal(result.scale, static)
@@ -156,7 +156,11 @@ def test_block_wise_gptq_beats_block_wise_round_to_nearest(act_order):
         assert torch.equal(result.scale[:, 0], static[:, 0])
     assert int(result.codes.min()) >= scheme.quant_min
     assert int(result.codes.max()) <= scheme.quant_max
-    nearest = _nearest(weight, static, torch.zeros_like(static, dtype=torch.int32), scheme)
+    zero = torch.zeros_like(static, dtype=torch.int32)
+    nearest = _nearest(weight, static, zero, scheme, group_size=32)
+    group_of_column = torch.arange(150) // 32  # the last group holds columns 128..149
+    column_scale = result.scale[:, group_of_column]
+    assert torch.equal(result.dequantize(), result.codes.to(torch.float32) * column_scale)
     error = _output_error(x, weight, result.dequantize())
     assert error < 0.9 * _output_error(x, weight, nearest)
 

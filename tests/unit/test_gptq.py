@@ -181,19 +181,6 @@ def test_conv_weights_and_inputs_as_matrices():
     )
 
 
-def test_gpt2_conv1d_is_a_transposed_linear():
-    conv1d_type = pytest.importorskip("transformers.pytorch_utils").Conv1D
-    layer = conv1d_type(12, 20)  # nf=12 outputs, nx=20 inputs: weight [20, 12]
-    with torch.no_grad():
-        layer.weight.normal_()
-    x = torch.randn(3, 7, 20)
-    matrix = weight_matrix(layer)
-    assert matrix.shape == (12, 20)
-    out = input_rows(layer, x) @ matrix.t() + layer.bias
-    torch.testing.assert_close(out, layer(x).reshape(-1, 12))
-    assert torch.equal(from_matrix(matrix, layer), layer.weight.detach())
-
-
 # ---- wb.ptq ---------------------------------------------------------------------------------
 
 
@@ -315,3 +302,46 @@ def test_the_magic_and_the_panel_offer_gptq():
     config = make_recipe(parse_line("model --calib calib --weight-method gptq")).config()
     assert config == wb.QuantConfig(weight_method="gptq")
     assert "gptq" in WEIGHT_METHODS  # the panel's dropdown lists these
+
+
+class _Conv1DBlock(nn.Module):
+    """GPT-2's MLP shape: transformers' Conv1D projections (weight [in, out])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        self.c_fc = conv1d(96, 32)
+        self.c_proj = conv1d(32, 96)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.relu(self.c_fc(x)))
+
+
+def test_gpt2_conv1d_block_wise_gptq_exports_its_codes(tmp_path):
+    """GPT-2's Conv1D at 4 bits in groups of 32: GPTQ rounds it, beats round-to-nearest, and
+    ONNX Runtime's MatMulNBits (FP32 compute) runs exactly the simulated weights."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _Conv1DBlock().eval()
+    x = _correlated_inputs(8 * 64, 32, seed=10).reshape(8, 8, 8, 32)
+    batches = list(x)
+    scheme = wb.Scheme(4, False, True, 0, group_size=32)
+    nearest = wb.ptq(
+        model, batches, config=wb.QuantConfig(weight=scheme, activation=None), progress=False
+    )
+    config = wb.QuantConfig(weight=scheme, activation=None, weight_method="gptq")
+    gptq = wb.ptq(model, batches, config=config, progress=False)
+    assert {p.weight_rounding for p in gptq.plans if p.status == "quantized"} == {"gptq"}
+    layers = dict(iter_quantized_layers(gptq.model))
+    assert layers["c_proj"].weight_quantizer.scale.shape == (32, 3)  # 96 inputs, 3 groups
+    with torch.no_grad():
+        flat = torch.cat(batches)
+        reference = model(flat)
+        error_nearest = (nearest.model(flat) - reference).pow(2).mean()
+        error_gptq = (gptq.model(flat) - reference).pow(2).mean()
+        simulated = gptq.model(batches[0]).numpy()
+    assert float(error_gptq) < 0.8 * float(error_nearest)
+    path = gptq.export_onnx(tmp_path / "gptq_g32.onnx", batches[0], accuracy_level=1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: batches[0].numpy()}
+    np.testing.assert_allclose(session.run(None, feed)[0], simulated, rtol=1e-4, atol=1e-4)

@@ -18,8 +18,11 @@ weights as updated when its first column is reached, as the reference code does;
 ``act_order`` too, the group scales are fixed from the original weights first ("static
 groups"), so that every group stays a contiguous run of input columns as the export needs.
 
-``X`` is the layer's input in the quantized model, with the layers before it already
-quantized (and rounded by GPTQ), after its input quantizer when activations are quantized.
+Linear layers (GPT-2's ``Conv1D`` too: the engine holds it as its Linear) and one-group
+Conv1d / Conv2d (their inputs unfolded into patches) are rounded; other layers keep
+round-to-nearest. ``X`` is the layer's input in the quantized model, with the layers before
+it already quantized (and rounded by GPTQ), after its input quantizer when activations are
+quantized.
 Only ``H`` is kept per layer (``in x in`` floats), never the inputs: memory is bounded by one
 batch's activations. The codes are kept in a :class:`GPTQWeightQuantizer`; the simulation and
 the ONNX export both read them.
@@ -200,17 +203,13 @@ def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
 # ---- layers: weight matrix views and the Hessian of their inputs --------------------------
 
 
-def _is_transformers_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2's projections): a Linear whose weight is ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def supports_gptq(layer: QuantizedLayer) -> bool:
-    """Linear, transformers' Conv1D, and Conv1d / Conv2d with one group and numeric padding."""
+    """Linear (GPT-2's ``Conv1D`` among them: the engine holds each as the Linear it
+    computes, ``engine.conv1d``) and Conv1d / Conv2d with one group and numeric padding."""
     if isinstance(layer, QuantizedEmbedding):
         return False
     module = layer.layer
-    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
+    if isinstance(module, nn.Linear):
         return True
     if isinstance(module, nn.Conv1d | nn.Conv2d):
         return (
@@ -225,15 +224,11 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out, in]`` (a conv's input = channels x kernel, as ``unfold`` lays
     out its patches)."""
     weight = module.weight.detach()
-    if _is_transformers_conv1d(module):
-        return weight.t()
     return weight.reshape(weight.shape[0], -1)
 
 
 def from_matrix(matrix: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``weight_matrix``'s inverse: a ``[out, in]`` matrix in the module's weight layout."""
-    if _is_transformers_conv1d(module):
-        return matrix.t().contiguous()
     return matrix.reshape(module.weight.shape)
 
 
@@ -354,7 +349,7 @@ def gptq_model(
     act_order: bool = False,
     progress: bool = True,
 ) -> list[str]:
-    """Round every quantized Linear / Conv1D / Conv with GPTQ, in forward order, in place;
+    """Round every quantized Linear / Conv with GPTQ, in forward order, in place;
     returns the layers rounded (the others keep round-to-nearest)."""
     calls = Counter(_forward_calls(quantized_model, batches[0]))
     layers = dict(iter_quantized_layers(quantized_model))

@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 import pandas as pd
 
+from workbench.runtime.dynamic_export import dynamic_linear_nodes
 from workbench.runtime.onnx_maps import TensorMap, tensor_map
 from workbench.runtime.ort_session import load_onnx_model, make_session
 from workbench.runtime.qdq_graph import QuantizedLayerInfo, read_graph_info
@@ -179,8 +180,9 @@ def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFr
         source = tensors.producer.get(name)
         return name in initializers or (source is not None and source.op_type in SHAPE_OPS)
 
+    inside_layers = dynamic_linear_nodes(graph)  # fused with their dynamic Linear
     for node in graph.node:
-        if node.op_type not in LISTED_OPS:
+        if node.op_type not in LISTED_OPS or node.name in inside_layers:
             continue
         if node.op_type == "Concat" and all(shape_arithmetic(name) for name in node.input):
             continue  # builds a shape (``x.view(x.shape[0], -1)``), not a tensor of values

@@ -36,6 +36,7 @@ from workbench.runtime.blockwise_export import (
     ensure_ort_domain,
     resolve_blockwise_layers,
 )
+from workbench.runtime.dynamic_export import resolve_dynamic_weights
 from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.qdq_modules import MARKER_DOMAIN
 
@@ -211,6 +212,7 @@ def resolve_markers(g: _Graph) -> GraphInfo:
         info.layers.append(
             QuantizedLayerInfo(layer, target.op_type, name, dq.input[0], output, call)
         )
+    info.layers += [QuantizedLayerInfo(*row) for row in resolve_dynamic_weights(g)]
     g.refresh()
     return info
 

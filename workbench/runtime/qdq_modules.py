@@ -191,7 +191,8 @@ def layer_spec(
                 f"layer {layer.layer_name!r} of type {type(module).__name__} cannot be exported "
                 "as a quantized layer; exclude it (QuantConfig(exclude=...)) to keep it FP32"
             )
-        if bias is not None and input_quantizer is not None:
+        static_input = input_quantizer is not None and not input_quantizer.dynamic
+        if bias is not None and static_input:  # a dynamic input's bias stays FP32
             bias_scale = bias_scale_for(layer, input_quantizer)
             bias_codes = torch.round(bias / bias_scale).clamp(INT32_MIN, INT32_MAX_FLOAT32)
             bias = bias_codes * bias_scale
@@ -360,6 +361,10 @@ class ExportFloatLayer(nn.Module):
 
 
 def _stand_in_for_layer(layer: QuantizedLayer) -> nn.Module:
+    from workbench.runtime.dynamic_export import ExportDynamicLinear, is_dynamic_linear
+
+    if is_dynamic_linear(layer):
+        return ExportDynamicLinear(layer, layer_spec(layer))
     if layer.weight_quantizer.enabled:
         return ExportLayer(layer)
     if isinstance(layer, QuantizedLayerCalls):

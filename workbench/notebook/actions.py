@@ -72,7 +72,7 @@ def quantize(
     ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). With QAT, the
     same search runs first inside ``wb.qat`` and training uses the precisions it chose."""
     if method == "ptq":
-        if calib_data is None:
+        if calib_data is None and not config.dynamic:
             raise CalibrationError(
                 "PTQ needs calibration data; pass calib_data (a DataLoader or a list of batches)"
             )

@@ -316,10 +316,17 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
     if output is not None and not output.isidentifier():
         raise UsageError(f"%quantize: -o takes a variable name, got {output!r}")
     panel = bool(options.get("panel"))
-    if method == "ptq" and not options.get("calib"):
+    if method == "ptq" and not options.get("calib") and not PRESETS[preset].dynamic:
         raise UsageError(
             "%quantize: PTQ needs calibration data: add --calib DATA "
-            "(a DataLoader, list of batches or tensor), or use --method qat"
+            "(a DataLoader, list of batches or tensor), use --preset int8-dynamic (no data "
+            "needed), or use --method qat"
+        )
+    wants_input = options.get("export") or options.get("bench")
+    if method == "ptq" and not options.get("calib") and wants_input and not options.get("example"):
+        raise UsageError(
+            "%quantize: --export / --bench without --calib need an input to trace: add "
+            "--example INPUT"
         )
     if method == "ptq" and not panel:
         given = [key for key in QAT_ONLY_KEYS if key in options]

@@ -72,6 +72,10 @@ def test_preset_is_dynamic_uint8_with_int8_per_channel_weights():
             },
             "overrides",
         ),
+        (
+            {"activation_mode": "dynamic", "weight": wb.Scheme(4, True, True, group_size=32)},
+            "group_size",
+        ),
     ],
 )
 def test_bad_dynamic_configs_are_one_clear_error(kwargs, match):

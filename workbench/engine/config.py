@@ -187,6 +187,12 @@ class QuantConfig:
                 f"activation_mode='dynamic' takes activation={DYNAMIC_SCHEME!r}, got "
                 f"{self.activation!r} ({fix}); drop the activation argument"
             )
+        if self.weight.group_size is not None:
+            raise ConfigError(
+                "activation_mode='dynamic' takes per-channel or per-tensor weights; block-wise "
+                "weights (group_size) run as MatMulNBits, which quantizes its input itself: "
+                "use a weight-only preset such as 'int4-weight-g32'"
+            )
         for pattern, override in self.overrides.items():
             scheme = override.get("activation", DYNAMIC_SCHEME)
             if scheme is not None and scheme != DYNAMIC_SCHEME:

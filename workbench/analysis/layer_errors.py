@@ -21,9 +21,13 @@ from workbench.engine.modules import ROOT_NAME, hooks_removed
 
 
 def measure_layer_errors(
-    fp32_model: nn.Module, quantized_model: nn.Module, batches: Iterable[Any]
+    fp32_model: nn.Module,
+    quantized_model: nn.Module,
+    batches: Iterable[Any],
+    what: str = "calib_data",
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Return ``({layer: {output_sqnr_db, output_cosine, layer_sqnr_db}}, model_stats)``."""
+    """Return ``({layer: {output_sqnr_db, output_cosine, layer_sqnr_db}}, model_stats)``;
+    ``what`` names the batches in errors (``calib_data``, or held-out ``report_data``)."""
     quantized: dict[str, QuantizedLayer] = dict(iter_quantized_layers(quantized_model))
     output_acc = {name: ErrorAccumulator() for name in quantized}
     isolated_acc = {name: ErrorAccumulator() for name in quantized}
@@ -56,9 +60,9 @@ def measure_layer_errors(
     with hooks_removed(handles), torch.no_grad():
         for index, batch in enumerate(batches):
             reference_outputs.clear()
-            ref = output_tensor(run_model(fp32_model, batch, index))
+            ref = output_tensor(run_model(fp32_model, batch, index, what))
             in_quantized_model[0] = True
-            out = output_tensor(run_model(quantized_model, batch, index))
+            out = output_tensor(run_model(quantized_model, batch, index, what))
             in_quantized_model[0] = False
             if ref is not None and out is not None and ref.shape == out.shape:
                 model_acc.add(ref, out)

@@ -66,11 +66,13 @@ def quantize(
     max_drop: float | None = None,
     keep_most_sensitive: int = 0,
     sensitivity: pd.DataFrame | None = None,
+    report_data: Any = None,
 ):
     """``wb.ptq`` or ``wb.qat`` with the options that apply to it; with ``max_drop``,
     ``wb.auto_mixed_precision``; with ``keep_most_sensitive`` > 0,
     ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). With QAT, the
-    same search runs first inside ``wb.qat`` and training uses the precisions it chose."""
+    same search runs first inside ``wb.qat`` and training uses the precisions it chose.
+    ``report_data``: held-out batches for the report's per-layer errors (its first 8)."""
     if method == "ptq":
         if calib_data is None and not config.dynamic:
             raise CalibrationError(
@@ -87,6 +89,7 @@ def quantize(
                 num_batches=num_batches,
                 progress=progress,
                 max_drop=max_drop,
+                report_data=report_data,
             )
         if max_drop is not None:
             return wb.auto_mixed_precision(
@@ -97,6 +100,7 @@ def quantize(
                 config=config,
                 num_batches=num_batches,
                 progress=progress,
+                report_data=report_data,
             )
         return wb.ptq(
             model,
@@ -105,6 +109,7 @@ def quantize(
             eval_fn=eval_fn,
             num_batches=num_batches,
             progress=progress,
+            report_data=report_data,
         )
     if method == "qat":
         if train_data is None or loss_fn is None:
@@ -123,6 +128,7 @@ def quantize(
             max_drop=max_drop,
             keep_most_sensitive=keep_most_sensitive,
             sensitivity=sensitivity,
+            report_data=report_data,
             **options,
         )
     raise ConfigError(f"unknown method {method!r}; choose 'ptq' or 'qat'")

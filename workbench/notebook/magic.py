@@ -38,6 +38,9 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     ``panel=True``."""
     model = lookup_module(namespace, recipe.model)
     calib = lookup(namespace, recipe.calib, "--calib") if recipe.calib else None
+    report_data = None
+    if recipe.report_data:
+        report_data = lookup(namespace, recipe.report_data, "--report-data")
     train = lookup(namespace, recipe.train, "--train") if recipe.train else None
     loss_fn = lookup_callable(namespace, recipe.loss, "--loss") if recipe.loss else None
     eval_fn = lookup_callable(namespace, recipe.eval, "--eval") if recipe.eval else None
@@ -46,7 +49,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     if recipe.panel:
         from workbench.notebook.panel import panel
 
-        app = panel(model, calib, eval_fn, train, loss_fn, example)
+        app = panel(model, calib, eval_fn, train, loss_fn, example, report_data)
         app.set_controls(
             recipe.method,
             recipe.preset,
@@ -78,6 +81,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         num_batches=recipe.num_batches,
         max_drop=recipe.max_drop,
         keep_most_sensitive=recipe.keep_most_sensitive or 0,
+        report_data=report_data,
     )
     if recipe.export or recipe.bench:
         if example is None:

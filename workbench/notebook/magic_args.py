@@ -35,7 +35,7 @@ examples:
   %quantize model --calib calib_loader --preset w4a4 --override fc2=int8 "stem.*=int8"
   %quantize model --method qat --train train_loader --loss loss_fn --epochs 2 --lr 1e-4
   %quantize model --method qat --train train --loss loss_fn --eval accuracy --bits 4 --max-drop 0.5
-  %quantize model --calib calib_loader --keep-most-sensitive 2
+  %quantize model --calib calib_loader --keep-most-sensitive 2 --report-data test_loader
   %quantize model --calib calib_loader --export model_int8.onnx --example x --bench
   %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
   %quantize model --calib calib_loader --panel
@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to run")
     what.add_argument(
         "--calib", metavar="DATA", help="calibration data (PTQ): DataLoader, batches, tensor"
+    )
+    what.add_argument(
+        "--report-data",
+        metavar="DATA",
+        help="held-out batches the report's per-layer errors are measured on (default: the "
+        "calibration batches)",
     )
     what.add_argument("--method", choices=METHODS, help="ptq (default) or qat")
     what.add_argument("--eval", metavar="FN", help="eval_fn(model) -> float, e.g. accuracy")

@@ -70,6 +70,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         train_data: Any = None,
         loss_fn: Callable | None = None,
         example_input: Any = None,
+        report_data: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"wb.panel needs a torch.nn.Module, got {type(model).__name__}")
@@ -79,6 +80,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self.train_data = train_data
         self.loss_fn = loss_fn
         self.example_input = example_input
+        self.report_data = report_data
         self.result = None
         self.layers_table: pd.DataFrame | None = None
         self.error = ""
@@ -215,6 +217,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
                 max_drop=self.max_drop.value if self.mixed_precision.value else None,
                 keep_most_sensitive=self.keep_most_sensitive.value,
                 sensitivity=table,
+                report_data=self.report_data,
             )
             self.progress.value = 1
             self._show_result(result)
@@ -349,6 +352,7 @@ def panel(
     train_data: Any = None,
     loss_fn: Callable | None = None,
     example_input: Any = None,
+    report_data: Any = None,
 ) -> WorkbenchPanel:
     """An ipywidgets panel to quantize ``model`` with PTQ or QAT and compare the runs.
 
@@ -365,5 +369,10 @@ def panel(
         Training data and ``loss_fn(output, target)`` for QAT.
     example_input : tensor, optional
         Input for ONNX export and benchmark (default: the first calibration batch).
+    report_data : optional
+        Held-out batches on which each run's report measures the per-layer errors
+        (default: the calibration batches).
     """
-    return WorkbenchPanel(model, calib_data, eval_fn, train_data, loss_fn, example_input)
+    return WorkbenchPanel(
+        model, calib_data, eval_fn, train_data, loss_fn, example_input, report_data
+    )

@@ -21,7 +21,7 @@ DEFAULT_PRESET = "int8"
 QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
 
 _STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer", "weight_method"}
-_STR_KEYS |= {"train", "loss", "export", "example"}
+_STR_KEYS |= {"train", "loss", "export", "example", "report_data"}
 _INT_KEYS = {"num_batches", "bits", "epochs", "adaround_iterations", "keep_most_sensitive"}
 _BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force", "equalize", "bias_correction"}
 _FLOAT_KEYS = {"lr", "max_drop"}
@@ -37,6 +37,7 @@ class Recipe:
     model: str
     method: str = "ptq"
     calib: str | None = None
+    report_data: str | None = None
     eval: str | None = None
     num_batches: int | None = None
     max_drop: float | None = None

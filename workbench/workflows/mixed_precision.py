@@ -35,7 +35,7 @@ from workbench.engine.prepare import FP32
 from workbench.engine.switches import quantize_only
 from workbench.errors import ConfigError
 from workbench.workflows.input_signature import input_signature
-from workbench.workflows.ptq import REPORT_BATCHES, build_report
+from workbench.workflows.ptq import REPORT_BATCHES, build_report, report_batches
 from workbench.workflows.result import QuantResult
 from workbench.workflows.sensitivity import CalibratedModel, sensitivity_table
 from workbench.workflows.sensitivity import sensitivity as sensitivity_report
@@ -60,15 +60,21 @@ def auto_mixed_precision(
     config: QuantConfig | str | None = None,
     num_batches: int | None = None,
     progress: bool = True,
+    report_data: Any = None,
 ) -> QuantResult:
     """Quantize ``model`` keeping the fewest most sensitive layers in higher precision so that
     ``eval_fn`` drops by at most ``max_drop`` against FP32.
 
     Returns a QuantResult whose report lists the layers kept (and why) and has two extra
-    tables: ``Sensitivity`` and ``Mixed-precision search`` (layers kept vs metric).
+    tables: ``Sensitivity`` and ``Mixed-precision search`` (layers kept vs metric). The search
+    is judged by ``eval_fn`` (measure it on held-out data); ``report_data`` (held-out batches)
+    is where the report's per-layer errors are measured, by default the calibration batches.
     """
     check_search(eval_fn, max_drop, "auto_mixed_precision")
-    return _search(model, calib_data, eval_fn, max_drop, config, num_batches, progress, {})
+    held_out = report_batches(report_data)
+    return _search(
+        model, calib_data, eval_fn, max_drop, config, num_batches, progress, {}, held_out
+    )
 
 
 def keep_most_sensitive_fp32(
@@ -81,6 +87,7 @@ def keep_most_sensitive_fp32(
     num_batches: int | None = None,
     progress: bool = True,
     max_drop: float | None = None,
+    report_data: Any = None,
 ) -> QuantResult:
     """PTQ of ``model`` with its ``count`` most sensitive layers kept FP32.
 
@@ -92,6 +99,7 @@ def keep_most_sensitive_fp32(
     searched as :func:`auto_mixed_precision` does: its ranking of the rest is ``Sensitivity``,
     this one ``Sensitivity (all layers)``, and the layers it keeps follow in the summary.
     The calibration batches are read once and held in memory, as ``wb.sensitivity`` does.
+    ``report_data``: held-out batches for the report's per-layer errors, as in ``wb.ptq``.
     """
     config = resolve_config(config)
     if max_drop is not None:
@@ -102,6 +110,7 @@ def keep_most_sensitive_fp32(
             f"count must be an int (the number of layers kept FP32), got "
             f"{type(count).__name__} {count!r}"
         )
+    held_out = report_batches(report_data)
     # read once: the ranking and the quantization see the same batches (a generator too)
     batches = list(iter_batches(calib_data, num_batches))
     metric_fp32 = None
@@ -122,11 +131,15 @@ def keep_most_sensitive_fp32(
         config, exclude=tuple(config.exclude) + tuple(n for n in kept if n not in config.exclude)
     )
     if max_drop is not None:
-        result = _search(model, batches, eval_fn, max_drop, kept_config, None, progress, reasons)
+        result = _search(
+            model, batches, eval_fn, max_drop, kept_config, None, progress, reasons, held_out
+        )
         searched = result.report.summary["kept_higher_precision"]
         title = "Sensitivity (all layers)"
     else:
-        result = _ptq(model, batches, kept_config, eval_fn, metric_fp32, progress, reasons)
+        result = _ptq(
+            model, batches, kept_config, eval_fn, metric_fp32, progress, reasons, held_out
+        )
         searched, title = [], "Sensitivity"
     result.report.extra_tables[title] = sensitivity
     result.report.summary["kept_higher_precision"] = list(kept) + list(searched)
@@ -232,6 +245,7 @@ def _ptq(
     metric_fp32: float | None,
     progress: bool,
     reasons: Mapping[str, str],
+    held_out: list[Any] | None,
 ) -> QuantResult:
     """``wb.ptq``'s steps, with ``reasons`` set on the plans before the report is built
     (``metric_fp32``: ``eval_fn`` of the FP32 model when already measured)."""
@@ -248,6 +262,7 @@ def _ptq(
         list(islice(calibrated.batches, REPORT_BATCHES)),
         eval_fn,
         metric_fp32,
+        held_out,
     )
     return QuantResult(
         calibrated.model,
@@ -283,6 +298,7 @@ def _search(
     num_batches: int | None,
     progress: bool,
     reasons: Mapping[str, str],
+    held_out: list[Any] | None = None,
 ) -> QuantResult:
     """The mixed-precision search; ``reasons`` of layers the config already keeps FP32 are set
     on the plans before the report is built.
@@ -369,6 +385,7 @@ def _search(
         list(islice(low.batches, REPORT_BATCHES)),
         eval_fn,
         metric_fp32,
+        held_out,
     )
     report.extra_tables["Sensitivity"] = sens
     report.extra_tables["Mixed-precision search"] = pd.DataFrame(trajectory)

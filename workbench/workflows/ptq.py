@@ -50,12 +50,18 @@ def build_report(
     report_batches: list[Any],
     eval_fn: Callable[[nn.Module], float] | None = None,
     metric_fp32: float | None = None,
+    held_out: list[Any] | None = None,
 ) -> Report:
     """The report of a calibrated model: layer table, storage, summary with ``eval_fn``'s
     metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``.
     ``original`` is the eval-mode copy of the user's model (``user_model_copy``), never the
-    user's model itself: ``eval_fn`` may run it in training mode."""
-    measured, model_stats = measure_layer_errors(fp32_model, quantized, report_batches)
+    user's model itself: ``eval_fn`` may run it in training mode. The per-layer errors are
+    measured on ``held_out`` (``report_batches(report_data)``) when given, else on
+    ``report_batches`` (the first calibration batches); ``summary["layer_errors_on"]`` says
+    which."""
+    source = "calib_data" if held_out is None else "report_data"
+    batches = report_batches if held_out is None else held_out
+    measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
     layers = layer_table(quantized, plans, measured)
     storage = storage_table(original, quantized, plans)
     metric_quantized = None
@@ -73,7 +79,18 @@ def build_report(
         metric_name_of(eval_fn),
     )
     summary["ptq_methods"] = config.ptq_methods()
+    summary["layer_errors_on"] = source
+    summary["layer_errors_batches"] = len(batches)
     return Report(layers, storage, summary, model=quantized)
+
+
+def report_batches(report_data: Any) -> list[Any] | None:
+    """The held-out batches the report's per-layer errors are measured on: the first
+    ``REPORT_BATCHES`` of ``report_data``, read (and checked) before calibration; None
+    without it (the first calibration batches are used)."""
+    if report_data is None:
+        return None
+    return list(iter_batches(report_data, REPORT_BATCHES, what="report_data"))
 
 
 def ptq(
@@ -83,6 +100,7 @@ def ptq(
     eval_fn: Callable[[nn.Module], float] | None = None,
     num_batches: int | None = None,
     progress: bool = True,
+    report_data: Any = None,
 ) -> QuantResult:
     """Post-training quantization of ``model``.
 
@@ -102,13 +120,17 @@ def ptq(
         Use at most this many calibration batches (per process in a distributed job).
     progress : bool
         Show a progress bar.
+    report_data : DataLoader, iterable of batches, or tensor, optional
+        Held-out batches (not calibration batches) on which the report measures the
+        per-layer errors (its first 8 batches); default: the first calibration batches.
     """
     if isinstance(calib_data, QuantConfig) and config is None:  # wb.ptq(model, config)
         calib_data, config = None, calib_data
     config = resolve_config(config)
     check_eval_fn(eval_fn, "wb.ptq")
+    held_out = report_batches(report_data)
     if calib_data is None:
-        return ptq_without_data(model, config, eval_fn)
+        return ptq_without_data(model, config, eval_fn, held_out)
     reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
     job = join_job()  # a torch.distributed job: each process calibrates on its shard
     if job is not None:
@@ -126,7 +148,9 @@ def ptq(
     refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
     if job is not None:  # refinements ran on each shard's batches: rank 0's everywhere
         broadcast_model(prepared, job)
-    report = build_report(reference, fp32_model, prepared, plans, config, head, eval_fn)
+    report = build_report(
+        reference, fp32_model, prepared, plans, config, head, eval_fn, held_out=held_out
+    )
     if job is not None:
         report = share_report(report, prepared, job)
         job.close()
@@ -144,10 +168,14 @@ def ptq(
 
 
 def ptq_without_data(
-    model: nn.Module, config: QuantConfig, eval_fn: Callable[[nn.Module], float] | None = None
+    model: nn.Module,
+    config: QuantConfig,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    held_out: list[Any] | None = None,
 ) -> QuantResult:
     """Dynamic quantization needs no calibration: weights from the model, activation scales
-    from each input at run time. The report then has no measured errors (NaN)."""
+    from each input at run time. The report's errors are measured on ``held_out``
+    (``report_data``) when given, else not at all (NaN)."""
     if not config.dynamic:
         raise CalibrationError(
             "calib_data is None; pass a DataLoader or a list of input tensors to calibrate the "
@@ -163,7 +191,9 @@ def ptq_without_data(
     finish_calibration(prepared, plans, {name for name, _ in iter_quantized_layers(prepared)})
     prepared.eval()
     refine_quantized_model(fp32_model, prepared, plans, config, [], progress=False)
-    report = build_report(reference, fp32_model, prepared, plans, config, [], eval_fn)
+    report = build_report(
+        reference, fp32_model, prepared, plans, config, [], eval_fn, held_out=held_out
+    )
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
 
 

@@ -60,7 +60,7 @@ from workbench.workflows.mixed_precision import (
     kept_layer_notes,
     search_for_training,
 )
-from workbench.workflows.ptq import REPORT_BATCHES, build_report
+from workbench.workflows.ptq import REPORT_BATCHES, build_report, report_batches
 from workbench.workflows.result import QuantResult
 
 CALIB_BATCHES = 8
@@ -84,6 +84,7 @@ def qat(
     max_drop: float | None = None,
     keep_most_sensitive: int = 0,
     sensitivity: pd.DataFrame | None = None,
+    report_data: Any = None,
 ) -> QuantResult:
     """Quantization-aware training of a copy of ``model``; ``model`` itself is untouched.
 
@@ -139,6 +140,9 @@ def qat(
         rest searched), then train.
     sensitivity : DataFrame, optional
         The ``wb.sensitivity`` table of this model and config for ``keep_most_sensitive``.
+    report_data : optional
+        Held-out batches on which the report measures the per-layer errors (its first 8);
+        default: the first calibration batches.
 
     Returns
     -------
@@ -153,6 +157,7 @@ def qat(
     check_eval_fn(eval_fn, "wb.qat")
     check_training_search(eval_fn, max_drop, keep_most_sensitive, "wb.qat")
     searching = max_drop is not None or keep_most_sensitive > 0
+    held_out = report_batches(report_data)
     device = resolve_device(device)
     job = join_job(device)  # a torch.distributed job: one data shard per process, DDP
     if job is not None and searching:
@@ -225,6 +230,7 @@ def qat(
         config,
         list(islice(calib, REPORT_BATCHES)),
         eval_fn,
+        held_out=held_out,
     )
     if search is not None:
         carry_search(base, search, max_drop)

@@ -13,6 +13,7 @@ from workbench.engine.config import QuantConfig
 from workbench.errors import (
     CalibrationError,
     ConfigError,
+    DistributedError,
     ExportError,
     MetricError,
     MissingDependencyError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError",
     "ConfigError",
+    "DistributedError",
     "ExportError",
     "MetricError",
     "MissingDependencyError",

@@ -39,6 +39,10 @@ class MissingDependencyError(WorkbenchError, ImportError):
     """An optional dependency that is not installed; the message gives the pip line."""
 
 
+class DistributedError(WorkbenchError, RuntimeError):
+    """A process of a distributed job stopped, or did not answer within the timeout."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): what an
     error of ours quotes of an error it wraps."""

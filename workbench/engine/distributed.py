@@ -37,15 +37,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.quantizers import ActivationQuantizer
-from workbench.errors import ConfigError, WorkbenchError, first_line
+from workbench.errors import ConfigError, DistributedError, WorkbenchError, first_line
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "WORKBENCH_DIST_TIMEOUT_S"
 _REDUCE_OPS = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
-
-
-class DistributedError(WorkbenchError, RuntimeError):
-    """A process of a distributed job stopped, or did not answer within the timeout."""
 
 
 @dataclass

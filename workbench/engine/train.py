@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from workbench.engine.batches import forward_loss, move_batch
 from workbench.engine.distributed import (
     COLLECTIVE_ERRORS,
-    DistributedError,
     Job,
     broadcast_model,
     collective_failure,
@@ -28,7 +27,7 @@ from workbench.engine.distributed import (
 from workbench.engine.eval_metric import measure_metric
 from workbench.engine.live_bn import freeze_batchnorms, set_training_mode
 from workbench.engine.qat_quantizers import learned_scales, scale_values
-from workbench.errors import CalibrationError, ConfigError, NonFiniteError
+from workbench.errors import CalibrationError, ConfigError, DistributedError, NonFiniteError
 
 
 @dataclass

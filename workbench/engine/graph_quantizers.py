@@ -1,6 +1,9 @@
 """Activation quantizers placed from the data flow, per call site, so that the simulated model
 computes what an INT8 runtime computes.
 
+Over 400 lines: the data-flow trace, the placement that reads it and the calibration-time steps
+of the same placement (scale sharing, bias rounding) change together.
+
 Module swapping quantizes the *inputs* of Linear / Conv layers. That is all a Linear needs
 (ONNX Runtime runs DQ -> MatMul as MatMulIntegerToFloat, FP32 out), but a convolution runs as
 an integer kernel only as DQ -> Conv -> Q (QLinearConv), a residual add only as

@@ -1,5 +1,8 @@
 """Rewrite an exported QDQ graph into the exact patterns ONNX Runtime fuses.
 
+Over 400 lines: nine short passes that all read and mutate one graph index (``_Graph``)
+and run in order in ``finalize_qdq_graph``; they stay with the index they share.
+
 Every pass keeps the values the graph computes (each is exact on the quantization grid):
 
 1. ``Constant`` nodes become initializers (the int8 weights are stored once, as int8);

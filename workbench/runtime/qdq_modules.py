@@ -1,5 +1,8 @@
 """Export-time stand-ins for the simulated model's quantizers and quantized layers.
 
+Over 400 lines: one stand-in per exported kind (activation, Linear, conv, embedding, FP32 layer,
+adaptive pool), each a torch Function or module with its ONNX ``symbolic``, sharing one spec.
+
 Each stand-in computes in torch exactly what the simulated model computes (the same fake-quant
 kernels, the same dequantized weights), and tells the TorchScript ONNX exporter, through an
 autograd Function's ``symbolic``, which QDQ nodes to write:

@@ -1,5 +1,8 @@
 """Accuracy-driven mixed precision: keep the fewest, most sensitive layers in higher precision.
 
+Over 400 lines: one search (rank, grow, prune) with its two entry points and the QAT hook;
+its steps share the search state and the config building.
+
 1. Calibrate once and rank the layers by sensitivity (``workflows/sensitivity.py``).
 2. Keep the top-k layers in higher precision (FP32, or 8-bit when the config is below 8 bits),
    k = 0, 1, 2, ..., until the metric drop against FP32 is within ``max_drop``; each step is

@@ -36,6 +36,10 @@ def _images(size: int) -> Callable[[int], list]:
     return lambda seed: vision.images(1, size, batch=2, seed=seed)
 
 
+def _decoder_tokens(seed: int) -> list[dict]:
+    return text.tokens(1, seed=seed, vocab=text.DECODER_VOCAB)
+
+
 def _residual_connections(model: torch.nn.Module) -> int:
     """Residual adds the structure has: one per ResNet block, one per inverted residual block
     that keeps its shape (torchvision's ``use_res_connect``)."""
@@ -63,6 +67,9 @@ CASES = {
     "bert": Case(text.bert, lambda seed: text.tokens(1, seed=seed), float_ops=("add",)),
     "distilbert": Case(text.distilbert, lambda seed: text.tokens(1, seed=seed), float_ops=("add",)),
     "vit": Case(text.vit, _images(32), float_ops=("add",)),
+    "gpt2": Case(text.gpt2, _decoder_tokens, float_ops=("add",)),
+    "llama": Case(text.llama, _decoder_tokens, float_ops=("add", "mul")),
+    "opt": Case(text.opt, _decoder_tokens, float_ops=("add",)),
 }
 
 

@@ -170,6 +170,12 @@ def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -
                 f"config.{field_name} pattern {pattern!r} matches no layer of the model; "
                 f"use layer names as in report.layers (this model's: {shown})"
             )
+    if not config.quantize_lm_head and not any(plan.lm_head for plan in plans):
+        raise ConfigError(
+            "QuantConfig(quantize_lm_head=False), but the model has no LM head (no module "
+            "returns one from get_output_embeddings()); keep quantize_lm_head=True and name "
+            "the output layer in config.exclude instead"
+        )
     for plan in plans:
         if plan.status != QUANTIZED:
             continue

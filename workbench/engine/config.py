@@ -66,6 +66,12 @@ class QuantConfig:
     quantize_embeddings : bool
         Store ``nn.Embedding`` tables with the weight scheme (per-channel = one scale per row),
         weight-only; an exported transformer's file then shrinks to about a quarter.
+    quantize_lm_head : bool
+        Quantize a language model's head (the layer ``model.get_output_embeddings()``
+        returns, e.g. ``lm_head`` of a ``*ForCausalLM``) like any Linear (default ``True``: at
+        8 bits its logits move little, and with a vocabulary of thousands it is one of the
+        largest matrices); ``False`` keeps it FP32, as many 4-bit recipes do. A head whose
+        weight is tied to the token embeddings (GPT-2) is quantized independently of them.
     overrides : dict
         Per-layer precision: ``{"pattern": {"weight": Scheme, "activation": Scheme or None}}``
         with layer names or glob patterns as in ``exclude``. A missing key keeps the config's
@@ -83,6 +89,7 @@ class QuantConfig:
     percentile: float = 99.99
     weight_observer: str = "minmax"
     quantize_embeddings: bool = False
+    quantize_lm_head: bool = True
     equalize: bool = False
     bias_correction: bool | str = False
     weight_method: str = "nearest"
@@ -135,7 +142,7 @@ class QuantConfig:
             raise ConfigError(
                 f"percentile must be in (50, 100], got {self.percentile}; e.g. percentile=99.99"
             )
-        for flag in ("quantize_embeddings",):
+        for flag in ("quantize_embeddings", "quantize_lm_head"):
             value = getattr(self, flag)
             if not isinstance(value, bool):
                 raise ConfigError(

@@ -20,6 +20,7 @@ from workbench.engine.config import QuantConfig
 from workbench.engine.conv1d import layer_type_name
 from workbench.engine.dynamic_quantizers import CONV_NOTE, DynamicActivationQuantizer
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
+from workbench.engine.lm_head import lm_head_names
 from workbench.engine.modules import ROOT_NAME, get_layer, set_submodule
 from workbench.engine.op_kinds import layer_kind
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
@@ -55,6 +56,7 @@ class LayerPlan:
     output_std: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     kept_bits: int | None = None  # an override holds it above the config's widths
+    lm_head: bool = False  # a language model's head (model.get_output_embeddings())
 
     @property
     def precision(self) -> str:
@@ -95,23 +97,33 @@ def _functional_owner_names(model: nn.Module) -> set[str]:
     return owned
 
 
+def _plain_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` that looks up the ids it is given: ``QuantizedEmbedding`` computes
+    that forward, not a subclass's own (OPT's learned positions take the attention mask)."""
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+
+
 def plan_layers(
     model: nn.Module, config: QuantConfig, folded_bn: dict[str, str] | None = None
 ) -> list[LayerPlan]:
     """Decide, for every module holding parameters, whether it is quantized and why not."""
     folded_bn = folded_bn or {}
     functional = _functional_owner_names(model)
+    heads = lm_head_names(model)
     plans: list[LayerPlan] = []
     for name, module in model.named_modules():
         name = name or ROOT_NAME
         type_name = layer_type_name(module)
-        embedding = config.quantize_embeddings and isinstance(module, nn.Embedding)
+        embedding = config.quantize_embeddings and _plain_embedding(module)
         if layer_kind(module) is not None or embedding:
             if name in functional:
                 reason = "used functionally by MultiheadAttention"
                 plans.append(LayerPlan(name, type_name, FP32, reason))
             elif matches_any(name, config.exclude):
                 plans.append(LayerPlan(name, type_name, FP32, "excluded by config"))
+            elif name in heads and not config.quantize_lm_head:
+                reason = "LM head kept FP32 by config (quantize_lm_head=False)"
+                plans.append(LayerPlan(name, type_name, FP32, reason))
             else:
                 _check_blockwise(name, module, config)
                 plan = _quantized_plan(name, type_name, config, embedding)
@@ -121,6 +133,11 @@ def plan_layers(
         elif any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, BN_TYPES):
                 reason = "BatchNorm not folded (its input is not a conv output used only by it)"
+            elif isinstance(module, nn.Embedding) and config.quantize_embeddings:
+                reason = (
+                    f"{type_name} has its own forward (it computes the rows it looks up, as "
+                    "OPT's learned positions do): kept FP32"
+                )
             elif isinstance(module, nn.Embedding):
                 reason = (
                     f"{type_name} is not a quantized layer type "
@@ -129,6 +146,8 @@ def plan_layers(
             else:
                 reason = f"{type_name} is not a quantized layer type"
             plans.append(LayerPlan(name, type_name, FP32, reason))
+    for plan in plans:
+        plan.lm_head = plan.name in heads
     for bn_name, conv_name in folded_bn.items():
         plans.append(LayerPlan(bn_name, "BatchNorm", FP32, folded_into=conv_name))
     return plans

@@ -63,6 +63,7 @@ from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.kv_cache import kv_cache_off
 from workbench.runtime.per_call_specs import spec_copies_per_call
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
@@ -203,7 +204,8 @@ def _torch_export(
 ) -> None:
     values, names = input_names(example_input)
     args, kwargs = export_inputs(example_input)
-    with training_modes_kept(model):  # export runs it in eval mode
+    # export runs it in eval mode, a decoder without its key/value cache
+    with training_modes_kept(model), kv_cache_off(model):
         wrapper = _Positional(model, len(args), list(kwargs)).eval()
         try:
             with torch.no_grad(), spec_copies_per_call(model):

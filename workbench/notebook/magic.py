@@ -66,6 +66,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
             recipe.bias_correction,
             recipe.weight_method,
             recipe.keep_most_sensitive,
+            recipe.override,
         )
         return app
     result = actions.quantize(

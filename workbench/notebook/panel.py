@@ -99,6 +99,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
                 widgets.HBox([self.equalize, self.bias_correction, self.weight_method]),
                 widgets.HBox([self.num_batches, self.epochs, self.lr]),
                 self.keep_fp32,
+                self.layer_precision.box,
                 widgets.HBox([self.keep_most_sensitive, self.mixed_precision, self.max_drop]),
                 widgets.HBox([self.run_button, self.progress, self.status]),
                 self.tabs,

@@ -1,6 +1,7 @@
 """The panel's scheme controls: method, preset, bits, symmetric / per-channel, observer,
 equalization / bias correction / weight rounding (PTQ), batches, QAT epochs and lr, the layers
-kept FP32, keep-N-most-sensitive, auto mixed precision.
+kept FP32, each layer's precision (``layer_precision.py``), keep-N-most-sensitive, auto mixed
+precision.
 
 A mixin of :class:`~workbench.notebook.panel.WorkbenchPanel`, so that the controls stay the
 panel's own attributes (``panel.bits.value = 4``); it turns them into a QuantConfig and
@@ -16,6 +17,7 @@ import ipywidgets as widgets
 from workbench.engine.config import WEIGHT_METHODS
 from workbench.notebook import actions
 from workbench.notebook.display import status_html
+from workbench.notebook.layer_precision import LayerPrecision
 from workbench.notebook.recipe import DEFAULT_PRESET, MAX_BITS, MIN_BITS, build_config
 
 RUN_STEPS = 3  # quantize, tables, runs table
@@ -78,6 +80,7 @@ class PanelControls:
             description="keep FP32",
             style=style,
         )
+        self.layer_precision = LayerPrecision(names, self.keep_fp32)
         self.keep_most_sensitive = widgets.BoundedIntText(
             value=0,
             min=0,
@@ -150,9 +153,11 @@ class PanelControls:
         bias_correction: bool | None = None,
         weight_method: str | None = None,
         keep_most_sensitive: int | None = None,
+        override: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
-        they match in the keep-FP32 list; ``max_drop`` turns auto mixed precision on."""
+        they match in the keep-FP32 list; ``override`` (pattern, preset) pairs set the layers
+        they match to that preset; ``max_drop`` turns auto mixed precision on."""
         values = {
             self.method: method,
             self.preset: preset,  # before the scheme controls: a preset resets them
@@ -174,7 +179,8 @@ class PanelControls:
         if max_drop is not None:
             self.max_drop.value = max_drop
             self.mixed_precision.value = True
-        if exclude:
+        self.layer_precision.set_patterns(override)
+        if exclude:  # after the overrides: exclude wins, as in the engine
             self.keep_fp32.value = actions.layers_matching(self.keep_fp32.options, exclude)
 
     def config(self):
@@ -186,6 +192,7 @@ class PanelControls:
             self.per_channel.value,
             self.observer.value,
             tuple(self.keep_fp32.value),
+            override=self.layer_precision.overrides_in_use(),
             equalize=self.equalize.value,
             # QAT trains weights and biases: the rounding and bias options are PTQ's only
             bias_correction=self.bias_correction.value and self.method.value == "ptq",

@@ -22,6 +22,7 @@ RUN_COLUMNS = [
     "observer",
     "fp32_layers",
     "kept_by_sensitivity",
+    "layer_overrides",
     "metric_fp32",
     "metric",
     "size_bytes",
@@ -50,7 +51,19 @@ DISPLAY_COLUMNS = {
     "activations": "Activations",
     "observer": "Observer",
     "fp32_layers": "Kept FP32",
+    "layer_overrides": "Per-layer",
 }
+
+
+def overrides_text(config: QuantConfig) -> str:
+    """The config's per-layer precisions in short: ``fc1: W8A8, conv: W8Afp32``."""
+    parts = []
+    for pattern, override in config.overrides.items():
+        weight = override.get("weight", config.weight)
+        activation = override.get("activation", config.activation)
+        bits = activation.bits if activation is not None else "fp32"
+        parts.append(f"{pattern}: W{weight.bits}A{bits}")
+    return ", ".join(parts)
 
 
 class RunsTable:
@@ -75,6 +88,7 @@ class RunsTable:
                 "observer": config.observer,
                 "fp32_layers": ", ".join(config.exclude),
                 "kept_by_sensitivity": ", ".join(summary.get("kept_higher_precision", ())),
+                "layer_overrides": overrides_text(config),
                 "metric_fp32": summary.get("metric_fp32"),
                 "metric": summary.get("metric_quantized"),
                 "size_bytes": summary["quantized_bytes"],

@@ -137,3 +137,18 @@ def test_gptq_codes_with_a_partial_last_group_export_as_simulated(tmp_path):
     np.testing.assert_allclose(
         run_session(make_session(path), x)[0], simulated, rtol=1e-4, atol=1e-5
     )
+
+
+def test_quantized_inputs_keep_an_fp32_bias_before_matmul_nbits(tmp_path):
+    model = stack()
+    x = torch.randn(32, 200)
+    config = wb.QuantConfig(
+        weight=wb.Scheme(4, True, True, 0, group_size=32), activation=wb.Scheme(8, False, False)
+    )
+    result = wb.ptq(model, [x], config=config)
+    assert torch.equal(result.model[0].layer.bias, model[0].bias)  # not rounded to INT32
+    path = result.export_onnx(tmp_path / "m.onnx", x[:1], accuracy_level=1)
+    assert list(result.fusion(path, warn=False).table["kernel"]) == ["MatMulNBits"] * 3
+    with torch.no_grad():
+        simulated = result.model(x).numpy()
+    assert cosine(run_session(make_session(path), x)[0], simulated) >= 0.9999

@@ -472,6 +472,8 @@ def round_bias(layer: QuantizedLayer) -> None:
     bias = layer.layer.bias
     if bias is None or layer.input_quantizer is None or layer.input_quantizer.dynamic:
         return  # a dynamic input's scale changes per call: the bias stays FP32
+    if layer.weight_quantizer.scheme.group_size is not None:
+        return  # block-wise weights run on MatMulNBits, which adds the bias in FP32
     with torch.no_grad():
         scale = bias_scale_of(layer)
         bias.copy_(torch.round(bias / scale).clamp(-(2**31), 2**31 - 1) * scale)

@@ -87,6 +87,7 @@ class QuantizedLayerCalls(CountsCalls, QuantizedLayer):
             and quantizer is not None
             and quantizer.mode == QUANTIZE
             and quantizer.calibrated
+            and self.weight_quantizer.scheme.group_size is None  # MatMulNBits: FP32 bias
         ):
             bias = bias_on_grid(bias, bias_scale_for(self, quantizer))
         if isinstance(self.layer, nn.Linear):

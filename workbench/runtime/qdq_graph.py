@@ -26,6 +26,7 @@ Every pass keeps the values the graph computes (each is exact on the quantizatio
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -545,18 +546,34 @@ def prune(g: _Graph) -> None:
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
+    """Order the nodes so that each comes after the producers of its inputs (Kahn's algorithm,
+    linear in the graph's size); among ready nodes the earliest in the current order goes
+    first, so an already sorted graph keeps its order."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
+    nodes = list(graph.node)
+    unmet: list[int] = []
+    waiting: dict[str, list[int]] = defaultdict(list)
+    ready: list[int] = []
+    for index, node in enumerate(nodes):
+        needed = {name for name in node.input if name not in available}
+        unmet.append(len(needed))
+        for name in needed:
+            waiting[name].append(index)
+        if not needed:
+            ready.append(index)
+    heapq.heapify(ready)
     ordered: list[onnx.NodeProto] = []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError(f"graph has a cycle or a missing input near node {pending[0].name!r}")
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        ordered.append(node)
+        for name in node.output:
+            for user in waiting.pop(name, ()):
+                unmet[user] -= 1
+                if unmet[user] == 0:
+                    heapq.heappush(ready, user)
+    if len(ordered) < len(nodes):
+        stuck = next(node for index, node in enumerate(nodes) if unmet[index] > 0)
+        raise ValueError(f"graph has a cycle or a missing input near node {stuck.name!r}")
     del graph.node[:]
     graph.node.extend(ordered)
 

@@ -345,3 +345,33 @@ def test_gpt2_conv1d_block_wise_gptq_exports_its_codes(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: batches[0].numpy()}
     np.testing.assert_allclose(session.run(None, feed)[0], simulated, rtol=1e-4, atol=1e-4)
+
+
+class _SharedLinear(nn.Module):
+    """One Linear called at two sites (its Hessian sums both calls' inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(torch.relu(self.fc(x))))
+
+
+def test_a_layer_called_at_two_sites_is_rounded_on_both_calls_inputs():
+    torch.manual_seed(0)
+    model = _SharedLinear().eval()
+    batches = list(_correlated_inputs(8 * 64, 32, seed=11).split(64))
+    w3a8 = dict(weight=wb.Scheme(3, True, True, 0), activation=wb.Scheme(8, False, False))
+    nearest = wb.ptq(model, batches, config=wb.QuantConfig(**w3a8), progress=False)
+    gptq = wb.ptq(
+        model, batches, config=wb.QuantConfig(**w3a8, weight_method="gptq"), progress=False
+    )
+    assert {p.weight_rounding for p in gptq.plans if p.status == "quantized"} == {"gptq"}
+    with torch.no_grad():
+        x = torch.cat(batches)
+        reference = model(x)
+        error_nearest = (nearest.model(x) - reference).pow(2).mean()
+        error_gptq = (gptq.model(x) - reference).pow(2).mean()
+    assert float(error_gptq) < float(error_nearest)

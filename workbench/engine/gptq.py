@@ -319,6 +319,15 @@ def _forward_calls(model: nn.Module, batch: Any) -> list[str]:
     return calls
 
 
+def _input_quantizer_of_next_call(layer: QuantizedLayer) -> nn.Module | None:
+    """The input quantizer the coming call uses (a layer called at several sites has one per
+    call, ``engine.layer_calls``; the hook runs before the call counts itself)."""
+    of_call = getattr(layer, "input_quantizer_of_call", None)
+    if of_call is None:
+        return layer.input_quantizer
+    return of_call(layer.calls % max(1, layer.call_count))
+
+
 def layer_hessian(
     model: nn.Module, layer: QuantizedLayer, batches: Sequence[Any], calls_per_forward: int = 1
 ) -> torch.Tensor | None:
@@ -329,8 +338,9 @@ def layer_hessian(
 
     def take(m: nn.Module, args: tuple) -> None:
         x = args[0]
-        if layer.input_quantizer is not None:
-            x = layer.input_quantizer(x)
+        quantizer = _input_quantizer_of_next_call(layer)
+        if quantizer is not None:
+            x = quantizer(x)
         accumulator.add(input_rows(module, x))
         if calls_per_forward == 1:
             raise _InputsTaken

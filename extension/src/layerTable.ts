@@ -63,10 +63,11 @@ export const LAYER_COLUMNS: IColumn[] = [
   {
     id: 'status',
     label: 'Status',
-    title: 'Quantized, or kept in FP32 (hover for the reason)',
+    title: 'Quantized, kept at a higher precision, or kept in FP32 (hover for the reason)',
     numeric: false,
-    value: row => `${row.status} ${row.reason || ''}`,
-    text: row => (row.status === 'fp32' ? (isFolded(row) ? 'folded' : 'FP32') : 'quantized')
+    value: row => `${row.status} ${row.precision || ''} ${row.reason || ''}`,
+    text: row =>
+      row.status === 'fp32' ? (isFolded(row) ? 'folded' : 'FP32') : row.precision || 'quantized'
   },
   textColumn('scheme', 'Scheme', 'Weight quantization scheme'),
   {
@@ -76,6 +77,14 @@ export const LAYER_COLUMNS: IColumn[] = [
     numeric: true,
     value: row => numberOrNull(row.bits),
     text: row => formatCell(row.bits)
+  },
+  {
+    id: 'activation_bits',
+    label: 'Act. bits',
+    title: 'Input activation bits (empty: FP32 input)',
+    numeric: true,
+    value: row => numberOrNull(row.activation_bits),
+    text: row => formatCell(row.activation_bits)
   },
   sqnrColumn('weight_sqnr_db', 'Weight SQNR', 'Quantized weights against FP32 weights'),
   sqnrColumn('layer_sqnr_db', 'Layer SQNR', 'The quantized layer alone, fed the FP32 input'),
@@ -289,6 +298,9 @@ function renderRow(row: ILayerRow): HTMLTableRowElement {
         column.text(row)
       );
       td.appendChild(badge);
+      if (quantized && row.reason && (row.precision || 'quantized') !== 'quantized') {
+        badge.title = row.reason; // why it is kept at a higher precision
+      }
       if (!quantized && row.reason) {
         badge.title = row.reason;
         const marker = element('span', 'jp-WorkbenchReport-reason', '?');

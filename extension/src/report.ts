@@ -29,10 +29,15 @@ export interface ILayerRow {
   layer: string;
   type: string;
   status: 'quantized' | 'fp32';
+  /** "quantized", "kept 8-bit" (held above the config's widths), "kept FP32" or "folded". */
+  precision?: string | null;
   reason?: string | null;
   folded_into?: string | null;
   scheme?: string | null;
   bits?: number | null;
+  weight_bits?: number | null;
+  /** Input activation bits; null for an FP32 input. */
+  activation_bits?: number | null;
   num_scales?: number | null;
   scale_min?: number | null;
   scale_max?: number | null;

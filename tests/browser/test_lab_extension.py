@@ -2,9 +2,10 @@
 
 Starts JupyterLab on 127.0.0.1 (conftest.py), opens it with Debian's chromium driven by
 Playwright, creates the notebook from the "New Quantization Notebook" launcher card, adds a
-cell that quantizes a model with a layer named like an HTML tag, runs everything and checks
-the rendered reports: one row per layer, header clicks re-sort, the filter box, and the
-hostile name shown as literal text. The screenshot is left in the test's tmp_path.
+cell that quantizes a model with a layer named like an HTML tag (w4a4, its head overridden to
+int8), runs everything and checks the rendered reports: one row per layer, header clicks
+re-sort, the filter box, the hostile name shown as literal text, and each layer's precision
+and weight / activation bits. The screenshot is left in the test's tmp_path.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ tiny = nn.Sequential()
 tiny.add_module({HOSTILE_NAME!r}, nn.Linear(4, 3))
 tiny.add_module("head", nn.Linear(3, 2))
 tiny_calib = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-%quantize tiny --calib tiny_calib"""
+%quantize tiny --calib tiny_calib --preset w4a4 --override head=int8"""
 
 
 def parameter_layers(model: nn.Module) -> list[str]:
@@ -142,6 +143,13 @@ def test_launcher_notebook_renders_interactive_report(lab_server: LabServer, tmp
             assert HOSTILE_NAME in column_texts(hostile, "layer")
             assert hostile.locator("img").count() == 0
             assert page.locator(".jp-WorkbenchReport img").count() == 0
+
+            # per-layer precision: the overridden head is kept 8-bit on weights and input
+            assert column_texts(hostile, "status") == ["quantized", "kept 8-bit"]
+            assert column_texts(hostile, "bits") == ["4", "8"]
+            assert column_texts(hostile, "activation_bits") == ["4", "8"]
+            kept = hostile.locator("td[data-column='status'] .jp-WorkbenchReport-badge").nth(1)
+            assert kept.get_attribute("title")  # the reason, on hover
 
             demo.scroll_into_view_if_needed()
             page.screenshot(path=str(tmp_path / "quantization-notebook.png"))

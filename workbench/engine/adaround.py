@@ -29,7 +29,12 @@ from tqdm.auto import tqdm
 
 from workbench.core.qtensor import broadcast_qparam
 from workbench.engine.batches import run_model
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
+from workbench.engine.layers import (
+    QuantizedEmbedding,
+    QuantizedLayer,
+    iter_quantized_layers,
+    quantized_layer_calls,
+)
 from workbench.engine.modules import find_submodule, hooks_removed
 from workbench.engine.quantizers import WeightQuantizer
 
@@ -171,7 +176,7 @@ def adaround_model(
 ) -> list[str]:
     """Learn the rounding of every quantized Linear / Conv, in forward order, in place;
     returns the layers rounded."""
-    order = _forward_order(quantized_model, batches[0])
+    order = list(dict.fromkeys(quantized_layer_calls(quantized_model, batches[0])))
     layers = dict(iter_quantized_layers(quantized_model))
     rounded = []
     for name in tqdm(order, desc="adaround", disable=not progress):
@@ -185,14 +190,3 @@ def adaround_model(
         layer.weight_quantizer = AdaRoundWeightQuantizer(layer.weight_quantizer, round_up)
         rounded.append(name)
     return rounded
-
-
-def _forward_order(model: nn.Module, batch: Any) -> list[str]:
-    order: list[str] = []
-    handles = [
-        layer.register_forward_pre_hook(lambda m, args: order.append(m.layer_name))
-        for _, layer in iter_quantized_layers(model)
-    ]
-    with hooks_removed(handles), torch.no_grad():
-        run_model(model, batch)
-    return list(dict.fromkeys(order))

@@ -46,7 +46,12 @@ from workbench.core.qparams import qparams_from_range
 from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
 from workbench.engine.batches import model_inputs
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
+from workbench.engine.layers import (
+    QuantizedEmbedding,
+    QuantizedLayer,
+    iter_quantized_layers,
+    quantized_layer_calls,
+)
 from workbench.engine.modules import hooks_removed
 from workbench.engine.quantizers import WeightQuantizer
 
@@ -306,19 +311,6 @@ class _InputsTaken(Exception):
     """Stops a forward pass once the layer being quantized has seen its input."""
 
 
-def _forward_calls(model: nn.Module, batch: Any) -> list[str]:
-    """Quantized layers in the order the forward pass calls them (repeats kept)."""
-    calls: list[str] = []
-    handles = [
-        layer.register_forward_pre_hook(lambda m, args: calls.append(m.layer_name))
-        for _, layer in iter_quantized_layers(model)
-    ]
-    with hooks_removed(handles), torch.no_grad():
-        args, kwargs = model_inputs(batch, model)
-        model(*args, **kwargs)
-    return calls
-
-
 def _input_quantizer_of_next_call(layer: QuantizedLayer) -> nn.Module | None:
     """The input quantizer the coming call uses (a layer called at several sites has one per
     call, ``engine.layer_calls``; the hook runs before the call counts itself)."""
@@ -361,7 +353,7 @@ def gptq_model(
 ) -> list[str]:
     """Round every quantized Linear / Conv with GPTQ, in forward order, in place;
     returns the layers rounded (the others keep round-to-nearest)."""
-    calls = Counter(_forward_calls(quantized_model, batches[0]))
+    calls = Counter(quantized_layer_calls(quantized_model, batches[0]))
     layers = dict(iter_quantized_layers(quantized_model))
     rounded = []
     for name in tqdm(list(calls), desc="gptq", disable=not progress):

@@ -7,10 +7,14 @@ exported); the wrapper only changes what the forward pass computes:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.engine.batches import run_model
+from workbench.engine.modules import hooks_removed
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
 
 
@@ -91,3 +95,16 @@ def iter_quantized_layers(model: nn.Module):
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
             yield module.layer_name, module
+
+
+def quantized_layer_calls(model: nn.Module, batch: Any) -> list[str]:
+    """The quantized layers of ``model`` in the order one forward pass on ``batch`` calls them
+    (a layer called twice is listed twice)."""
+    calls: list[str] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module.layer_name))
+        for _, layer in iter_quantized_layers(model)
+    ]
+    with hooks_removed(handles), torch.no_grad():
+        run_model(model, batch)
+    return calls

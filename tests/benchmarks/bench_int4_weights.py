@@ -149,10 +149,12 @@ def main() -> int:
     peer_ms = float(table.loc["ort MatMulNBitsQuantizer", "latency_p50_ms"])
     print(
         f"sizes: FP32 {sizes['fp32'] / 1e6:.1f} MB, ours {sizes['ours'] / 1e6:.2f} MB "
-        f"(storage table {storage_total / 1e6:.2f} MB; the embedding table is stored as int8 "
-        f"codes), ORT MatMulNBitsQuantizer {sizes['ort'] / 1e6:.2f} MB (embedding FP32)"
+        f"(storage table {storage_total / 1e6:.2f} MB), ORT MatMulNBitsQuantizer "
+        f"{sizes['ort'] / 1e6:.2f} MB (embedding FP32)"
     )
+    table_gap = abs(sizes["ours"] / storage_total - 1)
     checks = [
+        ("|file / storage table - 1| <= 0.02", table_gap, table_gap <= 0.02),
         (
             "file / FP32 file <= 0.2",
             sizes["ours"] / sizes["fp32"],

@@ -152,3 +152,44 @@ def test_quantized_inputs_keep_an_fp32_bias_before_matmul_nbits(tmp_path):
     with torch.no_grad():
         simulated = result.model(x).numpy()
     assert cosine(run_session(make_session(path), x)[0], simulated) >= 0.9999
+
+
+class TokenModel(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(300, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, ids):
+        return self.head(self.table(ids))
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "dim", "kernel"),
+    [(4, True, 64, 4), (4, False, 96, 4), (3, False, 64, 4), (6, True, 64, 8), (4, True, 40, 0)],
+)
+def test_block_wise_embedding_tables_gather_packed_rows(tmp_path, bits, symmetric, dim, kernel):
+    torch.manual_seed(0)
+    model = TokenModel(dim).eval()
+    ids = torch.randint(0, 300, (4, 9))
+    scheme = wb.Scheme(bits, symmetric, True, 0, group_size=32)
+    config = wb.QuantConfig(weight=scheme, activation=None, quantize_embeddings=True)
+    result = wb.ptq(model, [ids], config=config)
+    path = result.export_onnx(tmp_path / "m.onnx", ids, accuracy_level=1, check_fusion=False)
+    proto = onnx.load(str(path))
+    gathers = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    if kernel == 0:  # 40 is no multiple of 32: one scale per row, int8 rows
+        assert not gathers
+        assert result.model.table.weight_quantizer.scale.shape == (300,)
+    else:
+        (gather,) = gathers
+        assert {a.name: a.i for a in gather.attribute}["bits"] == kernel
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        assert inits["table.weight_quantized"].shape == (300, dim * kernel // 8)
+        expected = wb.quantize_tensor(model.table.weight.detach(), scheme)
+        np.testing.assert_array_equal(inits["table.weight_scale"], expected.scale.numpy())
+    with torch.no_grad():
+        simulated = result.model(ids).numpy()
+    np.testing.assert_allclose(
+        run_session(make_session(path), ids)[0], simulated, rtol=1e-4, atol=1e-5
+    )

@@ -259,8 +259,10 @@ class QuantConfig:
                              packed 4-bit MatMulNBits, ONNX Runtime's 4-bit kernel.
         ``int4-weight-g128`` as ``int4-weight-g32`` with groups of 128 inputs (smaller file,
                              coarser scales).
-        Block-wise presets quantize Linear weights; embedding tables (``quantize_embeddings``)
-        take one scale per row, and a conv needs a per-channel override or ``exclude``.
+        Block-wise presets quantize Linear weights and embedding tables
+        (``quantize_embeddings``: groups along each row, exported packed as
+        GatherBlockQuantized; one scale per row when the row length is no multiple of the
+        group size); a conv needs a per-channel override or ``exclude``.
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -154,8 +154,8 @@ def plan_layers(
 
 
 def _check_blockwise(name: str, module: nn.Module, config: QuantConfig) -> None:
-    """Block-wise weight schemes (``group_size``) are for Linear weights (and embedding tables,
-    which take one scale per row instead): a conv raises one clear error."""
+    """Block-wise weight schemes (``group_size``) are for Linear weights and embedding tables
+    (groups along each row): a conv raises one clear error."""
     weight, _ = config.schemes_for(name)
     if weight.group_size is None or isinstance(module, nn.Linear | nn.Embedding):
         return
@@ -202,7 +202,8 @@ def insert_quantizers(model: nn.Module, plans: list[LayerPlan], config: QuantCon
             weight_scheme, config.weight_observer, f"weight of {plan.name}"
         )
         if isinstance(layer, nn.Embedding):
-            if weight_scheme.group_size is not None:  # a table's rows: one scale per row
+            group = weight_scheme.group_size
+            if group is not None and layer.weight.shape[1] % group:  # rows of whole groups only
                 weight_quantizer = WeightQuantizer(
                     replace(weight_scheme, group_size=None),
                     config.weight_observer,

@@ -1,8 +1,9 @@
 """Export of block-wise (``group_size``) Linear weights as ONNX Runtime's ``MatMulNBits``.
 
 A Linear whose weight scheme is block-wise becomes one ``com.microsoft::MatMulNBits`` node
-(``-> Add`` for the bias) whose weight is stored packed, as ONNX Runtime's 2/4/8-bit kernels
-read it:
+(``-> Add`` for the bias), and a block-wise embedding table one ``GatherBlockQuantized`` node
+(4 or 8 bits, the same packing along each row), whose weight is stored packed, as ONNX
+Runtime's 2/4/8-bit kernels read it:
 
 * ``B``: uint8 ``[N, k_blocks, block_size * bits / 8]``: for output channel ``n`` and block
   ``b`` the unsigned codes of inputs ``b*g .. b*g+g-1``, ``8 / bits`` per byte, the first in
@@ -38,7 +39,7 @@ from workbench.errors import ExportError
 
 ORT_DOMAIN = "com.microsoft"
 MARKER = "workbench::BlockwiseLinear"
-MARKER_OP = "BlockwiseLinear"
+TABLE_MARKER = "workbench::BlockwiseTable"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 DEFAULT_ACCURACY_LEVEL = 4
 
@@ -89,27 +90,73 @@ class BlockwiseSpec:
     kind: str = "blockwise"
 
 
-def blockwise_spec(layer: QuantizedLayer) -> BlockwiseSpec | None:
-    """The MatMulNBits form of a quantized Linear with a block-wise scheme, else None."""
-    module = layer.layer
+@dataclass(eq=False)
+class BlockwiseTableSpec:
+    """One block-wise embedding table as GatherBlockQuantized stores it."""
+
+    name: str
+    weight_dq: torch.Tensor  # [rows, dim] float32: the table the simulation uses
+    packed: torch.Tensor  # uint8 [rows, dim * bits / 8]
+    scales: torch.Tensor  # float32 [rows, groups]
+    zero_points: torch.Tensor | None  # uint8 packed, asymmetric schemes only
+    bits: int  # the stored width: 4 or 8
+    block_size: int
+    kind: str = "blockwise_embedding"
+
+
+def _codes_and_qparams(layer: QuantizedLayer):
+    """The integer codes behind the simulated weight, with its per-group qparams."""
     scheme = layer.weight_quantizer.scheme
-    if scheme.group_size is None or isinstance(layer, QuantizedEmbedding):
-        return None
-    if not isinstance(module, nn.Linear):
-        raise ExportError(
-            f"layer {layer.layer_name!r} ({type(module).__name__}) has a block-wise weight "
-            "scheme, which only Linear layers export; give it a per-channel scheme"
-        )
     with torch.no_grad():
         weight_dq = layer.quantized_weight().detach().to(torch.float32)
-        scale, zero_point = layer.weight_quantizer.qparams(module.weight)
+        scale, zero_point = layer.weight_quantizer.qparams(layer.layer.weight)
         scale = scale.detach().to(torch.float32)
         zero_point = zero_point.detach().to(torch.int32)
         columns, g = weight_dq.shape[1], scheme.group_size
         s = expand_groups(scale, columns, g)
         z = expand_groups(zero_point, columns, g).to(torch.float32)
-        codes = torch.round(weight_dq / s) + z  # the codes behind the simulated weight
+        codes = torch.round(weight_dq / s) + z
         codes = codes.clamp(scheme.quant_min, scheme.quant_max).to(torch.int32)
+    return weight_dq, codes, scale, zero_point
+
+
+def _table_spec(layer: QuantizedEmbedding) -> BlockwiseTableSpec:
+    scheme = layer.weight_quantizer.scheme
+    weight_dq, codes, scale, zero_point = _codes_and_qparams(layer)
+    bits = 4 if scheme.bits <= 4 else 8  # GatherBlockQuantized's widths
+    offset = 2 ** (bits - 1) if scheme.symmetric else 0
+    unsigned = (codes + offset).numpy().astype(np.uint8)
+    packed = pack_codes(unsigned, bits, scheme.group_size).reshape(unsigned.shape[0], -1)
+    zero_points = None
+    if not scheme.symmetric:
+        zero_points = torch.from_numpy(pack_zero_points(zero_point.numpy().astype(np.uint8), bits))
+    return BlockwiseTableSpec(
+        layer.layer_name,
+        weight_dq,
+        torch.from_numpy(packed),
+        scale.clone(),
+        zero_points,
+        bits,
+        scheme.group_size,
+    )
+
+
+def blockwise_spec(layer: QuantizedLayer) -> BlockwiseSpec | BlockwiseTableSpec | None:
+    """The MatMulNBits form of a quantized Linear with a block-wise scheme (the
+    GatherBlockQuantized form of a block-wise embedding table), else None."""
+    module = layer.layer
+    scheme = layer.weight_quantizer.scheme
+    if scheme.group_size is None:
+        return None
+    if isinstance(layer, QuantizedEmbedding):
+        return _table_spec(layer)
+    if not isinstance(module, nn.Linear):
+        raise ExportError(
+            f"layer {layer.layer_name!r} ({type(module).__name__}) has a block-wise weight "
+            "scheme, which only Linear layers export; give it a per-channel scheme"
+        )
+    weight_dq, codes, scale, zero_point = _codes_and_qparams(layer)
+    columns, g = weight_dq.shape[1], scheme.group_size
     bits = stored_bits(scheme.bits)
     offset = 2 ** (bits - 1) if scheme.symmetric else 0  # MatMulNBits' default zero point
     unsigned = (codes + offset).numpy().astype(np.uint8)
@@ -162,6 +209,33 @@ class BlockwiseLinear(torch.autograd.Function):
         return y
 
 
+class BlockwiseEmbedding(torch.autograd.Function):
+    """``F.embedding`` of the simulated table; exported as GatherBlockQuantized."""
+
+    @staticmethod
+    def forward(ctx, ids, spec: BlockwiseTableSpec):
+        return F.embedding(ids, spec.weight_dq)
+
+    @staticmethod
+    def symbolic(g, ids, spec: BlockwiseTableSpec):
+        inputs = [
+            g.op("Constant", value_t=spec.packed),
+            ids,
+            g.op("Constant", value_t=spec.scales),
+        ]
+        if spec.zero_points is not None:
+            inputs.append(g.op("Constant", value_t=spec.zero_points))
+        rows = g.op(
+            f"{ORT_DOMAIN}::GatherBlockQuantized",
+            *inputs,
+            bits_i=spec.bits,
+            block_size_i=spec.block_size,
+            gather_axis_i=0,
+            quantize_axis_i=1,
+        )
+        return g.op(TABLE_MARKER, rows, layer_s=spec.name)
+
+
 def check_accuracy_level(accuracy_level: int) -> None:
     if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS:
         raise ExportError(
@@ -184,6 +258,7 @@ def resolve_blockwise_layers(
     check_accuracy_level(accuracy_level)
     producer = {out: node for node in graph.node for out in node.output}
     initializers = {init.name: init for init in graph.initializer}
+    _resolve_tables(graph, producer, initializers)
     markers = [n for n in graph.node if f"{n.domain}::{n.op_type}" == MARKER]
     rows: list[dict] = []
     calls: dict[str, int] = {}
@@ -198,13 +273,7 @@ def resolve_blockwise_layers(
         for attribute in node.attribute:
             if attribute.name == "accuracy_level":
                 attribute.i = accuracy_level
-        suffixes = ("weight_quantized", "weight_scale", "weight_zero_point")
-        for index, suffix in zip(range(1, len(node.input)), suffixes, strict=False):
-            old, new = node.input[index], f"{name}.{suffix}"
-            if old in initializers and new not in initializers:
-                initializers[old].name = new
-                initializers[new] = initializers.pop(old)
-                node.input[index] = new
+        _rename_inputs(node, name, initializers, (1, 2, 3))
         output = node.output[0]
         users = [n for n in graph.node if output in n.input]
         if len(users) == 1 and users[0].op_type == "Add":
@@ -228,6 +297,34 @@ def resolve_blockwise_layers(
     for marker in markers:
         graph.node.remove(marker)
     return rows
+
+
+def _rename_inputs(node, name: str, initializers: dict, positions: tuple[int, ...]) -> None:
+    suffixes = ("weight_quantized", "weight_scale", "weight_zero_point")
+    for index, suffix in zip(positions, suffixes, strict=False):
+        if index >= len(node.input):
+            continue
+        old, new = node.input[index], f"{name}.{suffix}"
+        if old in initializers and new not in initializers:
+            initializers[old].name = new
+            initializers[new] = initializers.pop(old)
+            node.input[index] = new
+
+
+def _resolve_tables(graph: onnx.GraphProto, producer: dict, initializers: dict) -> None:
+    """Name each GatherBlockQuantized node and its initializers after its table; drop the
+    marker nodes (a table called twice keeps one initializer per call, named ``#1``...)."""
+    calls: dict[str, int] = {}
+    for marker in [n for n in graph.node if f"{n.domain}::{n.op_type}" == TABLE_MARKER]:
+        layer = _text(next(a for a in marker.attribute if a.name == "layer").s)
+        call = calls.get(layer, 0)
+        calls[layer] = call + 1
+        name = f"{layer}#{call}" if call else layer
+        node = producer[marker.input[0]]
+        node.name = f"{name}/gather"
+        node.output[0] = marker.output[0]
+        _rename_inputs(node, name, initializers, (0, 2, 3))
+        graph.node.remove(marker)
 
 
 def ensure_ort_domain(model: onnx.ModelProto) -> None:

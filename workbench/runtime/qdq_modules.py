@@ -40,7 +40,11 @@ from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
-from workbench.runtime.blockwise_export import BlockwiseLinear, blockwise_spec
+from workbench.runtime.blockwise_export import (
+    BlockwiseEmbedding,
+    BlockwiseLinear,
+    blockwise_spec,
+)
 from workbench.runtime.per_call_specs import PerCallSpec
 
 MARKER_DOMAIN = "workbench"
@@ -323,6 +327,8 @@ class ExportLayer(CountsCalls, PerCallSpec):
         if quantizer is not None:
             x = quantizer(x)
         spec = self.call_spec()
+        if spec.kind == "blockwise_embedding":
+            return BlockwiseEmbedding.apply(x, spec)
         if spec.kind == "embedding":
             return _QuantizedEmbedding.apply(x, spec)
         if spec.kind == "blockwise":

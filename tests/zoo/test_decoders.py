@@ -71,15 +71,9 @@ def test_decoder_int8_with_embeddings_exports_fuses_and_matches_ort(name, tmp_pa
     assert parity["cosine_ort_vs_fp32"] >= 0.99
 
 
-# OPT runs fc1 / fc2 on 2-D inputs: ONNX Runtime's MatMulAddFusion turns the weight-only
-# DQ -> MatMul -> Add (bias) into an FP32 FusedGemm before its DQ -> MatMul fusion can make it
-# MatMulNBits; 3-D inputs (every other Linear here) fuse
-OPT_2D_WEIGHT_ONLY = pytest.mark.xfail(
-    strict=True, reason="weight-only Linear with 2-D input and bias runs as FP32 FusedGemm"
-)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama", pytest.param("opt", marks=OPT_2D_WEIGHT_ONLY)])
+# OPT runs fc1 / fc2 on 2-D inputs: their bias is exported as Sub(-b) so that ONNX Runtime's
+# MatMulAddFusion does not turn them into FP32 Gemms before they can become MatMulNBits
+@pytest.mark.parametrize("name", list(DECODERS))
 def test_decoder_int8_weight_only_fuses_and_matches_ort(name, tmp_path):
     result = wb.ptq(DECODERS[name](), data(1), config="int8-weight-only", progress=False)
     path = result.export_onnx(tmp_path / f"{name}.onnx", data(2)[0], check_fusion=False)

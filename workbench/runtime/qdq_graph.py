@@ -208,7 +208,7 @@ def resolve_markers(g: _Graph) -> GraphInfo:
                 for old, suffix in zip(bias_dq.input, suffixes, strict=False):
                     g.rename_initializer(old, f"{name}.{suffix}")
         users = g.consumers.get(output, [])
-        if target.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add":
+        if target.op_type == "MatMul" and len(users) == 1 and users[0].op_type in ("Add", "Sub"):
             users[0].name = f"{name}/bias_add"
             output = users[0].output[0]
         # one row per call: the report keeps one row per layer (``call`` 0), the fusion check

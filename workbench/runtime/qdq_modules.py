@@ -10,7 +10,8 @@ autograd Function's ``symbolic``, which QDQ nodes to write:
 * an activation quantizer -> ``QuantizeLinear -> DequantizeLinear`` (uint8 for asymmetric,
   int8 for symmetric schemes; a ``Clip`` first when the scheme has fewer than 256 codes);
 * a quantized Linear -> ``DequantizeLinear(int8 W^T, axis=1) -> MatMul (-> Add bias)``: the
-  weight is stored transposed, so no Transpose sits between DQ and MatMul;
+  weight is stored transposed, so no Transpose sits between DQ and MatMul (a weight-only 2-D
+  Linear subtracts ``-bias``: ONNX Runtime would make MatMul + Add an FP32 Gemm);
 * an embedding table (weight-only) -> ``Gather`` of its int8 rows, then each row times its
   own scale (gathered with it), the same ``(q - z) * s`` the simulation computes;
 * a quantized Conv -> ``Conv(x, DequantizeLinear(int8 W, axis=0), DequantizeLinear(int32 b))``
@@ -248,6 +249,11 @@ class _QuantizedLinear(torch.autograd.Function):
             # a 2-D Linear is a Gemm; with an INT32 bias ONNX Runtime runs it as QGemm
             return g.op("Gemm", x, _weight_dq(g, spec), _bias_dq(g, spec))
         y = g.op("MatMul", x, _weight_dq(g, spec))
+        if spec.bias is not None and rank == 2:
+            # weight-only, 2-D: ONNX Runtime's MatMulAddFusion would turn MatMul + Add into an
+            # FP32 Gemm before its DQ -> MatMul fusion (MatMulNBits) runs; y - (-b) is the same
+            # sum (negation is exact) and matches no Gemm pattern
+            return g.op("Sub", y, g.op("Constant", value_t=-spec.bias))
         if spec.bias is not None:
             y = g.op("Add", y, g.op("Constant", value_t=spec.bias))
         return y

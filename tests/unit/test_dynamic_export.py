@@ -167,4 +167,6 @@ def test_a_switched_off_input_exports_as_weight_only(tmp_path):
     with torch.no_grad():
         expected = result.model(x).numpy()
     step = last_layer_step(result.model, x)
-    assert_matches(run_session(make_session(path), x)[0], expected, step)
+    # unoptimized: ONNX Runtime fuses the weight-only layer into MatMulNBits, whose accuracy
+    # level 4 quantizes its input (as for any weight-only Linear)
+    assert_matches(run_session(make_session(path, 1, optimize=False), x)[0], expected, step)

@@ -73,12 +73,19 @@ def test_decoder_int8_with_embeddings_exports_fuses_and_matches_ort(name, tmp_pa
 
 # OPT runs fc1 / fc2 on 2-D inputs: their bias is exported as Sub(-b) so that ONNX Runtime's
 # MatMulAddFusion does not turn them into FP32 Gemms before they can become MatMulNBits
+@pytest.mark.parametrize("preset", ["int8-weight-only", "int4-weight-g32"])
 @pytest.mark.parametrize("name", list(DECODERS))
-def test_decoder_int8_weight_only_fuses_and_matches_ort(name, tmp_path):
-    result = wb.ptq(DECODERS[name](), data(1), config="int8-weight-only", progress=False)
+def test_decoder_weight_only_runs_every_linear_on_matmulnbits(name, preset, tmp_path):
+    config = wb.QuantConfig.preset(preset, quantize_embeddings=preset.startswith("int4"))
+    result = wb.ptq(DECODERS[name](), data(1), config=config, progress=False)
     path = result.export_onnx(tmp_path / f"{name}.onnx", data(2)[0], check_fusion=False)
     fusion = result.fusion(path, warn=False)
     assert fusion.unfused == [], fusion.table
+    assert (fusion.table["kernel"] == "MatMulNBits").all(), fusion.table
+    layers = result.report.layers
+    linears = layers[layers["type"].isin({"Linear", "Conv1D"})]
+    assert set(fusion.table["layer"]) == set(linears["layer"])
+    # MatMulNBits at accuracy level 4 quantizes its input to int8 per block: close, not exact
     parity = result.parity(path, data(3)).table.iloc[0]
     assert parity["cosine"] >= 0.999, parity
 

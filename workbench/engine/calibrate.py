@@ -31,6 +31,7 @@ from workbench.engine.prepare import (
     plan_layers,
 )
 from workbench.engine.quantizers import OBSERVE, QUANTIZE, ActivationQuantizer
+from workbench.engine.smoothquant import mark_smoothed, smooth_model
 from workbench.errors import CalibrationError, ConfigError, ModelError
 
 
@@ -120,12 +121,13 @@ def set_activation_mode(model: nn.Module, mode: str) -> None:
 
 
 def prepare_model(
-    model: nn.Module, first_batch: Any, config: QuantConfig
+    model: nn.Module, first_batch: Any, config: QuantConfig, batches: list[Any] | None = None
 ) -> tuple[nn.Module, nn.Module, list[LayerPlan]]:
     """Deep-copy, fold BN, and insert quantizers. Returns (fp32 reference, prepared, plans).
 
     ``first_batch`` None (dynamic mode without calibration data): no BatchNorm folding, whose
-    conv -> BN pairs come from tracing a batch."""
+    conv -> BN pairs come from tracing a batch. ``batches`` (default: the first one) give
+    SmoothQuant its activation ranges."""
     # transformers' Conv1D (GPT-2) is quantized as the Linear it computes, in every step
     fp32_model = linearize_conv1d(copy.deepcopy(model)).eval()
     folded = fold_batchnorms(fp32_model, first_batch) if first_batch is not None else {}
@@ -137,6 +139,8 @@ def prepare_model(
     check_plans(fp32_model, plans, config)
     if config.equalize:
         mark_equalized(plans, equalize_model(fp32_model, first_batch))
+    if config.smoothquant is not None and first_batch is not None:
+        _smooth(fp32_model, plans, config, batches or [first_batch])
     if not any(plan.status == QUANTIZED for plan in plans):
         types = sorted({plan.layer_type for plan in plans}) or ["none"]
         raise ModelError(
@@ -155,6 +159,18 @@ def prepare_model(
             plan.activation_bits = layer.input_quantizer.scheme.bits
             plan.activation_raised_by = raised[plan.name]
     return fp32_model, prepared, plans
+
+
+def _smooth(model: nn.Module, plans: list[LayerPlan], config: QuantConfig, batches) -> None:
+    """SmoothQuant on the Linears quantized with an input quantizer (``engine.smoothquant``)."""
+    names = {
+        plan.name for plan in plans if plan.status == QUANTIZED and plan.activation_bits is not None
+    }
+    if config.activation is None or not names:
+        return
+    schemes = {name: config.schemes_for(name)[0] for name in names}
+    groups = smooth_model(model, batches, config.smoothquant, names, config.activation, schemes)
+    mark_smoothed(plans, groups)
 
 
 def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -> None:

@@ -63,6 +63,11 @@ class QuantConfig:
     gptq_act_order : bool
         GPTQ quantizes the input columns in order of decreasing Hessian diagonal (the inputs
         with the most energy first) instead of left to right.
+    smoothquant : float, "auto" or None
+        SmoothQuant before calibration (``engine.smoothquant``): each Linear's input channel
+        ``j`` divided by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (folded into the
+        LayerNorm or Linear before it) and its weight column multiplied by it; ``alpha`` in
+        [0, 1], or ``"auto"`` to choose it per layer from the calibration data.
     quantize_embeddings : bool
         Store ``nn.Embedding`` tables with the weight scheme (per-channel = one scale per row),
         weight-only; an exported transformer's file then shrinks to about a quarter.
@@ -95,6 +100,7 @@ class QuantConfig:
     weight_method: str = "nearest"
     adaround_iterations: int = 1000
     gptq_act_order: bool = False
+    smoothquant: float | str | None = None
     overrides: Mapping[str, Mapping[str, Scheme | None]] = field(default_factory=dict)
     activation_mode: str = "static"
 
@@ -234,6 +240,13 @@ class QuantConfig:
             raise ConfigError(
                 f"QuantConfig gptq_act_order must be True or False, got {self.gptq_act_order!r}"
             )
+        alpha = self.smoothquant
+        valid_alpha = isinstance(alpha, int | float) and not isinstance(alpha, bool)
+        if not (alpha is None or alpha == "auto" or (valid_alpha and 0.0 <= alpha <= 1.0)):
+            raise ConfigError(
+                f"QuantConfig smoothquant must be an alpha in [0, 1] (e.g. 0.5), 'auto' or None, "
+                f"got {alpha!r}"
+            )
 
     @property
     def bias_correction_method(self) -> str | None:
@@ -285,6 +298,8 @@ class QuantConfig:
     def ptq_methods(self) -> list[str]:
         """The PTQ refinements this config applies, in the order they run."""
         methods = ["cross-layer equalization"] if self.equalize else []
+        if self.smoothquant is not None:
+            methods.append(f"SmoothQuant (alpha {self.smoothquant})")
         if self.weight_method != "nearest":
             methods.append(f"{self.weight_method} rounding")
         if self.bias_correction_method is not None:

@@ -18,6 +18,14 @@ from workbench.engine.modules import hooks_removed
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
 
 
+def smoothed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the layer's SmoothQuant ``input_scale`` when it has one
+    (``engine.smoothquant.SmoothedLinear``), for code that uses the weight without the
+    layer's forward."""
+    scale = getattr(layer, "input_scale", None)
+    return x if scale is None else x * scale
+
+
 class QuantizedLayer(nn.Module):
     """Simulates a quantized Linear / Conv: fake-quantized input and weight, FP32 bias."""
 
@@ -50,6 +58,7 @@ class QuantizedLayer(nn.Module):
         return self.weight_quantizer(self.layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = smoothed_input(self.layer, x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.layer.weight)

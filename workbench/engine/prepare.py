@@ -47,6 +47,11 @@ class LayerPlan:
     # the layer whose higher precision its input quantizer took (one quantizer feeding both)
     activation_raised_by: str | None = None
     equalized: bool = False  # scaled by cross-layer equalization (engine.equalize)
+    # SmoothQuant (engine.smoothquant): the alpha applied and where 1/s went ("layernorm",
+    # "linear" or "mul"), or why the layer was not smoothed (smoothquant.SKIP_REASONS)
+    smoothing_alpha: float | None = None
+    smoothing_fold: str | None = None
+    smoothing_skipped: str | None = None
     bias_corrected: bool = False  # expected output error removed from the bias
     weight_rounding: str | None = None  # "nearest" / "adaround" / "gptq" when quantized
     # per output channel, the expected mean and std of the layer's output, from the BatchNorm

@@ -37,7 +37,7 @@ from workbench.core.scheme import Scheme
 from workbench.engine.call_sites import CountsCalls, FunctionSites
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
+from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, smoothed_input
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
@@ -315,6 +315,7 @@ class ExportLayer(CountsCalls, PerCallSpec):
         self.specs_by_call = [blockwise or layer_spec(layer, q) for q in self._input_quantizers()]
         self.spec = self.specs_by_call[0]
         self.output_quantizer = layer.output_quantizer
+        self.smoothing = layer.layer  # SmoothQuant's input scale, when the layer has one
 
     def _input_quantizers(self) -> list[nn.Module | None]:
         return [self.input_quantizer, *self.call_input_quantizers]
@@ -330,6 +331,7 @@ class ExportLayer(CountsCalls, PerCallSpec):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantizer = self._input_quantizers()[self.next_call()]
+        x = smoothed_input(self.smoothing, x)
         if quantizer is not None:
             x = quantizer(x)
         spec = self.call_spec()

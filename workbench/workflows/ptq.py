@@ -141,7 +141,7 @@ def ptq(
     head = list(islice(stream, REPORT_BATCHES))
     batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
     first = head[0] if job is None else start_from_rank0(reference, head[0], job)
-    fp32_model, prepared, plans = prepare_model(reference, first, config)
+    fp32_model, prepared, plans = prepare_model(reference, first, config, head)
     reached = calibrate(prepared, batches, progress, job)
     finish_calibration(prepared, plans, reached)
     prepared.eval()

@@ -129,6 +129,9 @@ def test_exclude_overrides_and_sensitivity_name_conv1d_layers():
     layers = result.report.layers.set_index("layer")
     assert layers.loc["c_proj", "status"] == "fp32"
     assert layers.loc["c_proj", "reason"] == "excluded by config"
+    # shapes as the user's Conv1D holds its weight, (in, out), quantized or not
+    assert layers.loc["c_fc", "weight_shape"] == (12, 24)
+    assert layers.loc["c_proj", "weight_shape"] == (24, 12)
     assert layers.loc["c_fc", "weight_bits"] == 4
     quantized = dict(iter_quantized_layers(result.model))
     assert quantized["c_fc"].weight_quantizer.scheme.bits == 4

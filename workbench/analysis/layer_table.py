@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from workbench.core.metrics import ErrorAccumulator
+from workbench.engine.conv1d import Conv1DLinear
 from workbench.engine.layers import QuantizedLayer
 from workbench.engine.modules import get_layer
 
@@ -45,6 +46,14 @@ def _zero_point_text(zero_point: torch.Tensor) -> str:
     return str(low) if low == high else f"{low}..{high}"
 
 
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The weight's shape as the user's layer holds it: ``(in, out)`` for a GPT-2 Conv1D,
+    which the engine quantizes as a Linear holding ``(out, in)``."""
+    if isinstance(module, Conv1DLinear):
+        return tuple(module.conv1d_weight().shape)
+    return tuple(module.weight.shape)
+
+
 def layer_row(layer: QuantizedLayer) -> dict:
     """Scheme, qparams and weight error of one quantized layer."""
     with torch.no_grad():
@@ -55,7 +64,7 @@ def layer_row(layer: QuantizedLayer) -> dict:
     wq = layer.weight_quantizer
     scale = wq.scale.detach().reshape(-1)
     row = {
-        "weight_shape": tuple(weight.shape),
+        "weight_shape": weight_shape(layer.layer),
         "scheme": wq.scheme.describe(),
         "bits": wq.scheme.bits,
         "num_scales": scale.numel(),
@@ -98,7 +107,7 @@ def layer_table(
             if module.input_quantizer is not None:
                 row["activation_bits"] = module.input_quantizer.scheme.bits
         elif module is not None and getattr(module, "weight", None) is not None:
-            row["weight_shape"] = tuple(module.weight.shape)
+            row["weight_shape"] = weight_shape(module)
             row["scheme"] = "fp32"
             row["bits"] = 32
         rows.append(row)

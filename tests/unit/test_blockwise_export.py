@@ -193,3 +193,33 @@ def test_block_wise_embedding_tables_gather_packed_rows(tmp_path, bits, symmetri
     np.testing.assert_allclose(
         run_session(make_session(path), ids)[0], simulated, rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4-weight", "w4a4", "int4-weight-g32"])
+def test_onnx_bytes_column_is_what_the_file_stores(tmp_path, preset):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(16, 64, 3),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 384),
+    ).eval()
+    x = torch.randn(2, 16, 8, 8)
+    overrides = {}
+    if preset == "int4-weight-g32":  # convs take per-channel 4-bit weights
+        overrides = {
+            "0": {"weight": wb.Scheme(4, True, True)},
+            "2": {"weight": wb.Scheme(4, True, True)},
+        }
+    result = wb.ptq(model, [x], config=wb.QuantConfig.preset(preset, overrides=overrides))
+    path = result.export_onnx(tmp_path / "m.onnx", x, check_fusion=False)
+    storage = result.report.storage.set_index("layer")
+    onnx_total = int(storage.loc["TOTAL", "onnx_bytes"])
+    assert abs(os.path.getsize(path) / onnx_total - 1) <= 0.02
+    linear = storage.loc["5"]
+    if preset == "int4-weight-g32":  # packed: the file holds what the table counts
+        assert linear["onnx_bytes"] == linear["total_bytes"]
+    if preset in ("int4-weight", "w4a4"):  # int8 codes of 4-bit values: one byte each
+        assert linear["onnx_bytes"] - linear["total_bytes"] >= 64 * 16 * 384 // 2

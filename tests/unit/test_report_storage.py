@@ -26,7 +26,14 @@ def test_linear_10_5_matches_the_seed_table(case):
     model = nn.Linear(10, 5)
     res = wb.ptq(model, torch.randn(8, 10), config=wb.QuantConfig(weight=scheme), progress=False)
     storage = res.report.storage
-    assert list(storage.columns) == ["layer", "type", "status", "fp32_bytes", *COLUMNS]
+    assert list(storage.columns) == [
+        "layer",
+        "type",
+        "status",
+        "fp32_bytes",
+        *COLUMNS,
+        "onnx_bytes",
+    ]
     layer, total = storage.iloc[0], storage.iloc[-1]
     assert total["layer"] == "TOTAL" and len(storage) == 2
     assert layer["fp32_bytes"] == 220 == (50 + 5) * 4

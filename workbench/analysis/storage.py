@@ -10,6 +10,12 @@
   Gemm); a weight-only layer keeps it FP32. The tutorial counts it FP32: the bytes are the same.
 Layers kept in FP32 store 4 bytes per parameter.
 
+``onnx_bytes`` is what the INT8 ONNX export stores for the layer (``onnx_code_bytes``): the
+same as ``total_bytes`` for block-wise (``group_size``) weights, which are stored packed; for
+other weights below 8 bits more, since those are stored as one int8 code per value. An INT32
+bias adds its FP32 scale and INT32 zero point per channel (counted for every layer with a
+quantized input; a Linear on 3-D input keeps an FP32 bias and stores 8 bytes per output less).
+
 For nn.Linear(10, 5): FP32 220 B; symmetric per-tensor 74 B; asymmetric per-tensor 75 B;
 symmetric per-channel 90 B; asymmetric per-channel 95 B.
 """
@@ -34,6 +40,7 @@ STORAGE_COLUMNS = [
     "zero_point_bytes",
     "bias_bytes",
     "total_bytes",
+    "onnx_bytes",
 ]
 
 FP32_BYTES = 4
@@ -57,13 +64,37 @@ def quantized_layer_storage(layer: QuantizedLayer) -> dict[str, int]:
     scale_bytes = FP32_BYTES * num_scales
     zero_point_bytes = zero_point_storage(num_scales, scheme)
     bias_bytes = BIAS_BYTES * bias.numel() if bias is not None else 0
+    # an INT32 bias is dequantized with its own FP32 scale and INT32 zero point per channel
+    int32_bias = bias is not None and layer.input_quantizer is not None
+    int32_bias = int32_bias and scheme.group_size is None and not layer.input_quantizer.dynamic
+    bias_grid = 2 * BIAS_BYTES * bias.numel() if int32_bias else 0
     return {
         "weight_bytes": weight_bytes,
         "scale_bytes": scale_bytes,
         "zero_point_bytes": zero_point_bytes,
         "bias_bytes": bias_bytes,
         "total_bytes": weight_bytes + scale_bytes + zero_point_bytes + bias_bytes,
+        "onnx_bytes": onnx_code_bytes(weight, scheme) + scale_bytes + bias_bytes + bias_grid,
     }
+
+
+def onnx_code_bytes(weight, scheme) -> int:
+    """Bytes the INT8 ONNX export stores for a weight's codes and zero points.
+
+    Block-wise weights are packed at 2, 4 or 8 bits (3-bit codes in 4-bit blocks, 5..7-bit in
+    8-bit ones; each row's last block padded whole), with packed zero points when asymmetric.
+    Every other quantized weight is stored as int8 / uint8 codes, one byte each whatever its
+    width (ONNX Runtime's integer conv and matmul kernels read 8-bit codes), with one zero
+    point byte per scale (DequantizeLinear's zero point input, also when symmetric).
+    """
+    if scheme.group_size is not None and weight.dim() == 2:
+        bits = 2 if scheme.bits <= 2 else 4 if scheme.bits <= 4 else 8
+        rows, blocks = weight.shape[0], group_count(weight.shape[1], scheme.group_size)
+        codes = rows * blocks * scheme.group_size * bits // 8
+        zero_points = 0 if scheme.symmetric else rows * packed_bytes(blocks, bits)
+        return codes + zero_points
+    scales = weight.shape[scheme.axis % weight.dim()] if scheme.per_channel else 1
+    return weight.numel() + scales
 
 
 def fp32_module_storage(module: nn.Module, counted: set[int] | None = None) -> dict[str, int]:
@@ -87,6 +118,7 @@ def fp32_module_storage(module: nn.Module, counted: set[int] | None = None) -> d
         "zero_point_bytes": 0,
         "bias_bytes": FP32_BYTES * bias_numel,
         "total_bytes": FP32_BYTES * (weight_numel + bias_numel),
+        "onnx_bytes": FP32_BYTES * (weight_numel + bias_numel),
     }
 
 

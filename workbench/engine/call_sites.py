@@ -11,7 +11,8 @@ own to hold an output quantizer. So:
 * a tensor op's quantizer lives in :class:`FunctionSites`, a submodule of the model's root,
   keyed by the op's site name ``"<module running it>.<op>#<n>"`` (the n-th such op at depth 0
   of that module's forward). While the root's forward runs, a ``TorchFunctionMode`` numbers the
-  ops the same way the trace did and quantizes the outputs of those that have a quantizer;
+  ops the same way the trace did and quantizes the outputs of those that have a quantizer
+  (and the inputs, keyed ``"<site>/input<i>"``, of an attention matmul);
 * a layer with weights called at several sites (a shared conv) cannot be cloned (its calls
   share one weight, trained once by QAT and stored once): its output quantizers live in
   :class:`FunctionSites` too, keyed by the module's call site ``"<module>#<n>"``, and a global
@@ -167,11 +168,23 @@ class _SiteMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         site = self.tracker.function_site(function_name(func))
+        if site is not None and self.sites.has_input_quantizers:
+            args = tuple(
+                quantizer(value)
+                if (quantizer := self.sites.quantizer(input_site(site, i)))
+                else value
+                for i, value in enumerate(args)
+            )
         out = func(*args, **kwargs)
         quantizer = self.sites.quantizer(site) if site is not None else None
         if quantizer is not None and isinstance(out, torch.Tensor):
             out = quantizer(out)
         return out
+
+
+def input_site(site: str, index: int) -> str:
+    """The key of the quantizer of a tensor op's ``index``-th positional input."""
+    return f"{site}/input{index}"
 
 
 class FunctionSites(nn.Module):
@@ -189,6 +202,7 @@ class FunctionSites(nn.Module):
         super().__init__()
         self.quantizers = nn.ModuleDict()
         self.site_names: dict[str, str] = {}  # site name -> key in self.quantizers
+        self._input_sites = 0  # how many keys name an op's input (input_site)
         self._active: list = []
 
     def add(self, site: str, quantizer: nn.Module) -> str:
@@ -196,11 +210,17 @@ class FunctionSites(nn.Module):
         key = f"site{len(self.quantizers)}"
         self.quantizers[key] = quantizer
         self.site_names[site] = key
+        self._input_sites += "/input" in site
         return f"{self.ATTRIBUTE}.quantizers.{key}"
 
     def remove(self, site: str) -> None:
         key = self.site_names.pop(site)
         del self.quantizers[key]
+        self._input_sites -= "/input" in site
+
+    @property
+    def has_input_quantizers(self) -> bool:
+        return self._input_sites > 0
 
     def quantizer(self, site: str) -> nn.Module | None:
         key = self.site_names.get(site)

@@ -77,6 +77,12 @@ class QuantConfig:
         8 bits its logits move little, and with a vocabulary of thousands it is one of the
         largest matrices); ``False`` keeps it FP32, as many 4-bit recipes do. A head whose
         weight is tied to the token embeddings (GPT-2) is quantized independently of them.
+    quantize_attention_matmuls : bool
+        Quantize both inputs of activation x activation matmuls (attention's ``Q K^T`` and
+        ``attn V``, ``torch.matmul`` / ``@`` outside any layer) with the activation scheme;
+        ONNX Runtime runs them as MatMulIntegerToFloat. Off by default: on the CPUs measured
+        it was not faster (README). transformers models need ``attn_implementation="eager"``
+        (SDPA is one op with the matmuls inside).
     overrides : dict
         Per-layer precision: ``{"pattern": {"weight": Scheme, "activation": Scheme or None}}``
         with layer names or glob patterns as in ``exclude``. A missing key keeps the config's
@@ -95,6 +101,7 @@ class QuantConfig:
     weight_observer: str = "minmax"
     quantize_embeddings: bool = False
     quantize_lm_head: bool = True
+    quantize_attention_matmuls: bool = False
     equalize: bool = False
     bias_correction: bool | str = False
     weight_method: str = "nearest"
@@ -148,7 +155,7 @@ class QuantConfig:
             raise ConfigError(
                 f"percentile must be in (50, 100], got {self.percentile}; e.g. percentile=99.99"
             )
-        for flag in ("quantize_embeddings", "quantize_lm_head"):
+        for flag in ("quantize_embeddings", "quantize_lm_head", "quantize_attention_matmuls"):
             value = getattr(self, flag)
             if not isinstance(value, bool):
                 raise ConfigError(

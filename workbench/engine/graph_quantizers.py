@@ -57,6 +57,7 @@ from workbench.engine.call_sites import (
     FunctionSites,
     PerCallSite,
     function_name,
+    input_site,
     install_function_sites,
     tracked_calls,
 )
@@ -117,6 +118,7 @@ class FlowNode:
     outputs: list[Key]
     site: str = ""  # the call site ("layer1.0.relu#1", "layer1.0.__iadd__#0")
     op: OpKind = OTHER
+    reads_parameter: bool = False  # a tensor op with a weight among its inputs (``x @ W``)
 
 
 @dataclass
@@ -176,7 +178,9 @@ class _FunctionRecorder(TorchFunctionMode):
         out_keys = [_key(t) for t in outputs]
         if outputs and not set(out_keys) <= set(in_keys):
             op = function_kind(name, args, kwargs)
-            self.flow.nodes.append(FlowNode("function", name, None, in_keys, out_keys, site, op))
+            node = FlowNode("function", name, None, in_keys, out_keys, site, op)
+            node.reads_parameter = any(isinstance(t, nn.Parameter) for t in inputs)
+            self.flow.nodes.append(node)
             self.flow.keep_alive.extend(inputs + outputs)
         return out
 
@@ -349,6 +353,8 @@ def insert_output_quantizers(
         )
         return {}
     split_layer_calls(model, flow, config)
+    if config.quantize_attention_matmuls:
+        insert_matmul_input_quantizers(model, flow, config)
     placement = plan_output_quantizers(model, flow, folded_bn)
     if not placement.outputs:
         return {}
@@ -413,6 +419,33 @@ def insert_output_quantizers(
                 layer.call_input_quantizers[call - 1] = quantizer
             quantizer.shares_scale_of = paths[site]
     return raised
+
+
+def insert_matmul_input_quantizers(model: nn.Module, flow: DataFlow, config: QuantConfig) -> int:
+    """A quantizer (the config's activation scheme) on both inputs of every activation x
+    activation matmul outside a layer (attention's ``Q K^T`` and ``attn V``), keyed by its
+    call site; returns how many matmuls got them."""
+    if config.activation is None:
+        return 0
+    count = 0
+    for node in flow.nodes:
+        op = node.op
+        if node.kind != "function" or not op.quantized_inputs or node.reads_parameter:
+            continue
+        if len(node.inputs) != op.tensor_inputs:
+            continue
+        sites = install_function_sites(model)
+        for index in range(op.tensor_inputs):
+            site = input_site(node.site, index)
+            quantizer = ActivationQuantizer(
+                config.activation,
+                config.observer,
+                f"input {index} of {node.site}",
+                config.percentile,
+            )
+            sites.add(site, quantizer)
+        count += 1
+    return count
 
 
 def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> None:

@@ -21,6 +21,11 @@ a kind. The placement pass (``engine.graph_quantizers``) reads only this table:
   layout transposes.
 * ``FLOAT``: anything else runs in FP32 between a DequantizeLinear and the next quantizer.
 
+``quantized_inputs``: an activation x activation matmul (attention's ``Q K^T``, ``attn V``)
+gets a quantizer on each input when ``QuantConfig(quantize_attention_matmuls=True)``: ONNX
+Runtime then runs ``DQ, DQ -> MatMul`` as MatMulIntegerToFloat (FP32 out, for the softmax or
+the reshape after it).
+
 Linear layers need no output quantizer: ``DQ -> MatMul`` is MatMulIntegerToFloat (FP32 out).
 
 The layers with weights that get quantizers (``layer_kind``): convolutions (``conv``) and
@@ -50,6 +55,7 @@ class OpKind:
     onnx_ops: tuple[str, ...] = ()  # the op types it exports as
     grid_inputs: bool = False  # quantized only when every input is already on a grid
     tensor_inputs: int = 0  # exact number of tensor inputs required (0: any)
+    quantized_inputs: bool = False  # each input quantized (config.quantize_attention_matmuls)
 
 
 CONV = OpKind("conv", QUANTIZED_OUTPUT, "QLinearConv", ("Conv",))
@@ -65,6 +71,14 @@ AVERAGE_POOL = OpKind(
     tensor_inputs=1,
 )
 MUL = OpKind("mul", QUANTIZED_OUTPUT, "QLinearMul", ("Mul",), grid_inputs=True, tensor_inputs=2)
+MATMUL = OpKind(
+    "matmul",
+    FLOAT,
+    "MatMulIntegerToFloat",
+    ("MatMul",),
+    tensor_inputs=2,
+    quantized_inputs=True,
+)
 RELU = OpKind("relu", CLAMP, "", ("Relu", "Clip"))
 ACTIVATION = OpKind("activation", FLOAT_FEEDING_GRID, "")
 MAX_POOL = OpKind("max pool", KEEPS_GRID, "MaxPool (uint8)", ("MaxPool",))
@@ -86,6 +100,7 @@ FUNCTION_KINDS: dict[str, OpKind] = {
     **dict.fromkeys(("mul", "mul_", "__mul__", "__rmul__", "__imul__"), MUL),
     **dict.fromkeys(("hardswish", "hardsigmoid", "silu", "sigmoid"), ACTIVATION),
     **dict.fromkeys(("relu", "relu_", "relu6"), RELU),
+    **dict.fromkeys(("matmul", "__matmul__", "bmm"), MATMUL),
     **dict.fromkeys(
         (
             "avg_pool1d",

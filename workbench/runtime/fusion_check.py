@@ -61,6 +61,7 @@ LISTED_OPS = {
     "AveragePool": ("average pool", "QLinearAveragePool"),
     "GlobalAveragePool": ("average pool", "QLinearGlobalAveragePool"),
     "MaxPool": ("max pool", "MaxPool (uint8)"),
+    "MatMul": ("matmul", "MatMulIntegerToFloat"),  # activation x activation (attention) only
 }
 
 
@@ -176,6 +177,12 @@ def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFr
     rows = []
     initializers = {init.name for init in graph.initializer}
 
+    def reads_weight(name: str) -> bool:
+        source = tensors.producer.get(name)
+        if source is not None and source.op_type == "DequantizeLinear":
+            name = source.input[0]
+        return name in initializers
+
     def shape_arithmetic(name: str) -> bool:
         source = tensors.producer.get(name)
         return name in initializers or (source is not None and source.op_type in SHAPE_OPS)
@@ -186,6 +193,8 @@ def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFr
             continue
         if node.op_type == "Concat" and all(shape_arithmetic(name) for name in node.input):
             continue  # builds a shape (``x.view(x.shape[0], -1)``), not a tensor of values
+        if node.op_type == "MatMul" and any(reads_weight(name) for name in node.input):
+            continue  # a Linear: listed in the layer table
         kind, kernel = LISTED_OPS[node.op_type]
         users = tensors.users(node.output[0])
         if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
@@ -197,11 +206,16 @@ def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFr
             quantized = fused = on_codes
         else:
             inputs = node.input if node.op_type == "Concat" else node.input[:2]
-            quantized = quantize is not None and all(
+            quantized = (quantize is not None or node.op_type == "MatMul") and all(
                 getattr(tensors.producer.get(name), "op_type", "") == "DequantizeLinear"
                 for name in inputs
             )
-            fused = kernel_of_name.get(node.name, "").startswith("QLinear")
+            made = kernel_of_name.get(node.name, "")
+            fused = made.startswith("QLinear") or (
+                node.op_type == "MatMul" and made in INTEGER_KERNELS
+            )
+            if node.op_type == "MatMul" and fused:
+                kernel = made
         reason = "" if fused else _float_reason(node, tensors, code_inputs)
         if quantized and not fused:
             reason = "ONNX Runtime did not match the QDQ pattern"

@@ -138,7 +138,10 @@ def test_space_to_depth_stem_gives_the_same_values(channels, kernel, stride, pad
     )
     x = rng.normal(size=(2, channels, size, size)).astype(np.float32)
     before = run(model, x=x)[0]
-    assert space_to_depth_stem(model, _Graph(model.graph))
+    growth = (-(-kernel // stride) * stride) ** 2 / kernel**2
+    if growth > 1.5:  # by default only stems whose padded kernel grows little are rewritten
+        assert not space_to_depth_stem(model, _Graph(model.graph))
+    assert space_to_depth_stem(model, _Graph(model.graph), max_kernel_growth=2.0)
     onnx.checker.check_model(model)
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert {a.name: list(a.ints) for a in conv.attribute}["strides"] == [1, 1]

@@ -80,8 +80,9 @@ class QuantConfig:
     quantize_attention_matmuls : bool
         Quantize both inputs of activation x activation matmuls (attention's ``Q K^T`` and
         ``attn V``, ``torch.matmul`` / ``@`` outside any layer) with the activation scheme;
-        ONNX Runtime runs them as MatMulIntegerToFloat. Off by default: on the CPUs measured
-        it was not faster (README). transformers models need ``attn_implementation="eager"``
+        ONNX Runtime runs them as MatMulIntegerToFloat. Off by default until a quiet
+        measurement confirms the gain (README). transformers models need
+        ``attn_implementation="eager"``
         (SDPA is one op with the matmuls inside).
     overrides : dict
         Per-layer precision: ``{"pattern": {"weight": Scheme, "activation": Scheme or None}}``

@@ -168,3 +168,17 @@ def test_outlier_bert_recovers_with_smoothquant_in_simulation_and_onnx_runtime(
     ort_output = run_session(session, test)[0]
     assert _cosine(ort_output, simulated) > 0.9999
     assert _cosine(ort_output, expected) >= 0.995
+
+
+def test_magic_option_sets_the_config():
+    from IPython.core.error import UsageError
+
+    from workbench.notebook.magic_args import parse_line
+    from workbench.notebook.recipe import make_recipe
+
+    for given, alpha in (("0.5", 0.5), ("auto", "auto"), ("0", 0.0)):
+        recipe = make_recipe(parse_line(f"model --calib calib --smoothquant {given}"))
+        assert recipe.config() == wb.QuantConfig(smoothquant=alpha)
+    for bad in ("1.5", "half"):
+        with pytest.raises(UsageError, match="smoothquant"):
+            make_recipe(parse_line(f"model --calib calib --smoothquant {bad}"))

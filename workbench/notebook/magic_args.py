@@ -69,6 +69,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _smoothquant_alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be an alpha in [0, 1] or auto, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -202,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="cross-layer equalization (with high-bias absorption) before calibration",
+    )
+    refine.add_argument(
+        "--smoothquant",
+        type=_smoothquant_alpha,
+        metavar="ALPHA",
+        help="SmoothQuant before calibration: alpha in [0, 1] (e.g. 0.5) or auto (per layer "
+        "from the calibration data); moves activation outliers into the weights",
     )
     refine.add_argument(
         "--bias-correction",

@@ -63,6 +63,7 @@ class Recipe:
     bias_correction: bool | None = None
     weight_method: str | None = None
     adaround_iterations: int | None = None
+    smoothquant: float | str | None = None
 
     def config(self) -> QuantConfig:
         """The QuantConfig these options describe."""
@@ -79,7 +80,13 @@ class Recipe:
 
     def ptq_options(self) -> dict[str, Any]:
         """The PTQ refinement options given (``QuantConfig`` field names)."""
-        names = ("equalize", "bias_correction", "weight_method", "adaround_iterations")
+        names = (
+            "equalize",
+            "smoothquant",
+            "bias_correction",
+            "weight_method",
+            "adaround_iterations",
+        )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -140,6 +147,15 @@ def _check_type(key: str, value: Any) -> Any:
             except (TypeError, ValueError):
                 pass
         raise UsageError(f"%%quantize: recipe key {key!r} must be a number, got {value!r}")
+    if key == "smoothquant":
+        if value == "auto" or (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+        ):
+            return value
+        raise UsageError(
+            "%%quantize: recipe key 'smoothquant' must be an alpha in [0, 1] or auto, "
+            f"got {value!r}"
+        )
     if key == "override":
         return _override_pairs(value)
     if key == "exclude":

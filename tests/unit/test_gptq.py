@@ -280,6 +280,9 @@ def test_gptq_with_quantized_activations_lowers_the_error():
 
 def test_config_names_and_errors():
     assert wb.QuantConfig(weight_method="rtn").weight_method == "nearest"
+    assert wb.QuantConfig(weight_method="gptq", gptq_act_order=True).ptq_methods() == [
+        "gptq rounding (act-order)"
+    ]
     with pytest.raises(ConfigError, match="gptq_act_order"):
         wb.QuantConfig(weight_method="gptq", gptq_act_order="yes")
     with pytest.raises(ConfigError, match="gptq"):

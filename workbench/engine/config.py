@@ -309,7 +309,8 @@ class QuantConfig:
         if self.smoothquant is not None:
             methods.append(f"SmoothQuant (alpha {self.smoothquant})")
         if self.weight_method != "nearest":
-            methods.append(f"{self.weight_method} rounding")
+            order = " (act-order)" if self.weight_method == "gptq" and self.gptq_act_order else ""
+            methods.append(f"{self.weight_method} rounding{order}")
         if self.bias_correction_method is not None:
             methods.append(f"{self.bias_correction_method} bias correction")
         return methods

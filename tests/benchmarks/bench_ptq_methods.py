@@ -4,10 +4,12 @@ bias correction (BC) against plain PTQ, and AdaRound against plain PTQ and QAT.
     python tests/benchmarks/bench_ptq_methods.py [--seeds 3] [--adaround-iterations 1000]
 
 1. A MobileNetV2-style CNN (inverted residuals: 1x1 expand, 3x3 depthwise, 1x1 project, ReLU6,
-   BatchNorm) trained on the digits upscaled to 32x32, INT8 with per-tensor weights: test
-   accuracy of FP32, plain PTQ, PTQ + CLE, PTQ + BC, PTQ + CLE + BC, and which share of the
-   PTQ loss CLE + BC recovers ((CLE+BC - PTQ) / (FP32 - PTQ)), and the model output's SQNR
-   against FP32 on the calibration batches (finer than accuracy when PTQ loses little).
+   BatchNorm) trained on the digits upscaled to 32x32, per-tensor weights at 8, 6 and 5 bits
+   (uint8 activations; at 8 bits plain PTQ loses nothing on this small model, so the lower
+   widths are where CLE and BC have something to recover): test accuracy of FP32, plain PTQ,
+   PTQ + CLE, PTQ + BC, PTQ + CLE + BC (empirical), PTQ + CLE + analytic BC, which share of
+   the PTQ loss CLE + BC recover ((CLE+BC - PTQ) / (FP32 - PTQ)), on the mean and seed by
+   seed, and the model output's SQNR against FP32 on the calibration batches.
 2. The 4-channel digits CNN at w3a3 and a ResNet-style digits CNN at W4A8: plain PTQ,
    AdaRound (and AdaRound + BC), the share of the PTQ loss recovered, AdaRound's wall time
    (the whole ``wb.ptq`` call) against QAT's training time per epoch, and the QAT epoch (and
@@ -162,40 +164,68 @@ def recovered(fp32: float, ptq: float, better: float) -> float:
 
 
 # part 1: CLE + bias correction ------------------------------------------------------------------
-def cle_table(data, seeds: int) -> pd.DataFrame:
+CLE_WEIGHT_BITS = (8, 6, 5)  # per-tensor weight widths; activations uint8 per-tensor
+CLE_VARIANTS = {
+    "ptq": {},
+    "ptq+cle": {"equalize": True},
+    "ptq+bc": {"bias_correction": True},
+    "ptq+cle+bc": {"equalize": True, "bias_correction": True},
+    "ptq+cle+abc": {"equalize": True, "bias_correction": "analytic"},
+}
+
+
+def cle_table(
+    data, seeds: int, weight_bits: tuple[int, ...] = CLE_WEIGHT_BITS, first_seed: int = 0
+) -> pd.DataFrame:
+    """One row per per-tensor weight width: the variants' accuracy (mean over seeds), the PTQ
+    loss, the share CLE + BC recover (of the mean and seed by seed), the output SQNR."""
     train_x, test_x = upscaled(data.train_x), upscaled(data.test_x)
     calib = [train_x[i * 64 : (i + 1) * 64] for i in range(8)]
-    variants = {
-        "ptq": {},
-        "ptq+cle": {"equalize": True},
-        "ptq+bc": {"bias_correction": True},
-        "ptq+cle+bc": {"equalize": True, "bias_correction": True},
-    }
-    runs: dict[str, list[float]] = {name: [] for name in ["fp32", *variants]}
-    sqnr: dict[str, list[float]] = {name: [] for name in variants}
-    for seed in range(seeds):
+    runs = {bits: {name: [] for name in ["fp32", *CLE_VARIANTS]} for bits in weight_bits}
+    sqnr = {bits: {name: [] for name in CLE_VARIANTS} for bits in weight_bits}
+    for seed in range(first_seed, first_seed + seeds):
         torch.manual_seed(seed)
         model = train(MobileNetV2Digits(), train_x, data.train_y, seed, epochs=8)
-        runs["fp32"].append(accuracy(model, test_x, data.test_y))
-        for name, options in variants.items():
-            config = wb.QuantConfig.preset("int8-per-tensor", **options)
-            result = wb.ptq(model, calib, config=config, progress=False)
-            runs[name].append(accuracy(result.model, test_x, data.test_y))
-            sqnr[name].append(result.report.summary["model_output_sqnr_db"])
-        print(
-            f"  MobileNetV2-style seed {seed}: "
-            + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items())
-            + " | output SQNR dB: "
-            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sqnr.items()),
-            flush=True,
+        fp32 = accuracy(model, test_x, data.test_y)
+        for bits in weight_bits:
+            runs[bits]["fp32"].append(fp32)
+            for name, options in CLE_VARIANTS.items():
+                config = wb.QuantConfig(
+                    weight=wb.Scheme(bits, True, False),
+                    activation=wb.Scheme(8, False, False),
+                    **options,
+                )
+                result = wb.ptq(model, calib, config=config, progress=False)
+                runs[bits][name].append(accuracy(result.model, test_x, data.test_y))
+                sqnr[bits][name].append(result.report.summary["model_output_sqnr_db"])
+            print(
+                f"  MobileNetV2-style seed {seed}, {bits}-bit per-tensor weights: "
+                + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs[bits].items())
+                + " | output SQNR dB: "
+                + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sqnr[bits].items()),
+                flush=True,
+            )
+    rows = []
+    for bits in weight_bits:
+        mean = {name: statistics.mean(values) for name, values in runs[bits].items()}
+        row = {"model": "MobileNetV2-style, 32x32", "weights": f"int{bits} per-tensor"}
+        row |= {f"{name}_%": value for name, value in mean.items()}
+        row["ptq_loss_pp"] = mean["fp32"] - mean["ptq"]
+        row["cle+bc_recovered"] = recovered(mean["fp32"], mean["ptq"], mean["ptq+cle+bc"])
+        row["cle+abc_recovered"] = recovered(mean["fp32"], mean["ptq"], mean["ptq+cle+abc"])
+        per_seed = [
+            recovered(fp32, ptq, better)
+            for fp32, ptq, better in zip(
+                runs[bits]["fp32"], runs[bits]["ptq"], runs[bits]["ptq+cle+bc"], strict=True
+            )
+        ]
+        row["seeds_cle+bc_recover_half"] = (
+            f"{sum(share >= 0.5 for share in per_seed)} of "
+            f"{sum(share == share for share in per_seed)}"
         )
-    mean = {name: statistics.mean(values) for name, values in runs.items()}
-    row = {"model": "MobileNetV2-style, 32x32", "config": "int8 per-tensor weights"}
-    row |= {f"{name}_%": value for name, value in mean.items()}
-    row["ptq_loss_pp"] = mean["fp32"] - mean["ptq"]
-    row["cle+bc_recovered"] = recovered(mean["fp32"], mean["ptq"], mean["ptq+cle+bc"])
-    row |= {f"{name}_sqnr_db": statistics.mean(values) for name, values in sqnr.items()}
-    return pd.DataFrame([row])
+        row |= {f"{name}_sqnr_db": statistics.mean(v) for name, v in sqnr[bits].items()}
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # part 2: AdaRound against QAT -------------------------------------------------------------------
@@ -305,7 +335,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="FP32 models trained per case")
     parser.add_argument("--adaround-iterations", type=int, default=1000)
+    parser.add_argument("--first-seed", type=int, default=0, help="of the CLE + BC part")
     parser.add_argument("--skip-cle", action="store_true")
+    parser.add_argument(
+        "--weight-bits",
+        type=int,
+        nargs="+",
+        default=list(CLE_WEIGHT_BITS),
+        help="per-tensor weight widths of the CLE + BC part",
+    )
     parser.add_argument("--skip-adaround", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -313,8 +351,13 @@ def main() -> None:
     data = load_digits_data()
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         if not args.skip_cle:
-            table = cle_table(data, args.seeds)
-            print("\nCLE and bias correction (test accuracy %, mean over seeds):")
+            table = cle_table(data, args.seeds, tuple(args.weight_bits), args.first_seed)
+            print(
+                "\nCLE and bias correction (BC empirical, ABC analytic), test accuracy %, mean "
+                "over seeds; recovered = (refined - PTQ) / (FP32 - PTQ), n/a where PTQ loses "
+                f"under {NEGLIGIBLE_LOSS_PP} points; seeds_cle+bc_recover_half counts the "
+                "seeds where PTQ lost points:"
+            )
             print(table.to_string(index=False, float_format="{:.2f}".format, na_rep="n/a"))
         if not args.skip_adaround:
             table = adaround_table(data, args.seeds, args.adaround_iterations)

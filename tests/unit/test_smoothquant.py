@@ -182,3 +182,13 @@ def test_magic_option_sets_the_config():
     for bad in ("1.5", "half"):
         with pytest.raises(UsageError, match="smoothquant"):
             make_recipe(parse_line(f"model --calib calib --smoothquant {bad}"))
+
+
+def test_panel_control_sets_the_config():
+    from workbench.notebook.panel import WorkbenchPanel
+
+    app = WorkbenchPanel(_stack(), _batches(1))
+    assert app.config().smoothquant is None
+    for alpha in ("auto", 0.5, 0.3):
+        app.set_controls(smoothquant=alpha)
+        assert app.config() == wb.QuantConfig(smoothquant=alpha)

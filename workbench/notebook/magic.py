@@ -67,6 +67,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
             recipe.weight_method,
             recipe.keep_most_sensitive,
             recipe.override,
+            smoothquant=recipe.smoothquant,
         )
         return app
     result = actions.quantize(

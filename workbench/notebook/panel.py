@@ -97,6 +97,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
                 widgets.HBox([self.method, self.preset, self.observer]),
                 widgets.HBox([self.bits, self.symmetric, self.per_channel]),
                 widgets.HBox([self.equalize, self.bias_correction, self.weight_method]),
+                widgets.HBox([self.smoothquant]),
                 widgets.HBox([self.num_batches, self.epochs, self.lr]),
                 self.keep_fp32,
                 self.layer_precision.box,

@@ -110,6 +110,12 @@ class PanelControls:
             description="weight rounding",
             style=style,
         )
+        self.smoothquant = widgets.Dropdown(
+            options=[("off", None), ("alpha 0.5", 0.5), ("alpha auto", "auto")],
+            value=None,
+            description="SmoothQuant",
+            style=style,
+        )
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=RUN_STEPS, bar_style="info")
         self.progress.layout.display = "none"
@@ -154,6 +160,7 @@ class PanelControls:
         weight_method: str | None = None,
         keep_most_sensitive: int | None = None,
         override: tuple[tuple[str, str], ...] = (),
+        smoothquant: float | str | None = None,
     ) -> None:
         """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
         they match in the keep-FP32 list; ``override`` (pattern, preset) pairs set the layers
@@ -176,6 +183,12 @@ class PanelControls:
         for control, value in values.items():
             if value is not None:
                 control.value = value
+        if smoothquant is not None:
+            known = [value for _, value in self.smoothquant.options]
+            if smoothquant not in known:
+                options = [*self.smoothquant.options, (f"alpha {smoothquant}", smoothquant)]
+                self.smoothquant.options = options
+            self.smoothquant.value = smoothquant
         if max_drop is not None:
             self.max_drop.value = max_drop
             self.mixed_precision.value = True
@@ -194,6 +207,7 @@ class PanelControls:
             tuple(self.keep_fp32.value),
             override=self.layer_precision.overrides_in_use(),
             equalize=self.equalize.value,
+            smoothquant=self.smoothquant.value,
             # QAT trains weights and biases: the rounding and bias options are PTQ's only
             bias_correction=self.bias_correction.value and self.method.value == "ptq",
             weight_method=self.weight_method.value if self.method.value == "ptq" else "nearest",

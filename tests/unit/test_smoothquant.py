@@ -192,3 +192,37 @@ def test_panel_control_sets_the_config():
     for alpha in ("auto", 0.5, 0.3):
         app.set_controls(smoothquant=alpha)
         assert app.config() == wb.QuantConfig(smoothquant=alpha)
+
+
+class _PostNorm(nn.Module):
+    """LayerNorm -> Linear with the LayerNorm's output also added to the result (post-LN):
+    the smoothing becomes the Linear's own Mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        stack = _stack()
+        self.norm, self.fc = stack[0], stack[1]
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.fc(h)[..., :16] + h
+
+
+def test_weight_rounding_sees_the_smoothed_input():
+    """AdaRound's captured input and GPTQ's Hessian are of the input the layer multiplies its
+    smoothed weight with: ``Q(x / s)``, computed here from the LayerNorm's output."""
+    from workbench.engine.adaround import _capture
+    from workbench.engine.gptq import layer_hessian
+    from workbench.engine.layers import iter_quantized_layers
+
+    model, batches = _PostNorm().eval(), _batches()
+    result = wb.ptq(model, batches, config=wb.QuantConfig(smoothquant=0.5), progress=False)
+    assert _plans(result)["fc"].smoothing_fold == FOLD_MUL
+    layer = dict(iter_quantized_layers(result.model))["fc"]
+    with torch.no_grad():
+        rows = torch.cat([model.norm(b).reshape(-1, 16) for b in batches])
+        expected = layer.input_quantizer(rows * layer.layer.input_scale)
+    captured, _ = _capture(result.fp32_model, result.model, "fc", batches)
+    torch.testing.assert_close(captured.reshape(-1, 16), expected)
+    hessian = layer_hessian(result.model, layer, batches)
+    torch.testing.assert_close(hessian, 2.0 * expected.t() @ expected / len(expected))

@@ -34,6 +34,7 @@ from workbench.engine.layers import (
     QuantizedLayer,
     iter_quantized_layers,
     quantized_layer_calls,
+    smoothed_input,
 )
 from workbench.engine.modules import find_submodule, hooks_removed
 from workbench.engine.quantizers import WeightQuantizer
@@ -124,7 +125,7 @@ def _capture(
             run_model(fp32_model, batch, index)
     if not inputs or len(inputs) != len(targets) or len(inputs) != len(batches):
         return None  # not called, or called more than once per forward (a shared module)
-    x = torch.cat([t.detach() for t in inputs])
+    x = smoothed_input(quantized_layer.layer, torch.cat([t.detach() for t in inputs]))
     if quantized_layer.input_quantizer is not None:
         with torch.no_grad():
             x = quantized_layer.input_quantizer(x)

@@ -51,6 +51,7 @@ from workbench.engine.layers import (
     QuantizedLayer,
     iter_quantized_layers,
     quantized_layer_calls,
+    smoothed_input,
 )
 from workbench.engine.modules import hooks_removed
 from workbench.engine.quantizers import WeightQuantizer
@@ -329,7 +330,7 @@ def layer_hessian(
     accumulator = HessianAccumulator(weight_matrix(module).shape[1])
 
     def take(m: nn.Module, args: tuple) -> None:
-        x = args[0]
+        x = smoothed_input(module, args[0])  # SmoothQuant's 1/s, as the layer's forward
         quantizer = _input_quantizer_of_next_call(layer)
         if quantizer is not None:
             x = quantizer(x)

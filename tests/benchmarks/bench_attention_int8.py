@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
-from models import bert_encoder, cpu_model, print_checks, token_batches  # noqa: E402
+from models import bert_encoder, machine_line, print_checks, token_batches  # noqa: E402
 
 import workbench as wb  # noqa: E402
 
@@ -107,10 +107,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from workbench.runtime.cpu_features import detect_cpu_features
 
-    print(f"CPU: {cpu_model()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
-    print(f"CPU features: {detect_cpu_features()}\n")
+    print(machine_line() + "\n")
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
         for seq in args.seqs:

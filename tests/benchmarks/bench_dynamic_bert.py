@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import cpu_model, print_checks
+from models import machine_line, print_checks
 from zoo.outlier_bert import outlier_bert, outlier_tokens
 
 import workbench as wb
@@ -64,10 +64,7 @@ def main() -> int:
     args = parser.parse_args()
     batch, seq = (32, 128) if args.full else (8, 128)
     cpu = detect_cpu_features()
-    print(
-        f"CPU: {cpu_model()} (VNNI: {cpu.vnni}, AMX: {cpu.amx}); {args.layers} layers, "
-        f"batch {batch} x {seq}, 1 thread"
-    )
+    print(f"{machine_line()}; {args.layers} layers, batch {batch} x {seq}, 1 thread")
 
     model = outlier_bert(hidden=384, layers=args.layers, heads=12)
     calib = outlier_tokens(4, batch=batch, seq=seq, seed=1)

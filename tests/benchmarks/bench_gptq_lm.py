@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import cpu_model
+from models import machine_line
 
 import workbench as wb
 
@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"CPU: {cpu_model()}; torch threads {args.threads}")
+    print(f"{machine_line()}; torch threads {args.threads}")
 
     train_data, held_out_data = stdlib_bytes()
     print(

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from models import cpu_model, print_checks
+from models import machine_line, print_checks
 
 import workbench as wb
 from workbench.runtime.onnx_export import export_fp32_onnx, export_int8_onnx
@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    print(f"CPU: {cpu_model()}")
+    print(machine_line())
 
     model = llama_decoder()
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())

@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import cpu_model
+from models import machine_line
 
 import workbench as wb
 from workbench.demo import DigitsCNN, accuracy, load_digits_data
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--skip-adaround", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"CPU: {cpu_model()}, 1 thread, torch {torch.__version__}, {args.seeds} seeds")
+    print(f"{machine_line()}; 1 thread, torch {torch.__version__}, {args.seeds} seeds")
     data = load_digits_data()
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         if not args.skip_cle:

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from models import cpu_model, print_checks  # noqa: E402
+from models import machine_line, print_checks  # noqa: E402
 from zoo.outlier_bert import outlier_bert, outlier_tokens  # noqa: E402
 
 import workbench as wb  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     batch = 32 if args.full else args.batch
     torch.set_num_threads(1)
-    print(f"CPU: {cpu_model()}")
+    print(machine_line())
     print(f"outlier BERT: {args.layers} layers, hidden {args.hidden}; batch {batch} x {args.seq}")
 
     model = outlier_bert(hidden=args.hidden, layers=args.layers, heads=4)

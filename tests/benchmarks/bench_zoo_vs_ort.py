@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from models import cpu_model, ort_quantize_static, print_checks  # noqa: E402
+from models import machine_line, ort_quantize_static, print_checks  # noqa: E402
 from zoo import vision  # noqa: E402
 
 import workbench as wb  # noqa: E402
@@ -107,10 +107,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from workbench.runtime.cpu_features import detect_cpu_features
 
-    print(f"CPU: {cpu_model()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
-    print(f"CPU features: {detect_cpu_features()}")
+    print(machine_line())
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -143,6 +143,21 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def machine_line() -> str:
+    """The line every benchmark prints first: the CPU, its cores and load, and whether it has
+    the instructions ONNX Runtime's integer kernels depend on (VNNI, AMX); without VNNI its
+    8-bit U8S8 kernels saturate int16 sums, so speed and parity differ from a VNNI CPU."""
+    import os
+
+    from workbench.runtime.cpu_features import detect_cpu_features
+
+    cpu = detect_cpu_features()
+    return (
+        f"CPU: {cpu_model()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
+        f"AVX2 {cpu.avx2}, AVX-512 {cpu.avx512}, VNNI {cpu.vnni}, AMX {cpu.amx}"
+    )
+
+
 def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list) -> Path:
     """ONNX Runtime's recommended static flow: quant_pre_process, then quantize_static (QDQ,
     per-channel int8 weights, uint8 activations, MinMax calibration on the same images)."""

@@ -124,6 +124,8 @@ def _unfused_reason(graph: onnx.GraphProto, layer: QuantizedLayerInfo) -> str:
     if node is None:
         return "layer not found in the exported graph"
     source = producer.get(node.input[0])
+    if source is not None and source.op_type == "DynamicQuantizeLinear":
+        return _dynamic_reason(node, consumers)
     if source is None or source.op_type != "DequantizeLinear":
         return "input is not quantized (weight-only or FP32 activations): no integer kernel"
     if node.op_type == "Conv":
@@ -136,6 +138,24 @@ def _unfused_reason(graph: onnx.GraphProto, layer: QuantizedLayerInfo) -> str:
     if source.input[0] in types and types[source.input[0]] not in (2, 3):
         return "activation is not 8-bit"
     return "ONNX Runtime did not match the QDQ pattern (check the activation / weight dtypes)"
+
+
+def _dynamic_reason(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> str:
+    """Why a dynamic Linear (``DynamicQuantizeLinear -> MatMulInteger``) did not fuse."""
+    pattern = "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul"
+    users = consumers.get(node.output[0], [])
+    if len(users) == 1 and users[0].op_type == "Cast":
+        users = consumers.get(users[0].output[0], [])
+        if len(users) == 1 and users[0].op_type == "Mul":
+            return (
+                f"ONNX Runtime did not fuse the dynamic pattern {pattern} into "
+                "DynamicQuantizeMatMul / MatMulIntegerToFloat (check the weight is an int8 "
+                "initializer and the scales are constants)"
+            )
+    return (
+        f"dynamic pattern broken: {node.op_type} after DynamicQuantizeLinear is not followed "
+        f"by Cast -> Mul (ONNX Runtime fuses only {pattern})"
+    )
 
 
 def _float_reason(node: onnx.NodeProto, tensors: TensorMap, code_inputs: set[str]) -> str:

@@ -35,6 +35,7 @@ LAYER_COLUMNS = [
     "output_sqnr_db",
     "output_cosine",
     "equalized",
+    "smoothing",
     "bias_corrected",
     "weight_rounding",
 ]
@@ -52,6 +53,15 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     if isinstance(module, Conv1DLinear):
         return tuple(module.conv1d_weight().shape)
     return tuple(module.weight.shape)
+
+
+def smoothing_text(plan) -> str | None:
+    """SmoothQuant on this layer, from the plan's fields: where ``1/s`` went and the alpha
+    (``layernorm a=0.50``), or why the layer was not smoothed; None when SmoothQuant did not
+    consider it (off, or not a Linear with a quantized input)."""
+    if plan.smoothing_fold is not None and plan.smoothing_alpha is not None:
+        return f"{plan.smoothing_fold} a={plan.smoothing_alpha:.2f}"
+    return plan.smoothing_skipped
 
 
 def layer_row(layer: QuantizedLayer) -> dict:
@@ -96,6 +106,7 @@ def layer_table(
             "reason": plan.reason,
             "folded_into": plan.folded_into,
             "equalized": plan.equalized,
+            "smoothing": smoothing_text(plan),
             "bias_corrected": plan.bias_corrected,
             "weight_rounding": plan.weight_rounding,
         }

@@ -138,6 +138,18 @@ LAYER_COLUMNS = (
      lambda row: (_scale_range(row), None, row.get("scale_max"))),
     ("zero_point", "Zero point", "Weight zero point(s)", False, _plain("zero_point")),
 )  # fmt: skip
+# shown only when some layer has a value (SmoothQuant on)
+OPTIONAL_LAYER_COLUMNS = (
+    ("smoothing", "Smoothing",
+     "SmoothQuant: where 1/s went (layernorm, linear or mul) and alpha, or why not smoothed",
+     False, _plain("smoothing")),
+)  # fmt: skip
+
+
+def layer_columns(layers: list[dict[str, Any]]) -> tuple:
+    """The layer table's columns: ``LAYER_COLUMNS`` and the optional ones some layer fills."""
+    optional = tuple(c for c in OPTIONAL_LAYER_COLUMNS if any(row.get(c[0]) for row in layers))
+    return LAYER_COLUMNS + optional
 
 
 def is_folded(row: dict[str, Any]) -> bool:
@@ -167,6 +179,7 @@ def status_badge(row: dict[str, Any]) -> str:
 
 
 def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) -> str:
+    columns = layer_columns(layers)
     head = "".join(
         element(
             "th",
@@ -175,12 +188,12 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
             title=f"{tooltip}. Click to sort." if interactive else tooltip,
             data_column=column,
         )
-        for column, label, tooltip, numeric, _ in LAYER_COLUMNS
+        for column, label, tooltip, numeric, _ in columns
     )
     rows = []
     for index, row in enumerate(layers):
         cells = []
-        for column, _, _, numeric, cell in LAYER_COLUMNS:
+        for column, _, _, numeric, cell in columns:
             classes = ["jp-mod-numeric"] if numeric else []
             if column == "status":
                 body, sort_value = status_badge(row), row.get("status")

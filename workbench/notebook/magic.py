@@ -68,6 +68,8 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
             recipe.keep_most_sensitive,
             recipe.override,
             smoothquant=recipe.smoothquant,
+            gptq_act_order=recipe.gptq_act_order,
+            quantize_lm_head=recipe.quantize_lm_head,
         )
         return app
     result = actions.quantize(

@@ -16,6 +16,7 @@ from workbench.core.observers import OBSERVER_NAMES
 from workbench.engine.config import PRESETS, WEIGHT_METHODS
 
 METHODS = ("ptq", "qat")
+BIAS_CORRECTION_METHODS = ("empirical", "analytic")
 
 DESCRIPTION = """\
 Quantize the nn.Module called MODEL in this notebook with post-training quantization (PTQ,
@@ -38,6 +39,8 @@ examples:
   %quantize model --calib calib_loader --keep-most-sensitive 2 --report-data test_loader
   %quantize model --calib calib_loader --export model_int8.onnx --example x --bench
   %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
+  %quantize model --calib calib --bias-correction analytic --weight-method gptq --gptq-act-order
+  %quantize lm --calib calib_batches --weight-method gptq --no-quantize-lm-head
   %quantize model --calib calib_loader --panel
 
   %%quantize model
@@ -221,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refine.add_argument(
         "--bias-correction",
-        action="store_const",
+        nargs="?",
         const=True,
-        help="remove each layer's mean output error on the calibration data from its bias",
+        choices=BIAS_CORRECTION_METHODS,
+        metavar="METHOD",
+        help="remove each layer's expected output error from its bias: empirical (the "
+        "default: measured on the calibration data) or analytic (from the folded BatchNorms' "
+        "statistics, no data)",
     )
     refine.add_argument(
         "--weight-method",
@@ -232,10 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(second-order error feedback per layer)",
     )
     refine.add_argument(
+        "--gptq-act-order",
+        action="store_const",
+        const=True,
+        help="with --weight-method gptq: quantize the input columns in order of decreasing "
+        "Hessian diagonal",
+    )
+    refine.add_argument(
         "--adaround-iterations",
         type=_positive_int,
         metavar="N",
         help="optimisation steps per layer for --weight-method adaround (default 1000)",
+    )
+    scheme_lm = parser.add_argument_group("language models")
+    scheme_lm.add_argument(
+        "--no-quantize-lm-head",
+        dest="quantize_lm_head",
+        action="store_const",
+        const=False,
+        help="keep the LM head (model.get_output_embeddings()) FP32",
     )
     qat = parser.add_argument_group("quantization-aware training (--method qat)")
     qat.add_argument("--train", metavar="DATA", help="training data: DataLoader of (x, y)")

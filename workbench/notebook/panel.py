@@ -97,7 +97,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
                 widgets.HBox([self.method, self.preset, self.observer]),
                 widgets.HBox([self.bits, self.symmetric, self.per_channel]),
                 widgets.HBox([self.equalize, self.bias_correction, self.weight_method]),
-                widgets.HBox([self.smoothquant]),
+                widgets.HBox([self.gptq_act_order, self.smoothquant, self.quantize_lm_head]),
                 widgets.HBox([self.num_batches, self.epochs, self.lr]),
                 self.keep_fp32,
                 self.layer_precision.box,

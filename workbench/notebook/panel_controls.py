@@ -101,8 +101,17 @@ class PanelControls:
         self.equalize = widgets.Checkbox(
             value=False, description="cross-layer equalization (PTQ)", indent=False
         )
-        self.bias_correction = widgets.Checkbox(
-            value=False, description="bias correction (PTQ)", indent=False
+        self.bias_correction = widgets.Dropdown(
+            options=[("off", False), ("empirical", True), ("analytic", "analytic")],
+            value=False,
+            description="bias correction",
+            style=style,
+        )
+        self.gptq_act_order = widgets.Checkbox(
+            value=False, description="GPTQ act-order", indent=False, disabled=True
+        )
+        self.quantize_lm_head = widgets.Checkbox(
+            value=True, description="quantize LM head", indent=False
         )
         self.weight_method = widgets.Dropdown(
             options=list(WEIGHT_METHODS),
@@ -122,6 +131,7 @@ class PanelControls:
         self.status = widgets.HTML(status_html("Choose a scheme and press Run."))
         self.preset.observe(self._on_preset, names="value")
         self.method.observe(self._on_method, names="value")
+        self.weight_method.observe(self._on_method, names="value")
         self.mixed_precision.observe(self._on_mixed_precision, names="value")
         self.run_button.on_click(self._on_run)
 
@@ -138,6 +148,7 @@ class PanelControls:
         self.num_batches.disabled = qat  # a PTQ option: QAT calibrates on calib_data whole
         for control in (self.equalize, self.bias_correction, self.weight_method):
             control.disabled = qat
+        self.gptq_act_order.disabled = qat or self.weight_method.value != "gptq"
 
     def _on_mixed_precision(self, _change=None) -> None:
         self.max_drop.disabled = not self.mixed_precision.value
@@ -161,6 +172,8 @@ class PanelControls:
         keep_most_sensitive: int | None = None,
         override: tuple[tuple[str, str], ...] = (),
         smoothquant: float | str | None = None,
+        gptq_act_order: bool | None = None,
+        quantize_lm_head: bool | None = None,
     ) -> None:
         """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
         they match in the keep-FP32 list; ``override`` (pattern, preset) pairs set the layers
@@ -176,8 +189,11 @@ class PanelControls:
             self.epochs: epochs,
             self.lr: lr,
             self.equalize: equalize,
-            self.bias_correction: bias_correction,
+            # "empirical" is the dropdown's True (QuantConfig takes either)
+            self.bias_correction: True if bias_correction == "empirical" else bias_correction,
             self.weight_method: weight_method,
+            self.gptq_act_order: gptq_act_order,
+            self.quantize_lm_head: quantize_lm_head,
             self.keep_most_sensitive: keep_most_sensitive,
         }
         for control, value in values.items():
@@ -198,6 +214,7 @@ class PanelControls:
 
     def config(self):
         """The QuantConfig the controls describe."""
+        ptq = self.method.value == "ptq"
         return build_config(
             self.preset.value,
             self.bits.value,
@@ -209,6 +226,8 @@ class PanelControls:
             equalize=self.equalize.value,
             smoothquant=self.smoothquant.value,
             # QAT trains weights and biases: the rounding and bias options are PTQ's only
-            bias_correction=self.bias_correction.value and self.method.value == "ptq",
-            weight_method=self.weight_method.value if self.method.value == "ptq" else "nearest",
+            bias_correction=self.bias_correction.value if ptq else False,
+            weight_method=self.weight_method.value if ptq else "nearest",
+            gptq_act_order=self.gptq_act_order.value and not self.gptq_act_order.disabled,
+            quantize_lm_head=self.quantize_lm_head.value,
         )

@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.core.scheme import MAX_BITS, MIN_BITS
 from workbench.engine.config import PRESETS, WEIGHT_METHODS, QuantConfig
-from workbench.notebook.magic_args import METHODS, OPTION_KEYS
+from workbench.notebook.magic_args import BIAS_CORRECTION_METHODS, METHODS, OPTION_KEYS
 
 DEFAULT_PRESET = "int8"
 QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
@@ -23,7 +23,8 @@ QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
 _STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer", "weight_method"}
 _STR_KEYS |= {"train", "loss", "export", "example", "report_data"}
 _INT_KEYS = {"num_batches", "bits", "epochs", "adaround_iterations", "keep_most_sensitive"}
-_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force", "equalize", "bias_correction"}
+_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force", "equalize"}
+_BOOL_KEYS |= {"gptq_act_order", "quantize_lm_head"}
 _FLOAT_KEYS = {"lr", "max_drop"}
 # recipe-only spellings: the negative flags and the short output flag
 _NEGATED_KEYS = {"per_tensor": "per_channel", "asymmetric": "symmetric"}
@@ -60,10 +61,12 @@ class Recipe:
     example: str | None = None
     bench: bool = False
     equalize: bool | None = None
-    bias_correction: bool | None = None
+    bias_correction: bool | str | None = None  # True / "empirical" / "analytic"
     weight_method: str | None = None
     adaround_iterations: int | None = None
+    gptq_act_order: bool | None = None
     smoothquant: float | str | None = None
+    quantize_lm_head: bool | None = None
 
     def config(self) -> QuantConfig:
         """The QuantConfig these options describe."""
@@ -86,6 +89,8 @@ class Recipe:
             "bias_correction",
             "weight_method",
             "adaround_iterations",
+            "gptq_act_order",
+            "quantize_lm_head",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -155,6 +160,13 @@ def _check_type(key: str, value: Any) -> Any:
         raise UsageError(
             "%%quantize: recipe key 'smoothquant' must be an alpha in [0, 1] or auto, "
             f"got {value!r}"
+        )
+    if key == "bias_correction":
+        if isinstance(value, bool) or value in BIAS_CORRECTION_METHODS:
+            return value
+        raise UsageError(
+            "%%quantize: recipe key 'bias_correction' must be true, false, "
+            f"{' or '.join(BIAS_CORRECTION_METHODS)}, got {value!r}"
         )
     if key == "override":
         return _override_pairs(value)
@@ -354,8 +366,13 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
             "%quantize: --num-batches applies to PTQ; QAT calibrates on --calib (default: "
             "the first 8 --train batches)"
         )
+    if options.get("gptq_act_order") and options.get("weight_method") != "gptq" and not panel:
+        raise UsageError(
+            "%quantize: --gptq-act-order orders GPTQ's columns; add --weight-method gptq"
+        )
     if method == "qat" and not panel:
-        given = [key for key in ("bias_correction", "weight_method") if key in options]
+        refine_keys = ("bias_correction", "weight_method", "gptq_act_order")
+        given = [key for key in refine_keys if key in options]
         if given:
             raise UsageError(
                 f"%quantize: {_flags(given)} refine PTQ; QAT trains the weights (drop them, "

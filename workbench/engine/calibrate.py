@@ -212,7 +212,12 @@ def calibrate(
     In a distributed ``job`` every process runs its own batches, then the observers combine
     their statistics over the processes (``engine.distributed``), so all end with the same
     qparams. Raises a ``CalibrationError`` when no quantizable layer ran at all.
+
+    Without an activation quantizer to observe (weight-only and dynamic configs) there is
+    nothing to calibrate: only the first batch runs, to find the layers the model calls.
     """
+    if not needs_activation_calibration(model):
+        batches = _first_of(batches)
     reached: set[str] = set()
     handles = []
     for _, layer in iter_quantized_layers(model):
@@ -233,6 +238,21 @@ def calibrate(
             "batches feed the model's forward"
         )
     return reached
+
+
+def needs_activation_calibration(model: nn.Module) -> bool:
+    """Whether ``model`` has an activation quantizer whose range comes from calibration data
+    (not weight-only, not dynamic)."""
+    return any(
+        isinstance(module, ActivationQuantizer) and not module.dynamic and not module.calibrated
+        for module in model.modules()
+    )
+
+
+def _first_of(batches: Any) -> list[Any]:
+    for batch in batches:
+        return [batch]
+    return []
 
 
 def finish_calibration(model: nn.Module, plans: list[LayerPlan], reached: set[str]) -> None:

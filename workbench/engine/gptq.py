@@ -45,6 +45,7 @@ from workbench.core.observers import weight_range_mse
 from workbench.core.qparams import qparams_from_range
 from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
+from workbench.core.weight_codes import WeightCodes, pack_codes
 from workbench.engine.batches import model_inputs
 from workbench.engine.layers import (
     QuantizedEmbedding,
@@ -278,7 +279,8 @@ class GPTQWeightQuantizer(WeightQuantizer):
     ``codes`` has the weight's layout; ``scale`` / ``zero_point`` are the layer's own qparams
     (0-d or one per output channel) without block-wise scales, or ``[out, groups]`` with them.
     The forward pass returns ``s * (q - z)`` whatever weight it is given: GPTQ's codes are
-    not a rounding of the FP32 weight.
+    not a rounding of the FP32 weight. The codes are kept packed (``core.weight_codes``: two
+    4-bit codes per byte), not as a dequantized FP32 copy of the weight.
     """
 
     def __init__(self, base: WeightQuantizer, module: nn.Module, result: GPTQCodes) -> None:
@@ -293,8 +295,29 @@ class GPTQWeightQuantizer(WeightQuantizer):
             self.scale = result.scale.clone()
             self.zero_point = result.zero_point.clone()
         codes = from_matrix(result.codes, module)
-        self.register_buffer("codes", codes.to(torch.int16))  # int8 / uint8 codes fit
-        self.register_buffer("dequantized", from_matrix(result.dequantize(), module))
+        self.register_buffer("packed_codes", pack_codes(codes, self.scheme))
+        self.codes_shape = codes.shape
+
+    def gptq_codes(self) -> WeightCodes:
+        """GPTQ's codes with this quantizer's qparams."""
+        return WeightCodes(
+            self.packed_codes, self.scale, self.zero_point, self.scheme, self.codes_shape
+        )
+
+    def codes_of(self, weight: torch.Tensor) -> WeightCodes:
+        return self.gptq_codes()
+
+    def exact_codes(self, weight: torch.Tensor) -> WeightCodes | None:
+        return self.gptq_codes() if self.enabled else None
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The integer codes, in the weight's layout."""
+        return self.gptq_codes().codes()
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        return self.gptq_codes().dequantize()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -8,6 +8,7 @@ that do it. ``ROOT_NAME`` names the model itself (a model that is one single lay
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,3 +47,21 @@ def hooks_removed(handles: list[RemovableHandle]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers (the same tensor
+    objects): modules can be swapped, added or removed in the copy without touching ``model``,
+    at no memory cost. Writing into a shared tensor writes into ``model``'s: code working on
+    the copy replaces tensors (``module.weight = nn.Parameter(new)``), never edits them in
+    place. A module that keeps derived state of its tensors (a weight quantizer's codes)
+    shares it too (``share_kept_state_of``)."""
+    memo = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    copied = copy.deepcopy(model, memo)
+    originals = dict(model.named_modules())
+    for name, module in copied.named_modules():
+        source = originals.get(name)
+        share = getattr(module, "share_kept_state_of", None)
+        if share is not None and type(source) is type(module):
+            share(source)
+    return copied

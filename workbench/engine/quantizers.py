@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ from workbench.core.observers import Observer, make_observer, weight_range_mse
 from workbench.core.qparams import qparams_from_range
 from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
+from workbench.core.weight_codes import WeightCodes, weight_codes
 from workbench.engine.modules import find_submodule
 
 OFF, OBSERVE, QUANTIZE = "off", "observe", "quantize"
@@ -103,6 +106,12 @@ class WeightQuantizer(nn.Module):
 
     During PTQ the qparams are computed once (``freeze``). During QAT they follow the weight
     (recomputed every step) unless the scale is learned.
+
+    Once frozen, the weight's integer codes are computed once and kept (``codes_of``, compact:
+    ``core.weight_codes``); a forward pass dequantizes them instead of fake-quantizing the
+    FP32 weight again. They are computed anew when the weight is another tensor or was
+    changed in place (its version counter), and not used where a gradient must reach the
+    weight (QAT's steps): there the fake quantization runs as before.
     """
 
     def __init__(self, scheme: Scheme, observer: str = "minmax", tensor_name: str = "weight"):
@@ -115,6 +124,7 @@ class WeightQuantizer(nn.Module):
         self.learn_scale = False
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self._drop_codes()
 
     def compute_qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight = weight.detach().to(torch.float32)
@@ -129,6 +139,76 @@ class WeightQuantizer(nn.Module):
         self.scale = scale.clone()
         self.zero_point = zero_point.clone()
         self.frozen = True
+        self._drop_codes()
+
+    # the kept codes ---------------------------------------------------------------------------
+    def _drop_codes(self) -> None:
+        self._codes: WeightCodes | None = None
+        self._codes_key: tuple | None = None
+        self._codes_of: weakref.ref | None = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.update(_codes=None, _codes_key=None, _codes_of=None)  # weakref: not picklable
+        return state
+
+    def share_kept_state_of(self, source: WeightQuantizer) -> None:
+        """Use ``source``'s kept codes (``modules.shared_copy``: the weight is the same)."""
+        self._codes, self._codes_key, self._codes_of = (
+            source._codes,
+            source._codes_key,
+            source._codes_of,
+        )
+
+    def _codes_current(self, weight: torch.Tensor) -> bool:
+        """The kept codes are of this very weight, unchanged, with the current qparams."""
+        codes = self._codes
+        return (
+            codes is not None
+            and self._codes_of is not None
+            and self._codes_of() is weight
+            and self._codes_key == (weight._version, weight.data_ptr())
+            and codes.scale.shape == self.scale.shape
+            and torch.equal(codes.scale, self.scale)
+            and torch.equal(codes.zero_point.to(self.zero_point.dtype), self.zero_point)
+        )
+
+    def uses_codes(self, weight: torch.Tensor) -> bool:
+        """Whether a forward pass reads the kept codes: frozen fixed qparams, a float32
+        weight, and no gradient to carry to it."""
+        return (
+            self.frozen
+            and not self.learn_scale
+            and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and weight.requires_grad)
+        )
+
+    def codes_of(self, weight: torch.Tensor) -> WeightCodes:
+        """The integer codes of ``weight`` for the frozen qparams, computed once per weight
+        (again when it is another tensor or was modified in place)."""
+        if not self.frozen:
+            self.freeze(weight)
+        if not self._codes_current(weight):
+            scale, zero_point = self.qparams(weight)
+            self._codes = weight_codes(weight, scale, zero_point, self.scheme)
+            self._codes_of = weakref.ref(weight)
+            self._codes_key = (weight._version, weight.data_ptr())
+        return self._codes
+
+    def exact_codes(self, weight: torch.Tensor) -> WeightCodes | None:
+        """The codes whose dequantization is what the forward pass returns for ``weight``
+        (None where it computes something else: not frozen, a learned scale, a subclass with
+        its own rounding)."""
+        if (
+            not self.enabled
+            or not self.frozen
+            or self.learn_scale
+            or type(self).forward is not WeightQuantizer.forward
+            or weight.dtype != torch.float32
+        ):
+            return None
+        return self.codes_of(weight)
 
     def enable_learned_scale(self, weight: torch.Tensor) -> None:
         """Make the (per-channel) scale an LSQ-trained parameter (QAT)."""
@@ -151,6 +231,8 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        if self.uses_codes(weight):
+            return self.codes_of(weight).dequantize()
         scale, zero_point = self.qparams(weight)
         if self.learn_scale:
             return fake_quantize_learned_scale(weight, scale, zero_point, self.scheme)

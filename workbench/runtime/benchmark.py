@@ -21,6 +21,7 @@ import pandas as pd
 from workbench.engine.batches import batch_size
 from workbench.errors import ConfigError
 from workbench.runtime.cpu_features import CpuFeatures, detect_cpu_features
+from workbench.runtime.external_data import model_file_bytes
 from workbench.runtime.ort_session import make_session, session_feeds
 
 REPORT_TITLE = "ONNX Runtime benchmark"
@@ -172,7 +173,7 @@ def benchmark(
         sessions = {name: make_session(path, threads) for name, path in paths.items()}
         feeds = {name: session_feeds(session, example_input) for name, session in sessions.items()}
         times = time_sessions(sessions, feeds, warmup, runs)
-        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        sizes = {name: model_file_bytes(path) for name, path in paths.items()}
     samples = batch_size(example_input)
     fp32_p50 = float(np.percentile(times["fp32"], 50))
     rows = []

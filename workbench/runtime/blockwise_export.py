@@ -78,10 +78,15 @@ def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
 
 @dataclass(eq=False)
 class BlockwiseSpec:
-    """One block-wise Linear as MatMulNBits stores it, and its simulated weight."""
+    """One block-wise Linear as MatMulNBits stores it, and its simulated weight.
+
+    A deferred spec (the large-model export, ``deferred_blockwise_spec``) holds one-element
+    placeholders for ``packed`` / ``scales`` / ``zero_points`` and no ``weight_dq``: the
+    simulated weight is dequantized from ``source`` when the forward pass needs it, and the
+    stored arrays are computed (``blockwise_arrays``) when the file is written."""
 
     name: str
-    weight_dq: torch.Tensor  # [out, in] float32: the weight the simulation uses
+    weight_dq: torch.Tensor | None  # [out, in] float32: the weight the simulation uses
     bias: torch.Tensor | None
     packed: torch.Tensor  # uint8 [N, k_blocks, blob]
     scales: torch.Tensor  # float32 [N * k_blocks]
@@ -91,6 +96,15 @@ class BlockwiseSpec:
     bits: int  # the stored width: 2, 4 or 8
     block_size: int
     kind: str = "blockwise"
+    source: QuantizedLayer | None = None  # deferred: the layer the weight is read from
+
+
+def spec_weight(spec) -> torch.Tensor:
+    """The simulated weight of a spec, dequantized now when the spec is deferred."""
+    if spec.weight_dq is not None:
+        return spec.weight_dq
+    with torch.no_grad():
+        return spec.source.quantized_weight().detach().to(torch.float32)
 
 
 @dataclass(eq=False)
@@ -107,10 +121,18 @@ class BlockwiseTableSpec:
     kind: str = "blockwise_embedding"
 
 
-def _codes_and_qparams(layer: QuantizedLayer):
-    """The integer codes behind the simulated weight, with its per-group qparams."""
+def _codes_and_qparams(layer: QuantizedLayer, with_weight: bool = True):
+    """The integer codes behind the simulated weight, with its per-group qparams (and the
+    simulated weight itself unless ``with_weight`` is False)."""
     scheme = layer.weight_quantizer.scheme
     with torch.no_grad():
+        kept = layer.weight_quantizer.exact_codes(layer.layer.weight)
+        if kept is not None:  # the codes the forward pass dequantizes: no rounding again
+            codes = kept.codes()
+            scale = kept.scale.detach().to(torch.float32)
+            zero_point = kept.zero_point.detach().to(torch.int32)
+            weight_dq = kept.dequantize() if with_weight else None
+            return weight_dq, codes, scale, zero_point
         weight_dq = layer.quantized_weight().detach().to(torch.float32)
         scale, zero_point = layer.weight_quantizer.qparams(layer.layer.weight)
         scale = scale.detach().to(torch.float32)
@@ -158,11 +180,19 @@ def blockwise_spec(layer: QuantizedLayer) -> BlockwiseSpec | BlockwiseTableSpec 
             f"layer {layer.layer_name!r} ({type(module).__name__}) has a block-wise weight "
             "scheme, which only Linear layers export; give it a per-channel scheme"
         )
-    weight_dq, codes, scale, zero_point = _codes_and_qparams(layer)
-    columns, g = weight_dq.shape[1], scheme.group_size
+    return _linear_spec(layer, with_weight=True)
+
+
+def _linear_spec(layer: QuantizedLayer, with_weight: bool) -> BlockwiseSpec:
+    module = layer.layer
+    scheme = layer.weight_quantizer.scheme
+    weight_dq, codes, scale, zero_point = _codes_and_qparams(layer, with_weight)
+    rows, columns = codes.shape
+    g = scheme.group_size
     bits = stored_bits(scheme.bits)
     offset = 2 ** (bits - 1) if scheme.symmetric else 0  # MatMulNBits' default zero point
     unsigned = (codes + offset).numpy().astype(np.uint8)
+    del codes
     zero_points = None
     if not scheme.symmetric:
         zero_points = torch.from_numpy(pack_zero_points(zero_point.numpy().astype(np.uint8), bits))
@@ -175,10 +205,46 @@ def blockwise_spec(layer: QuantizedLayer) -> BlockwiseSpec | BlockwiseTableSpec 
         scale.reshape(-1).clone(),
         zero_points,
         columns,
-        weight_dq.shape[0],
+        rows,
         bits,
         g,
     )
+
+
+def deferred_blockwise_spec(layer: QuantizedLayer) -> BlockwiseSpec | None:
+    """The spec of a block-wise Linear with placeholders for its stored arrays (the large-model
+    export writes them later, one layer at a time: ``blockwise_arrays``); None for layers that
+    are not block-wise Linears."""
+    module = layer.layer
+    scheme = layer.weight_quantizer.scheme
+    if scheme.group_size is None or isinstance(layer, QuantizedEmbedding):
+        return None
+    if not isinstance(module, nn.Linear):
+        return blockwise_spec(layer)  # the error naming the layer
+    bits = stored_bits(scheme.bits)
+    bias = module.bias.detach().to(torch.float32).clone() if module.bias is not None else None
+    return BlockwiseSpec(
+        layer.layer_name,
+        None,
+        bias,
+        torch.zeros(1, dtype=torch.uint8),
+        torch.zeros(1, dtype=torch.float32),
+        None if scheme.symmetric else torch.zeros(1, dtype=torch.uint8),
+        module.in_features,
+        module.out_features,
+        bits,
+        scheme.group_size,
+        source=layer,
+    )
+
+
+def blockwise_arrays(layer: QuantizedLayer) -> dict[str, np.ndarray]:
+    """The arrays MatMulNBits stores for a block-wise Linear, by initializer suffix."""
+    spec = _linear_spec(layer, with_weight=False)
+    arrays = {"weight_quantized": spec.packed.numpy(), "weight_scale": spec.scales.numpy()}
+    if spec.zero_points is not None:
+        arrays["weight_zero_point"] = spec.zero_points.numpy()
+    return arrays
 
 
 class BlockwiseLinear(torch.autograd.Function):
@@ -186,7 +252,7 @@ class BlockwiseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: BlockwiseSpec):
-        return F.linear(x, spec.weight_dq, spec.bias)
+        return F.linear(x, spec_weight(spec), spec.bias)
 
     @staticmethod
     def symbolic(g, x, spec: BlockwiseSpec):

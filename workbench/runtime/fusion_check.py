@@ -263,12 +263,13 @@ def check_fusion(
     ``path`` must be a model written by ``export_onnx`` (its metadata lists the quantized
     layers). With ``warn``, every layer that did not fuse is named in a warning.
     """
-    exported = load_onnx_model(path)
+    exported = load_onnx_model(path, with_weights=False)
     layers = read_graph_info(exported).layers
     with tempfile.TemporaryDirectory(prefix="workbench-fusion-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
-        make_session(path, threads, optimized_path=optimized_path)
-        optimized = onnx.load(str(optimized_path))
+        session = make_session(path, threads, optimized_path=optimized_path)
+        del session  # its weights: only the graph it saved is read
+        optimized = onnx.load(str(optimized_path), load_external_data=False)
     kernel_of_input: dict[str, str] = {}
     kernel_of_name: dict[str, str] = {}
     counts: Counter[str] = Counter()

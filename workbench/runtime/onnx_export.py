@@ -59,10 +59,25 @@ from torch.overrides import TorchFunctionMode
 
 from workbench.atomic_file import atomic_path, temporary_path_beside
 from workbench.engine.batches import model_inputs
+from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
+from workbench.engine.modules import find_submodule
 from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
-from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
+from workbench.runtime import external_data as external_data_module
+from workbench.runtime.blockwise_export import (
+    DEFAULT_ACCURACY_LEVEL,
+    BlockwiseSpec,
+    blockwise_arrays,
+    check_accuracy_level,
+)
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.external_data import (
+    external_data_files,
+    fill_placeholders,
+    materialize_inputs,
+    save_graph,
+    tensor_bytes,
+)
 from workbench.runtime.kv_cache import kv_cache_off
 from workbench.runtime.per_call_specs import spec_copies_per_call
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
@@ -200,8 +215,16 @@ def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count
 
 # writing -------------------------------------------------------------------------------------
 def _torch_export(
-    model: nn.Module, example_input: Any, file: Path, dynamic_batch: bool, opset: int, what: str
+    model: nn.Module,
+    example_input: Any,
+    file: Path,
+    dynamic_batch: bool,
+    opset: int,
+    what: str,
+    with_weights: bool = True,
 ) -> None:
+    """The TorchScript exporter's file of ``model``; without ``with_weights`` the parameters
+    are graph inputs named after the state dict (``external_data``) and the file is small."""
     values, names = input_names(example_input)
     args, kwargs = export_inputs(example_input)
     # export runs it in eval mode, a decoder without its key/value cache
@@ -244,7 +267,9 @@ def _torch_export(
                     str(file),
                     dynamo=False,
                     opset_version=opset,
-                    do_constant_folding=True,
+                    do_constant_folding=with_weights,
+                    export_params=with_weights,
+                    keep_initializers_as_inputs=None if with_weights else True,
                     input_names=names,
                     output_names=output_names,
                     dynamic_axes=dynamic_axes,
@@ -256,11 +281,17 @@ def _torch_export(
 
 
 def _exported_proto(
-    model: nn.Module, example_input: Any, target: Path, dynamic_batch: bool, opset: int, what: str
+    model: nn.Module,
+    example_input: Any,
+    target: Path,
+    dynamic_batch: bool,
+    opset: int,
+    what: str,
+    with_weights: bool = True,
 ) -> onnx.ModelProto:
     """The TorchScript exporter's graph of ``model``, through a temporary file beside ``target``."""
     with temporary_path_beside(target, ".export") as raw:
-        _torch_export(model, example_input, raw, dynamic_batch, opset, what)
+        _torch_export(model, example_input, raw, dynamic_batch, opset, what, with_weights)
         proto = onnx.load(str(raw))
     proto.producer_name = "workbench"
     return proto
@@ -268,7 +299,65 @@ def _exported_proto(
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
     with atomic_path(path, ".onnx") as temporary:
-        onnx.save(proto, str(temporary))
+        try:
+            onnx.save(proto, str(temporary))
+        except ValueError as exc:  # protobuf's 2 GB limit ("Message ... exceeds maximum")
+            raise ExportError(
+                f"the ONNX model is too large for one file ({first_line(exc)}); pass "
+                "external_data=True to write its tensors to a .data file beside it"
+            ) from exc
+
+
+def uses_external_data(model: nn.Module, external_data: bool | None) -> bool:
+    """Whether the export writes ``model`` with external data: asked for, or (None) when its
+    tensors reach ``external_data.EXTERNAL_DATA_BYTES`` (2 GiB)."""
+    if external_data is None:
+        return tensor_bytes(model) >= external_data_module.EXTERNAL_DATA_BYTES
+    if not isinstance(external_data, bool):
+        raise ExportError(f"external_data must be True, False or None, got {external_data!r}")
+    return external_data
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by the names the traced graph's inputs have (``_Positional``
+    holds the model as ``model``), every alias of a shared tensor included."""
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    return {f"model.{name}": tensor for name, tensor in named}
+
+
+_PLACEHOLDER = re.compile(
+    r"^(?P<layer>.+?)(#\d+)?\.(?P<key>weight_quantized|weight_scale|weight_zero_point)$"
+)
+
+
+def _save_with_external_data(
+    proto: onnx.ModelProto,
+    target: Path,
+    tensors: dict[str, torch.Tensor],
+    deferred: dict[str, QuantizedLayer] | None = None,
+) -> None:
+    """Write ``proto`` (traced without its weights) as ``target`` + ``target.data``: its
+    parameters from ``tensors``, the stored weights of the ``deferred`` layers computed one
+    layer at a time, every other large initializer moved out; atomically."""
+    deferred = deferred or {}
+
+    def owner_of(name: str) -> tuple[str, str] | None:
+        match = _PLACEHOLDER.match(name)
+        if match is None or match.group("layer") not in deferred:
+            return None
+        return match.group("layer"), match.group("key")
+
+    def arrays_of(layer_name: str):
+        return blockwise_arrays(deferred[layer_name])
+
+    with external_data_files(target) as (temporary, writer):
+        materialize_inputs(proto.graph, tensors, writer)
+        fill_placeholders(proto.graph, arrays_of, writer, owner_of)
+        writer.move_out(proto.graph)
+        save_graph(proto, temporary)
 
 
 def _target(path: str | os.PathLike) -> Path:
@@ -287,6 +376,7 @@ def export_int8_onnx(
     opset: int = DEFAULT_OPSET,
     amx: bool | str = False,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    external_data: bool | None = None,
 ) -> tuple[Path, GraphInfo]:
     """Write the simulated ``quantized_model`` as an INT8 QDQ ONNX model (atomically).
 
@@ -295,7 +385,9 @@ def export_int8_onnx(
     does not depend on the CPU that exports it; ``"auto"`` = when this machine's CPU has
     AMX-INT8. ``accuracy_level``: of the MatMulNBits nodes block-wise Linear layers export to
     (4 = int8 compute, ONNX Runtime's fastest; 1 = FP32 compute, closest to the simulation).
-    Returns the path and the map of quantized layers / output quantizers in the graph.
+    ``external_data``: write the tensors to ``path.data`` beside the graph (``external_data``
+    module), streaming them layer by layer; None (default): when the model's tensors reach
+    2 GiB. Returns the path and the map of quantized layers / output quantizers in the graph.
     """
     check_accuracy_level(accuracy_level)
     if amx == "auto":
@@ -303,9 +395,10 @@ def export_int8_onnx(
     elif not isinstance(amx, bool):
         raise ExportError(f"amx must be True, False or 'auto', got {amx!r}")
     target = _target(path)
-    stand_in = exportable_model(quantized_model).eval()
+    large = uses_external_data(quantized_model, external_data)
+    stand_in = exportable_model(quantized_model, deferred=large).eval()
     proto = _exported_proto(
-        stand_in, example_input, target, dynamic_batch, opset, "the quantized model"
+        stand_in, example_input, target, dynamic_batch, opset, "the quantized model", not large
     )
     try:
         info = finalize_qdq_graph(proto, amx=amx, accuracy_level=accuracy_level)
@@ -315,7 +408,17 @@ def export_int8_onnx(
             f"the exported INT8 graph is not valid ONNX ({exc}); export the FP32 model with "
             "export_fp32_onnx and report this model"
         ) from exc
-    _save_atomically(proto, target)
+    if large:
+        deferred = {
+            name: layer
+            for name, layer in iter_quantized_layers(quantized_model)
+            if isinstance(getattr(find_submodule(stand_in, name), "spec", None), BlockwiseSpec)
+        }
+        tensors = _named_tensors(stand_in)
+        del stand_in
+        _save_with_external_data(proto, target, tensors, deferred)
+    else:
+        _save_atomically(proto, target)
     return target, info
 
 
@@ -325,9 +428,18 @@ def export_fp32_onnx(
     example_input: Any,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
 ) -> Path:
-    """Write ``model`` (FP32) as ONNX with the same exporter settings as the INT8 export."""
+    """Write ``model`` (FP32) as ONNX with the same exporter settings as the INT8 export;
+    ``external_data`` as for :func:`export_int8_onnx` (a model of 2 GiB or more: a ``.data``
+    file beside the graph, its parameters streamed into it)."""
     target = _target(path)
-    proto = _exported_proto(model, example_input, target, dynamic_batch, opset, "the FP32 model")
-    _save_atomically(proto, target)
+    large = uses_external_data(model, external_data)
+    proto = _exported_proto(
+        model, example_input, target, dynamic_batch, opset, "the FP32 model", not large
+    )
+    if large:
+        _save_with_external_data(proto, target, _named_tensors(model))
+    else:
+        _save_atomically(proto, target)
     return target

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from workbench.errors import CalibrationError, ConfigError, MissingDependencyError, first_line
+from workbench.runtime.external_data import data_file_name, has_external_data
 from workbench.runtime.onnx_export import input_names
 
 ORT_PIP = "pip install onnxruntime"
@@ -49,6 +51,14 @@ def make_session(
     )
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+        if has_external_data(path):  # the optimized graph cannot hold its weights either
+            name = data_file_name(Path(optimized_path))
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", name
+            )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+            )
     _check_file(path)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -59,13 +69,14 @@ def make_session(
         ) from exc
 
 
-def load_onnx_model(path: str | os.PathLike):
-    """``onnx.load`` of a file given by the user; one ConfigError when it is not ONNX."""
+def load_onnx_model(path: str | os.PathLike, with_weights: bool = True):
+    """``onnx.load`` of a file given by the user; one ConfigError when it is not ONNX.
+    ``with_weights=False``: the graph only, tensors kept in an external data file stay there."""
     import onnx
 
     _check_file(path)
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=with_weights)
     except Exception as exc:  # protobuf's DecodeError on a file that is not a model
         raise ConfigError(
             f"{str(path)!r} is not an ONNX model ({first_line(exc)}); pass the path of an "

@@ -18,8 +18,10 @@ flip roundings at the next quantizer and compound, which is why this is measured
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,12 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from workbench.atomic_file import temporary_path_beside
 from workbench.core.metrics import cosine
 from workbench.engine.batches import iter_batches, model_inputs
 from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layers import QuantizedLayer
+from workbench.runtime.external_data import has_external_data
 from workbench.runtime.onnx_export import flatten_outputs
 from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.ort_session import make_session, run_session
@@ -117,13 +121,14 @@ def _points(model: onnx.ModelProto) -> list[_Point]:
     info = read_graph_info(model)
     tensors = tensor_map(model.graph)
     producer, consumers = tensors.producer, tensors.consumers
-    inits = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    inits = {init.name: init for init in model.graph.initializer}
 
     def codes_of(tensor: str) -> tuple[float, int] | None:
         node = producer.get(tensor)
         if node is None or node.op_type != "QuantizeLinear" or len(node.input) < 3:
             return None
-        return float(inits[node.input[1]]), int(inits[node.input[2]])
+        scale, zero = (numpy_helper.to_array(inits[name]) for name in node.input[1:3])
+        return float(scale), int(zero)
 
     def quantized_next(tensor: str) -> bool:
         for user in consumers.get(tensor, []):
@@ -179,8 +184,18 @@ def _torch_modules(simulated: nn.Module, points: list[_Point]) -> dict[str, nn.M
     return found
 
 
+@contextlib.contextmanager
+def _graph_copy_path(path) -> Iterator[Path]:
+    if has_external_data(path):
+        with temporary_path_beside(Path(path), ".per_layer.onnx") as extended:
+            yield extended
+        return
+    with tempfile.TemporaryDirectory(prefix="workbench-parity-") as tmp:
+        yield Path(tmp) / "per_layer.onnx"
+
+
 def _per_layer(simulated, path, batches, threads) -> pd.DataFrame:
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the graph; weights stay on disk
     points = _points(model)
     existing = {out.name for out in model.graph.output}
     for point in points:
@@ -202,8 +217,9 @@ def _per_layer(simulated, path, batches, threads) -> pd.DataFrame:
         )
         for label, module in modules.items()
     ]
-    with tempfile.TemporaryDirectory(prefix="workbench-parity-") as tmp:
-        extended = Path(tmp) / "per_layer.onnx"
+    # beside the model when its weights are in a data file there (ONNX Runtime reads external
+    # data only from the model's own folder), else in a temporary folder
+    with _graph_copy_path(path) as extended:
         onnx.save(model, str(extended))
         session = make_session(extended, threads)
         names = [o.name for o in session.get_outputs()]

@@ -25,7 +25,6 @@ through the exporter; ``qdq_graph`` turns them into node / initializer names and
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +37,15 @@ from workbench.engine.call_sites import CountsCalls, FunctionSites
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, smoothed_input
-from workbench.engine.modules import set_submodule
+from workbench.engine.modules import set_submodule, shared_copy
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
 from workbench.runtime.blockwise_export import (
     BlockwiseEmbedding,
     BlockwiseLinear,
     blockwise_spec,
+    deferred_blockwise_spec,
+    spec_weight,
 )
 from workbench.runtime.per_call_specs import PerCallSpec
 
@@ -305,13 +306,14 @@ class ExportLayer(CountsCalls, PerCallSpec):
 
     quantization_leaf = True  # one call site, as the QuantizedLayer it stands in for
 
-    def __init__(self, layer: QuantizedLayer) -> None:
+    def __init__(self, layer: QuantizedLayer, deferred: bool = False) -> None:
         super().__init__()
         self.input_quantizer = layer.input_quantizer
         self.call_input_quantizers = nn.ModuleList(getattr(layer, "call_input_quantizers", ()))
         self.call_count = 1 + len(self.call_input_quantizers)
-        # block-wise weights: MatMulNBits (weight-only, one call spec)
-        blockwise = blockwise_spec(layer)
+        # block-wise weights: MatMulNBits (weight-only, one call spec); ``deferred``: its
+        # stored arrays are written later, layer by layer (the large-model export)
+        blockwise = deferred_blockwise_spec(layer) if deferred else blockwise_spec(layer)
         self.specs_by_call = [blockwise or layer_spec(layer, q) for q in self._input_quantizers()]
         self.spec = self.specs_by_call[0]
         self.output_quantizer = layer.output_quantizer
@@ -323,7 +325,7 @@ class ExportLayer(CountsCalls, PerCallSpec):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (models read ``layer.weight.dtype`` in their forward)."""
-        return self.spec.weight_dq
+        return spec_weight(self.spec)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -377,13 +379,13 @@ class ExportFloatLayer(nn.Module):
         return self.output_quantizer(out) if self.output_quantizer is not None else out
 
 
-def _stand_in_for_layer(layer: QuantizedLayer) -> nn.Module:
+def _stand_in_for_layer(layer: QuantizedLayer, deferred: bool = False) -> nn.Module:
     from workbench.runtime.dynamic_export import ExportDynamicLinear, is_dynamic_linear
 
     if is_dynamic_linear(layer):
         return ExportDynamicLinear(layer, layer_spec(layer))
     if layer.weight_quantizer.enabled:
-        return ExportLayer(layer)
+        return ExportLayer(layer, deferred)
     if isinstance(layer, QuantizedLayerCalls):
         return layer  # FP32 weight, its per-call input quantizers replaced like any other
     return ExportFloatLayer(layer)
@@ -448,9 +450,11 @@ def _averaging_matrices(x: torch.Tensor, sizes: list[int], wanted: list[int]) ->
     return x
 
 
-def exportable_model(model: nn.Module) -> nn.Module:
-    """A copy of the simulated ``model`` whose quantizers and quantized layers export as QDQ."""
-    model = copy.deepcopy(model)
+def exportable_model(model: nn.Module, deferred: bool = False) -> nn.Module:
+    """A copy of the simulated ``model`` whose quantizers and quantized layers export as QDQ
+    (sharing its tensors). ``deferred``: block-wise Linear weights are placeholders, written
+    layer by layer after tracing (``onnx_export``'s large-model path)."""
+    model = shared_copy(model)
     sites = {
         f"{name}.output_quantizer" if name else "output_quantizer": name
         for name, module in model.named_modules()
@@ -466,9 +470,9 @@ def exportable_model(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLayer):
             if name:
-                set_submodule(model, name, _stand_in_for_layer(module))
+                set_submodule(model, name, _stand_in_for_layer(module, deferred))
             else:
-                root_layer = _stand_in_for_layer(module)
+                root_layer = _stand_in_for_layer(module, deferred)
     model = root_layer if root_layer is not None else model
     for name, module in list(model.named_modules()):
         if isinstance(module, ActivationQuantizer):

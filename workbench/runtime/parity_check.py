@@ -198,7 +198,7 @@ def _per_layer(simulated, path, batches, threads) -> pd.DataFrame:
     ort_values: dict[str, list[np.ndarray]] = {label: [] for label in modules}
     handles = [
         module.register_forward_hook(
-            lambda m, i, o, k=label: captured[k].append(o.detach().cpu().numpy())
+            lambda m, i, o, k=label: captured[k].append(o.detach().cpu().numpy().copy())
         )
         for label, module in modules.items()
     ]

@@ -280,3 +280,47 @@ def test_parametrizations_are_resolved_on_the_copy_only(tmp_path):
         for batch, reference in zip(batches, before, strict=True):
             acc.add(reference, res.model(batch))
     assert acc.sqnr_db > 25
+
+
+def test_training_only_inputs_stay_out_of_the_exported_model(tmp_path, ort_exact_int8):
+    """Hugging Face's convention: batches carry ``labels``, the model returns ``loss`` with
+    them. QAT trains on them; the file takes the inference inputs and returns ``logits``."""
+    import onnx
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=64,
+        dim=32,
+        hidden_dim=64,
+        n_layers=1,
+        n_heads=2,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = DistilBertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 64, (4, 12), generator=generator),
+            "attention_mask": torch.ones(4, 12, dtype=torch.long),
+            "labels": torch.randint(0, 3, (4,), generator=generator),
+        }
+        for _ in range(2)
+    ]
+    res = wb.qat(
+        model, batches, config="int8", loss_fn=lambda out, b: out.loss, epochs=1, progress=False
+    )
+    example = {key: value for key, value in batches[0].items() if key != "labels"}
+    path = res.export_onnx(tmp_path / "distilbert.onnx", example)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == ["logits"]
+    # an example with labels gives the same file: the labels are dropped
+    again = res.export_onnx(tmp_path / "with_labels.onnx", batches[0], check_fusion=False)
+    assert [o.name for o in onnx.load(str(again)).graph.output] == ["logits"]
+    parity = res.parity(path, batches)  # labels in the data: compared on the logits
+    assert parity.table["output"].tolist() == ["logits"]
+    assert parity.table["cosine"].iloc[0] > 0.99
+    bench = wb.benchmark(res, res, batches[0], runs=1, warmup=0)
+    assert len(bench.table) >= 2

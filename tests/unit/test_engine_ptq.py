@@ -232,7 +232,13 @@ def test_input_model_unchanged(make_model, training):
     with torch.no_grad():
         assert torch.equal(model(batches[0]), output_before)
     assert res.model is not model and res.fp32_model is not model
-    assert all(p1 is not p2 for p1 in model.parameters() for p2 in res.model.parameters())
+    # PTQ reads the user's tensors instead of copying them; the step that changes some (BN
+    # folding into the convs) gives the copy its own tensors first: the model stayed as it was
+    user = {id(p) for p in model.parameters()}
+    shared = [p for p in res.model.parameters() if id(p) in user]
+    assert shared
+    if make_model is ConvBN:
+        assert len(shared) < len(user)
 
 
 def _modes(model: nn.Module) -> list[bool]:

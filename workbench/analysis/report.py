@@ -137,6 +137,13 @@ class Report:
                 f"  model output vs FP32: cosine {s['model_output_cosine']:.3f}, "
                 f"SQNR {s['model_output_sqnr_db']:.1f} dB"
             )
+        if s.get("layer_errors_sample"):
+            lines.append(f"  per-layer errors measured on the {s['layer_errors_sample']}")
+        if s.get("stage_seconds"):
+            times = ", ".join(f"{k} {v:.1f} s" for k, v in s["stage_seconds"].items())
+            peak = s.get("peak_rss_bytes")
+            memory = f"; process peak RSS {peak / 1024**3:.2f} GiB" if peak else ""
+            lines.append(f"  time: {times}{memory}")
         if "metric_fp32" in s:
             name = s.get("metric_name") or "eval_fn metric"
             lines.append(

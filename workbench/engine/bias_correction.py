@@ -39,7 +39,7 @@ from workbench.engine.batches import first_samples, run_model
 from workbench.engine.equalize import ChannelMinimum
 from workbench.engine.graph_quantizers import FlowNode, round_bias, trace_data_flow
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import find_submodule
+from workbench.engine.modules import find_submodule, writable
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.quantizers import OFF
 
@@ -153,7 +153,7 @@ def _remove_from_bias(layer: QuantizedLayer, shift: torch.Tensor) -> None:
         if module.bias is None:
             module.bias = nn.Parameter(-shift)
         else:
-            module.bias.sub_(shift)
+            writable(module, "bias").sub_(shift)
     round_bias(layer)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workbench.engine.batches import output_tensor, run_model
-from workbench.engine.modules import hooks_removed, set_submodule
+from workbench.engine.modules import hooks_removed, set_submodule, writable
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FOLDABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -95,11 +95,11 @@ def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         factor = bn_fold_factor(bn)
         new_bias = bn_folded_bias(bn, layer.bias, factor)
         shape = [-1] + [1] * (layer.weight.dim() - 1)
-        layer.weight.mul_(factor.reshape(shape))
+        writable(layer, "weight").mul_(factor.reshape(shape))
         if layer.bias is None:
             layer.bias = nn.Parameter(new_bias.detach().clone())
         else:
-            layer.bias.copy_(new_bias)
+            writable(layer, "bias").copy_(new_bias)
 
 
 def _reference_output(model: nn.Module, batch: Any) -> torch.Tensor | None:
@@ -172,9 +172,9 @@ class _FoldUndo:
     def undo(self, model: nn.Module) -> None:
         conv = model.get_submodule(self.conv_name)
         with torch.no_grad():
-            conv.weight.copy_(self.weight)
+            writable(conv, "weight").copy_(self.weight)
             if self.bias is None:
                 conv.bias = None
             else:
-                conv.bias.copy_(self.bias)
+                writable(conv, "bias").copy_(self.bias)
         set_submodule(model, self.bn_name, self.bn)

@@ -26,7 +26,13 @@ from workbench.engine.distributed import Job, combine_calibration
 from workbench.engine.equalize import equalize_model, mark_equalized
 from workbench.engine.graph_quantizers import finish_output_quantizers, insert_output_quantizers
 from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.modules import ROOT_NAME, get_layer, hooks_removed, set_submodule
+from workbench.engine.modules import (
+    ROOT_NAME,
+    get_layer,
+    hooks_removed,
+    set_submodule,
+    shared_copy,
+)
 from workbench.engine.op_kinds import LAYER_TYPE_NAMES
 from workbench.engine.prepare import (
     FP32,
@@ -81,10 +87,14 @@ def check_model(model: Any) -> None:
             check_finite(buffer.detach(), f"buffer {name!r} of the model")
 
 
-def user_model_copy(model: Any, caller: str) -> nn.Module:
+def user_model_copy(model: Any, caller: str, share_weights: bool = False) -> nn.Module:
     """The copy of the user's model that every internal forward runs on: checked, in eval
     mode, ``torch.compile``'s wrapper removed, parametrizations (weight norm) replaced by the
     weights they compute. The user's model is never run, moved or switched to eval.
+
+    ``share_weights`` (PTQ): the copy's modules are new but its parameters and buffers are the
+    user's tensors, read and never written (``modules.shared_copy``, ``modules.writable``), so
+    a large model is not held twice; QAT, which trains the copy, takes a deep copy.
 
     A model in training mode (dropout / BatchNorm layers) gets a warning: the FP32 metric, the
     BN folding and the calibration use eval mode (dropout off, BatchNorm's running
@@ -107,7 +117,7 @@ def user_model_copy(model: Any, caller: str) -> nn.Module:
             stacklevel=3,
         )
     try:
-        copied = copy.deepcopy(model)
+        copied = shared_copy(model, share_buffers=False) if share_weights else copy.deepcopy(model)
     except Exception as exc:  # a module holding a lock, a generator, an open file, ...
         raise ModelError(
             f"the model cannot be copied ({type(exc).__name__}: {exc}); the workbench "
@@ -179,15 +189,23 @@ def set_activation_mode(model: nn.Module, mode: str) -> None:
 
 
 def prepare_model(
-    model: nn.Module, first_batch: Any, config: QuantConfig, batches: list[Any] | None = None
+    model: nn.Module,
+    first_batch: Any,
+    config: QuantConfig,
+    batches: list[Any] | None = None,
+    share_weights: bool = False,
 ) -> tuple[nn.Module, nn.Module, list[LayerPlan]]:
-    """Deep-copy, fold BN, and insert quantizers. Returns (fp32 reference, prepared, plans).
+    """Copy, fold BN, and insert quantizers. Returns (fp32 reference, prepared, plans).
 
     ``first_batch`` None (dynamic mode without calibration data): no BatchNorm folding, whose
     conv -> BN pairs come from tracing a batch. ``batches`` (default: the first one) give
-    SmoothQuant its activation ranges."""
+    SmoothQuant its activation ranges. ``share_weights`` (PTQ): the two models share the
+    tensors of ``model`` that no step changes (``modules.shared_copy``) instead of deep
+    copies; a step that changes a tensor (BN folding, equalization, SmoothQuant, bias
+    correction) gives the model it changes its own copy first (``modules.writable``)."""
+    copy_of = shared_copy if share_weights else copy.deepcopy  # buffers: already our own
     # transformers' Conv1D (GPT-2) is quantized as the Linear it computes, in every step
-    fp32_model = linearize_conv1d(copy.deepcopy(model)).eval()
+    fp32_model = linearize_conv1d(copy_of(model)).eval()
     folded = fold_batchnorms(fp32_model, first_batch) if first_batch is not None else {}
     plans = plan_layers(fp32_model, config, folded)
     by_name = {plan.name: plan for plan in plans}
@@ -205,7 +223,7 @@ def prepare_model(
             f"the model has no layer to quantize (supported: {LAYER_TYPE_NAMES}; "
             f"found: {', '.join(types)}); check config.exclude or pass a model with such layers"
         )
-    prepared = copy.deepcopy(fp32_model)
+    prepared = copy_of(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
     # dynamic mode: no static quantizer anywhere, so no output quantizers after convs / adds
     raised = (

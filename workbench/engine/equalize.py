@@ -38,7 +38,7 @@ from torch import nn
 
 from workbench.engine.batches import first_samples, run_model
 from workbench.engine.graph_quantizers import FlowNode, trace_data_flow
-from workbench.engine.modules import get_layer, set_submodule
+from workbench.engine.modules import get_layer, set_submodule, writable
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 EQUALIZABLE_TYPES = (*CONV_TYPES, nn.Linear)
@@ -200,15 +200,15 @@ def _scale_input_channels(layer: nn.Module, scale: torch.Tensor) -> None:
         shape[0] = -1
     else:
         shape[1] = -1
-    layer.weight.mul_(scale.reshape(shape))
+    writable(layer, "weight").mul_(scale.reshape(shape))
 
 
 def _scale_output_channels(layer: nn.Module, scale: torch.Tensor) -> None:
     """Divide output channel ``i`` of ``layer`` (weight and bias) by ``scale_i``."""
     shape = [-1] + [1] * (layer.weight.dim() - 1)
-    layer.weight.div_(scale.reshape(shape))
+    writable(layer, "weight").div_(scale.reshape(shape))
     if layer.bias is not None:
-        layer.bias.div_(scale)
+        writable(layer, "bias").div_(scale)
 
 
 def _equalize_once(model: nn.Module, pair: EqualizedPair, clip: dict[str, torch.Tensor]) -> float:
@@ -266,14 +266,14 @@ def _absorb_high_bias(model: nn.Module, pair: EqualizedPair, batch: Any) -> bool
         added = weight.reshape(weight.shape[0], -1).sum(dim=1) * shift
     else:
         added = (weight * _along(shift, weight, 1)).reshape(weight.shape[0], -1).sum(dim=1)
-    first.bias.sub_(shift)
+    writable(first, "bias").sub_(shift)
     pair.shift = shift
     if pair.activation_kind == "relu6":  # min(relu(y - c), u - c) = min(relu(y), u) - c, y >= c
         get_layer(model, pair.activation).lower_bounds(shift)
     if second.bias is None:
         second.bias = nn.Parameter(added.clone())
     else:
-        second.bias.add_(added)
+        writable(second, "bias").add_(added)
     return True
 
 

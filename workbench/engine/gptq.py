@@ -47,6 +47,7 @@ from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
 from workbench.core.weight_codes import WeightCodes, pack_codes
 from workbench.engine.batches import model_inputs
+from workbench.engine.blocks import BlockInput, call_order, first_block_inputs, run_block
 from workbench.engine.layers import (
     QuantizedEmbedding,
     QuantizedLayer,
@@ -376,33 +377,84 @@ def gptq_model(
     progress: bool = True,
 ) -> list[str]:
     """Round every quantized Linear / Conv with GPTQ, in forward order, in place;
-    returns the layers rounded (the others keep round-to-nearest)."""
+    returns the layers rounded (the others keep round-to-nearest).
+
+    A large decoder is walked block by block (``engine.blocks``): each layer's inputs come from
+    running its block on the block's inputs, which the previous (already rounded) block
+    produced; layers outside the blocks (an LM head) and other models take whole-model passes.
+    """
+    rounded: list[str] = []
+    done: set[str] = set()
+    walk = first_block_inputs(quantized_model, batches)
+    if walk is not None:
+        blocks, inputs = walk
+        layers = dict(iter_quantized_layers(quantized_model))
+        for block in tqdm(blocks, desc="gptq (blocks)", disable=not progress):
+            calls = Counter(call_order(block, inputs[0]))
+            for name in calls:
+                hessian = _hessian_in_block(block, layers[name], inputs, calls[name])
+                if hessian is not None and _round_with_gptq(layers[name], hessian, act_order):
+                    rounded.append(name)
+                done.add(name)
+            inputs = [call.with_hidden(run_block(block, call)) for call in inputs]
+        del inputs
     calls = Counter(quantized_layer_calls(quantized_model, batches[0]))
     layers = dict(iter_quantized_layers(quantized_model))
-    rounded = []
-    for name in tqdm(list(calls), desc="gptq", disable=not progress):
+    rest = [name for name in calls if name not in done]
+    for name in tqdm(rest, desc="gptq", disable=not progress or not rest):
         layer = layers[name]
         if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
             continue
         hessian = layer_hessian(quantized_model, layer, batches, calls[name])
-        if hessian is None:
-            continue
-        quantizer = layer.weight_quantizer
-        module = layer.layer
-        group_size = getattr(quantizer.scheme, "group_size", None)
-        scale = zero_point = None
-        if group_size is None:
-            scale, zero_point = quantizer.qparams(module.weight)
-        result = gptq_quantize(
-            weight_matrix(module),
-            hessian,
-            quantizer.scheme,
-            scale,
-            zero_point,
-            group_size=group_size,
-            act_order=act_order,
-            observer=quantizer.observer_name,
-        )
-        layer.weight_quantizer = GPTQWeightQuantizer(quantizer, module, result)
-        rounded.append(name)
+        if hessian is not None and _round_with_gptq(layer, hessian, act_order):
+            rounded.append(name)
     return rounded
+
+
+def _hessian_in_block(
+    block: nn.Module, layer: QuantizedLayer, inputs: list[BlockInput], calls_per_forward: int
+) -> torch.Tensor | None:
+    """``layer_hessian`` over the block's calls instead of whole-model passes."""
+    if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
+        return None
+    module = layer.layer
+    accumulator = HessianAccumulator(weight_matrix(module).shape[1])
+
+    def take(m: nn.Module, args: tuple) -> None:
+        x = smoothed_input(module, args[0])
+        quantizer = _input_quantizer_of_next_call(layer)
+        if quantizer is not None:
+            x = quantizer(x)
+        accumulator.add(input_rows(module, x))
+        if calls_per_forward == 1:
+            raise _InputsTaken
+
+    with hooks_removed([layer.register_forward_pre_hook(take)]), torch.no_grad():
+        for call in inputs:
+            with suppress(_InputsTaken):
+                run_block(block, call)
+    return accumulator.hessian if accumulator.rows else None
+
+
+def _round_with_gptq(layer: QuantizedLayer, hessian: torch.Tensor, act_order: bool) -> bool:
+    """Give ``layer`` GPTQ's codes for ``hessian``; False for a layer GPTQ does not round."""
+    if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
+        return False
+    quantizer = layer.weight_quantizer
+    module = layer.layer
+    group_size = getattr(quantizer.scheme, "group_size", None)
+    scale = zero_point = None
+    if group_size is None:
+        scale, zero_point = quantizer.qparams(module.weight)
+    result = gptq_quantize(
+        weight_matrix(module),
+        hessian,
+        quantizer.scheme,
+        scale,
+        zero_point,
+        group_size=group_size,
+        act_order=act_order,
+        observer=quantizer.observer_name,
+    )
+    layer.weight_quantizer = GPTQWeightQuantizer(quantizer, module, result)
+    return True

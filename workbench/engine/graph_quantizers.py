@@ -64,7 +64,7 @@ from workbench.engine.call_sites import (
 from workbench.engine.config import QuantConfig
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import find_submodule, set_submodule
+from workbench.engine.modules import find_submodule, set_submodule, writable
 from workbench.engine.op_kinds import (
     CLAMP,
     CONV,
@@ -509,7 +509,9 @@ def round_bias(layer: QuantizedLayer) -> None:
         return  # block-wise weights run on MatMulNBits, which adds the bias in FP32
     with torch.no_grad():
         scale = bias_scale_of(layer)
-        bias.copy_(torch.round(bias / scale).clamp(-(2**31), 2**31 - 1) * scale)
+        writable(layer.layer, "bias").copy_(
+            torch.round(bias / scale).clamp(-(2**31), 2**31 - 1) * scale
+        )
 
 
 def bias_scale_of(layer: QuantizedLayer) -> torch.Tensor:

@@ -42,7 +42,7 @@ from workbench.core.qparams import qparams_from_range
 from workbench.core.scheme import Scheme
 from workbench.engine.batches import first_samples, run_model
 from workbench.engine.graph_quantizers import trace_data_flow
-from workbench.engine.modules import get_layer
+from workbench.engine.modules import get_layer, writable
 
 AUTO_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
 FLOOR = 1e-5  # max|X_j| or max|W_j| below this: channel j is left as it is (s_j = 1)
@@ -244,17 +244,17 @@ def _choose_alpha(
 
 def _apply(model: nn.Module, group: SmoothingGroup, scale: torch.Tensor) -> None:
     for name in group.layers:
-        get_layer(model, name).weight.mul_(scale)
+        writable(get_layer(model, name), "weight").mul_(scale)
     if group.fold == FOLD_LAYERNORM:
         norm = get_layer(model, group.producer)
-        norm.weight.div_(scale)
+        writable(norm, "weight").div_(scale)
         if norm.bias is not None:
-            norm.bias.div_(scale)
+            writable(norm, "bias").div_(scale)
     elif group.fold == FOLD_LINEAR:
         producer = get_layer(model, group.producer)
-        producer.weight.div_(scale[:, None])
+        writable(producer, "weight").div_(scale[:, None])
         if producer.bias is not None:
-            producer.bias.div_(scale)
+            writable(producer, "bias").div_(scale)
     else:
         for name in group.layers:
             _smooth_with_mul(get_layer(model, name), scale)

@@ -41,18 +41,6 @@ def data_file_name(path: Path) -> str:
     return f"{path.name}.data"
 
 
-def tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``model`` (each storage counted once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        key = (tensor.data_ptr(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
-
-
 class ExternalDataWriter:
     """Appends tensors to one ``.data`` file and returns the initializers that point at them."""
 

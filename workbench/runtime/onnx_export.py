@@ -60,7 +60,7 @@ from torch.overrides import TorchFunctionMode
 from workbench.atomic_file import atomic_path, temporary_path_beside
 from workbench.engine.batches import model_inputs
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import find_submodule
+from workbench.engine.modules import find_submodule, tensor_bytes
 from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime import external_data as external_data_module
@@ -76,7 +76,6 @@ from workbench.runtime.external_data import (
     fill_placeholders,
     materialize_inputs,
     save_graph,
-    tensor_bytes,
 )
 from workbench.runtime.kv_cache import kv_cache_off
 from workbench.runtime.per_call_specs import spec_copies_per_call

@@ -32,13 +32,18 @@ from workbench.engine.distributed import (
 )
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.modules import tensor_bytes
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.refine import refine_quantized_model
 from workbench.errors import CalibrationError, ConfigError
 from workbench.workflows.input_signature import input_signature
 from workbench.workflows.result import QuantResult
+from workbench.workflows.stages import StageClock
 
 REPORT_BATCHES = 8
+# a model with this many bytes of weights gets its per-layer errors measured on the first
+# report batch only (a bounded cost: each batch runs the FP32 and the quantized model)
+REPORT_SAMPLE_MODEL_BYTES = 1024**3
 
 
 def build_report(
@@ -51,6 +56,7 @@ def build_report(
     eval_fn: Callable[[nn.Module], float] | None = None,
     metric_fp32: float | None = None,
     held_out: list[Any] | None = None,
+    max_batches: int | None = None,
 ) -> Report:
     """The report of a calibrated model: layer table, storage, summary with ``eval_fn``'s
     metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``.
@@ -58,9 +64,12 @@ def build_report(
     user's model itself: ``eval_fn`` may run it in training mode. The per-layer errors are
     measured on ``held_out`` (``report_batches(report_data)``) when given, else on
     ``report_batches`` (the first calibration batches); ``summary["layer_errors_on"]`` says
-    which."""
+    which. ``max_batches`` bounds the batches measured (``layer_errors_sample`` says so)."""
     source = "calib_data" if held_out is None else "report_data"
     batches = report_batches if held_out is None else held_out
+    available = len(batches)
+    if max_batches is not None:
+        batches = batches[:max_batches]
     measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
     layers = layer_table(quantized, plans, measured)
     storage = storage_table(original, quantized, plans)
@@ -81,6 +90,11 @@ def build_report(
     summary["ptq_methods"] = config.ptq_methods()
     summary["layer_errors_on"] = source
     summary["layer_errors_batches"] = len(batches)
+    if len(batches) < available:
+        summary["layer_errors_sample"] = (
+            f"first {len(batches)} of {available} batches (a model of "
+            f"{tensor_bytes(original) / 1024**3:.1f} GiB: bounded cost)"
+        )
     return Report(layers, storage, summary, model=quantized)
 
 
@@ -131,8 +145,13 @@ def ptq(
     held_out = report_batches(report_data)
     if calib_data is None:
         return ptq_without_data(model, config, eval_fn, held_out)
-    reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
     job = join_job()  # a torch.distributed job: each process calibrates on its shard
+    # the engine's models read the user's tensors instead of copies, except in a distributed
+    # job, which writes rank 0's weights into them
+    share = job is None
+    clock = StageClock()
+    with clock.stage("copy"):
+        reference = user_model_copy(unwrap_ddp(model), "wb.ptq", share_weights=share)
     if job is not None:
         calib_data, progress = shard_loader(calib_data, job), progress and job.writes_files
     # Stream the calibration data: only the first batches (BN folding, the report) are kept,
@@ -141,16 +160,31 @@ def ptq(
     head = list(islice(stream, REPORT_BATCHES))
     batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
     first = head[0] if job is None else start_from_rank0(reference, head[0], job)
-    fp32_model, prepared, plans = prepare_model(reference, first, config, head)
-    reached = calibrate(prepared, batches, progress, job)
-    finish_calibration(prepared, plans, reached)
-    prepared.eval()
-    refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
+    with clock.stage("prepare"):
+        fp32_model, prepared, plans = prepare_model(
+            reference, first, config, head, share_weights=share
+        )
+    with clock.stage("calibration"):
+        reached = calibrate(prepared, batches, progress, job)
+        finish_calibration(prepared, plans, reached)
+        prepared.eval()
+    with clock.stage("refinement"):
+        refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
     if job is not None:  # refinements ran on each shard's batches: rank 0's everywhere
         broadcast_model(prepared, job)
-    report = build_report(
-        reference, fp32_model, prepared, plans, config, head, eval_fn, held_out=held_out
-    )
+    with clock.stage("report"):
+        report = build_report(
+            reference,
+            fp32_model,
+            prepared,
+            plans,
+            config,
+            head,
+            eval_fn,
+            held_out=held_out,
+            max_batches=_report_batch_limit(reference),
+        )
+    clock.add_to(report.summary)
     if job is not None:
         report = share_report(report, prepared, job)
         job.close()
@@ -186,8 +220,8 @@ def ptq_without_data(
             f"{', '.join(config.ptq_methods())} run(s) on calibration data; pass calib_data "
             "or drop them from the config"
         )
-    reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
-    fp32_model, prepared, plans = prepare_model(reference, None, config)
+    reference = user_model_copy(unwrap_ddp(model), "wb.ptq", share_weights=True)
+    fp32_model, prepared, plans = prepare_model(reference, None, config, share_weights=True)
     finish_calibration(prepared, plans, {name for name, _ in iter_quantized_layers(prepared)})
     prepared.eval()
     refine_quantized_model(fp32_model, prepared, plans, config, [], progress=False)
@@ -195,6 +229,12 @@ def ptq_without_data(
         reference, fp32_model, prepared, plans, config, [], eval_fn, held_out=held_out
     )
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
+
+
+def _report_batch_limit(model: nn.Module) -> int | None:
+    """1 for a model of ``REPORT_SAMPLE_MODEL_BYTES`` or more (its report measures the first
+    batch only), else None (every report batch)."""
+    return 1 if tensor_bytes(model) >= REPORT_SAMPLE_MODEL_BYTES else None
 
 
 class _CalibrationBatches:

@@ -16,6 +16,7 @@ from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
 from workbench.runtime.export_guard import guarded_export
 from workbench.workflows.input_signature import InputSpec, check_like_calibration
+from workbench.workflows.stages import StageClock
 
 
 @dataclass
@@ -73,6 +74,7 @@ class QuantResult:
         opset: int = 17,
         amx: bool | str = False,
         accuracy_level: int = 4,
+        external_data: bool | None = None,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -94,7 +96,8 @@ class QuantResult:
             return Path(path)
         example_input = inference_inputs(example_input)  # the file never takes labels
         check_like_calibration(self.input_signature, example_input)
-        with guarded_export(path, opset):
+        clock = StageClock()
+        with guarded_export(path, opset), clock.stage("export_onnx"):
             written, _ = export_int8_onnx(
                 self.model,
                 path,
@@ -103,9 +106,11 @@ class QuantResult:
                 opset,
                 amx=amx,
                 accuracy_level=accuracy_level,
+                external_data=external_data,
             )
+        clock.add_to(self.report.summary)
         if fp32_path is not None:
-            self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
+            self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset, external_data)
         if check_fusion:
             self.fusion(written)
         return written
@@ -116,8 +121,10 @@ class QuantResult:
         example_input: Any,
         dynamic_batch: bool = True,
         opset: int = 17,
+        external_data: bool | None = None,
     ) -> Path:
-        """Write the FP32 reference (BatchNorm folded, no quantizers) as ONNX."""
+        """Write the FP32 reference (BatchNorm folded, no quantizers) as ONNX
+        (``external_data`` as for ``export_onnx``)."""
         from workbench.runtime.onnx_export import export_fp32_onnx
 
         if not self.writes_files:
@@ -125,7 +132,9 @@ class QuantResult:
         example_input = inference_inputs(example_input)
         check_like_calibration(self.input_signature, example_input)
         with guarded_export(path, opset):
-            return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
+            return export_fp32_onnx(
+                self.fp32_model, path, example_input, dynamic_batch, opset, external_data
+            )
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):
         """Which quantized layers ONNX Runtime runs on integer kernels (a ``FusionResult``)."""

@@ -242,8 +242,10 @@ def main() -> int:
         f"(FP32 file written in {fp32['export_s']:.1f} s, writer peak "
         f"{fp32['peak_rss_bytes'] / GIB:.2f} GiB)"
     )
-    print(f"files: FP32 {sizes['fp32'] / GIB:.2f} GiB, ours {sizes['ours'] / GIB:.2f} GiB, "
-          f"ORT's {sizes['ort'] / GIB:.2f} GiB")
+    print(
+        f"files: FP32 {sizes['fp32'] / GIB:.2f} GiB, ours {sizes['ours'] / GIB:.2f} GiB, "
+        f"ORT's {sizes['ort'] / GIB:.2f} GiB"
+    )
     print()
     print("| | wall time | peak RSS | peak / FP32 weights |")
     print("|---|---|---|---|")
@@ -274,8 +276,11 @@ def main() -> int:
     print()
     return print_checks(
         [
-            ("peak RSS / FP32 weights <= 1.5", ours["peak_rss_bytes"] / weights,
-             ours["peak_rss_bytes"] <= 1.5 * weights),
+            (
+                "peak RSS / FP32 weights <= 1.5",
+                ours["peak_rss_bytes"] / weights,
+                ours["peak_rss_bytes"] <= 1.5 * weights,
+            ),
             ("our time / ORT's <= 2", ours_s / ort["time_s"], ours_s <= 2 * ort["time_s"]),
         ],
         digits=2,

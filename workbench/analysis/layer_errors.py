@@ -36,21 +36,41 @@ def measure_layer_errors(
     output_acc = {name: ErrorAccumulator() for name in quantized}
     isolated_acc = {name: ErrorAccumulator() for name in quantized}
     model_acc = ErrorAccumulator()
-    reference_outputs: dict[str, list[torch.Tensor]] = {}
+    # per layer and call: the FP32 model's input and output, until the quantized model's call
+    reference: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     in_quantized_model = [False]
+    isolating = [False]
 
     def fp32_hook(name):
         def hook(module, inputs, output):
-            reference_outputs.setdefault(name, []).append(output.detach().clone())
-            isolated_acc[name].add(output, quantized[name](inputs[0]))
+            pair = (inputs[0].detach().clone(), output.detach().clone())
+            reference.setdefault(name, []).append(pair)
 
         return hook
 
+    def hold_weight(module, inputs):
+        if in_quantized_model[0] and not isolating[0]:
+            module.weight_quantizer.hold_dequantized = True
+
     def quant_hook(name):
         def hook(module, inputs, output):
-            pending = reference_outputs.get(name)
-            if in_quantized_model[0] and pending:
-                output_acc[name].add(pending.pop(0), output)
+            pending = reference.get(name)
+            if not in_quantized_model[0] or isolating[0] or not pending:
+                return
+            fp32_input, fp32_output = pending.pop(0)
+            output_acc[name].add(fp32_output, output)
+            # the layer alone on the FP32 input, with the weight this call just dequantized
+            calls = getattr(module, "calls", None)
+            isolating[0] = True
+            try:
+                if isinstance(calls, int):
+                    module.calls = calls - 1  # this call's input quantizer again
+                isolated_acc[name].add(fp32_output, module(fp32_input))
+            finally:
+                isolating[0] = False
+                if isinstance(calls, int):
+                    module.calls = calls
+                module.weight_quantizer.release_dequantized()
 
         return hook
 
@@ -60,10 +80,11 @@ def measure_layer_errors(
         if name in quantized:
             handles.append(module.register_forward_hook(fp32_hook(name)))
     for name, module in quantized.items():
+        handles.append(module.register_forward_pre_hook(hold_weight))
         handles.append(module.register_forward_hook(quant_hook(name)))
     with hooks_removed(handles), torch.no_grad():
         for index, batch in enumerate(batches):
-            reference_outputs.clear()
+            reference.clear()
             ref = output_tensor(run_model(fp32_model, batch, index, what))
             in_quantized_model[0] = True
             out = output_tensor(run_model(quantized_model, batch, index, what))

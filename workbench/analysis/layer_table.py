@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from workbench.core.metrics import ErrorAccumulator
+from workbench.core.weight_codes import rows_of
 from workbench.engine.conv1d import Conv1DLinear
 from workbench.engine.layers import QuantizedLayer
 from workbench.engine.modules import get_layer
@@ -64,13 +65,14 @@ def smoothing_text(plan) -> str | None:
     return plan.smoothing_skipped
 
 
-def layer_row(layer: QuantizedLayer) -> dict:
-    """Scheme, qparams and weight error of one quantized layer."""
+def layer_row(layer: QuantizedLayer, weight_rows: int | None = None) -> dict:
+    """Scheme, qparams and weight error of one quantized layer; ``weight_rows``: the error of a
+    larger 2-D weight is measured on that many evenly spaced rows (a bounded cost)."""
     with torch.no_grad():
-        weight = layer.layer.weight.detach().float()
-        quantized = layer.quantized_weight().detach().float()
+        weight, quantized = _weight_and_quantized(layer, weight_rows)
         acc = ErrorAccumulator()
         acc.add(weight, quantized)
+        weight = layer.layer.weight
     wq = layer.weight_quantizer
     scale = wq.scale.detach().reshape(-1)
     row = {
@@ -92,10 +94,26 @@ def layer_row(layer: QuantizedLayer) -> dict:
     return row
 
 
+def _weight_and_quantized(layer: QuantizedLayer, rows: int | None):
+    weight = layer.layer.weight.detach()
+    if rows is not None and weight.dim() == 2 and weight.shape[0] > rows:
+        index = torch.linspace(0, weight.shape[0] - 1, rows).round().long()
+        kept = layer.weight_quantizer.exact_codes(weight)
+        sample = rows_of(kept, index) if kept is not None else None
+        if sample is not None:
+            return weight[index].float(), sample.dequantize()
+        return weight[index].float(), layer.quantized_weight().detach()[index].float()
+    return weight.float(), layer.quantized_weight().detach().float()
+
+
 def layer_table(
-    quantized_model: nn.Module, plans: list, measured: dict[str, dict[str, float]]
+    quantized_model: nn.Module,
+    plans: list,
+    measured: dict[str, dict[str, float]],
+    weight_rows: int | None = None,
 ) -> pd.DataFrame:
-    """One row per parameter-holding layer, quantized or kept FP32 (with the reason)."""
+    """One row per parameter-holding layer, quantized or kept FP32 (with the reason);
+    ``weight_rows`` as for ``layer_row``."""
     rows = []
     for plan in plans:
         row = {
@@ -112,7 +130,7 @@ def layer_table(
         }
         module = get_layer(quantized_model, plan.name)
         if isinstance(module, QuantizedLayer):
-            row |= layer_row(module)
+            row |= layer_row(module, weight_rows)
             row |= measured.get(plan.name, {})
             row["weight_bits"] = module.weight_quantizer.scheme.bits
             if module.input_quantizer is not None:

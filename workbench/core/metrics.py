@@ -24,6 +24,9 @@ def cosine(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return acc.cosine
 
 
+CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of 32 MiB
+
+
 class ErrorAccumulator:
     """Sums over batches so that SQNR, MSE and cosine cover all of them, not an average of
     per-batch figures."""
@@ -36,13 +39,18 @@ class ErrorAccumulator:
         self.count = 0
 
     def add(self, reference: torch.Tensor, approx: torch.Tensor) -> None:
-        ref = torch.as_tensor(reference).detach().double().reshape(-1)
-        app = torch.as_tensor(approx).detach().double().reshape(-1)
-        self.signal += float(ref @ ref)
-        self.noise += float((ref - app) @ (ref - app))
-        self.dot += float(ref @ app)
-        self.approx_energy += float(app @ app)
-        self.count += ref.numel()
+        ref_all = torch.as_tensor(reference).detach().reshape(-1)
+        app_all = torch.as_tensor(approx).detach().reshape(-1)
+        # float64 a chunk at a time: an LM head's weight is not copied whole into float64
+        for start in range(0, max(ref_all.numel(), 1), CHUNK_ELEMENTS):
+            ref = ref_all[start : start + CHUNK_ELEMENTS].double()
+            app = app_all[start : start + CHUNK_ELEMENTS].double()
+            difference = ref - app
+            self.signal += float(ref @ ref)
+            self.noise += float(difference @ difference)
+            self.dot += float(ref @ app)
+            self.approx_energy += float(app @ app)
+        self.count += ref_all.numel()
 
     @property
     def sqnr_db(self) -> float:

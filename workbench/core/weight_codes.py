@@ -42,27 +42,54 @@ class WeightCodes:
 
     def codes(self) -> torch.Tensor:
         """The codes ``q`` (int32) in the weight's layout."""
-        stored = self.stored
         if self.scheme.bits > 8:
-            return stored.reshape(self.shape)
+            return self.stored.reshape(self.shape)
+        return self._unsigned().to(torch.int32).add_(self.scheme.quant_min).reshape(self.shape)
+
+    def _unsigned(self) -> torch.Tensor:
+        """``q - q_min`` as uint8, flat (one byte per code)."""
+        stored = self.stored
         if self.scheme.bits <= 4:
             stored = torch.stack((stored & 0x0F, stored >> 4), dim=-1).reshape(-1)
-        count = self.shape.numel()
-        return (stored[:count].to(torch.int32) + self.scheme.quant_min).reshape(self.shape)
+        return stored[: self.shape.numel()]
 
     def dequantize(self) -> torch.Tensor:
-        """``s * (q - z)`` in float32, the weight's shape."""
-        q = self.codes().to(torch.float32)
+        """``s * (q - z)`` in float32, the weight's shape. Computed in place on one float32
+        buffer: the weight's size in float32 plus its codes at most, even for the largest
+        layer (an LM head)."""
         scale = self.scale.to(torch.float32)
         zero = self.zero_point.to(torch.float32)
+        if self.scheme.bits > 8:
+            q = self.stored.to(torch.float32).reshape(self.shape)
+        else:
+            q = self._unsigned().to(torch.float32).reshape(self.shape)
+            zero = zero - self.scheme.quant_min  # q - z = (q - q_min) - (z - q_min)
         if _grouped(self.scheme, scale):
             rows = grouped_rows(q, self.scheme.group_size)
-            values = (rows - zero.reshape(-1, 1)) * scale.reshape(-1, 1)
-            return ungrouped(values, self.shape)
+            rows.sub_(zero.reshape(-1, 1)).mul_(scale.reshape(-1, 1))
+            return ungrouped(rows, self.shape)
         if scale.dim() == 0 or not self.scheme.per_channel:
-            return (q - zero.reshape(())) * scale.reshape(())
+            return q.sub_(zero.reshape(())).mul_(scale.reshape(()))
         axis = self.scheme.axis % q.dim()
-        return (q - along_axis(zero, q, axis)) * along_axis(scale, q, axis)
+        return q.sub_(along_axis(zero, q, axis)).mul_(along_axis(scale, q, axis))
+
+
+def rows_of(codes: WeightCodes, index: torch.Tensor) -> WeightCodes | None:
+    """The codes of rows ``index`` of a 2-D weight (a sample to measure), or None where the
+    rows do not start on a byte (odd row length with two codes per byte)."""
+    if len(codes.shape) != 2:
+        return None
+    rows, columns = codes.shape
+    scheme = codes.scheme
+    if scheme.bits <= 4 and columns % 2:
+        return None
+    width = columns // 2 if scheme.bits <= 4 else columns
+    stored = codes.stored[: rows * width].reshape(rows, width)[index].reshape(-1)
+    scale, zero = codes.scale, codes.zero_point
+    per_row = scale.dim() == 1 and scheme.per_channel and scheme.axis % 2 == 0
+    if _grouped(scheme, scale) or per_row:
+        scale, zero = scale[index], zero[index]
+    return WeightCodes(stored, scale, zero, scheme, torch.Size((len(index), columns)))
 
 
 def _grouped(scheme: Scheme, scale: torch.Tensor) -> bool:
@@ -76,16 +103,16 @@ def weight_codes(
     w = weight.detach().to(torch.float32)
     inverse = 1.0 / scale.detach().to(torch.float32)
     zero = zero_point.detach().to(torch.float32)
+    # in place on one float32 buffer: a large layer's codes cost its size once, not four times
     if _grouped(scheme, inverse):
-        rows = grouped_rows(w, scheme.group_size)
-        q = torch.round(rows * inverse.reshape(-1, 1)) + zero.reshape(-1, 1)
-        q = ungrouped(q, w.shape)
+        rows = grouped_rows(w, scheme.group_size) * inverse.reshape(-1, 1)
+        q = ungrouped(rows.round_().add_(zero.reshape(-1, 1)), w.shape)
     elif inverse.dim() == 0 or not scheme.per_channel:
-        q = torch.round(w * inverse.reshape(())) + zero.reshape(())
+        q = (w * inverse.reshape(())).round_().add_(zero.reshape(()))
     else:
         axis = scheme.axis % w.dim()
-        q = torch.round(w * along_axis(inverse, w, axis)) + along_axis(zero, w, axis)
-    q = torch.clamp(q, scheme.quant_min, scheme.quant_max)
+        q = (w * along_axis(inverse, w, axis)).round_().add_(along_axis(zero, w, axis))
+    q = q.clamp_(scheme.quant_min, scheme.quant_max)
     return WeightCodes(
         pack_codes(q, scheme),
         scale.detach().clone(),
@@ -99,7 +126,8 @@ def pack_codes(q: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Codes ``q`` (any integer-valued tensor) as ``WeightCodes.stored``."""
     if scheme.bits > 8:
         return q.to(torch.int32).reshape(-1)
-    unsigned = (q.reshape(-1) - scheme.quant_min).to(torch.uint8)
+    # q - q_min in 0..255, through int16 (half the bytes of a float32 temporary)
+    unsigned = q.reshape(-1).to(torch.int16).sub_(scheme.quant_min).to(torch.uint8)
     if scheme.bits > 4:
         return unsigned
     if unsigned.numel() % 2:

@@ -290,22 +290,32 @@ def calibrate(
     qparams. Raises a ``CalibrationError`` when no quantizable layer ran at all.
 
     Without an activation quantizer to observe (weight-only and dynamic configs) there is
-    nothing to calibrate: only the first batch runs, to find the layers the model calls.
+    nothing to calibrate: only the first batch runs, with FP32 weights, to find the layers the
+    model calls.
     """
-    if not needs_activation_calibration(model):
+    weight_only = not needs_activation_calibration(model)
+    if weight_only:
         batches = _first_of(batches)
     reached: set[str] = set()
     handles = []
+    switched_off = []
     for _, layer in iter_quantized_layers(model):
         handles.append(
             layer.register_forward_pre_hook(lambda m, _inputs: reached.add(m.layer_name))
         )
         # weights do not change while calibrating: their qparams once, not at every batch
         layer.weight_quantizer.freeze(layer.layer.weight)
+        if weight_only and layer.weight_quantizer.enabled:
+            layer.weight_quantizer.enabled = False  # nothing observes the outputs
+            switched_off.append(layer.weight_quantizer)
     set_activation_mode(model, OBSERVE)
-    with hooks_removed(handles), torch.no_grad():
-        for index, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
-            run_model(model, batch, index)
+    try:
+        with hooks_removed(handles), torch.no_grad():
+            for index, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress)):
+                run_model(model, batch, index)
+    finally:
+        for quantizer in switched_off:
+            quantizer.enabled = True
     if job is not None:
         reached = combine_calibration(model, reached, job)
     if not reached:

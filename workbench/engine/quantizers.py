@@ -143,6 +143,7 @@ class WeightQuantizer(nn.Module):
 
     # the kept codes ---------------------------------------------------------------------------
     def _drop_codes(self) -> None:
+        self.release_dequantized()
         self._codes: WeightCodes | None = None
         self._codes_key: tuple | None = None
         self._codes_of: weakref.ref | None = None
@@ -150,8 +151,16 @@ class WeightQuantizer(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_codes=None, _codes_key=None, _codes_of=None)  # weakref: not picklable
+        # weakref: not picklable; the codes are computed again
+        state.update(_codes=None, _codes_key=None, _codes_of=None, _held=None)
         return state
+
+    hold_dequantized = False  # keep the last dequantized weight for the next call
+
+    def release_dequantized(self) -> None:
+        """Drop the dequantized weight kept by ``hold_dequantized`` (its FP32 memory)."""
+        self._held: tuple[WeightCodes, torch.Tensor] | None = None
+        self.hold_dequantized = False
 
     def share_kept_state_of(self, source: WeightQuantizer) -> None:
         """Use ``source``'s kept codes (``modules.shared_copy``: the weight is the same)."""
@@ -232,7 +241,14 @@ class WeightQuantizer(nn.Module):
         if not self.enabled:
             return weight
         if self.uses_codes(weight):
-            return self.codes_of(weight).dequantize()
+            codes = self.codes_of(weight)
+            held = self._held
+            if held is not None and held[0] is codes:
+                return held[1]
+            value = codes.dequantize()
+            if self.hold_dequantized:  # reused by the next call until released
+                self._held = (codes, value)
+            return value
         scale, zero_point = self.qparams(weight)
         if self.learn_scale:
             return fake_quantize_learned_scale(weight, scale, zero_point, self.scheme)

@@ -81,9 +81,9 @@ class BlockwiseSpec:
     """One block-wise Linear as MatMulNBits stores it, and its simulated weight.
 
     A deferred spec (the large-model export, ``deferred_blockwise_spec``) holds one-element
-    placeholders for ``packed`` / ``scales`` / ``zero_points`` and no ``weight_dq``: the
-    simulated weight is dequantized from ``source`` when the forward pass needs it, and the
-    stored arrays are computed (``blockwise_arrays``) when the file is written."""
+    placeholders for ``packed`` / ``scales`` / ``zero_points`` and no ``weight_dq``: the trace
+    runs on ``source``'s FP32 weight (``spec_weight``), and the stored arrays are computed
+    (``blockwise_arrays``) when the file is written."""
 
     name: str
     weight_dq: torch.Tensor | None  # [out, in] float32: the weight the simulation uses
@@ -100,11 +100,13 @@ class BlockwiseSpec:
 
 
 def spec_weight(spec) -> torch.Tensor:
-    """The simulated weight of a spec, dequantized now when the spec is deferred."""
+    """The simulated weight of a spec. A deferred spec only serves the trace, whose graph
+    its ``symbolic`` writes: zeros of the weight's shape stand in (a fresh tensor: the tracer
+    fails on a parameter reaching a Function through a non-tensor argument), so tracing a
+    large model dequantizes nothing."""
     if spec.weight_dq is not None:
         return spec.weight_dq
-    with torch.no_grad():
-        return spec.source.quantized_weight().detach().to(torch.float32)
+    return torch.zeros(spec.out_features, spec.in_features)
 
 
 @dataclass(eq=False)

@@ -44,6 +44,7 @@ REPORT_BATCHES = 8
 # a model with this many bytes of weights gets its per-layer errors measured on the first
 # report batch only (a bounded cost: each batch runs the FP32 and the quantized model)
 REPORT_SAMPLE_MODEL_BYTES = 1024**3
+REPORT_WEIGHT_ROWS = 256  # and its weight errors on this many rows of each larger weight
 
 
 def build_report(
@@ -71,7 +72,8 @@ def build_report(
     if max_batches is not None:
         batches = batches[:max_batches]
     measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
-    layers = layer_table(quantized, plans, measured)
+    weight_rows = None if max_batches is None else REPORT_WEIGHT_ROWS
+    layers = layer_table(quantized, plans, measured, weight_rows)
     storage = storage_table(original, quantized, plans)
     metric_quantized = None
     if eval_fn is not None:
@@ -90,9 +92,10 @@ def build_report(
     summary["ptq_methods"] = config.ptq_methods()
     summary["layer_errors_on"] = source
     summary["layer_errors_batches"] = len(batches)
-    if len(batches) < available:
+    if max_batches is not None:
         summary["layer_errors_sample"] = (
-            f"first {len(batches)} of {available} batches (a model of "
+            f"first {len(batches)} of {available} batches, weight errors on "
+            f"{REPORT_WEIGHT_ROWS} evenly spaced rows of larger weights (a model of "
             f"{tensor_bytes(original) / 1024**3:.1f} GiB: bounded cost)"
         )
     return Report(layers, storage, summary, model=quantized)

@@ -1,0 +1,289 @@
+"""Large models: kept weight codes, shared weights, external data past 2 GB, block-by-block GPTQ.
+
+The size thresholds (2 GiB for external data, 1 GiB for the report's sample, 256 MiB for the
+block walk) are module constants; the tests lower them so that a small model takes the
+large-model paths and the suite never writes gigabytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import workbench as wb
+from workbench.core.fake_quant import fake_quantize
+from workbench.core.weight_codes import weight_codes
+from workbench.engine import blocks
+from workbench.engine.calibrate import calibrate, prepare_model, user_model_copy
+from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.quantizers import WeightQuantizer
+from workbench.errors import ExportError
+from workbench.runtime import external_data
+from workbench.runtime.ort_session import make_session, run_session
+from workbench.workflows import ptq as ptq_workflow
+
+SCHEMES = [
+    wb.Scheme(4, True, True, 0, group_size=32),
+    wb.Scheme(4, False, True, 0, group_size=32),
+    wb.Scheme(3, True, True, 0),
+    wb.Scheme(8, True, True, 0),
+    wb.Scheme(8, False, False),
+    wb.Scheme(2, True, False),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_kept_codes_dequantize_to_torch_fake_quant_bit_for_bit(scheme):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 200) * torch.rand(48, 1) * 3  # 200 inputs: a partial last group
+    quantizer = WeightQuantizer(scheme)
+    quantizer.freeze(weight)
+    codes = weight_codes(weight, quantizer.scale, quantizer.zero_point, scheme)
+    reference = fake_quantize(weight, quantizer.scale, quantizer.zero_point, scheme)
+    assert torch.equal(codes.dequantize(), reference)
+    q = codes.codes()
+    assert int(q.min()) >= scheme.quant_min and int(q.max()) <= scheme.quant_max
+    per_byte = 2 if scheme.bits <= 4 else 1
+    assert codes.nbytes == -(-weight.numel() // per_byte)
+
+
+def test_codes_are_computed_once_and_again_after_an_in_place_change():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16, 64))
+    quantizer = WeightQuantizer(wb.Scheme(4, True, True, 0, group_size=32))
+    quantizer.freeze(weight)
+    with torch.no_grad():
+        first = quantizer(weight)
+        kept = quantizer.codes_of(weight)
+        assert quantizer(weight) is not first and quantizer.codes_of(weight) is kept
+        weight.mul_(0.5)
+        changed = quantizer(weight)
+    assert quantizer.codes_of(weight) is not kept
+    reference = fake_quantize(
+        weight.detach(), quantizer.scale, quantizer.zero_point, quantizer.scheme
+    )
+    assert torch.equal(changed, reference)
+
+
+def test_a_gradient_still_reaches_the_weight_through_the_fake_quantization():
+    weight = nn.Parameter(torch.randn(8, 32))
+    quantizer = WeightQuantizer(wb.Scheme(8, True, True, 0))
+    quantizer.freeze(weight)
+    quantizer(weight).sum().backward()  # grad enabled: the STE path, not the kept codes
+    assert weight.grad is not None and bool((weight.grad != 0).any())
+
+
+class _CountingMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_weight_only_calibration_runs_one_batch_and_static_runs_all():
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 16) for _ in range(5)]
+    for preset, expected in (("int4-weight-g32", 1), ("int8", 5)):
+        model = _CountingMLP().eval()
+        reference = user_model_copy(model, "test")
+        _, prepared, _ = prepare_model(reference, batches[0], wb.QuantConfig.preset(preset))
+        prepared.calls = 0
+        reached = calibrate(prepared, batches, progress=False)
+        assert prepared.calls == expected
+        assert reached == {"fc1", "fc2"}
+
+
+def _conv_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        wb.QuantConfig.preset("int8", equalize=True, bias_correction=True),
+        wb.QuantConfig.preset("int8", smoothquant=0.5),
+    ],
+    ids=["equalize+bias_correction", "smoothquant"],
+)
+def test_steps_that_change_weights_leave_the_shared_user_weights_alone(config):
+    torch.manual_seed(0)
+    model = _conv_bn().eval() if config.smoothquant is None else _mlp_with_norm().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    if config.smoothquant is not None:
+        batches = [torch.randn(2, 6, 16) for _ in range(3)]
+    result = wb.ptq(model, batches, config=config, progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    user = {id(p) for p in model.parameters()}
+    own = [p for p in result.model.parameters() if id(p) not in user]
+    assert own  # the changed tensors are the copy's own
+
+
+def _mlp_with_norm() -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+
+def _tiny_llama(layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _tokens(count: int, length: int = 8, seed: int = 1) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(0, 128, (1, length), generator=generator),
+            "attention_mask": torch.ones(1, length, dtype=torch.long),
+        }
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture
+def large_paths(monkeypatch):
+    """Every model counts as large: external data, the report's sample, the block walk."""
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(ptq_workflow, "REPORT_SAMPLE_MODEL_BYTES", 0)
+    monkeypatch.setattr(blocks, "BLOCK_WALK_MODEL_BYTES", 0)
+
+
+def test_external_data_export_runs_as_the_single_file_and_the_simulation(tmp_path, monkeypatch):
+    model = _tiny_llama()
+    batches = _tokens(2)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    single = result.export_onnx(tmp_path / "single.onnx", batches[0], check_fusion=False)
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_BYTES", 0)
+    path = result.export_onnx(
+        tmp_path / "big.onnx", batches[0], fp32_path=tmp_path / "fp32.onnx", check_fusion=False
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "big.onnx",
+        "big.onnx.data",
+        "fp32.onnx",
+        "fp32.onnx.data",
+        "single.onnx",
+    ]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    external = [i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    names = {i.name for i in external}
+    assert "lm_head.weight_quantized" in names
+    assert any(name.endswith("embed_tokens.weight") for name in names)
+    assert not graph.input[2:]  # the parameters became initializers
+    batch = batches[1]
+    ours = run_session(make_session(path), batch)[0]
+    np.testing.assert_array_equal(ours, run_session(make_session(single), batch)[0])
+    with torch.no_grad():
+        fp32 = model(**batch).logits.numpy()
+    np.testing.assert_allclose(
+        run_session(make_session(tmp_path / "fp32.onnx"), batch)[0], fp32, rtol=1e-4, atol=1e-4
+    )
+    fusion = result.fusion(path, warn=False)
+    assert bool(fusion.table["fused"].all()) and len(fusion.table) == 15
+    parity = result.parity(path, batches, per_layer=True)
+    assert parity.table["cosine"].min() > 0.999
+    bench = wb.benchmark(tmp_path / "fp32.onnx", path, batch, runs=2, warmup=1)
+    size = bench.table.set_index("model").loc["int8", "file_bytes"]
+    assert size == path.stat().st_size + (tmp_path / "big.onnx.data").stat().st_size
+
+
+def test_a_failed_external_data_write_leaves_no_file(tmp_path, monkeypatch):
+    model = _tiny_llama(1)
+    batches = _tokens(1)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_BYTES", 0)
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(external_data.ExternalDataWriter, "initializer", fail)
+    with pytest.raises(ExportError, match="free space"):
+        result.export_onnx(tmp_path / "m.onnx", batches[0], check_fusion=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_too_large_for_one_file_is_an_export_error_naming_external_data(
+    tmp_path, monkeypatch
+):
+    model = nn.Sequential(nn.Linear(16, 8))
+    result = wb.ptq(model, [torch.randn(4, 16)], progress=False)
+
+    def too_large(*args, **kwargs):
+        raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+
+    monkeypatch.setattr(onnx, "save", too_large)
+    with pytest.raises(ExportError, match="external_data=True"):
+        result.export_onnx(tmp_path / "m.onnx", torch.randn(1, 16), check_fusion=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_walk_gptq_gives_the_codes_of_whole_model_passes(monkeypatch):
+    model = _tiny_llama()
+    batches = _tokens(2)
+    config = wb.QuantConfig.preset("int4-weight-g32", weight_method="gptq")
+    whole = wb.ptq(model, batches, config=config, progress=False)
+    monkeypatch.setattr(blocks, "BLOCK_WALK_MODEL_BYTES", 0)
+    walked = blocks.first_block_inputs(whole.model, batches)
+    assert walked is not None and len(walked[0]) == 2
+    by_block = wb.ptq(model, batches, config=config, progress=False)
+    for (name, a), (_, b) in zip(
+        iter_quantized_layers(whole.model), iter_quantized_layers(by_block.model), strict=True
+    ):
+        assert torch.equal(a.weight_quantizer.codes, b.weight_quantizer.codes), name
+
+
+def test_a_model_that_is_no_chain_of_blocks_is_not_walked(monkeypatch):
+    class Scaled(nn.Module):  # scales the hidden state between its blocks
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = 2 * block(x)
+            return x
+
+    monkeypatch.setattr(blocks, "BLOCK_WALK_MODEL_BYTES", 0)
+    result = wb.ptq(Scaled(), [torch.randn(4, 8)], config="int4-weight", progress=False)
+    assert blocks.block_list(result.model) is not None
+    assert blocks.first_block_inputs(result.model, [torch.randn(4, 8)]) is None
+
+
+def test_large_model_report_measures_a_sample_and_states_time_and_memory(large_paths):
+    model = _tiny_llama(1)
+    batches = _tokens(3)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    summary = result.report.summary
+    assert summary["layer_errors_batches"] == 1
+    assert "first 1 of 3 batches" in summary["layer_errors_sample"]
+    assert set(summary["stage_seconds"]) >= {"prepare", "calibration", "report"}
+    assert summary["peak_rss_bytes"] > 0
+    assert "per-layer errors measured on the first 1 of 3" in result.report.summary_text()
+    layers = result.report.layers
+    assert layers.loc[layers["status"] == "quantized", "output_sqnr_db"].notna().all()

@@ -287,3 +287,26 @@ def test_large_model_report_measures_a_sample_and_states_time_and_memory(large_p
     assert "per-layer errors measured on the first 1 of 3" in result.report.summary_text()
     layers = result.report.layers
     assert layers.loc[layers["status"] == "quantized", "output_sqnr_db"].notna().all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kept_4bit_codes_are_matmulnbits_bytes_as_they_are(symmetric):
+    from workbench.runtime.blockwise_export import _kept_packed, pack_codes, pack_zero_points
+
+    torch.manual_seed(0)
+    scheme = wb.Scheme(4, symmetric, True, 0, group_size=32)
+    model = nn.Sequential(nn.Linear(128, 48))
+    config = wb.QuantConfig(weight=scheme, activation=None)
+    layer = wb.ptq(model, [torch.randn(8, 128)], config=config, progress=False).model[0]
+    fast = _kept_packed(layer)
+    # the reference packing, from codes recomputed by the independent core formula
+    quantizer = layer.weight_quantizer
+    codes = wb.core.quantize_with(
+        layer.layer.weight.detach(), quantizer.scale, quantizer.zero_point, scheme
+    )
+    unsigned = (codes + (8 if symmetric else 0)).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(fast["weight_quantized"], pack_codes(unsigned, 4, 32))
+    np.testing.assert_array_equal(fast["weight_scale"], quantizer.scale.reshape(-1).numpy())
+    if not symmetric:
+        zero_points = quantizer.zero_point.numpy().astype(np.uint8)
+        np.testing.assert_array_equal(fast["weight_zero_point"], pack_zero_points(zero_points, 4))

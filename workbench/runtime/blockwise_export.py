@@ -240,8 +240,36 @@ def deferred_blockwise_spec(layer: QuantizedLayer) -> BlockwiseSpec | None:
     )
 
 
+def _kept_packed(layer: QuantizedLayer) -> dict[str, np.ndarray] | None:
+    """MatMulNBits' arrays straight from the kept 4-bit codes, without unpacking them: two
+    codes per byte, the first in the low bits, row after row, stored as ``q - q_min`` is
+    MatMulNBits' ``B`` when each row is whole blocks and ``q_min`` is its offset (-8 for
+    signed codes, 0 for unsigned ones with zero points)."""
+    module = layer.layer
+    kept = layer.weight_quantizer.exact_codes(module.weight)
+    if kept is None:
+        return None
+    scheme = kept.scheme
+    rows, columns = kept.shape
+    block = scheme.group_size
+    offset = -(2 ** (scheme.bits - 1)) if scheme.symmetric else 0
+    if scheme.bits != 4 or columns % block or block % 2 or scheme.quant_min != offset:
+        return None
+    arrays = {
+        "weight_quantized": kept.stored.numpy().reshape(rows, columns // block, block // 2),
+        "weight_scale": kept.scale.detach().to(torch.float32).reshape(-1).numpy(),
+    }
+    if not scheme.symmetric:
+        zero_points = kept.zero_point.numpy().astype(np.uint8)
+        arrays["weight_zero_point"] = pack_zero_points(zero_points, 4)
+    return arrays
+
+
 def blockwise_arrays(layer: QuantizedLayer) -> dict[str, np.ndarray]:
     """The arrays MatMulNBits stores for a block-wise Linear, by initializer suffix."""
+    packed = _kept_packed(layer)
+    if packed is not None:
+        return packed
     spec = _linear_spec(layer, with_weight=False)
     arrays = {"weight_quantized": spec.packed.numpy(), "weight_scale": spec.scales.numpy()}
     if spec.zero_points is not None:

@@ -61,6 +61,10 @@ class QuantResult:
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
         return self.report._repr_mimebundle_(include, exclude)
 
+    def _free_sequence(self) -> bool:
+        """A ``transformers`` model exports with a dynamic sequence axis: any length fits."""
+        return hasattr(getattr(self.model, "config", None), "model_type")
+
     # ONNX export and ONNX Runtime checks (imported only when used) ---------------------------
     def export_onnx(
         self,
@@ -89,7 +93,7 @@ class QuantResult:
 
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
-        check_like_calibration(self.input_signature, example_input)
+        check_like_calibration(self.input_signature, example_input, self._free_sequence())
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
                 self.model,
@@ -118,7 +122,7 @@ class QuantResult:
 
         if not self.writes_files:
             return Path(path)
-        check_like_calibration(self.input_signature, example_input)
+        check_like_calibration(self.input_signature, example_input, self._free_sequence())
         with guarded_export(path, opset):
             return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
 

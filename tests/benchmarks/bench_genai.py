@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint", type=Path, help="reuse (or save) the trained weights")
     parser.add_argument("--workdir", type=Path, help="keep the folders here")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric GPTQ weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -209,8 +211,12 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(1)
     calib = [windows(train_data, 16, generator) for _ in range(8)]
-    config = wb.QuantConfig.preset(
-        "int4-weight-g32", weight_method="gptq", quantize_embeddings=False
+    config = wb.QuantConfig(
+        weight=wb.Scheme(4, not args.asymmetric, True, 0, group_size=32),
+        activation=None,
+        weight_method="gptq",
+        gptq_act_order=args.act_order,
+        quantize_embeddings=False,
     )
     start = time.perf_counter()
     res = wb.ptq(model, calib, config=config, progress=False)
@@ -221,14 +227,11 @@ def main() -> None:
     folders["ours gptq int4"] = ours
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
-        f"ours gptq int4: wb.ptq {ptq_s:.0f} s, export_genai {export_s:.0f} s; peak RSS {peak_gib:.1f} GiB"
+        f"ours gptq int4 ({config.weight.describe()}, act-order {args.act_order}): wb.ptq "
+        f"{ptq_s:.0f} s, export_genai {export_s:.0f} s; peak RSS {peak_gib:.1f} GiB"
     )
 
-    prompts = [
-        bytes(windows(held_out_data, 1, generator)[0, :32].tolist()).decode("latin-1")
-        for _ in range(8)
-    ]
-    prompt_ids = [list(p.encode("latin-1")) for p in prompts]
+    prompt_ids = [windows(held_out_data, 1, generator)[0, :32].tolist() for _ in range(8)]
     bench = wb.generation_benchmark(folders, prompt_ids, new_tokens=64, runs=3)
     print("\n" + repr(bench))
     rows = bench.table.set_index("model")
@@ -249,9 +252,7 @@ def main() -> None:
 
     held_out = list(windows(held_out_data, args.eval_windows, generator).split(16))
     ppl = {label: genai_perplexity(Path(folder), held_out) for label, folder in folders.items()}
-    print(
-        f"\nperplexity per byte on ORT GenAI, {args.eval_windows} held-out windows of {CONTEXT} bytes"
-    )
+    print(f"\nperplexity per byte on ORT GenAI, {args.eval_windows} held-out windows")
     for label, value in ppl.items():
         print(f"  {label:<18}{value:8.4f}  increase {value - ppl['builder fp32']:+.4f}")
     rtn_increase = ppl["builder rtn int4"] - ppl["builder fp32"]
@@ -263,9 +264,8 @@ def main() -> None:
     print(f"  file size ours / builder RTN = {size:.3f} (within 5 %): {abs(size - 1) <= 0.05}")
     print(f"  greedy agreement {parity.agreement:.0%} (>= 90 % or cosine >= 0.999): {agreement_ok}")
     print(f"  GPTQ increase / RTN increase = {share:.2f} (<= 0.5): {share <= 0.5}")
-    print(
-        f"  folders: {work}; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
-    )
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  folders: {work}; peak RSS {peak_gib:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from torch import nn
 from workbench.analysis.report import Report
 from workbench.engine.batches import inference_inputs
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import Job, share_report
 from workbench.engine.prepare import LayerPlan
 from workbench.runtime.export_guard import guarded_export
-from workbench.workflows.input_signature import InputSpec, check_like_calibration
+from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 
 
 @dataclass
@@ -157,3 +158,33 @@ class QuantResult:
         if result.layers is not None:
             self.report.extra_tables[REPORT_LAYERS_TITLE] = result.layers
         return result
+
+
+def finished_result(
+    model: nn.Module,
+    fp32_model: nn.Module,
+    report: Report,
+    config: QuantConfig,
+    plans: list[LayerPlan],
+    method: str,
+    first_batch: Any,
+    job: Job | None,
+    **fields: Any,
+) -> QuantResult:
+    """The QuantResult of a ``ptq`` / ``qat`` run. In a distributed job every process gets
+    rank 0's report (and its training history), and only rank 0 writes files."""
+    if job is not None:
+        report = share_report(report, model, job)
+    if getattr(report, "history", None) is not None:
+        fields["history"] = report.history
+    return QuantResult(
+        model,
+        fp32_model,
+        report,
+        config,
+        plans,
+        method=method,
+        writes_files=job is None or job.writes_files,
+        input_signature=input_signature(first_batch),
+        **fields,
+    )

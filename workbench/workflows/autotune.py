@@ -11,6 +11,8 @@ kernels: a candidate of a layout measured slower than the best run is skipped, w
 reason in the table). The search stops when the budget (evaluations of ``eval_fn``, seconds)
 is spent; Ctrl-C (KeyboardInterrupt) returns what it has. The best run's latency is timed again
 side by side with every run that was within the noise of it, and the fastest of that run wins.
+
+Over 400 lines: one search loop whose steps (try, skip, measure, keep, finish) share its state.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from workbench.engine.calibrate import user_model_copy
 from workbench.engine.config import QuantConfig
 from workbench.engine.eval_metric import check_search, measure_metric
 from workbench.errors import ConfigError, WorkbenchError, first_line
+from workbench.workflows.autotune_budget import Budget, resolve_budget
 from workbench.workflows.autotune_result import (
     TABLE_COLUMNS,
     AutotuneResult,
@@ -61,64 +62,11 @@ from workbench.workflows.ptq import ptq
 from workbench.workflows.sensitivity import sensitivity
 
 OBJECTIVES = ("latency", "size")
-DEFAULT_EVALUATIONS = 40
 # Two files measured within this fraction of each other may be in either order: a layout is
 # only skipped when it is slower than the best run by more than this, and the final choice
 # is made by timing the runs within it side by side.
 LATENCY_NOISE = 0.10
 INTERRUPTED_WARNING = "wb.autotune interrupted"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much the search may spend: ``evaluations`` of ``eval_fn`` (the FP32 one included)
-    and / or wall-clock ``seconds``; None = no limit on that one."""
-
-    evaluations: int | None = DEFAULT_EVALUATIONS
-    seconds: float | None = None
-
-    def describe(self) -> str:
-        parts = []
-        if self.evaluations is not None:
-            parts.append(f"{self.evaluations} evaluations")
-        if self.seconds is not None:
-            parts.append(f"{self.seconds:g} s")
-        return " or ".join(parts) or "no limit"
-
-
-def resolve_budget(budget: Any) -> Budget:
-    """``budget`` as a Budget: an int (evaluations), a dict with ``evaluations`` and / or
-    ``seconds``, a Budget, or None (the default)."""
-    fix = "pass budget=30 (evaluations of eval_fn) or budget={'evaluations': 30, 'seconds': 600}"
-    if budget is None:
-        return Budget()
-    if isinstance(budget, Budget):
-        parts = {"evaluations": budget.evaluations, "seconds": budget.seconds}
-    elif isinstance(budget, Integral) and not isinstance(budget, bool):
-        parts = {"evaluations": int(budget), "seconds": None}
-    elif isinstance(budget, Mapping):
-        unknown = [key for key in budget if key not in ("evaluations", "seconds")]
-        if unknown or not budget:
-            raise ConfigError(f"budget has unknown key {unknown[0]!r}; {fix}" if unknown else fix)
-        parts = {"evaluations": budget.get("evaluations"), "seconds": budget.get("seconds")}
-    else:
-        raise ConfigError(f"budget must be an int or a dict, got {type(budget).__name__}; {fix}")
-    evaluations, seconds = parts["evaluations"], parts["seconds"]
-    if evaluations is not None and (
-        isinstance(evaluations, bool) or not isinstance(evaluations, Integral) or evaluations < 2
-    ):
-        raise ConfigError(
-            f"budget evaluations must be an int >= 2 (the FP32 model and one candidate), got "
-            f"{evaluations!r}; {fix}"
-        )
-    if seconds is not None and (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, Real)
-        or not math.isfinite(seconds)
-        or seconds <= 0
-    ):
-        raise ConfigError(f"budget seconds must be a number > 0, got {seconds!r}; {fix}")
-    return Budget(None if evaluations is None else int(evaluations), seconds)
 
 
 def autotune(
@@ -274,6 +222,13 @@ class _Search:
     def _per_layer(self, base: Candidate) -> None:
         """Keep base's most sensitive layers higher, one more at a time, until one run meets
         the budget or keeping more can no longer win."""
+        worse = self._layout_worse(base)
+        if worse is not None:
+            name = f"{base.name} + most sensitive kept higher"
+            self._row(
+                Candidate(name, "per-layer", base.config, "per-layer precision"), "skipped", worse
+            )
+            return
         self._check_budget()
         ranking = sensitivity(self.original, self.batches, None, base.config, progress=False)
         candidates = per_layer_candidates(base, list(ranking["layer"]), len(ranking))
@@ -317,6 +272,8 @@ class _Search:
             self._evaluate(candidate, row)
         except WorkbenchError as exc:
             row["status"], row["reason"] = "failed", first_line(exc)
+        except Exception as exc:  # a method that fails on this model: the search goes on
+            row["status"], row["reason"] = "failed", f"{type(exc).__name__}: {first_line(exc)}"
         row["seconds"] = time.perf_counter() - started
         row["evaluations"] = self.evaluations
         self._notify()
@@ -482,9 +439,9 @@ class _Search:
             self.fp32_latency_ms = self.meter(path).fp32_latency_ms
 
     def _open_layout_bases(self, best_metric: bool = False) -> list[Candidate]:
-        """One candidate per layout that has no run within max_drop and is not measured
-        worse than the best run, best on the objective first: the layout's first candidate,
-        or (``best_metric``) its candidate with the smallest drop."""
+        """One candidate per measured layout that has no run within max_drop, best on the
+        objective first (those that cannot win are skipped in ``_try``, with the reason):
+        the layout's first candidate, or (``best_metric``) its one with the smallest drop."""
         frame = self._frame()
         tried = frame[frame["drop"].notna()]
         met = set(frame.loc[frame["meets_max_drop"].eq(True), "_layout"])
@@ -494,8 +451,6 @@ class _Search:
             if layout in met or layout not in self.layout_keys:
                 continue
             candidate = Candidate(row["candidate"], row["stage"], row["_config"], row["why"])
-            if self._layout_worse(candidate) is not None:  # its variants are skipped too
-                continue
             drop = float(row["drop"])
             known = bases.get(layout)
             if known is None or (best_metric and drop < known[1]):

@@ -116,9 +116,12 @@ def autotune(
     callback : callable, optional
         ``callback(table)`` after every candidate (a live view).
 
-    Returns an :class:`AutotuneResult`: ``best`` (a QuantResult, within ``max_drop`` when
-    ``budget_met``, else the smallest drop with a warning), ``table`` (every candidate: config,
-    metric, drop, latency, file size, output SQNR, seconds, and why it stopped).
+    Returns
+    -------
+    AutotuneResult
+        ``best``: a QuantResult, within ``max_drop`` when ``budget_met``, else the one with
+        the smallest drop (with a warning); ``table``: every candidate (config, metric, drop,
+        latency, file size, output SQNR, seconds, and why it stopped).
     """
     check_search(eval_fn, max_drop, "wb.autotune")
     if objective not in OBJECTIVES:

@@ -11,10 +11,12 @@ import pandas as pd
 from torch import nn
 
 from workbench.analysis.report import Report
+from workbench.engine.batches import inference_inputs
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import Job, share_report
 from workbench.engine.prepare import LayerPlan
 from workbench.runtime.export_guard import guarded_export
-from workbench.workflows.input_signature import InputSpec, check_like_calibration
+from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 
 
 @dataclass
@@ -88,11 +90,14 @@ class QuantResult:
         independent of the exporting CPU, ``"auto"`` follows this machine's CPU.
         Block-wise (``group_size``) Linear weights are stored packed in MatMulNBits nodes
         whose ``accuracy_level`` is given here (4 = int8 compute, fastest; 1 = FP32 compute).
+        Training-only keys of a dict example (``labels``, ...) are dropped: the file takes the
+        inference inputs and returns what inference returns (``logits``, never ``loss``).
         """
         from workbench.runtime.onnx_export import export_int8_onnx
 
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
+        example_input = inference_inputs(example_input)  # the file never takes labels
         check_like_calibration(self.input_signature, example_input, self._free_sequence())
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
@@ -122,6 +127,7 @@ class QuantResult:
 
         if not self.writes_files:
             return Path(path)
+        example_input = inference_inputs(example_input)
         check_like_calibration(self.input_signature, example_input, self._free_sequence())
         with guarded_export(path, opset):
             return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
@@ -191,3 +197,33 @@ class QuantResult:
         if result.layers is not None:
             self.report.extra_tables[REPORT_LAYERS_TITLE] = result.layers
         return result
+
+
+def finished_result(
+    model: nn.Module,
+    fp32_model: nn.Module,
+    report: Report,
+    config: QuantConfig,
+    plans: list[LayerPlan],
+    method: str,
+    first_batch: Any,
+    job: Job | None,
+    **fields: Any,
+) -> QuantResult:
+    """The QuantResult of a ``ptq`` / ``qat`` run. In a distributed job every process gets
+    rank 0's report (and its training history), and only rank 0 writes files."""
+    if job is not None:
+        report = share_report(report, model, job)
+    if getattr(report, "history", None) is not None:
+        fields["history"] = report.history
+    return QuantResult(
+        model,
+        fp32_model,
+        report,
+        config,
+        plans,
+        method=method,
+        writes_files=job is None or job.writes_files,
+        input_signature=input_signature(first_batch),
+        **fields,
+    )

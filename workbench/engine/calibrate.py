@@ -158,7 +158,29 @@ def prepare_model(
             layer = get_layer(prepared, plan.name)
             plan.activation_bits = layer.input_quantizer.scheme.bits
             plan.activation_raised_by = raised[plan.name]
+    check_override_patterns(prepared, plans, config)
     return fp32_model, prepared, plans
+
+
+def check_override_patterns(prepared: nn.Module, plans: list[LayerPlan], config: QuantConfig):
+    """An overrides pattern that matches no layer and no quantizer site is a typo: an error
+    naming both lists (a site pattern only matches once the sites are placed)."""
+    names = [plan.name for plan in plans]
+    sites = [
+        module.site
+        for module in prepared.modules()
+        if isinstance(module, ActivationQuantizer) and module.site
+    ]
+    for pattern in config.overrides:
+        if any(matches_any(name, (pattern,)) for name in names + sites):
+            continue
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        sites_shown = ", ".join(sites[:6]) + (", ..." if len(sites) > 6 else "")
+        raise ConfigError(
+            f"config.overrides pattern {pattern!r} matches no layer of the model; "
+            f"use layer names as in report.layers (this model's: {shown})"
+            + (f" or site names as in report.sites ({sites_shown})" if sites else "")
+        )
 
 
 def _smooth(model: nn.Module, plans: list[LayerPlan], config: QuantConfig, batches) -> None:
@@ -177,13 +199,11 @@ def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -
     """Exclude patterns that match no layer (a typo would quietly quantize the layer meant to
     stay FP32) and layers with nothing to quantize are errors naming the layer."""
     names = [plan.name for plan in plans]
-    patterns = [("exclude", p) for p in config.exclude]
-    patterns += [("overrides", p) for p in config.overrides]
-    for field_name, pattern in patterns:
+    for pattern in config.exclude:
         if not any(matches_any(name, (pattern,)) for name in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ConfigError(
-                f"config.{field_name} pattern {pattern!r} matches no layer of the model; "
+                f"config.exclude pattern {pattern!r} matches no layer of the model; "
                 f"use layer names as in report.layers (this model's: {shown})"
             )
     if not config.quantize_lm_head and not any(plan.lm_head for plan in plans):

@@ -88,10 +88,14 @@ class QuantConfig:
         Per-layer precision: ``{"pattern": {"weight": Scheme, "activation": Scheme or None}}``
         with layer names or glob patterns as in ``exclude``. A missing key keeps the config's
         scheme; ``"activation": None`` keeps that layer's input FP32 (weight-only). When
-        several patterns match a layer, later ones replace the keys they give. The quantizers
-        around the layer (the output quantizers placed after the op feeding it, and the ones
-        sharing their scale) follow it; where one feeds layers of different precisions, the
-        higher precision wins.
+        several patterns match a layer, later ones replace the keys they give. The activation
+        quantizers the engine places outside layers (conv / add / concat / pool outputs,
+        matmul inputs: the rows of ``report.sites``) are matched by their site name
+        (``"add#0"``, ``"layer1.*iadd*"``; ``"*"`` matches every layer and every site) with
+        the ``"activation"`` key (``None``: that site stays FP32). A site no pattern names
+        follows the layers around it: the highest precision among the layer whose output it
+        quantizes and the layers it feeds (through pooling, reshapes, other sites), and it is
+        dropped when all of those are FP32.
     """
 
     weight: Scheme = field(default_factory=lambda: Scheme(8, True, True, 0))
@@ -182,6 +186,17 @@ class QuantConfig:
                 weight = override.get("weight", weight)
                 activation = override.get("activation", activation)
         return weight, activation
+
+    def site_activation(self, site: str) -> tuple[str | None, Scheme | None]:
+        """``(pattern, scheme)`` of the last override whose pattern matches the activation
+        quantizer site ``site`` (``"add#0"``, ``"layer1.0.__iadd__#0"``: the names of
+        ``report.sites``) and that gives an ``"activation"``; ``(None, None)`` when none does
+        (the site then follows the layers around it). A scheme of None keeps the site FP32."""
+        found: tuple[str | None, Scheme | None] = (None, None)
+        for pattern, override in self.overrides.items():
+            if "activation" in override and (site == pattern or fnmatch.fnmatchcase(site, pattern)):
+                found = (pattern, override["activation"])
+        return found
 
     @property
     def dynamic(self) -> bool:

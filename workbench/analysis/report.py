@@ -69,6 +69,11 @@ class Report:
         ``zero_point_bytes``, ``bias_bytes``, ``total_bytes``) and a ``TOTAL`` row.
     summary : dict
         Sizes, compression ratio, SQNR figures, worst layers, metric FP32 vs quantized.
+    sites : pandas.DataFrame
+        One row per activation quantizer (layer inputs, model inputs, conv / add / concat /
+        pool outputs, matmul inputs): ``site`` (the name ``QuantConfig.overrides`` matches),
+        ``kind``, ``bits``, ``scale``, ``zero_point``, ``sqnr_db`` (``analysis.sites``); also
+        a table of the HTML / JSON report.
     """
 
     def __init__(
@@ -84,6 +89,14 @@ class Report:
         self.summary = summary
         self.extra_tables: dict[str, pd.DataFrame] = dict(extra_tables or {})
         self._model = model
+
+    @property
+    def sites(self) -> pd.DataFrame:
+        """The activation quantizer sites (empty for a weight-only model)."""
+        from workbench.analysis.sites import SITE_COLUMNS, SITES_TITLE
+
+        table = self.extra_tables.get(SITES_TITLE)
+        return table if table is not None else pd.DataFrame(columns=SITE_COLUMNS)
 
     # plots -------------------------------------------------------------------------------
     def plot_sqnr(self):

@@ -150,27 +150,25 @@ def prepare_model(
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
     # dynamic mode: no static quantizer anywhere, so no output quantizers after convs / adds
+    sites: list[str] = []
     raised = (
-        {} if config.dynamic else insert_output_quantizers(prepared, first_batch, config, folded)
+        {}
+        if config.dynamic
+        else insert_output_quantizers(prepared, first_batch, config, folded, sites)
     )
     for plan in plans:
         if plan.name in raised:
             layer = get_layer(prepared, plan.name)
             plan.activation_bits = layer.input_quantizer.scheme.bits
             plan.activation_raised_by = raised[plan.name]
-    check_override_patterns(prepared, plans, config)
+    check_override_patterns(sites, plans, config)
     return fp32_model, prepared, plans
 
 
-def check_override_patterns(prepared: nn.Module, plans: list[LayerPlan], config: QuantConfig):
+def check_override_patterns(sites: list[str], plans: list[LayerPlan], config: QuantConfig):
     """An overrides pattern that matches no layer and no quantizer site is a typo: an error
     naming both lists (a site pattern only matches once the sites are placed)."""
     names = [plan.name for plan in plans]
-    sites = [
-        module.site
-        for module in prepared.modules()
-        if isinstance(module, ActivationQuantizer) and module.site
-    ]
     for pattern in config.overrides:
         if any(matches_any(name, (pattern,)) for name in names + sites):
             continue

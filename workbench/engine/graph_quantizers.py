@@ -335,11 +335,17 @@ def _might_need_output_quantizers(model: nn.Module) -> bool:
 
 
 def insert_output_quantizers(
-    model: nn.Module, batch: Any, config: QuantConfig, folded_bn: dict[str, str] | None = None
+    model: nn.Module,
+    batch: Any,
+    config: QuantConfig,
+    folded_bn: dict[str, str] | None = None,
+    site_names: list[str] | None = None,
 ) -> dict[str, str]:
     """Place output quantizers in ``model`` (in place; see the module docstring). Returns the
     layers whose input quantizer took a higher precision than their own, each with the layer
-    whose precision won (one quantizer feeds both)."""
+    whose precision won (one quantizer feeds both). ``site_names`` receives the name of every
+    site considered, also those kept FP32 (what ``overrides`` patterns may name)."""
+    site_names = site_names if site_names is not None else []
     if isinstance(model, QuantizedLayer):
         return {}
     if not any(layer.input_quantizer is not None for _, layer in iter_quantized_layers(model)):
@@ -356,8 +362,9 @@ def insert_output_quantizers(
     split_layer_calls(model, flow, config)
     mark_model_inputs(flow)
     if config.quantize_attention_matmuls:
-        insert_matmul_input_quantizers(model, flow, config)
+        insert_matmul_input_quantizers(model, flow, config, site_names)
     placement = plan_output_quantizers(model, flow, folded_bn)
+    site_names.extend(placement.outputs)
     if not placement.outputs:
         return {}
     overridden = {site for site in placement.outputs if config.site_activation(site)[0]}
@@ -434,10 +441,14 @@ def insert_output_quantizers(
     return raised
 
 
-def insert_matmul_input_quantizers(model: nn.Module, flow: DataFlow, config: QuantConfig) -> int:
-    """A quantizer (the config's activation scheme) on both inputs of every activation x
-    activation matmul outside a layer (attention's ``Q K^T`` and ``attn V``), keyed by its
-    call site; returns how many matmuls got them."""
+def insert_matmul_input_quantizers(
+    model: nn.Module, flow: DataFlow, config: QuantConfig, site_names: list[str] | None = None
+) -> int:
+    """A quantizer on both inputs of every activation x activation matmul outside a layer
+    (attention's ``Q K^T`` and ``attn V``), keyed by its call site: the override naming the
+    site, else the highest precision of the layers its output feeds (FP32 when all are FP32),
+    else the config's activation scheme; returns how many matmuls got them. ``site_names``
+    receives every input site."""
     if config.activation is None:
         return 0
     count = 0
@@ -453,6 +464,8 @@ def insert_matmul_input_quantizers(model: nn.Module, flow: DataFlow, config: Qua
         placed = 0
         for index in range(op.tensor_inputs):
             site = input_site(node.site, index)
+            if site_names is not None:
+                site_names.append(site)
             pattern, scheme = config.site_activation(site)
             if pattern is None:
                 names = fed.get(node.outputs[0], ()) if node.outputs else ()
@@ -523,9 +536,13 @@ def mark_model_inputs(flow: DataFlow) -> None:
     made = flow.producer()
     for node in flow.nodes:
         layer = node.module
-        if isinstance(layer, QuantizedLayer) and layer.input_quantizer is not None:
-            if node.inputs and node.inputs[0] not in made:
-                layer.input_quantizer.site_kind = "model input"
+        if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
+            continue
+        key = node.inputs[0] if node.inputs else None
+        while key in made and made[key].op.output == KEEPS_GRID and made[key].inputs:
+            key = made[key].inputs[0]  # through a clone / reshape of the input
+        if key is not None and key not in made:
+            layer.input_quantizer.site_kind = "model input"
 
 
 def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> None:

@@ -1,5 +1,9 @@
 """Calibration / training data: accept what users have, run it through a model.
 
+The data is a DataLoader, an iterable of batches, one tensor (one batch), or one
+``(X, y)`` tuple of an input tensor and integer labels with the same number of samples (one
+batch, as a DataLoader of ``TensorDataset(X, y)`` would yield it whole; ``inputs_and_targets``).
+
 A batch may be a tensor (``model(x)``), a tuple / list whose first item is the input
 (``(inputs, targets)`` as a DataLoader of a TensorDataset yields), or a dict of keyword inputs
 (``model(**batch)``, e.g. a tokenizer's output).
@@ -61,7 +65,7 @@ def iter_batches(
 def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
     if data is None:
         raise CalibrationError(f"{what} is None; pass a DataLoader or a list of input tensors")
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, torch.Tensor) or inputs_and_targets(data):
         batches: Iterable = [data]
     elif isinstance(data, Mapping):  # one batch of keyword inputs (a tokenizer's BatchEncoding)
         batches = [data]
@@ -81,6 +85,22 @@ def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
         raise CalibrationError(
             f"{what} yielded 0 batches; pass a DataLoader or a list of input tensors"
         )
+
+
+def inputs_and_targets(data: Any) -> bool:
+    """Whether ``data`` is one ``(inputs, targets)`` pair of tensors, as ``wb.ptq(model, (X,
+    y))`` passes a whole data set: a tuple of two tensors with the same number of samples whose
+    second holds integer class labels with fewer dimensions than the inputs. It is read as one
+    batch, as a DataLoader's ``(x, y)`` batch (the model sees ``X``), not as two batches."""
+    if not (isinstance(data, tuple) and len(data) == 2):
+        return False
+    inputs, targets = data
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return False
+    if inputs.dim() == 0 or targets.dim() == 0 or targets.dim() >= inputs.dim():
+        return False
+    labels = not targets.is_floating_point() and not targets.is_complex()
+    return labels and len(inputs) == len(targets)
 
 
 def not_iterable(data: Any, what: str, expected: str) -> CalibrationError:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
@@ -60,6 +61,25 @@ def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+            "or torch.jit.trace), whose layers cannot be replaced by quantized ones; pass the "
+            "original nn.Module"
+        )
+    lazy = [name for name, tensor in model.named_parameters() if is_lazy(tensor)]
+    lazy += [name for name, tensor in model.named_buffers() if is_lazy(tensor)]
+    if lazy:
+        raise ModelError(
+            f"{lazy[0]!r} of the model is not materialized yet (a lazy module such as "
+            "nn.LazyLinear); run one batch through the model first: model(example_batch)"
+        )
+    doubles = [name for name, tensor in model.named_parameters() if tensor.dtype == torch.float64]
+    if doubles:
+        raise ModelError(
+            f"the model is float64 ({doubles[0]!r}); the quantized model and ONNX Runtime's "
+            "integer kernels take float32: pass model.float() and float32 data (x.float())"
         )
     tensors = [*model.named_parameters(), *model.named_buffers()]
     meta = [name for name, tensor in tensors if tensor.is_meta]
@@ -143,9 +163,16 @@ def prepare_model(
         _smooth(fp32_model, plans, config, batches or [first_batch])
     if not any(plan.status == QUANTIZED for plan in plans):
         types = sorted({plan.layer_type for plan in plans}) or ["none"]
+        tables = [m for m in fp32_model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+        hint = (
+            "; its embedding tables are quantized with QuantConfig(quantize_embeddings=True)"
+            if tables and not config.quantize_embeddings
+            else ""
+        )
         raise ModelError(
             f"the model has no layer to quantize (supported: {LAYER_TYPE_NAMES}; "
-            f"found: {', '.join(types)}); check config.exclude or pass a model with such layers"
+            f"found: {', '.join(types)}); check config.exclude or pass a model with such "
+            f"layers{hint}"
         )
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -302,6 +303,9 @@ class QuantConfig:
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        for key in overrides:
+            if key not in cls.__dataclass_fields__:
+                raise unknown_field_error(key, f"QuantConfig.preset({name!r}, ...)")
         return replace(PRESETS[name], **overrides)
 
     def describe(self) -> str:
@@ -329,6 +333,26 @@ class QuantConfig:
         if self.bias_correction_method is not None:
             methods.append(f"{self.bias_correction_method} bias correction")
         return methods
+
+
+def unknown_field_error(key: str, call: str) -> ConfigError:
+    """The error for a keyword QuantConfig does not have, naming the close match (a Scheme
+    setting such as ``per_channel`` is told where it belongs)."""
+    fields = list(QuantConfig.__dataclass_fields__)
+    scheme_fields = list(Scheme.__dataclass_fields__)
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    near_scheme = difflib.get_close_matches(key, scheme_fields, n=1, cutoff=0.6)
+    if near_scheme and (not close or key not in fields):
+        setting = near_scheme[0]
+        return ConfigError(
+            f"{call} got an unknown keyword {key!r}; {setting!r} is a Scheme setting: pass "
+            f"weight=wb.Scheme(8, True, {setting}=...) (or activation=...), or a preset such as "
+            "'int8-per-tensor'"
+        )
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(
+        f"{call} got an unknown keyword {key!r}; {hint}QuantConfig takes {', '.join(fields)}"
+    )
 
 
 def _exclude_patterns(exclude: object) -> tuple[str, ...]:

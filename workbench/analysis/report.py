@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -194,12 +195,22 @@ class Report:
 
     def to_html(self, path) -> None:
         """Write the report as one self-contained HTML page (inline CSS and SVG, no network;
-        model name, date, versions; dark with the reader's colour scheme), atomically."""
+        model name, date, versions; dark with the reader's colour scheme), atomically; missing
+        folders on the way are created."""
         from workbench.analysis.report_page import report_page
 
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigError(f"path must be a file path such as 'report.html', got {path!r}")
         page = report_page(self.to_json(), self.model_name())
-        with atomic_path(Path(path), ".html") as temporary:
-            temporary.write_text(page, encoding="utf-8")
+        try:
+            with atomic_path(Path(path), ".html") as temporary:
+                temporary.write_text(page, encoding="utf-8")
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise ConfigError(
+                f"cannot write the report to {str(path)!r}: {reason}; pass a file path in a "
+                "folder you can write to"
+            ) from exc
 
 
 class ReportView:

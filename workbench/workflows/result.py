@@ -11,6 +11,7 @@ import pandas as pd
 from torch import nn
 
 from workbench.analysis.report import Report
+from workbench.atomic_file import missing_folders, remove_empty_folders
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
 from workbench.errors import ConfigError
@@ -94,6 +95,7 @@ class QuantResult:
         if fp32_path is not None:
             check_fp32_path(path, fp32_path)
         existed = Path(path).exists() if isinstance(path, str | os.PathLike) else False
+        created = missing_folders(Path(path)) if isinstance(path, str | os.PathLike) else []
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
                 self.model,
@@ -110,6 +112,7 @@ class QuantResult:
             except BaseException:
                 if not existed:  # a failed call leaves no file behind
                     written.unlink(missing_ok=True)
+                    remove_empty_folders(created)
                 raise
         if check_fusion:
             self.fusion(written)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import workbench
 
@@ -114,3 +115,34 @@ def test_every_docs_page_is_built(site: Path) -> None:
         if relative.name == "index":
             built = site / relative.parent / "index.html"
         assert built.is_file(), f"docs/{source.relative_to(ROOT / 'docs')} was not built"
+
+
+@pytest.mark.parametrize(
+    ("link", "complaint"),
+    [("missing.md", "missing.md"), ("other.md#no-such-heading", "no-such-heading")],
+)
+def test_the_site_settings_fail_the_build_on_a_broken_link(
+    tmp_path: Path, link: str, complaint: str
+) -> None:
+    """The site's own strict and validation settings, on a two-page site with one bad link."""
+    settings = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    config = {
+        "site_name": "links",
+        "strict": settings["strict"],
+        "validation": settings["validation"],
+        "nav": ["index.md", "other.md"],
+    }
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text(f"# Home\n\nSee [there]({link}).\n")
+    (tmp_path / "docs" / "other.md").write_text("# Other\n\n## A heading\n")
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--site-dir", str(tmp_path / "site")],
+        cwd=tmp_path,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode != 0, build.stderr
+    assert complaint in build.stderr

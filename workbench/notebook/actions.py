@@ -21,7 +21,8 @@ from workbench.analysis.pareto import pareto_table
 from workbench.engine.config import PRESETS, QuantConfig
 from workbench.engine.prepare import QUANTIZED, matches_any, plan_layers
 from workbench.errors import CalibrationError, ConfigError
-from workbench.notebook.options import SEARCH, TRAINING, values_for
+from workbench.notebook.option_spec import SEARCH, TRAINING
+from workbench.notebook.options import values_for
 from workbench.workflows.mixed_precision import auto_mixed_precision, keep_most_sensitive_fp32
 from workbench.workflows.ptq import ptq
 from workbench.workflows.qat import qat

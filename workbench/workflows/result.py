@@ -14,10 +14,11 @@ from workbench.analysis.report import Report
 from workbench.atomic_file import missing_folders, remove_empty_folders
 from workbench.engine.batches import inference_inputs
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import Job, share_report
 from workbench.engine.prepare import LayerPlan
 from workbench.errors import ConfigError
 from workbench.runtime.export_guard import guarded_export
-from workbench.workflows.input_signature import InputSpec, check_like_calibration
+from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 
 
 @dataclass
@@ -194,3 +195,33 @@ def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
     return a.resolve() == b.resolve()
+
+
+def finished_result(
+    model: nn.Module,
+    fp32_model: nn.Module,
+    report: Report,
+    config: QuantConfig,
+    plans: list[LayerPlan],
+    method: str,
+    first_batch: Any,
+    job: Job | None,
+    **fields: Any,
+) -> QuantResult:
+    """The QuantResult of a ``ptq`` / ``qat`` run. In a distributed job every process gets
+    rank 0's report (and its training history), and only rank 0 writes files."""
+    if job is not None:
+        report = share_report(report, model, job)
+    if getattr(report, "history", None) is not None:
+        fields["history"] = report.history
+    return QuantResult(
+        model,
+        fp32_model,
+        report,
+        config,
+        plans,
+        method=method,
+        writes_files=job is None or job.writes_files,
+        input_signature=input_signature(first_batch),
+        **fields,
+    )

@@ -21,6 +21,7 @@ from workbench.errors import (
     NonFiniteError,
     WorkbenchError,
 )
+from workbench.workflows.autotune import autotune
 from workbench.workflows.mixed_precision import auto_mixed_precision, keep_most_sensitive_fp32
 from workbench.workflows.ptq import ptq
 from workbench.workflows.qat import qat
@@ -45,6 +46,7 @@ __all__ = [
     "Scheme",
     "WorkbenchError",
     "auto_mixed_precision",
+    "autotune",
     "benchmark",
     "keep_most_sensitive_fp32",
     "load_ipython_extension",

@@ -59,6 +59,12 @@ class Job:
     def writes_files(self) -> bool:
         return self.rank == 0
 
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release our process groups (every process calls it, after the last collective)."""
         groups = [self.cpu_group] + ([self.train_group] if self.train_group is not None else [])
@@ -95,6 +101,15 @@ def join_job(device: torch.device | None = None) -> Job | None:
             backend = "nccl"
             train_group = dist.new_group(backend="nccl", timeout=timeout)
     return Job(dist.get_rank(), dist.get_world_size(), seconds, cpu_group, train_group, backend)
+
+
+@contextlib.contextmanager
+def distributed_job(device: torch.device | None = None) -> Iterator[Job | None]:
+    """``join_job``'s Job for a ``with`` block, its process groups released when the block
+    ends, by an exception too; None outside a multi-process job."""
+    job = join_job(device)
+    with job if job is not None else contextlib.nullcontext():
+        yield job
 
 
 # torch.distributed's own error class (a RuntimeError; DistError since torch 2.2, gloo's

@@ -62,6 +62,7 @@ from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.export_guard import EXPORT_LOCK
 from workbench.runtime.kv_cache import kv_cache_off
 from workbench.runtime.per_call_specs import spec_copies_per_call
 from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
@@ -248,7 +249,7 @@ def _torch_export(
                 if value.dim() > 0
             }
         try:
-            with warnings.catch_warnings():
+            with EXPORT_LOCK, warnings.catch_warnings():  # the exporter's state is global
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapper,

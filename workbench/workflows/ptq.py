@@ -12,6 +12,7 @@ from torch import nn
 from workbench.analysis.layer_errors import measure_layer_errors
 from workbench.analysis.layer_table import layer_table
 from workbench.analysis.report import Report, build_summary, metric_name_of
+from workbench.analysis.sites import SITES_TITLE, site_table
 from workbench.analysis.storage import storage_table
 from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import (
@@ -37,6 +38,7 @@ from workbench.errors import CalibrationError, ConfigError
 from workbench.workflows.result import QuantResult, finished_result
 
 REPORT_BATCHES = 8
+SITE_SQNR_BATCHES = 1  # one more forward of the quantized model, hooked at every quantizer
 
 
 def build_report(
@@ -79,7 +81,9 @@ def build_report(
     summary["ptq_methods"] = config.ptq_methods()
     summary["layer_errors_on"] = source
     summary["layer_errors_batches"] = len(batches)
-    return Report(layers, storage, summary, model=quantized)
+    sites = site_table(quantized, batches[:SITE_SQNR_BATCHES])
+    extra = {SITES_TITLE: sites} if len(sites) else {}
+    return Report(layers, storage, summary, model=quantized, extra_tables=extra)
 
 
 def report_batches(report_data: Any) -> list[Any] | None:

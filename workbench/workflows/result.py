@@ -11,10 +11,12 @@ import pandas as pd
 from torch import nn
 
 from workbench.analysis.report import Report
+from workbench.atomic_file import missing_folders, remove_empty_folders
 from workbench.engine.batches import inference_inputs
 from workbench.engine.config import QuantConfig
 from workbench.engine.distributed import Job, share_report
 from workbench.engine.prepare import LayerPlan
+from workbench.errors import ConfigError
 from workbench.runtime.export_guard import guarded_export
 from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 
@@ -95,6 +97,10 @@ class QuantResult:
             return Path(path)
         example_input = inference_inputs(example_input)  # the file never takes labels
         check_like_calibration(self.input_signature, example_input)
+        if fp32_path is not None:
+            check_fp32_path(path, fp32_path)
+        existed = Path(path).exists() if isinstance(path, str | os.PathLike) else False
+        created = missing_folders(Path(path)) if isinstance(path, str | os.PathLike) else []
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
                 self.model,
@@ -106,7 +112,13 @@ class QuantResult:
                 accuracy_level=accuracy_level,
             )
         if fp32_path is not None:
-            self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
+            try:
+                self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
+            except BaseException:
+                if not existed:  # a failed call leaves no file behind
+                    written.unlink(missing_ok=True)
+                    remove_empty_folders(created)
+                raise
         if check_fusion:
             self.fusion(written)
         return written
@@ -158,6 +170,31 @@ class QuantResult:
         if result.layers is not None:
             self.report.extra_tables[REPORT_LAYERS_TITLE] = result.layers
         return result
+
+
+def check_fp32_path(path: str | os.PathLike, fp32_path: object) -> None:
+    """``fp32_path`` must name another file than ``path`` (the FP32 model would replace the
+    INT8 one) and not a folder (checked before anything is written)."""
+    if not isinstance(fp32_path, str | os.PathLike):
+        raise ConfigError(
+            f"fp32_path must be a file path such as 'model_fp32.onnx', got {fp32_path!r}"
+        )
+    if Path(fp32_path).is_dir():
+        raise ConfigError(
+            f"fp32_path {str(fp32_path)!r} is a directory; pass a file path such as "
+            "'model_fp32.onnx'"
+        )
+    if isinstance(path, str | os.PathLike) and _same_file(Path(path), Path(fp32_path)):
+        raise ConfigError(
+            f"fp32_path {str(fp32_path)!r} is the same file as path: the FP32 model would "
+            "replace the INT8 one; give it its own name, e.g. 'model_fp32.onnx'"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def finished_result(

@@ -215,6 +215,8 @@ def _export_error(
 def _torch_export(
     model: nn.Module, example_input: Any, file: Path, dynamic_batch: bool, opset: int, what: str
 ) -> None:
+    if dynamic_batch and is_transformers_model(model):
+        example_input = _two_tokens_for_one(example_input)
     values, names = input_names(example_input)
     args, kwargs = export_inputs(example_input)
     # export runs it in eval mode, a decoder without its key/value cache
@@ -248,6 +250,8 @@ def _torch_export(
                 for name, value in [*zip(names, values, strict=True), *outputs]
                 if value.dim() > 0
             }
+        if dynamic_batch and is_transformers_model(model):
+            _add_sequence_axes(dynamic_axes, names, values, output_names, outputs)
         try:
             with EXPORT_LOCK, warnings.catch_warnings():  # the exporter's state is global
                 warnings.simplefilter("ignore")
@@ -266,6 +270,54 @@ def _torch_export(
             raise
         except Exception as exc:
             raise _export_error(exc, what, model, values, len(args), list(kwargs), opset) from exc
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A ``transformers`` model (its ``config`` has a ``model_type``), whose forward takes
+    token sequences of any length."""
+    return hasattr(getattr(model, "config", None), "model_type")
+
+
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+
+
+def _two_tokens_for_one(example_input: Any) -> Any:
+    """A one-token example traced as two tokens (each token input repeated): ``transformers``'
+    decoders take a one-token path whose trace bakes that length in (measured: an export traced
+    on ``[1, 1]`` failed on ``[2, 5]`` in ONNX Runtime; traced on two or more tokens it ran any
+    length). The graph is the same function; only the traced shapes differ."""
+    if isinstance(example_input, dict):
+        tokens = [v for v in example_input.values() if _is_tokens(v)]
+        if tokens and all(v.shape[1] == 1 for v in tokens):
+            return {k: v.repeat(1, 2) if _is_tokens(v) else v for k, v in example_input.items()}
+        return example_input
+    if _is_tokens(example_input) and example_input.shape[1] == 1:
+        return example_input.repeat(1, 2)
+    if isinstance(example_input, tuple):
+        tokens = [v for v in example_input if _is_tokens(v)]
+        if tokens and all(v.shape[1] == 1 for v in tokens):
+            return tuple(v.repeat(1, 2) if _is_tokens(v) else v for v in example_input)
+    return example_input
+
+
+def _add_sequence_axes(axes: dict, names, values, output_names, outputs) -> None:
+    """Axis 1 of every integer ``[N, S]`` input (ids, mask, positions) and of every output
+    whose axis 1 has the same length ``S`` (logits, hidden states) named ``sequence``."""
+    tokens = [
+        (name, value)
+        for name, value in zip(names, values, strict=True)
+        if value.dim() == 2 and not value.dtype.is_floating_point
+    ]
+    if not tokens:
+        return
+    length = tokens[0][1].shape[1]
+    for name, value in tokens:
+        if value.shape[1] == length:
+            axes[name][1] = "sequence"
+    for name, (_, value) in zip(output_names, outputs, strict=True):
+        if value.dim() >= 2 and value.shape[1] == length:
+            axes[name][1] = "sequence"
 
 
 def _exported_proto(

@@ -46,7 +46,6 @@ How, and why this way:
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -181,16 +180,29 @@ def _module_calling(model: nn.Module, values: tuple, arg_count: int, kwarg_names
     return finder.found or None
 
 
-def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names):
-    text = str(exc).strip()
+def unsupported_op(wrapper: nn.Module, values: tuple, opset: int) -> str | None:
+    """The first op (``aten::histc``) the TorchScript exporter cannot convert at ``opset``,
+    as ``torch.onnx.utils.unconvertible_ops`` lists them (its UnsupportedOperatorError keeps
+    the name only in its message); None when it lists none or cannot trace the model."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            _, ops = torch.onnx.utils.unconvertible_ops(wrapper, values, opset_version=opset)
+    except Exception:
+        return None
+    return ops[0] if ops else None
+
+
+def _export_error(
+    exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names, opset: int
+):
     first = first_line(exc)
-    match = re.search(r"operator '([\w:.]+)'", text) or re.search(r"\b(aten::\w+)", text)
-    if match is None:
+    op = unsupported_op(_Positional(model, arg_count, kwarg_names).eval(), values, opset)
+    if op is None:
         return ExportError(
             f"could not export {what} to ONNX ({first}); make the model traceable with "
             "torch.jit.trace or exclude the module that fails"
         )
-    op = match.group(1)
     module = _module_calling(model, values, arg_count, kwarg_names, op)
     where = f" used in module {module!r}" if module else ""
     return ExportError(
@@ -257,7 +269,7 @@ def _torch_export(
         except ExportError:
             raise
         except Exception as exc:
-            raise _export_error(exc, what, model, values, len(args), list(kwargs)) from exc
+            raise _export_error(exc, what, model, values, len(args), list(kwargs), opset) from exc
 
 
 def is_transformers_model(model: nn.Module) -> bool:

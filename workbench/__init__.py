@@ -48,6 +48,7 @@ __all__ = [
     "auto_mixed_precision",
     "autotune",
     "benchmark",
+    "generation_benchmark",
     "keep_most_sensitive_fp32",
     "load_ipython_extension",
     "panel",
@@ -77,4 +78,9 @@ def __getattr__(name: str):
         from workbench.runtime.benchmark import benchmark
 
         return benchmark
+    # wb.generation_benchmark runs onnxruntime-genai (an optional extra), only when asked for
+    if name == "generation_benchmark":
+        from workbench.runtime.genai_generation import generation_benchmark
+
+        return generation_benchmark
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

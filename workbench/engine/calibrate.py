@@ -22,6 +22,7 @@ from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import bn_output_statistics, fold_batchnorms
 from workbench.engine.config import QuantConfig
+from workbench.engine.constant_inputs import CONSTANT_INPUT_NOTE, layers_with_constant_input
 from workbench.engine.conv1d import linearize_conv1d
 from workbench.engine.distributed import Job, combine_calibration
 from workbench.engine.equalize import equalize_model, mark_equalized
@@ -214,6 +215,8 @@ def prepare_model(
     for bn_name, layer_name in folded.items():  # ``model`` still holds the BatchNorms
         plan = by_name[layer_name]
         plan.output_mean, plan.output_std = bn_output_statistics(model.get_submodule(bn_name))
+    if first_batch is not None:
+        _keep_constant_input_layers_fp32(fp32_model, plans, first_batch)
     check_plans(fp32_model, plans, config)
     if config.equalize:
         mark_equalized(plans, equalize_model(fp32_model, first_batch))
@@ -248,6 +251,23 @@ def prepare_model(
             plan.activation_raised_by = raised[plan.name]
     check_override_patterns(sites, plans, config)
     return fp32_model, prepared, plans
+
+
+def _keep_constant_input_layers_fp32(model: nn.Module, plans: list[LayerPlan], batch) -> None:
+    """Layers with an input quantizer whose input is computed from weights only are kept FP32
+    (``engine.constant_inputs``)."""
+    candidates = [
+        plan
+        for plan in plans
+        if plan.status == QUANTIZED
+        and plan.activation_bits is not None
+        and not isinstance(get_layer(model, plan.name), nn.Embedding)
+    ]
+    constant = layers_with_constant_input(model, batch, [plan.name for plan in candidates])
+    for plan in candidates:
+        if plan.name in constant:
+            plan.status, plan.note = FP32, CONSTANT_INPUT_NOTE
+            plan.weight_bits = plan.activation_bits = plan.kept_bits = None
 
 
 def check_override_patterns(sites: list[str], plans: list[LayerPlan], config: QuantConfig):

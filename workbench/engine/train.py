@@ -100,7 +100,8 @@ def train_qat(
         if job is not None:
             raise DistributedError(
                 f"rank {job.rank} was interrupted at step {step + 1}; the other processes "
-                f"stop with an error within {job.timeout_s:g} s"
+                f"stop with an error within {job.timeout_s:g} s",
+                code="distributed.interrupted",
             ) from None
         log.interrupted = True
     except COLLECTIVE_ERRORS as exc:

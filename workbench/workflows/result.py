@@ -65,6 +65,10 @@ class QuantResult:
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
         return self.report._repr_mimebundle_(include, exclude)
 
+    def _free_sequence(self) -> bool:
+        """A ``transformers`` model exports with a dynamic sequence axis: any length fits."""
+        return hasattr(getattr(self.model, "config", None), "model_type")
+
     # ONNX export and ONNX Runtime checks (imported only when used) ---------------------------
     def export_onnx(
         self,
@@ -96,7 +100,7 @@ class QuantResult:
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
         example_input = inference_inputs(example_input)  # the file never takes labels
-        check_like_calibration(self.input_signature, example_input)
+        check_like_calibration(self.input_signature, example_input, self._free_sequence())
         if fp32_path is not None:
             check_fp32_path(path, fp32_path)
         existed = Path(path).exists() if isinstance(path, str | os.PathLike) else False
@@ -136,9 +140,44 @@ class QuantResult:
         if not self.writes_files:
             return Path(path)
         example_input = inference_inputs(example_input)
-        check_like_calibration(self.input_signature, example_input)
+        check_like_calibration(self.input_signature, example_input, self._free_sequence())
         with guarded_export(path, opset):
             return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+        """Write a quantized ``transformers`` decoder as a standard Hugging Face GPTQ
+        checkpoint folder: ``config.json`` with ``quantization_config`` (``quant_method``
+        "gptq", ``bits``, ``group_size``, ``sym``, ``desc_act``), ``model.safetensors`` with
+        packed ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` for every quantized Linear and
+        the other tensors as they are, and ``tokenizer``'s files when one is given. Needs
+        weight-only quantization with one 2/4/8-bit scheme (RTN, GPTQ with or without
+        act-order, AdaRound); anything else raises ``ExportError`` naming what fits."""
+        from workbench.runtime.gptq_checkpoint import write_gptq_checkpoint
+
+        return write_gptq_checkpoint(self, path, tokenizer)
+
+    def export_genai(
+        self, path: str | os.PathLike, tokenizer: Any = None, accuracy_level: int = 4
+    ) -> Path:
+        """Write an ONNX Runtime GenAI model folder (``genai_config.json``, ``model.onnx`` +
+        external data with a key/value cache, tokenizer files), made by onnxruntime-genai's
+        own model builder from :meth:`save_pretrained`'s GPTQ checkpoint. LLaMA, Mistral and
+        Qwen2 decoders; ``tokenizer`` is required (the folder carries it). ``accuracy_level``
+        of the MatMulNBits nodes: 4 = int8 compute (fastest on x86), 1 = FP32 compute."""
+        from workbench.runtime.genai_export import export_genai_folder
+
+        return export_genai_folder(self, path, tokenizer, accuracy_level)
+
+    def generation_parity(self, folder: str | os.PathLike, prompts: Any, new_tokens: int = 32):
+        """Greedy tokens of an ONNX Runtime GenAI folder against ``self.model``'s own greedy
+        generation (``transformers`` ``generate``), prompt by prompt: the first position where
+        they differ and the cosine of the two logits there (a ``GenerationParity``).
+        ``prompts``: lists of token ids."""
+        from workbench.runtime.genai_generation import generation_parity
+
+        result = generation_parity(self.model, folder, prompts, new_tokens)
+        self.report.extra_tables[result.REPORT_TITLE] = result.table
+        return result
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):
         """Which quantized layers ONNX Runtime runs on integer kernels (a ``FusionResult``)."""

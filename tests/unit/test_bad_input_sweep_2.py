@@ -489,6 +489,24 @@ def case_report_honours_the_umask(tmp):
     return model, data, call
 
 
+@case(SUCCEEDS, writes=("ckpt", "ckpt/model.safetensors", "ckpt/config.json"))
+def case_checkpoint_folder_honours_the_umask(tmp):
+    from decoder_lm_models import tiny_llama, token_batches
+
+    model, data = tiny_llama(tie=True), token_batches()
+    config = wb.QuantConfig(weight=wb.Scheme(4, True, True, 0, group_size=32), activation=None)
+
+    def call():
+        result = wb.ptq(model, data, config=config, progress=False)
+        with umask_set(0o022):
+            folder = result.save_pretrained("ckpt")
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755  # not mkdtemp's 0700
+        for name in ("model.safetensors", "config.json"):
+            assert stat.S_IMODE(os.stat(folder / name).st_mode) == 0o644
+
+    return model, data, call
+
+
 # quantizer sites ---------------------------------------------------------------------------------
 class _Residual(nn.Module):
     def __init__(self) -> None:

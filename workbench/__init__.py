@@ -5,6 +5,7 @@ res = wb.ptq(model, calib_data, config=wb.QuantConfig.preset("int8"))
 res.report.layers
 """
 
+from workbench._version import __version__ as __version__
 from workbench.analysis.pareto import pareto_table
 from workbench.analysis.report import Report
 from workbench.core.qtensor import QTensor, quantize_tensor
@@ -27,8 +28,6 @@ from workbench.workflows.ptq import ptq
 from workbench.workflows.qat import qat
 from workbench.workflows.result import QuantResult
 from workbench.workflows.sensitivity import sensitivity
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError",

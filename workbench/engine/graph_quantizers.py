@@ -328,12 +328,6 @@ def _called_with_weights_at_sites(node: FlowNode, calls: dict[str, int]) -> bool
 
 
 # entry points --------------------------------------------------------------------------------
-def _might_need_output_quantizers(model: nn.Module) -> bool:
-    if any(isinstance(layer.layer, CONV_TYPES) for _, layer in iter_quantized_layers(model)):
-        return True
-    return any(module_kind(m).output != "float" for m in model.modules())
-
-
 def insert_output_quantizers(
     model: nn.Module,
     batch: Any,

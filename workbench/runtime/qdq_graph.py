@@ -43,7 +43,7 @@ from workbench.runtime.dynamic_export import resolve_dynamic_weights
 from workbench.runtime.graph_info import GraphInfo, QuantizedLayerInfo
 from workbench.runtime.qdq_index import GraphIndex as _Graph
 from workbench.runtime.qdq_index import per_tensor_dq, unique_name
-from workbench.runtime.qdq_modules import MARKER_DOMAIN
+from workbench.runtime.qdq_ops import MARKER_DOMAIN
 
 GRID_PRESERVING_OPS = {
     "MaxPool",

@@ -8,39 +8,67 @@ from __future__ import annotations
 
 
 class WorkbenchError(Exception):
-    """Base class of every error the workbench raises on purpose."""
+    """Base class of every error the workbench raises on purpose.
+
+    ``code`` names the kind of error for code that handles it: each class has its own, and
+    an error may carry a finer one (``DistributedError``: ``distributed.timeout``, ...).
+    Code reads the code; the message is for people.
+    """
+
+    code = "workbench"
+
+    def __init__(self, *args: object, code: str | None = None) -> None:
+        super().__init__(*args)
+        if code is not None:
+            self.code = code
 
 
 class ConfigError(WorkbenchError, ValueError):
     """A scheme, preset, observer or option that does not exist or does not fit."""
 
+    code = "config"
+
 
 class CalibrationError(WorkbenchError, ValueError):
     """Calibration data that is empty, malformed, or does not fit the model."""
+
+    code = "calibration"
 
 
 class ModelError(WorkbenchError, TypeError):
     """A model the workbench cannot quantize (no supported layer, NaN weights, ...)."""
 
+    code = "model"
+
 
 class NonFiniteError(WorkbenchError, ValueError):
     """A tensor holding NaN or Inf where a quantization range must be computed."""
+
+    code = "non_finite"
 
 
 class MetricError(WorkbenchError, ValueError):
     """An ``eval_fn`` that returns something other than one finite number."""
 
+    code = "metric"
+
 
 class ExportError(WorkbenchError, RuntimeError):
     """A model that could not be written as ONNX; the message names the op or module."""
+
+    code = "export"
 
 
 class MissingDependencyError(WorkbenchError, ImportError):
     """An optional dependency that is not installed; the message gives the pip line."""
 
+    code = "missing_dependency"
+
 
 class DistributedError(WorkbenchError, RuntimeError):
     """A process of a distributed job stopped, or did not answer within the timeout."""
+
+    code = "distributed"
 
 
 def first_line(exc: BaseException) -> str:

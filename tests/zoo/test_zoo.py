@@ -111,5 +111,13 @@ def test_zoo_model_quantizes_exports_and_fuses(name, tmp_path):
     batch = case.data(3)[0]
     simulated = _first_output(result.model, batch).ravel().astype(np.float64)
     exported = run_session(session, batch)[0].ravel().astype(np.float64)
-    cosine = exported @ simulated / np.linalg.norm(exported) / np.linalg.norm(simulated)
-    assert cosine > 0.9999
+    fp32 = _first_output(result.fp32_model, batch).ravel().astype(np.float64)
+    # ONNX Runtime runs each QDQ node as written, in float, summing in its own order (AMX,
+    # AVX-512 and AVX2 kernels differ from torch's and from each other): a value that lands on
+    # the other side of a rounding boundary at a quantizer moves by one step, where the
+    # quantization itself adds step^2 / 12 of noise to every value. While fewer than one value
+    # in twelve flips, ORT's distance to the simulation stays below the simulation's own
+    # distance to FP32 (the quantization error): the bound follows the quantization step.
+    kernel_error = np.linalg.norm(exported - simulated)
+    quantization_error = np.linalg.norm(simulated - fp32)
+    assert kernel_error <= quantization_error, (kernel_error, quantization_error)

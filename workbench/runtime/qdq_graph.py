@@ -534,19 +534,44 @@ def split_shared_dequantize(g: _Graph) -> None:
     g.refresh()
 
 
+def implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """The outer values a node's subgraphs read (a Loop / If / Scan body uses them by name
+    without listing them as the node's inputs; ``nn.EmbeddingBag`` exports such a Loop)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs)
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+        for body in graphs:
+            local = {i.name for i in body.input} | {i.name for i in body.initializer}
+            for inner in body.node:
+                local.update(inner.output)
+            for inner in body.node:
+                reads = set(inner.input) | implicit_inputs(inner)
+                names.update(name for name in reads if name and name not in local)
+    return names
+
+
 def prune(g: _Graph) -> None:
-    """Remove nodes whose outputs nobody uses, then unused initializers."""
+    """Remove nodes whose outputs nobody uses, then unused initializers (a value read only
+    inside a subgraph counts as used)."""
     while True:
+        inside = {name for node in g.graph.node for name in implicit_inputs(node)}
         dead = [
             node
             for node in g.graph.node
-            if all(not g.consumers.get(o) and o not in g.outputs for o in node.output if o)
+            if all(
+                not g.consumers.get(o) and o not in g.outputs and o not in inside
+                for o in node.output
+                if o
+            )
         ]
         if not dead:
             break
         for node in dead:
             g.remove(node)
     used = {name for node in g.graph.node for name in node.input} | g.outputs
+    used |= {name for node in g.graph.node for name in implicit_inputs(node)}
     kept = [init for init in g.graph.initializer if init.name in used]
     del g.graph.initializer[:]
     g.graph.initializer.extend(kept)
@@ -554,16 +579,17 @@ def prune(g: _Graph) -> None:
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
-    """Order the nodes so that each comes after the producers of its inputs (Kahn's algorithm,
-    linear in the graph's size); among ready nodes the earliest in the current order goes
-    first, so an already sorted graph keeps its order."""
+    """Order the nodes so that each comes after the producers of its inputs, also those its
+    subgraphs read (Kahn's algorithm, linear in the graph's size); among ready nodes the
+    earliest in the current order goes first, so an already sorted graph keeps its order."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     nodes = list(graph.node)
     unmet: list[int] = []
     waiting: dict[str, list[int]] = defaultdict(list)
     ready: list[int] = []
     for index, node in enumerate(nodes):
-        needed = {name for name in node.input if name not in available}
+        reads = set(node.input) | implicit_inputs(node)
+        needed = {name for name in reads if name not in available}
         unmet.append(len(needed))
         for name in needed:
             waiting[name].append(index)

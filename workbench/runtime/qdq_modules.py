@@ -433,6 +433,44 @@ class ExportAdaptiveAvgPool(nn.Module):
         return AVG_POOLS[self.dims](x, kernel, kernel)
 
 
+class ExportWholeInputAvgPool(nn.Module):
+    """``nn.AvgPool{1,2,3}d`` whose one window covers its whole input (transformers'
+    EfficientNet pools with ``AvgPool2d(hidden_dim, ceil_mode=True)`` on a 1x1 map), exported
+    as the global average pool it computes: PyTorch divides such a window by the input's size,
+    ONNX Runtime's QLinearAveragePool does not (measured: cosine 0.0 to the simulation on
+    EfficientNet's pooler). Any other window exports as the pool."""
+
+    quantization_leaf = True
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+        self.dims = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(pool)]
+
+    def _covers_input(self, sizes: list[int]) -> bool:
+        def per_axis(value) -> list[int]:
+            return [int(value)] * self.dims if isinstance(value, int) else [int(v) for v in value]
+
+        return (
+            all(p == 0 for p in per_axis(self.pool.padding))
+            and self.pool.divisor_override is None
+            and all(k >= s for k, s in zip(per_axis(self.pool.kernel_size), sizes, strict=True))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a window covering the input gives one output per axis (PyTorch refuses any fewer)
+        if self._covers_input([int(size) for size in x.shape[-self.dims :]]):
+            return ADAPTIVE_AVG_POOL_FUNCTIONS[self.dims](x, 1)
+        return self.pool(x)
+
+
+ADAPTIVE_AVG_POOL_FUNCTIONS = {
+    1: F.adaptive_avg_pool1d,
+    2: F.adaptive_avg_pool2d,
+    3: F.adaptive_avg_pool3d,
+}
+
+
 def averaging_matrix(size: int, out: int) -> torch.Tensor:
     """``[out, size]``: row i averages adaptive pooling's window i of an axis of ``size``."""
     matrix = torch.zeros(out, size, dtype=torch.float32)
@@ -480,4 +518,6 @@ def exportable_model(model: nn.Module) -> nn.Module:
             set_submodule(model, name, _stand_in_for_quantizer(module, name, sites.get(name, "")))
         elif isinstance(module, ADAPTIVE_AVG_POOLS) and name:
             set_submodule(model, name, ExportAdaptiveAvgPool(module))
+        elif type(module) in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d) and name:
+            set_submodule(model, name, ExportWholeInputAvgPool(module))
     return model

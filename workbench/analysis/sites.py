@@ -52,8 +52,9 @@ def _layer_sites(model: nn.Module) -> dict[int, tuple[str, str]]:
             sites[id(module.input_quantizer)] = (module.layer_name, "layer input")
         for call, quantizer in enumerate(getattr(module, "call_input_quantizers", ()), 1):
             sites[id(quantizer)] = (f"{module.layer_name}#{call}", "layer input")
-        if module.output_quantizer is not None and not module.output_quantizer.site:
-            sites[id(module.output_quantizer)] = (module.layer_name, "layer output")
+        output = module.output_quantizer
+        if output is not None and not getattr(output, "site", ""):
+            sites[id(output)] = (module.layer_name, "layer output")
     return sites
 
 
@@ -110,11 +111,13 @@ def site_table(model: nn.Module, batches: list[Any] | None = None) -> pd.DataFra
     layer_sites = _layer_sites(model)
     rows = []
     for path, quantizer in activation_quantizers(model):
-        site, kind = layer_sites.get(id(quantizer), (quantizer.site or path, "layer input"))
-        if quantizer.site:
-            site, kind = quantizer.site, quantizer.site_kind or kind
-        elif quantizer.site_kind:
-            kind = quantizer.site_kind
+        own_site = getattr(quantizer, "site", "")  # a model saved before sites had names
+        own_kind = getattr(quantizer, "site_kind", "")
+        site, kind = layer_sites.get(id(quantizer), (own_site or path, "layer input"))
+        if own_site:
+            site, kind = own_site, own_kind or kind
+        elif own_kind:
+            kind = own_kind
         dynamic = quantizer.dynamic
         rows.append(
             {

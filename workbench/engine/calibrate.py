@@ -40,6 +40,7 @@ from workbench.engine.prepare import (
 )
 from workbench.engine.quantizers import OBSERVE, QUANTIZE, ActivationQuantizer
 from workbench.engine.smoothquant import mark_smoothed, smooth_model
+from workbench.engine.stand_in_check import STAND_IN_NOTE, stand_ins_that_change_the_model, unwrap
 from workbench.errors import CalibrationError, ConfigError, ModelError
 
 
@@ -215,8 +216,9 @@ def prepare_model(
     for bn_name, layer_name in folded.items():  # ``model`` still holds the BatchNorms
         plan = by_name[layer_name]
         plan.output_mean, plan.output_std = bn_output_statistics(model.get_submodule(bn_name))
+    reference = None  # the FP32 model's output on the first batch
     if first_batch is not None:
-        _keep_constant_input_layers_fp32(fp32_model, plans, first_batch)
+        reference = _keep_constant_input_layers_fp32(fp32_model, plans, first_batch)
     check_plans(fp32_model, plans, config)
     if config.equalize:
         mark_equalized(plans, equalize_model(fp32_model, first_batch))
@@ -237,6 +239,12 @@ def prepare_model(
         )
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
+    if first_batch is not None:
+        for name in stand_ins_that_change_the_model(reference, prepared, first_batch):
+            unwrap(prepared, name)
+            plan = by_name[name]
+            plan.status, plan.note = FP32, STAND_IN_NOTE.format(type=plan.layer_type)
+            plan.weight_bits = plan.activation_bits = plan.kept_bits = None
     # dynamic mode: no static quantizer anywhere, so no output quantizers after convs / adds
     sites: list[str] = []
     raised = (
@@ -253,9 +261,11 @@ def prepare_model(
     return fp32_model, prepared, plans
 
 
-def _keep_constant_input_layers_fp32(model: nn.Module, plans: list[LayerPlan], batch) -> None:
+def _keep_constant_input_layers_fp32(
+    model: nn.Module, plans: list[LayerPlan], batch
+) -> torch.Tensor | None:
     """Layers with an input quantizer whose input is computed from weights only are kept FP32
-    (``engine.constant_inputs``)."""
+    (``engine.constant_inputs``); returns the model's main output on ``batch``."""
     candidates = [
         plan
         for plan in plans
@@ -263,11 +273,13 @@ def _keep_constant_input_layers_fp32(model: nn.Module, plans: list[LayerPlan], b
         and plan.activation_bits is not None
         and not isinstance(get_layer(model, plan.name), nn.Embedding)
     ]
-    constant = layers_with_constant_input(model, batch, [plan.name for plan in candidates])
+    names = [plan.name for plan in candidates]
+    constant, output = layers_with_constant_input(model, batch, names)
     for plan in candidates:
         if plan.name in constant:
             plan.status, plan.note = FP32, CONSTANT_INPUT_NOTE
             plan.weight_bits = plan.activation_bits = plan.kept_bits = None
+    return output
 
 
 def check_override_patterns(sites: list[str], plans: list[LayerPlan], config: QuantConfig):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from workbench.engine.batches import model_inputs
+from workbench.engine.batches import model_inputs, output_tensor
 from workbench.engine.modules import get_layer, hooks_removed
 
 CONSTANT_INPUT_NOTE = (
@@ -54,8 +54,11 @@ class _InputDerived(TorchFunctionMode):
         return out
 
 
-def layers_with_constant_input(model: nn.Module, batch: Any, names: list[str]) -> set[str]:
-    """The layers of ``names`` whose input, on ``batch``, was computed from weights only."""
+def layers_with_constant_input(
+    model: nn.Module, batch: Any, names: list[str]
+) -> tuple[set[str], torch.Tensor | None]:
+    """The layers of ``names`` whose input, on ``batch``, was computed from weights only, and
+    the model's main output on ``batch`` (None when it has none or does not run)."""
     args, kwargs = model_inputs(batch, model)
     mode = _InputDerived()
     mode.mark((args, kwargs))
@@ -74,7 +77,7 @@ def layers_with_constant_input(model: nn.Module, batch: Any, names: list[str]) -
     handles = [get_layer(model, name).register_forward_pre_hook(hook_for(name)) for name in names]
     try:
         with hooks_removed(handles), torch.no_grad(), mode:
-            model(*args, **kwargs)
+            output = model(*args, **kwargs)
     except Exception:  # the calibration that follows reports a model that does not run
-        return set()
-    return constant - variable
+        return set(), None
+    return constant - variable, output_tensor(output)

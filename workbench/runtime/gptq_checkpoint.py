@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from workbench.atomic_file import current_umask
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
 from workbench.engine.quantizers import ActivationQuantizer
 from workbench.errors import ExportError
@@ -234,7 +235,8 @@ def _plain_tensors(result: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """A fresh folder beside ``target`` to write into; it replaces ``target`` only when the
-    block succeeds (a failed call leaves nothing behind, an existing folder as it was)."""
+    block succeeds (a failed call leaves nothing behind, an existing folder as it was), with
+    the mode the umask gives a new folder."""
     import shutil
     import tempfile
 
@@ -242,6 +244,10 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield work
+        mask = current_umask()  # mkdtemp's 0700 (and safetensors' 0600 files) hide it
+        os.chmod(work, 0o777 & ~mask)
+        for written in work.rglob("*"):
+            os.chmod(written, (0o777 if written.is_dir() else 0o666) & ~mask)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / "previous")

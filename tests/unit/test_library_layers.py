@@ -186,6 +186,37 @@ def test_an_attribute_neither_has_is_named_as_the_wrappers_not_the_datas():
     assert not hasattr(res.model.fc, "temperature")  # still an AttributeError for hasattr
 
 
+class ChecksItsLayers(nn.Module):
+    """A forward that branches on ``isinstance(self.proj, nn.Linear)``: with a stand-in that is
+    not a Linear it would take the other path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.proj(x) if isinstance(self.proj, nn.Linear) else x
+        return self.head(x)
+
+
+def test_a_forward_that_checks_a_layers_type_keeps_that_layer_fp32():
+    torch.manual_seed(0)
+    model = ChecksItsLayers().eval()
+    batches = [torch.randn(8, 6) for _ in range(3)]
+    res = wb.ptq(model, batches, config="int8", progress=False)
+    table = res.report.layers.set_index("layer")
+    assert table.loc["proj", "status"] == "fp32"
+    assert "isinstance" in table.loc["proj", "reason"]
+    assert table.loc["head", "status"] == "quantized"
+    assert type(res.model.proj) is nn.Linear
+    acc = ErrorAccumulator()
+    with torch.no_grad():
+        for batch in batches:
+            acc.add(model(batch), res.model(batch))
+    assert acc.sqnr_db > 30  # skipping proj would be far off
+
+
 class StdConv2d(nn.Conv2d):
     """timm's weight-standardized conv: the forward convolves with a normalized weight."""
 
@@ -201,15 +232,23 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) * 0.5
 
 
+class SpelledLinear(nn.Linear):
+    """transformers' FalconLinear: the Linear's computation, spelled out."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
 class OwnForwards(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.std = StdConv2d(3, 8, 3)
         self.plain = nn.Conv2d(8, 8, 1)
+        self.spelled = SpelledLinear(8, 8)
         self.scaled = ScaledLinear(8, 4)
 
     def forward(self, x):
-        return self.scaled(self.plain(self.std(x)).mean(dim=(2, 3)))
+        return self.scaled(self.spelled(self.plain(self.std(x)).mean(dim=(2, 3))))
 
 
 def test_subclasses_with_their_own_forward_are_kept_fp32_with_the_reason():
@@ -223,6 +262,7 @@ def test_subclasses_with_their_own_forward_are_kept_fp32_with_the_reason():
         assert "own forward" in table.loc[name, "reason"] and base in table.loc[name, "reason"]
         assert type(res.model.get_submodule(name)) is type(model.get_submodule(name))
     assert table.loc["plain", "status"] == "quantized"
+    assert table.loc["spelled", "status"] == "quantized"  # computes what nn.Linear does
     acc = ErrorAccumulator()
     with torch.no_grad():
         for batch in batches:

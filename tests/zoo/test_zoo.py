@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import workbench as wb
+from tests.parity_bounds import assert_within_quantization_error
 from workbench.runtime.onnx_export import flatten_outputs
 from workbench.runtime.ort_session import make_session, run_session
 
@@ -111,5 +112,6 @@ def test_zoo_model_quantizes_exports_and_fuses(name, tmp_path):
     batch = case.data(3)[0]
     simulated = _first_output(result.model, batch).ravel().astype(np.float64)
     exported = run_session(session, batch)[0].ravel().astype(np.float64)
-    cosine = exported @ simulated / np.linalg.norm(exported) / np.linalg.norm(simulated)
-    assert cosine > 0.9999
+    fp32 = _first_output(result.fp32_model, batch)
+    # ONNX Runtime sums in its own order: a bound from the quantization step (parity_bounds)
+    assert_within_quantization_error(exported, simulated, fp32)

@@ -310,3 +310,19 @@ def test_kept_4bit_codes_are_matmulnbits_bytes_as_they_are(symmetric):
     if not symmetric:
         zero_points = quantizer.zero_point.numpy().astype(np.uint8)
         np.testing.assert_array_equal(fast["weight_zero_point"], pack_zero_points(zero_points, 4))
+
+
+def test_layers_reading_one_input_take_it_in_one_pass(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_WALK_MODEL_BYTES", 0)
+    model = _tiny_llama()
+    batches = _tokens(1)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    walked, inputs = blocks.first_block_inputs(result.model, batches)
+    groups = blocks.sibling_groups(walked[1], inputs[0])
+    short = [[name.rsplit(".", 1)[-1] for name in group] for group in groups]
+    assert short == [
+        ["q_proj", "k_proj", "v_proj"],
+        ["o_proj"],
+        ["gate_proj", "up_proj"],
+        ["down_proj"],
+    ]

@@ -137,9 +137,44 @@ def first_block_inputs(
 
 def call_order(block: nn.Module, call: BlockInput) -> list[str]:
     """The quantized layers of ``block`` in the order one call runs them (repeats kept)."""
-    order: list[str] = []
+    return [name for name, _ in _calls_with_inputs(block, call)]
+
+
+def sibling_groups(block: nn.Module, call: BlockInput) -> list[list[str]]:
+    """The quantized layers of ``block`` in call order, grouped when consecutive calls read
+    the very same input tensor (a decoder's q / k / v projections, its gate and up
+    projections): no layer of a group feeds another, so their inputs can be taken in one
+    pass. A layer called more than once is a group of its own."""
+    calls = _calls_with_inputs(block, call)
+    counts: dict[str, int] = {}
+    for name, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    groups: list[list[str]] = []
+    last_input = None
+    seen: set[str] = set()
+    for name, input_id in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        alone = counts[name] > 1
+        if groups and not alone and input_id == last_input and counts[groups[-1][0]] == 1:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = None if alone else input_id
+    return groups
+
+
+def _calls_with_inputs(block: nn.Module, call: BlockInput) -> list[tuple[str, int]]:
+    order: list[tuple[str, int]] = []
+    kept: list[torch.Tensor] = []  # ids stay unique while the inputs are alive
+
+    def record(module: nn.Module, args: tuple) -> None:
+        kept.append(args[0])
+        order.append((module.layer_name, id(args[0])))
+
     handles = [
-        module.register_forward_pre_hook(lambda m, args: order.append(m.layer_name))
+        module.register_forward_pre_hook(record)
         for module in block.modules()
         if isinstance(module, QuantizedLayer)
     ]

@@ -47,7 +47,13 @@ from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
 from workbench.core.weight_codes import WeightCodes, pack_codes
 from workbench.engine.batches import model_inputs
-from workbench.engine.blocks import BlockInput, call_order, first_block_inputs, run_block
+from workbench.engine.blocks import (
+    BlockInput,
+    call_order,
+    first_block_inputs,
+    run_block,
+    sibling_groups,
+)
 from workbench.engine.layers import (
     QuantizedEmbedding,
     QuantizedLayer,
@@ -391,11 +397,15 @@ def gptq_model(
         layers = dict(iter_quantized_layers(quantized_model))
         for block in tqdm(blocks, desc="gptq (blocks)", disable=not progress):
             calls = Counter(call_order(block, inputs[0]))
-            for name in calls:
-                hessian = _hessian_in_block(block, layers[name], inputs, calls[name])
-                if hessian is not None and _round_with_gptq(layers[name], hessian, act_order):
-                    rounded.append(name)
-                done.add(name)
+            # layers reading one input (q / k / v) take it in one pass, then are rounded
+            for group in sibling_groups(block, inputs[0]):
+                members = [layers[name] for name in group]
+                hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
+                for name, layer in zip(group, members, strict=True):
+                    hessian = hessians.get(name)
+                    if hessian is not None and _round_with_gptq(layer, hessian, act_order):
+                        rounded.append(name)
+                    done.add(name)
             inputs = [call.with_hidden(run_block(block, call)) for call in inputs]
         del inputs
     calls = Counter(quantized_layer_calls(quantized_model, batches[0]))
@@ -411,29 +421,43 @@ def gptq_model(
     return rounded
 
 
-def _hessian_in_block(
-    block: nn.Module, layer: QuantizedLayer, inputs: list[BlockInput], calls_per_forward: int
-) -> torch.Tensor | None:
-    """``layer_hessian`` over the block's calls instead of whole-model passes."""
-    if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
-        return None
-    module = layer.layer
-    accumulator = HessianAccumulator(weight_matrix(module).shape[1])
+def _hessians_in_block(
+    block: nn.Module,
+    layers: list[QuantizedLayer],
+    inputs: list[BlockInput],
+    calls_per_forward: int,
+) -> dict[str, torch.Tensor]:
+    """``layer_hessian`` of each of ``layers`` (one input, ``sibling_groups``) over the
+    block's calls instead of whole-model passes; a pass stops once all have taken theirs."""
+    layers = [layer for layer in layers if supports_gptq(layer) and layer.weight_quantizer.enabled]
+    accumulators = {
+        layer.layer_name: HessianAccumulator(weight_matrix(layer.layer).shape[1])
+        for layer in layers
+    }
+    taken: set[str] = set()
 
-    def take(m: nn.Module, args: tuple) -> None:
-        x = smoothed_input(module, args[0])
-        quantizer = _input_quantizer_of_next_call(layer)
-        if quantizer is not None:
-            x = quantizer(x)
-        accumulator.add(input_rows(module, x))
-        if calls_per_forward == 1:
-            raise _InputsTaken
+    def take_for(layer: QuantizedLayer):
+        module = layer.layer
 
-    with hooks_removed([layer.register_forward_pre_hook(take)]), torch.no_grad():
+        def take(m: nn.Module, args: tuple) -> None:
+            x = smoothed_input(module, args[0])
+            quantizer = _input_quantizer_of_next_call(layer)
+            if quantizer is not None:
+                x = quantizer(x)
+            accumulators[layer.layer_name].add(input_rows(module, x))
+            taken.add(layer.layer_name)
+            if calls_per_forward == 1 and len(taken) == len(layers):
+                raise _InputsTaken
+
+        return take
+
+    handles = [layer.register_forward_pre_hook(take_for(layer)) for layer in layers]
+    with hooks_removed(handles), torch.no_grad():
         for call in inputs:
+            taken.clear()
             with suppress(_InputsTaken):
                 run_block(block, call)
-    return accumulator.hessian if accumulator.rows else None
+    return {name: acc.hessian for name, acc in accumulators.items() if acc.rows}
 
 
 def _round_with_gptq(layer: QuantizedLayer, hessian: torch.Tensor, act_order: bool) -> bool:

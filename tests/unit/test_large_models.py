@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import workbench as wb
+from workbench.core import weight_codes as weight_codes_module
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
@@ -35,8 +36,11 @@ SCHEMES = [
 ]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 64], ids=["whole", "blocks_of_rows"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
-def test_kept_codes_dequantize_to_torch_fake_quant_bit_for_bit(scheme):
+def test_kept_codes_dequantize_to_torch_fake_quant_bit_for_bit(scheme, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(weight_codes_module, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     weight = torch.randn(48, 200) * torch.rand(48, 1) * 3  # 200 inputs: a partial last group
     quantizer = WeightQuantizer(scheme)

@@ -98,7 +98,7 @@ def _weight_and_quantized(layer: QuantizedLayer, rows: int | None):
     weight = layer.layer.weight.detach()
     if rows is not None and weight.dim() == 2 and weight.shape[0] > rows:
         index = torch.linspace(0, weight.shape[0] - 1, rows).round().long()
-        kept = layer.weight_quantizer.exact_codes(weight)
+        kept = layer.weight_quantizer.exact_codes(layer.layer.weight)  # the kept codes' key
         sample = rows_of(kept, index) if kept is not None else None
         if sample is not None:
             return weight[index].float(), sample.dequantize()

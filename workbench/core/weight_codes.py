@@ -19,6 +19,8 @@ from workbench.core.blockwise import grouped_rows, ungrouped
 from workbench.core.qtensor import along_axis
 from workbench.core.scheme import Scheme
 
+CHUNK_BYTES = 1 << 23  # codes handled per block: small temporaries for the largest layers
+
 
 @dataclass(eq=False)
 class WeightCodes:
@@ -53,6 +55,19 @@ class WeightCodes:
             stored = torch.stack((stored & 0x0F, stored >> 4), dim=-1).reshape(-1)
         return stored[: self.shape.numel()]
 
+    def _unsigned_float(self) -> torch.Tensor:
+        """``q - q_min`` as float32, flat, unpacked a chunk at a time into one buffer."""
+        count = self.shape.numel()
+        if self.scheme.bits > 4:
+            return self.stored[:count].to(torch.float32)
+        out = torch.empty(2 * self.stored.numel(), dtype=torch.float32)
+        pairs = out.view(-1, 2)
+        for start in range(0, self.stored.numel(), CHUNK_BYTES):
+            chunk = self.stored[start : start + CHUNK_BYTES]
+            pairs[start : start + len(chunk), 0] = chunk & 0x0F
+            pairs[start : start + len(chunk), 1] = chunk >> 4
+        return out[:count]
+
     def dequantize(self) -> torch.Tensor:
         """``s * (q - z)`` in float32, the weight's shape. Computed in place on one float32
         buffer: the weight's size in float32 plus its codes at most, even for the largest
@@ -62,7 +77,7 @@ class WeightCodes:
         if self.scheme.bits > 8:
             q = self.stored.to(torch.float32).reshape(self.shape)
         else:
-            q = self._unsigned().to(torch.float32).reshape(self.shape)
+            q = self._unsigned_float().reshape(self.shape)
             zero = zero - self.scheme.quant_min  # q - z = (q - q_min) - (z - q_min)
         if _grouped(self.scheme, scale):
             rows = grouped_rows(q, self.scheme.group_size)
@@ -92,6 +107,25 @@ def rows_of(codes: WeightCodes, index: torch.Tensor) -> WeightCodes | None:
     return WeightCodes(stored, scale, zero, scheme, torch.Size((len(index), columns)))
 
 
+def row_block(codes: WeightCodes, start: int, end: int) -> WeightCodes | None:
+    """Rows ``start:end`` of a 2-D weight's codes, as views (no copy); None where a row does
+    not start on a byte (odd rows of an odd length, two codes per byte)."""
+    if len(codes.shape) != 2:
+        return None
+    rows, columns = codes.shape
+    scheme = codes.scheme
+    per_byte = 2 if scheme.bits <= 4 else 1
+    if (start * columns) % per_byte or (end < rows and (end * columns) % per_byte):
+        return None
+    first, last = start * columns // per_byte, -(-end * columns // per_byte)
+    stored = codes.stored[first:last]
+    scale, zero = codes.scale, codes.zero_point
+    per_row = scale.dim() == 1 and scheme.per_channel and scheme.axis % 2 == 0
+    if _grouped(scheme, scale) or per_row:
+        scale, zero = scale[start:end], zero[start:end]
+    return WeightCodes(stored, scale, zero, scheme, torch.Size((end - start, columns)))
+
+
 def _grouped(scheme: Scheme, scale: torch.Tensor) -> bool:
     return scheme.group_size is not None and scale.dim() == 2
 
@@ -99,11 +133,45 @@ def _grouped(scheme: Scheme, scale: torch.Tensor) -> bool:
 def weight_codes(
     weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
 ) -> WeightCodes:
-    """The codes of ``weight`` for fixed qparams, stored compactly (``WeightCodes``)."""
+    """The codes of ``weight`` for fixed qparams, stored compactly (``WeightCodes``);
+    computed a block of rows at a time, so a large layer needs little more than its codes."""
     w = weight.detach().to(torch.float32)
+    rows = w.shape[0] if w.dim() else 1
+    per_row = max(1, w.numel() // max(rows, 1))
+    step = max(2, (CHUNK_BYTES // per_row) // 2 * 2)  # an even number of rows per block
+    if w.dim() < 2 or rows <= step or scheme.bits > 8:
+        return WeightCodes(
+            pack_codes(_codes_float(w, scale, zero_point, scheme), scheme),
+            scale.detach().clone(),
+            zero_point.detach().clone(),
+            scheme,
+            w.shape,
+        )
+    per_byte = 2 if scheme.bits <= 4 else 1
+    stored = torch.empty(-(-w.numel() // per_byte), dtype=torch.uint8)
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        s, z = _rows_of_qparams(scale, zero_point, scheme, w, start, end)
+        packed = pack_codes(_codes_float(w[start:end], s, z, scheme), scheme)
+        offset = start * per_row // per_byte
+        stored[offset : offset + packed.numel()] = packed
+    return WeightCodes(stored, scale.detach().clone(), zero_point.detach().clone(), scheme, w.shape)
+
+
+def _rows_of_qparams(scale, zero_point, scheme, w, start, end):
+    """The qparams that apply to rows ``start:end`` of ``w``."""
+    per_row = scale.dim() == 1 and scheme.per_channel and scheme.axis % w.dim() == 0
+    if _grouped(scheme, scale) or per_row:
+        return scale[start:end], zero_point[start:end]
+    return scale, zero_point
+
+
+def _codes_float(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
+) -> torch.Tensor:
+    """``clamp(round(w * (1 / s)) + z)`` as float32, in place on one buffer."""
     inverse = 1.0 / scale.detach().to(torch.float32)
     zero = zero_point.detach().to(torch.float32)
-    # in place on one float32 buffer: a large layer's codes cost its size once, not four times
     if _grouped(scheme, inverse):
         rows = grouped_rows(w, scheme.group_size) * inverse.reshape(-1, 1)
         q = ungrouped(rows.round_().add_(zero.reshape(-1, 1)), w.shape)
@@ -112,14 +180,7 @@ def weight_codes(
     else:
         axis = scheme.axis % w.dim()
         q = (w * along_axis(inverse, w, axis)).round_().add_(along_axis(zero, w, axis))
-    q = q.clamp_(scheme.quant_min, scheme.quant_max)
-    return WeightCodes(
-        pack_codes(q, scheme),
-        scale.detach().clone(),
-        zero_point.detach().clone(),
-        scheme,
-        w.shape,
-    )
+    return q.clamp_(scheme.quant_min, scheme.quant_max)
 
 
 def pack_codes(q: torch.Tensor, scheme: Scheme) -> torch.Tensor:

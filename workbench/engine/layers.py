@@ -101,11 +101,15 @@ class QuantizedLayer(StandsIn):
         x = smoothed_input(self.layer, x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        weight = self.weight_quantizer(self.layer.weight)
-        if isinstance(self.layer, nn.Linear):
-            out = F.linear(x, weight, self.layer.bias)
-        else:
-            out = self.layer._conv_forward(x, weight, self.layer.bias)
+        out = None
+        if isinstance(self.layer, nn.Linear):  # a large weight: dequantized a block at a time
+            out = self.weight_quantizer.linear_in_blocks(x, self.layer.weight, self.layer.bias)
+        if out is None:
+            weight = self.weight_quantizer(self.layer.weight)
+            if isinstance(self.layer, nn.Linear):
+                out = F.linear(x, weight, self.layer.bias)
+            else:
+                out = self.layer._conv_forward(x, weight, self.layer.bias)
         if self.output_quantizer is not None:
             out = self.output_quantizer(out)
         return out

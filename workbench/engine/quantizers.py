@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench.core.fake_quant import fake_quantize, fake_quantize_learned_scale
@@ -12,10 +13,12 @@ from workbench.core.observers import Observer, make_observer, weight_range_mse
 from workbench.core.qparams import qparams_from_range
 from workbench.core.qtensor import tensor_range
 from workbench.core.scheme import Scheme
-from workbench.core.weight_codes import WeightCodes, weight_codes
+from workbench.core.weight_codes import WeightCodes, row_block, weight_codes
 from workbench.engine.modules import find_submodule
 
 OFF, OBSERVE, QUANTIZE = "off", "observe", "quantize"
+# a Linear weight this large is dequantized a block of rows at a time in the forward pass
+BLOCKED_LINEAR_ELEMENTS = 1 << 24
 LEARNED_SCALE_FLOOR = 1e-12
 
 
@@ -208,6 +211,36 @@ class WeightQuantizer(nn.Module):
             self._codes_of = weakref.ref(weight)
             self._codes_key = (weight._version, weight.data_ptr())
         return self._codes
+
+    def linear_in_blocks(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``F.linear(x, Q(W), b)`` for a weight of ``BLOCKED_LINEAR_ELEMENTS`` or more read
+        from its kept codes, dequantizing one block of output rows at a time (an LM head's
+        FP32 copy is never whole; the same values up to the order of float sums); None where
+        it does not apply (the plain path runs)."""
+        if (
+            weight.numel() < BLOCKED_LINEAR_ELEMENTS
+            or weight.dim() != 2
+            or not self.enabled
+            or type(self).forward is not WeightQuantizer.forward
+            or not self.uses_codes(weight)
+            or torch.is_grad_enabled()
+        ):
+            return None
+        codes = self.codes_of(weight)
+        rows, columns = weight.shape
+        step = max(2, BLOCKED_LINEAR_ELEMENTS // 4 // columns // 2 * 2)  # even: whole bytes
+        starts = range(0, rows, step)
+        blocks = [row_block(codes, start, min(start + step, rows)) for start in starts]
+        if any(block is None for block in blocks):
+            return None
+        out = x.new_empty((*x.shape[:-1], rows))
+        for start, block in zip(starts, blocks, strict=True):
+            end = start + block.shape[0]
+            part_bias = None if bias is None else bias[start:end]
+            out[..., start:end] = F.linear(x, block.dequantize(), part_bias)
+        return out
 
     def exact_codes(self, weight: torch.Tensor) -> WeightCodes | None:
         """The codes whose dequantization is what the forward pass returns for ``weight``

@@ -101,12 +101,11 @@ class BlockwiseSpec:
 
 def spec_weight(spec) -> torch.Tensor:
     """The simulated weight of a spec. A deferred spec only serves the trace, whose graph
-    its ``symbolic`` writes: zeros of the weight's shape stand in (a fresh tensor: the tracer
-    fails on a parameter reaching a Function through a non-tensor argument), so tracing a
-    large model dequantizes nothing."""
+    its ``symbolic`` writes: a zero of the weight's shape stands in (one element, expanded),
+    so tracing a large model dequantizes and allocates nothing."""
     if spec.weight_dq is not None:
         return spec.weight_dq
-    return torch.zeros(spec.out_features, spec.in_features)
+    return torch.zeros(()).expand(spec.out_features, spec.in_features)
 
 
 @dataclass(eq=False)
@@ -282,7 +281,10 @@ class BlockwiseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec: BlockwiseSpec):
-        return F.linear(x, spec_weight(spec), spec.bias)
+        if spec.weight_dq is None:  # deferred: only the trace runs this, zeros of the shape
+            out = x.new_zeros((*x.shape[:-1], spec.out_features))
+            return out if spec.bias is None else out + spec.bias
+        return F.linear(x, spec.weight_dq, spec.bias)
 
     @staticmethod
     def symbolic(g, x, spec: BlockwiseSpec):

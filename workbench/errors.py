@@ -6,6 +6,8 @@ so code that already catches those keeps working.
 
 from __future__ import annotations
 
+import re
+
 
 class WorkbenchError(Exception):
     """Base class of every error the workbench raises on purpose.
@@ -17,6 +19,14 @@ class WorkbenchError(Exception):
 
     code = "workbench"
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # ConfigError -> "config", NonFiniteError -> "non_finite"
+        if "code" in cls.__dict__:  # a class that names its own code
+            return
+        words = re.findall(r"[A-Z][a-z]*", cls.__name__.removesuffix("Error"))
+        cls.code = "_".join(word.lower() for word in words)
+
     def __init__(self, *args: object, code: str | None = None) -> None:
         super().__init__(*args)
         if code is not None:
@@ -26,49 +36,33 @@ class WorkbenchError(Exception):
 class ConfigError(WorkbenchError, ValueError):
     """A scheme, preset, observer or option that does not exist or does not fit."""
 
-    code = "config"
-
 
 class CalibrationError(WorkbenchError, ValueError):
     """Calibration data that is empty, malformed, or does not fit the model."""
-
-    code = "calibration"
 
 
 class ModelError(WorkbenchError, TypeError):
     """A model the workbench cannot quantize (no supported layer, NaN weights, ...)."""
 
-    code = "model"
-
 
 class NonFiniteError(WorkbenchError, ValueError):
     """A tensor holding NaN or Inf where a quantization range must be computed."""
-
-    code = "non_finite"
 
 
 class MetricError(WorkbenchError, ValueError):
     """An ``eval_fn`` that returns something other than one finite number."""
 
-    code = "metric"
-
 
 class ExportError(WorkbenchError, RuntimeError):
     """A model that could not be written as ONNX; the message names the op or module."""
-
-    code = "export"
 
 
 class MissingDependencyError(WorkbenchError, ImportError):
     """An optional dependency that is not installed; the message gives the pip line."""
 
-    code = "missing_dependency"
-
 
 class DistributedError(WorkbenchError, RuntimeError):
     """A process of a distributed job stopped, or did not answer within the timeout."""
-
-    code = "distributed"
 
 
 def first_line(exc: BaseException) -> str:

@@ -18,8 +18,8 @@ from workbench.runtime.fusion_check import (
     check_fusion,
     source_node,
 )
+from workbench.runtime.graph_info import read_graph_info
 from workbench.runtime.ort_session import make_session
-from workbench.runtime.qdq_graph import read_graph_info
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -17,7 +17,7 @@ import workbench as wb
 from workbench.demo import load_digits_data, train_digits_cnn
 from workbench.engine.quantizers import ActivationQuantizer
 from workbench.errors import ConfigError
-from workbench.workflows.mixed_precision import higher_precision_config, kept_config
+from workbench.workflows.precision_search import higher_precision_config, kept_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -26,9 +26,9 @@ import onnx
 import pandas as pd
 
 from workbench.runtime.dynamic_export import dynamic_linear_nodes
+from workbench.runtime.graph_info import QuantizedLayerInfo, read_graph_info
 from workbench.runtime.onnx_maps import TensorMap, tensor_map
 from workbench.runtime.ort_session import load_onnx_model, make_session
-from workbench.runtime.qdq_graph import QuantizedLayerInfo, read_graph_info
 
 INTEGER_KERNELS = {
     "QLinearConv",

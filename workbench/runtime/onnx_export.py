@@ -63,9 +63,10 @@ from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.export_guard import EXPORT_LOCK
+from workbench.runtime.graph_info import GraphInfo
 from workbench.runtime.kv_cache import kv_cache_off
 from workbench.runtime.per_call_specs import spec_copies_per_call
-from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
+from workbench.runtime.qdq_graph import finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
 
 DEFAULT_OPSET = 17

@@ -26,7 +26,7 @@ from typing import Any
 from workbench.analysis.diagnosis import InputOutliers
 from workbench.core.scheme import Scheme
 from workbench.engine.config import QuantConfig
-from workbench.workflows.mixed_precision import higher_precision_config, kept_config
+from workbench.workflows.precision_search import higher_precision_config, kept_config
 
 STAGES = ("preset", "observer", "method", "per-layer")
 LATENCY_PRESETS = ("int8", "int8-dynamic", "int8-weight-only")

@@ -155,7 +155,11 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self.summary_view, self.layers_view, self.storage_view = self.report_tabs.views.values()
         self.sqnr_plot = self.report_tabs.sqnr_plot
         self.storage_plot = self.report_tabs.storage_plot
-        metric = "eval_fn" if self.eval_fn is not None else "the model output SQNR against FP32"
+        metric = (
+            "eval_fn"
+            if self.eval_fn is not None
+            else "the model output's SQNR and cosine against FP32 (no eval_fn given)"
+        )
         self.sensitivity = SensitivityTab(metric, self._rank_layers)
         self.sensitivity_button = self.sensitivity.button
         self.sensitivity_status = self.sensitivity.status
@@ -266,7 +270,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
             self._fail(exc, self.status)
 
     # sensitivity -------------------------------------------------------------------------
-    def _rank_layers(self, config) -> pd.DataFrame:
+    def _rank_layers(self, config, on_layer=None) -> pd.DataFrame:
         return actions.sensitivity(
             self.model,
             self.calib_data if self.calib_data is not None else self.train_data,
@@ -274,6 +278,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
             eval_fn=self.eval_fn,
             num_batches=self.num_batches.value,
             progress=False,
+            on_layer=on_layer,
         )
 
     def _sensitivity_open(self) -> bool:

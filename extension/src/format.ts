@@ -56,7 +56,11 @@ export function formatBytes(bytes: number | null | undefined): string {
 }
 
 export function formatDb(value: number | null | undefined): string {
-  return isNumber(value) ? `${value.toFixed(1)} dB` : MISSING;
+  if (!isNumber(value)) {
+    return MISSING;
+  }
+  const text = value.toFixed(1);
+  return `${text === '-0.0' ? '0.0' : text} dB`; // no "-0.0 dB" for -0.04
 }
 
 export function formatRatio(value: number | null | undefined): string {

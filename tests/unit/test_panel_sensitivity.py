@@ -23,10 +23,9 @@ from workbench.notebook.panel import SENSITIVITY_TAB, WorkbenchPanel
 from workbench.notebook.runs_table import RunsTable
 
 
-def is_svg(image: bytes) -> bool:
-    """An SVG document (the panel's figures are SVG: sharp, transparent for dark themes)."""
-    image = bytes(image)
-    return image.lstrip().startswith(b"<?xml") and b"<svg" in image[:2000]
+def is_svg(view: str) -> bool:
+    """An inline SVG chart in HTML (the panel's charts: sharp, in the theme's colours)."""
+    return "<svg" in view and "</svg>" in view
 
 
 INT3 = wb.QuantConfig(

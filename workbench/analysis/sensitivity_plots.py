@@ -143,7 +143,7 @@ def sensitivity_chart_svg(table: pd.DataFrame) -> str:
     if not sqnr and low < 0:
         parts.append(f'<line x1="{x(0):.1f}" x2="{x(0):.1f}" y1="{top}" y2="{plot_bottom}"/>')
     parts.append(f'<line x1="{left}" x2="{left + BARS_PX}" y1="{plot_bottom}" y2="{plot_bottom}"/>')
-    for tick in _ticks(low, high):
+    for tick in nice_ticks(low, high):
         parts.append(
             f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{plot_bottom}" '
             f'y2="{plot_bottom + 4}"/>'
@@ -165,7 +165,7 @@ def sensitivity_chart_svg(table: pd.DataFrame) -> str:
     )
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round ticks between ``low`` and ``high``."""
     span = high - low
     if span <= 0:

@@ -153,8 +153,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
     def _build_outputs(self) -> None:
         self.report_tabs = ReportTabs()
         self.summary_view, self.layers_view, self.storage_view = self.report_tabs.views.values()
-        self.sqnr_plot = self.report_tabs.sqnr_plot
-        self.storage_plot = self.report_tabs.storage_plot
+        self.plots_view = self.report_tabs.plots
         metric = (
             "eval_fn"
             if self.eval_fn is not None

@@ -267,3 +267,15 @@ def test_export_error_is_one_line_and_panel_stays_usable(app, tmp_path):
     app.export_path.value = str(tmp_path / "ok.onnx")
     app.export_button.click()
     assert app.error == "" and (tmp_path / "ok.onnx").is_file()
+
+
+def test_smoothquant_off_reads_off_and_layer_lists_fit_their_names(app):
+    assert app.smoothquant.label == "off" and app.smoothquant.value is None
+    app.smoothquant.value = 0.5
+    app.smoothquant.value = None
+    assert app.smoothquant.label == "off"
+    assert app.config() == wb.QuantConfig.preset("int8")  # "off" is no SmoothQuant
+    longest = max(len(name) for name in app.keep_fp32.options)
+    for select in (app.keep_fp32, app.layer_precision.layers):
+        width = float(re.search(r"([\d.]+)px", select.layout.width).group(1))
+        assert width >= 190 + 7.5 * longest  # the description, then the whole name

@@ -45,6 +45,40 @@ def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
     return ordered.reset_index(drop=True)
 
 
+CHAR_PX = 7.5  # a layer name's character in the lists' font, about
+LIST_LABEL_PX = 190  # the description ("layer precision") and the scroll bar
+LIST_SUFFIX_CHARS = 14  # the precision shown after a name (": int4-weight")
+
+
+def fit_layer_lists(*lists: widgets.SelectMultiple) -> None:
+    """Widen the layer lists to their longest name (BERT's ``encoder.layer.11.attention...``
+    would be cut at the default 220 px), within the panel's width."""
+    for select in lists:
+        labels = [o[0] if isinstance(o, tuple) else o for o in select.options]
+        longest = max((len(str(label)) for label in labels), default=0)
+        width = LIST_LABEL_PX + CHAR_PX * (longest + LIST_SUFFIX_CHARS)
+        select.layout.width = f"min(100%, {width:.0f}px)"
+
+
+def show_none_option(dropdown: widgets.Dropdown) -> None:
+    """A dropdown whose value is None shows a blank: select its None option by index
+    (``("off", None)`` then reads "off"), now and whenever the value becomes None again."""
+
+    def option_values() -> list:
+        return [o[1] if isinstance(o, tuple) else o for o in dropdown.options]
+
+    if None not in option_values():
+        return
+
+    def select_none(_change=None) -> None:
+        options = option_values()
+        if dropdown.index is None and None in options:
+            dropdown.index = options.index(None)
+
+    dropdown.observe(select_none, names="index")
+    select_none()
+
+
 class WorkbenchPanel(PanelControls, widgets.VBox):
     """Controls, a Run button, result tabs and a runs table for one model.
 
@@ -110,6 +144,21 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_preset()
         self._on_method()
         self._on_mixed_precision()
+        fit_layer_lists(self.keep_fp32, self.layer_precision.layers)
+        for child in self._control_widgets():
+            if isinstance(child, widgets.Dropdown):
+                show_none_option(child)
+
+    def _control_widgets(self) -> list[widgets.Widget]:
+        """Every control of the panel (the boxes above the Run button, unpacked)."""
+        found, todo = [], list(self.children)
+        while todo:
+            child = todo.pop(0)
+            if isinstance(child, widgets.Box):
+                todo.extend(child.children)
+            else:
+                found.append(child)
+        return found
 
     def __repr__(self) -> str:
         latest = f"run {self._run_number}" if self._run_number else "no run yet"

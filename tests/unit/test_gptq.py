@@ -298,8 +298,8 @@ def test_config_names_and_errors():
 
 
 def test_the_magic_and_the_panel_offer_gptq():
+    from workbench.engine.config import WEIGHT_METHODS
     from workbench.notebook.magic_args import parse_line
-    from workbench.notebook.panel_controls import WEIGHT_METHODS
     from workbench.notebook.recipe import make_recipe
 
     config = make_recipe(parse_line("model --calib calib --weight-method gptq")).config()

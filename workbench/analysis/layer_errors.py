@@ -4,6 +4,10 @@
   the same layer's output in the FP32 model (errors of earlier layers included: where the
   model's error comes from).
 * ``layer_sqnr_db``: the quantized layer alone, fed the FP32 input (its own error only).
+
+An output kept for later comparison is a copy taken when the layer returns it: library code
+overwrites outputs in place (``ReLU(inplace=True)``, ``out += identity``), and a kept
+reference would then hold what the next op made of it, not what the layer produced.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def measure_layer_errors(
 
     def fp32_hook(name):
         def hook(module, inputs, output):
-            reference_outputs.setdefault(name, []).append(output.detach())
+            reference_outputs.setdefault(name, []).append(output.detach().clone())
             isolated_acc[name].add(output, quantized[name](inputs[0]))
 
         return hook

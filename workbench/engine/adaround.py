@@ -116,8 +116,10 @@ def _capture(
     inputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
     handles = [
-        quantized_layer.register_forward_hook(lambda m, args, out: inputs.append(args[0])),
-        fp32_layer.register_forward_hook(lambda m, args, out: targets.append(out.detach())),
+        quantized_layer.register_forward_hook(
+            lambda m, args, out: inputs.append(args[0].detach().clone())
+        ),
+        fp32_layer.register_forward_hook(lambda m, args, out: targets.append(out.detach().clone())),
     ]
     with hooks_removed(handles), torch.no_grad():
         for index, batch in enumerate(batches):

@@ -164,6 +164,32 @@ def model_inputs(batch: Any, model: nn.Module | None = None) -> tuple[tuple, dic
     )
 
 
+# keyword inputs of transformers' forwards that only training gives: with them the output holds
+# a loss. An exported model, a benchmark and a parity check take the inference inputs only.
+TRAINING_ONLY_INPUTS = frozenset(
+    {
+        "labels",
+        "label",
+        "start_positions",
+        "end_positions",
+        "next_sentence_label",
+        "sentence_order_label",
+        "mc_labels",
+        "return_loss",
+    }
+)
+
+
+def inference_inputs(batch: Any) -> Any:
+    """``batch`` without its training-only keyword inputs (``labels``, ...): a dict, or a
+    tuple / list whose first item is the dict of keyword inputs. Anything else as it is."""
+    if isinstance(batch, Mapping):
+        return {key: value for key, value in batch.items() if key not in TRAINING_ONLY_INPUTS}
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Mapping):
+        return type(batch)([inference_inputs(batch[0]), *batch[1:]])
+    return batch
+
+
 def _copy(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) else value
 

@@ -9,6 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import (
+    SpectralNorm,
+    SpectralNormLoadStateDictPreHook,
+    SpectralNormStateDictHook,
+)
+from torch.nn.utils.weight_norm import WeightNorm
 from tqdm.auto import tqdm
 
 from workbench.core.qparams import check_finite
@@ -107,11 +113,63 @@ def user_model_copy(model: Any, caller: str) -> nn.Module:
             f"the model cannot be copied ({type(exc).__name__}: {exc}); the workbench "
             "quantizes a deep copy and never the model itself: make it copy.deepcopy-able"
         ) from exc
-    for module in copied.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    resolve_parametrizations(copied)
     return copied.eval()
+
+
+def resolve_parametrizations(model: nn.Module) -> None:
+    """Replace every parametrized tensor of ``model`` (a copy) by the tensor it computes now:
+    ``parametrize`` ones (weight norm on any ``dim``, spectral norm, orthogonal) and the older
+    forward-pre-hook ones (``torch.nn.utils.weight_norm`` / ``spectral_norm``).
+
+    Nothing is shared with the model it was copied from: ``remove_parametrizations`` would
+    delete the property from the dynamically created class (``ParametrizedConv1d``) that a
+    deep copy shares with the original, leaving the user's module without its ``weight``
+    (transformers' Wav2Vec2 / HuBERT positional conv). Here the copy only gets back its
+    original class and a new parameter; the class is never edited.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if parametrize.is_parametrized(module):
+                values = {}
+                for tensor_name, chain in module.parametrizations.items():
+                    value = getattr(module, tensor_name).detach().clone()
+                    trainable = any(
+                        isinstance(p, nn.Parameter) and p.requires_grad for p in chain.parameters()
+                    )
+                    values[tensor_name] = (value, trainable)
+                del module._modules["parametrizations"]
+                module.__class__ = type(module).__bases__[0]
+                for tensor_name, (value, trainable) in values.items():
+                    module._parameters.pop(tensor_name, None)
+                    module._buffers.pop(tensor_name, None)
+                    module.register_parameter(
+                        tensor_name, nn.Parameter(value, requires_grad=trainable)
+                    )
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, WeightNorm | SpectralNorm):
+                    value = hook.compute_weight(module, **_no_power_iteration(hook))
+                    del module._forward_pre_hooks[key]
+                    for suffix in _HOOK_TENSORS[type(hook)]:
+                        module._parameters.pop(hook.name + suffix, None)
+                        module._buffers.pop(hook.name + suffix, None)
+                    if hook.name in module.__dict__:
+                        delattr(module, hook.name)
+                    module.register_parameter(hook.name, nn.Parameter(value.detach().clone()))
+            for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+                for key, hook in list(hooks.items()):
+                    if isinstance(getattr(hook, "hook", hook), _SPECTRAL_STATE_HOOKS):
+                        del hooks[key]
+
+
+_SPECTRAL_STATE_HOOKS = (SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook)
+_HOOK_TENSORS = {WeightNorm: ("_g", "_v"), SpectralNorm: ("_orig", "_u", "_v")}
+
+
+def _no_power_iteration(hook) -> dict:
+    """Spectral norm's weight from its stored vectors (as in eval mode), without the power
+    iteration that would update them."""
+    return {"do_power_iteration": False} if isinstance(hook, SpectralNorm) else {}
 
 
 def set_activation_mode(model: nn.Module, mode: str) -> None:

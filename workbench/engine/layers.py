@@ -3,6 +3,12 @@
 The wrapped FP32 module is kept as ``.layer`` (its parameters are the ones trained by QAT and
 exported); the wrapper only changes what the forward pass computes:
     y = op(Q_act(x), Q_w(W), b)
+
+It stands in for the module it replaces: library forwards read the layer's attributes
+(transformers' MobileNet and Whisper compute TF-style padding from ``conv.stride`` and
+``conv.padding``; heads read ``out_features``), so every attribute the wrapper does not have
+itself reads through to the wrapped module. One the wrapped module lacks too raises
+:class:`StandInAttributeError`, which names the layer and the wrapper (never the data).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import nn
 from workbench.engine.batches import run_model
 from workbench.engine.modules import hooks_removed
 from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
+from workbench.errors import WorkbenchError
 
 
 def smoothed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +33,40 @@ def smoothed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if scale is None else x * scale
 
 
-class QuantizedLayer(nn.Module):
+class StandInAttributeError(WorkbenchError, AttributeError):
+    """An attribute that neither a quantized layer's wrapper nor the module it wraps has (an
+    ``AttributeError`` still, so ``hasattr`` and ``getattr(..., default)`` work)."""
+
+
+class StandsIn(nn.Module):
+    """A module that stands in for another (``stands_in_for()``): any attribute it does not
+    have itself reads through to that module (module docstring)."""
+
+    layer_name: str
+
+    def stands_in_for(self) -> nn.Module | None:
+        return self.__dict__.get("_modules", {}).get("layer")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules of its own
+        except AttributeError:
+            pass
+        layer = self.stands_in_for()
+        if layer is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(layer, name)
+        except AttributeError:
+            layer_name = self.__dict__.get("layer_name")
+            raise StandInAttributeError(
+                f"the model reads {name!r} of layer {layer_name!r}, which neither the "
+                f"workbench's {type(self).__name__} nor the {type(layer).__name__} it wraps "
+                f"has; keep the layer FP32 with QuantConfig(exclude=[{layer_name!r}])"
+            ) from None
+
+
+class QuantizedLayer(StandsIn):
     """Simulates a quantized Linear / Conv: fake-quantized input and weight, FP32 bias."""
 
     def __init__(

@@ -108,6 +108,23 @@ def _plain_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
 
 
+# the forward each quantized layer type computes (QuantizedLayer: op(Q(x), Q_w(W), b))
+BASE_FORWARDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def own_forward_base(module: nn.Module) -> type[nn.Module] | None:
+    """The base layer type whose forward a subclass replaces with its own (timm's
+    weight-standardized ``StdConv2d``, a scaled Linear), None when it computes the base's.
+    QuantizedLayer computes the base's forward, so such a layer is kept FP32: quantizing the
+    stored weight of a forward that transforms it first would simulate a different layer."""
+    for base in BASE_FORWARDS:
+        if isinstance(module, base):
+            methods = ("forward", "_conv_forward") if base is not nn.Linear else ("forward",)
+            same = all(getattr(type(module), m) is getattr(base, m) for m in methods)
+            return None if same else base
+    return None
+
+
 def plan_layers(
     model: nn.Module, config: QuantConfig, folded_bn: dict[str, str] | None = None
 ) -> list[LayerPlan]:
@@ -126,6 +143,12 @@ def plan_layers(
                 plans.append(LayerPlan(name, type_name, FP32, reason))
             elif matches_any(name, config.exclude):
                 plans.append(LayerPlan(name, type_name, FP32, "excluded by config"))
+            elif (base := own_forward_base(module)) is not None:
+                reason = (
+                    f"{type_name} has its own forward (a quantized layer would compute "
+                    f"{base.__name__}'s in its place): kept FP32"
+                )
+                plans.append(LayerPlan(name, type_name, FP32, reason))
             elif name in heads and not config.quantize_lm_head:
                 reason = "LM head kept FP32 by config (quantize_lm_head=False)"
                 plans.append(LayerPlan(name, type_name, FP32, reason))

@@ -1,4 +1,5 @@
-"""QAT's options, checked before anything runs: loss, epochs, lr, optimizer, device.
+"""QAT's options, checked before anything runs: loss, epochs, lr, optimizer, device
+(:class:`TrainingOptions`).
 
 Each option that cannot train fails with one clear error naming the fix; the loss function is
 tried once on the first batch (no update) so that a loss without a gradient fails before the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
@@ -19,37 +21,49 @@ from workbench.engine.batches import loss_target, run_model
 from workbench.errors import ConfigError, WorkbenchError, first_line
 
 
-def check_training_options(
-    loss_fn: Any, epochs: Any, lr: Any, optimizer: Any, freeze_bn_after: Any
-) -> None:
-    """One clear error for each option that cannot train, before anything runs."""
+def check_loss_fn(loss_fn: Any) -> None:
+    """One clear error when ``loss_fn`` cannot be called."""
     if loss_fn is None or not callable(loss_fn):
         raise ConfigError(
             "qat needs loss_fn(output, target) -> scalar tensor; pass e.g. "
             "loss_fn=torch.nn.CrossEntropyLoss()"
         )
-    if isinstance(epochs, bool) or not isinstance(epochs, Integral) or epochs < 1:
-        raise ConfigError(f"epochs must be an int >= 1, got {epochs!r}")
-    if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"lr must be a number > 0, got {lr!r}; QAT fine-tunes with e.g. 1e-4")
-    if isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(
-            "optimizer must be an optimizer class or factory (e.g. torch.optim.SGD or "
-            "functools.partial(torch.optim.SGD, momentum=0.9)), not an instance: qat trains a "
-            "copy of the model, so an optimizer bound to model.parameters() cannot drive it"
-        )
-    if optimizer is not None and not callable(optimizer):
-        raise ConfigError(
-            f"optimizer must be an optimizer class or factory, got {type(optimizer).__name__}"
-        )
-    if (
-        isinstance(freeze_bn_after, bool)
-        or not isinstance(freeze_bn_after, Integral)
-        or freeze_bn_after < 0
-    ):
-        raise ConfigError(
-            f"freeze_bn_after must be an int >= 0 (training steps), got {freeze_bn_after!r}"
-        )
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How QAT trains (``wb.qat``'s keywords of the same names), checked on creation: one
+    clear error for each option that cannot train, before anything runs."""
+
+    epochs: int = 1
+    lr: float = 1e-4
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None
+    device: str | torch.device | None = None
+    learn_scales: bool = False
+    freeze_bn_after: int = 0
+
+    def __post_init__(self) -> None:
+        epochs, lr, optimizer = self.epochs, self.lr, self.optimizer
+        if isinstance(epochs, bool) or not isinstance(epochs, Integral) or epochs < 1:
+            raise ConfigError(f"epochs must be an int >= 1, got {epochs!r}")
+        if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"lr must be a number > 0, got {lr!r}; QAT fine-tunes with e.g. 1e-4")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                "optimizer must be an optimizer class or factory (e.g. torch.optim.SGD or "
+                "functools.partial(torch.optim.SGD, momentum=0.9)), not an instance: qat "
+                "trains a copy of the model, so an optimizer bound to model.parameters() "
+                "cannot drive it"
+            )
+        if optimizer is not None and not callable(optimizer):
+            raise ConfigError(
+                f"optimizer must be an optimizer class or factory, got {type(optimizer).__name__}"
+            )
+        steps = self.freeze_bn_after
+        if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 0:
+            raise ConfigError(
+                f"freeze_bn_after must be an int >= 0 (training steps), got {steps!r}"
+            )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

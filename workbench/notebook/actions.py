@@ -11,26 +11,23 @@ a config can keep FP32. No quantization logic lives here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from torch import nn
 
-import workbench as wb
-from workbench.core.observers import OBSERVER_NAMES
+from workbench.analysis.pareto import pareto_table
 from workbench.engine.config import PRESETS, QuantConfig
 from workbench.engine.prepare import QUANTIZED, matches_any, plan_layers
 from workbench.errors import CalibrationError, ConfigError
+from workbench.notebook.options import SEARCH, TRAINING, values_for
+from workbench.workflows.mixed_precision import auto_mixed_precision, keep_most_sensitive_fp32
+from workbench.workflows.ptq import ptq
+from workbench.workflows.qat import qat
+from workbench.workflows.sensitivity import sensitivity as rank_layers
 
 PRESET_NAMES = tuple(PRESETS)
-OBSERVERS = tuple(OBSERVER_NAMES)
-
-
-def preset_config(preset: str) -> QuantConfig:
-    """``QuantConfig.preset(preset)``."""
-    return QuantConfig.preset(preset)
 
 
 def preset_weight_scheme(preset: str):
@@ -38,16 +35,17 @@ def preset_weight_scheme(preset: str):
     return PRESETS[preset].weight
 
 
-def quantizable_layers(model: nn.Module, config: QuantConfig) -> list[str]:
-    """The layers ``config`` would quantize with nothing excluded, in model order: the ones
-    a user can choose to keep FP32 (the engine's planner decides, embeddings and the
+def quantizable_layers(model: nn.Module, preset: str) -> list[str]:
+    """The layers the preset would quantize (a preset excludes nothing), in model order: the
+    ones a user can choose to keep FP32 (the engine's planner decides, embeddings and the
     MultiheadAttention rule included)."""
-    plans = plan_layers(model, replace(config, exclude=()))
+    plans = plan_layers(model, QuantConfig.preset(preset))
     return [plan.name for plan in plans if plan.status == QUANTIZED]
 
 
 def layers_matching(names: Sequence[str], patterns: Sequence[str]) -> tuple[str, ...]:
-    """The names that are one of ``patterns`` or match one as a glob (``config.exclude``)."""
+    """The names that are one of ``patterns`` or match one as a glob (the engine's rule for
+    the layers kept FP32)."""
     return tuple(name for name in names if matches_any(name, tuple(patterns)))
 
 
@@ -58,78 +56,58 @@ def quantize(
     calib_data: Any = None,
     train_data: Any = None,
     loss_fn: Callable | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
-    num_batches: int | None = None,
     progress: bool = True,
-    max_drop: float | None = None,
-    keep_most_sensitive: int = 0,
     sensitivity: pd.DataFrame | None = None,
     report_data: Any = None,
+    **options: Any,
 ):
     """``wb.ptq`` or ``wb.qat`` with the options that apply to it; with ``max_drop``,
     ``wb.auto_mixed_precision``; with ``keep_most_sensitive`` > 0,
     ``wb.keep_most_sensitive_fp32`` (ranked by ``sensitivity`` when given). With QAT, the
     same search runs first inside ``wb.qat`` and training uses the precisions it chose.
-    ``report_data``: held-out batches for the report's per-layer errors (its first 8)."""
+    ``options``: the search and training options of the option table (``options.py``),
+    None for one not given. ``report_data``: held-out batches for the report's per-layer
+    errors (its first 8)."""
+    search = values_for(SEARCH, options)
+    keep, max_drop = search.pop("keep_most_sensitive", 0), search.get("max_drop")
+    common = {"config": config, "progress": progress, "report_data": report_data}
     if method == "ptq":
         if calib_data is None and not config.dynamic:
             raise CalibrationError(
                 "PTQ needs calibration data; pass calib_data (a DataLoader or a list of batches)"
             )
-        if keep_most_sensitive > 0:
-            return wb.keep_most_sensitive_fp32(
+        if keep > 0:
+            return keep_most_sensitive_fp32(
                 model,
                 calib_data,
-                keep_most_sensitive,
-                config=config,
+                keep,
                 eval_fn=eval_fn,
                 sensitivity=sensitivity,
-                num_batches=num_batches,
-                progress=progress,
-                max_drop=max_drop,
-                report_data=report_data,
+                **common,
+                **search,
             )
         if max_drop is not None:
-            return wb.auto_mixed_precision(
-                model,
-                calib_data,
-                eval_fn,
-                max_drop=max_drop,
-                config=config,
-                num_batches=num_batches,
-                progress=progress,
-                report_data=report_data,
-            )
-        return wb.ptq(
-            model,
-            calib_data,
-            config=config,
-            eval_fn=eval_fn,
-            num_batches=num_batches,
-            progress=progress,
-            report_data=report_data,
-        )
+            return auto_mixed_precision(model, calib_data, eval_fn, **common, **search)
+        return ptq(model, calib_data, eval_fn=eval_fn, **common, **search)
     if method == "qat":
         if train_data is None or loss_fn is None:
             raise CalibrationError(
                 "QAT needs train_data and loss_fn; pass both (wb.panel(..., train_data=, loss_fn=))"
             )
-        options: dict[str, Any] = {"epochs": epochs, "lr": lr, "calib_data": calib_data}
-        options = {key: value for key, value in options.items() if value is not None}
-        return wb.qat(
+        training = values_for(TRAINING, options)
+        if calib_data is not None:
+            training["calib_data"] = calib_data
+        return qat(
             model,
             train_data,
-            config=config,
             loss_fn=loss_fn,
             eval_fn=eval_fn,
-            progress=progress,
             max_drop=max_drop,
-            keep_most_sensitive=keep_most_sensitive,
+            keep_most_sensitive=keep,
             sensitivity=sensitivity,
-            report_data=report_data,
-            **options,
+            **common,
+            **training,
         )
     raise ConfigError(f"unknown method {method!r}; choose 'ptq' or 'qat'")
 
@@ -149,7 +127,7 @@ def sensitivity(
             "sensitivity needs calibration data; pass calib_data (a DataLoader or a list of "
             "batches)"
         )
-    return wb.sensitivity(
+    return rank_layers(
         model,
         calib_data,
         eval_fn=eval_fn,
@@ -165,7 +143,7 @@ def pareto_optimal(runs: Sequence[dict[str, Any]]) -> list[bool]:
     and ``latency_ms`` (None when not benchmarked): whether each run is non-dominated."""
     if not runs:
         return []
-    return [bool(flag) for flag in wb.pareto_table(list(runs))["pareto_optimal"]]
+    return [bool(flag) for flag in pareto_table(list(runs))["pareto_optimal"]]
 
 
 def first_input(data: Any) -> Any:

@@ -1,9 +1,9 @@
 """The panel's per-layer precision chooser: select layers in the list, pick a precision, Set.
 
 A precision is a preset's weight and activation schemes (``QuantConfig.overrides``, as
-``%quantize --override LAYER=PRESET``), FP32 (the panel's keep-FP32 list, ``exclude``), or
+``%quantize --override LAYER=PRESET``), FP32 (the panel's keep-FP32 list), or
 the config's own. The list shows each layer's choice next to its name. Nothing here
-quantizes: ``overrides`` is what the panel's config is built from (``recipe.build_config``).
+quantizes: ``overrides`` is what the panel's config is built from (``options.build_config``).
 """
 
 from __future__ import annotations
@@ -74,12 +74,12 @@ class LayerPrecision:
         kept = [n for n in self.keep_fp32.value if n not in names]
         if precision == FP32:
             kept += names
-        # keep_fp32's observer refreshes the labels; set them here too when it is unchanged
+        # keep_fp32's value watcher refreshes the labels; set them here too when it is unchanged
         self.keep_fp32.value = tuple(n for n in self.names if n in kept)
         self._refresh()
 
-    def overrides_in_use(self) -> dict[str, str]:
-        """``overrides`` without the layers kept FP32 (FP32 wins, as ``exclude`` does)."""
+    def presets_in_use(self) -> dict[str, str]:
+        """``overrides`` without the layers kept FP32 (FP32 wins, as in the engine)."""
         return {n: p for n, p in self.overrides.items() if n not in self.keep_fp32.value}
 
     def set_patterns(self, pairs: Iterable[tuple[str, str]]) -> None:

@@ -50,27 +50,7 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         from workbench.notebook.panel import panel
 
         app = panel(model, calib, eval_fn, train, loss_fn, example, report_data)
-        app.set_controls(
-            recipe.method,
-            recipe.preset,
-            recipe.bits,
-            recipe.symmetric,
-            recipe.per_channel,
-            recipe.observer,
-            recipe.exclude,
-            recipe.num_batches,
-            recipe.epochs,
-            recipe.lr,
-            recipe.max_drop,
-            recipe.equalize,
-            recipe.bias_correction,
-            recipe.weight_method,
-            recipe.keep_most_sensitive,
-            recipe.override,
-            smoothquant=recipe.smoothquant,
-            gptq_act_order=recipe.gptq_act_order,
-            quantize_lm_head=recipe.quantize_lm_head,
-        )
+        app.set_controls(**recipe.control_values())
         return app
     result = actions.quantize(
         model,
@@ -79,13 +59,9 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         calib_data=calib,
         train_data=train,
         loss_fn=loss_fn,
-        epochs=recipe.epochs,
-        lr=recipe.lr,
         eval_fn=eval_fn,
-        num_batches=recipe.num_batches,
-        max_drop=recipe.max_drop,
-        keep_most_sensitive=recipe.keep_most_sensitive or 0,
         report_data=report_data,
+        **recipe.run_options(),
     )
     if recipe.export or recipe.bench:
         if example is None:

@@ -1,4 +1,5 @@
-"""The ``%quantize`` option parser and its help text.
+"""The ``%quantize`` option parser and its help text, built from the option table
+(``options.py``).
 
 The options are also the keys of a ``%%quantize`` YAML recipe (``--num-batches`` is
 ``num_batches``), so both are parsed into the same dict of option -> value.
@@ -12,11 +13,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from workbench.core.observers import OBSERVER_NAMES
-from workbench.engine.config import PRESETS, WEIGHT_METHODS
-
-METHODS = ("ptq", "qat")
-BIAS_CORRECTION_METHODS = ("empirical", "analytic")
+from workbench.notebook.options import BY_NAME, EXAMPLES, GROUPS, OPTIONS, Option
 
 DESCRIPTION = """\
 Quantize the nn.Module called MODEL in this notebook with post-training quantization (PTQ,
@@ -25,34 +22,6 @@ the per-layer report. MODEL, DATA, FN and INPUT are names of notebook variables 
 attributes such as data.calib work too). The scheme options change the preset's weight scheme;
 activations follow the preset (uint8 asymmetric per-tensor for int8, FP32 for
 int8-weight-only)."""
-
-EXAMPLES = """\
-examples:
-  %quantize model --calib calib_loader
-  %quantize model --calib calib_loader --eval accuracy -o res
-  %quantize model --calib calib_loader --eval accuracy --bits 4 --max-drop 0.5
-  %quantize model --calib calib_loader --preset int8-per-tensor --observer percentile
-  %quantize model --calib calib_loader --bits 4 --asymmetric --exclude fc2 "encoder.*.dense"
-  %quantize model --calib calib_loader --preset w4a4 --override fc2=int8 "stem.*=int8"
-  %quantize model --method qat --train train_loader --loss loss_fn --epochs 2 --lr 1e-4
-  %quantize model --method qat --train train --loss loss_fn --eval accuracy --bits 4 --max-drop 0.5
-  %quantize model --calib calib_loader --keep-most-sensitive 2 --report-data test_loader
-  %quantize model --calib calib_loader --export model_int8.onnx --example x --bench
-  %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
-  %quantize model --calib calib --bias-correction analytic --weight-method gptq --gptq-act-order
-  %quantize lm --calib calib_batches --weight-method gptq --no-quantize-lm-head
-  %quantize model --calib calib_loader --panel
-
-  %%quantize model
-  # a YAML recipe: the same keys as the options, kept in the notebook and re-run
-  calib: calib_loader
-  preset: int8
-  observer: entropy
-  exclude: [fc2]
-  override: {head: int8}
-  eval: accuracy
-  output: res
-"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,44 +34,77 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"%quantize: {(message or 'invalid options').strip()}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(option: Option):
+    """The argparse type of a number option: a lower bound is checked here (an int or float
+    within ``low``..``high`` is checked with the recipe, by ``recipe.check_bounds``)."""
+    convert = int if option.kind == "int" else float
+    if option.high is not None or (option.low is None and option.above is None):
+        return convert
+
+    def parse(text: str):
+        value = convert(text)
+        if option.low is not None and not value >= option.low:
+            raise argparse.ArgumentTypeError(f"must be >= {option.low}, got {text}")
+        if option.above is not None and not value > option.above:
+            raise argparse.ArgumentTypeError(f"must be > {option.above}, got {text}")
+        return value
+
+    if option.kind == "int":
+        parse.__name__ = "positive int" if option.low == 1 else f"int >= {option.low}"
+    elif option.above == 0:
+        parse.__name__ = "positive number"
+    else:
+        parse.__name__ = f"number >= {option.low}"
+    return parse
 
 
-def _smoothquant_alpha(text: str) -> float | str:
-    if text == "auto":
-        return text
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be an alpha in [0, 1] or auto, got {text}")
-    return value
+def _alpha(option: Option):
+    """The argparse type of an alpha option: a number in ``low``..``high`` or ``auto``."""
+
+    def parse(text: str) -> float | str:
+        if text == "auto":
+            return text
+        value = float(text)
+        if not option.low <= value <= option.high:
+            raise argparse.ArgumentTypeError(
+                f"must be an alpha in [{option.low:g}, {option.high:g}] or auto, got {text}"
+            )
+        return value
+
+    parse.__name__ = "alpha"
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-_positive_int.__name__ = "positive int"
-_positive_float.__name__ = "positive number"
-_non_negative_float.__name__ = "number >= 0"
+def _add(group, option: Option) -> None:
+    """Add ``option`` to a parser group as the table declares it."""
+    if option.flags:
+        target = group.add_mutually_exclusive_group() if len(option.flags) > 1 else group
+        for flag in option.flags:
+            target.add_argument(
+                flag.text, dest=option.name, action="store_const", const=flag.value, help=flag.help
+            )
+        return
+    names = [option.short, option.flag] if option.short else [option.flag]
+    kwargs: dict = {"help": option.help, "metavar": option.metavar}
+    if option.kind in ("int", "float"):
+        kwargs["type"] = _number(option)
+    elif option.kind == "alpha":
+        kwargs["type"] = _alpha(option)
+    elif option.kind in ("patterns", "pairs"):
+        kwargs |= {"nargs": "+", "action": "extend"}
+    elif option.kind == "choice":
+        kwargs["choices"] = list(option.choices)
+        if option.const is not None:
+            kwargs |= {"nargs": "?", "const": option.const}
+        else:
+            del kwargs["metavar"]
+    group.add_argument(*names, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``%quantize`` parser. Every default is None so that given options can be told apart
-    from defaults (a ``%%quantize`` line and its recipe must not both set one key)."""
+    """The ``%quantize`` parser, from the option table. Every default is None so that given
+    options can be told apart from defaults (a ``%%quantize`` line and its recipe must not
+    both set one key)."""
     parser = _Parser(
         prog="%quantize",
         usage="%%quantize MODEL [--calib DATA] [--method ptq|qat] [options]\n"
@@ -113,168 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100),
     )
-    parser.add_argument("model", nargs="?", metavar="MODEL", help="the nn.Module to quantize")
-    what = parser.add_argument_group("what to run")
-    what.add_argument(
-        "--calib", metavar="DATA", help="calibration data (PTQ): DataLoader, batches, tensor"
-    )
-    what.add_argument(
-        "--report-data",
-        metavar="DATA",
-        help="held-out batches the report's per-layer errors are measured on (default: the "
-        "calibration batches)",
-    )
-    what.add_argument("--method", choices=METHODS, help="ptq (default) or qat")
-    what.add_argument("--eval", metavar="FN", help="eval_fn(model) -> float, e.g. accuracy")
-    what.add_argument(
-        "--num-batches", type=_positive_int, metavar="N", help="use at most N calibration batches"
-    )
-    what.add_argument(
-        "--max-drop",
-        type=_non_negative_float,
-        metavar="X",
-        help="with --eval: keep the fewest most sensitive layers in higher precision "
-        "(FP32, or 8-bit below 8 bits) so that PTQ drops the metric by at most X; with "
-        "--method qat, then train with those precisions",
-    )
-    what.add_argument(
-        "--keep-most-sensitive",
-        type=_positive_int,
-        metavar="N",
-        help="keep the N most sensitive layers FP32 (with --max-drop, the rest searched); "
-        "with --method qat, then train",
-    )
-    what.add_argument(
-        "-o",
-        "--output",
-        metavar="NAME",
-        help="also store the result as NAME (a new name, or one holding an earlier result)",
-    )
-    what.add_argument(
-        "--force",
-        action="store_const",
-        const=True,
-        help="let -o replace a variable that is not an earlier result",
-    )
-    what.add_argument(
-        "--panel", action="store_const", const=True, help="open the panel with these settings"
-    )
-    scheme = parser.add_argument_group("scheme (on top of the preset)")
-    scheme.add_argument("--preset", choices=list(PRESETS), help="named preset (default int8)")
-    scheme.add_argument("--bits", type=int, metavar="N", help="weight bits, 2..8")
-    granularity = scheme.add_mutually_exclusive_group()
-    granularity.add_argument(
-        "--per-channel",
-        dest="per_channel",
-        action="store_const",
-        const=True,
-        help="one weight scale per output channel",
-    )
-    granularity.add_argument(
-        "--per-tensor",
-        dest="per_channel",
-        action="store_const",
-        const=False,
-        help="one weight scale per tensor",
-    )
-    symmetry = scheme.add_mutually_exclusive_group()
-    symmetry.add_argument(
-        "--symmetric",
-        dest="symmetric",
-        action="store_const",
-        const=True,
-        help="signed weights, zero point 0",
-    )
-    symmetry.add_argument(
-        "--asymmetric",
-        dest="symmetric",
-        action="store_const",
-        const=False,
-        help="unsigned weights with a fitted zero point",
-    )
-    scheme.add_argument("--observer", choices=OBSERVER_NAMES, help="activation range observer")
-    scheme.add_argument(
-        "--exclude",
-        nargs="+",
-        action="extend",
-        metavar="PATTERN",
-        help="layer names or glob patterns kept FP32",
-    )
-    scheme.add_argument(
-        "--override",
-        nargs="+",
-        action="extend",
-        metavar="PATTERN=PRESET",
-        help="layers (names or glob patterns) at a preset's weight and activation schemes, "
-        "e.g. fc2=int8 (the quantizers around them follow)",
-    )
-    refine = parser.add_argument_group("better PTQ without training")
-    refine.add_argument(
-        "--equalize",
-        action="store_const",
-        const=True,
-        help="cross-layer equalization (with high-bias absorption) before calibration",
-    )
-    refine.add_argument(
-        "--smoothquant",
-        type=_smoothquant_alpha,
-        metavar="ALPHA",
-        help="SmoothQuant before calibration: alpha in [0, 1] (e.g. 0.5) or auto (per layer "
-        "from the calibration data); moves activation outliers into the weights",
-    )
-    refine.add_argument(
-        "--bias-correction",
-        nargs="?",
-        const=True,
-        choices=BIAS_CORRECTION_METHODS,
-        metavar="METHOD",
-        help="remove each layer's expected output error from its bias: empirical (the "
-        "default: measured on the calibration data) or analytic (from the folded BatchNorms' "
-        "statistics, no data)",
-    )
-    refine.add_argument(
-        "--weight-method",
-        choices=WEIGHT_METHODS,
-        help="weight rounding: nearest (default), adaround (learned per layer) or gptq "
-        "(second-order error feedback per layer)",
-    )
-    refine.add_argument(
-        "--gptq-act-order",
-        action="store_const",
-        const=True,
-        help="with --weight-method gptq: quantize the input columns in order of decreasing "
-        "Hessian diagonal",
-    )
-    refine.add_argument(
-        "--adaround-iterations",
-        type=_positive_int,
-        metavar="N",
-        help="optimisation steps per layer for --weight-method adaround (default 1000)",
-    )
-    scheme_lm = parser.add_argument_group("language models")
-    scheme_lm.add_argument(
-        "--no-quantize-lm-head",
-        dest="quantize_lm_head",
-        action="store_const",
-        const=False,
-        help="keep the LM head (model.get_output_embeddings()) FP32",
-    )
-    qat = parser.add_argument_group("quantization-aware training (--method qat)")
-    qat.add_argument("--train", metavar="DATA", help="training data: DataLoader of (x, y)")
-    qat.add_argument("--loss", metavar="FN", help="loss_fn(output, target) -> loss tensor")
-    qat.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
-    qat.add_argument("--lr", type=_positive_float, metavar="X", help="learning rate")
-    out = parser.add_argument_group("export and benchmark")
-    out.add_argument("--export", metavar="PATH", help="write an INT8 QDQ ONNX model to PATH")
-    out.add_argument(
-        "--example", metavar="INPUT", help="example input for export (default: first batch)"
-    )
-    out.add_argument(
-        "--bench",
-        action="store_const",
-        const=True,
-        help="benchmark FP32 against INT8 on ONNX Runtime CPU",
-    )
+    model = BY_NAME["model"]
+    parser.add_argument(model.name, nargs="?", metavar=model.metavar, help=model.help)
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for option in OPTIONS:
+        if option is not model:
+            _add(groups[option.group], option)
     return parser
 
 

@@ -128,11 +128,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         super().__init__(
             [
                 widgets.HTML(self._title_html()),
-                widgets.HBox([self.method, self.preset, self.observer]),
-                widgets.HBox([self.bits, self.symmetric, self.per_channel]),
-                widgets.HBox([self.equalize, self.bias_correction, self.weight_method]),
-                widgets.HBox([self.gptq_act_order, self.smoothquant, self.quantize_lm_head]),
-                widgets.HBox([self.num_batches, self.epochs, self.lr]),
+                *self.control_rows(),
                 self.keep_fp32,
                 self.layer_precision.box,
                 widgets.HBox([self.keep_most_sensitive, self.mixed_precision, self.max_drop]),
@@ -263,15 +259,11 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
                 calib_data=self.calib_data,
                 train_data=self.train_data,
                 loss_fn=self.loss_fn,
-                epochs=self.epochs.value,
-                lr=self.lr.value,
                 eval_fn=self.eval_fn,
-                num_batches=None if method == "qat" else self.num_batches.value,
                 progress=False,
-                max_drop=self.max_drop.value if self.mixed_precision.value else None,
-                keep_most_sensitive=self.keep_most_sensitive.value,
                 sensitivity=table,
                 report_data=self.report_data,
+                **self.run_options(),
             )
             self.progress.value = 1
             self._show_result(result)

@@ -1,11 +1,12 @@
-"""The panel's scheme controls: method, preset, bits, symmetric / per-channel, observer,
-equalization / bias correction / weight rounding (PTQ), batches, QAT epochs and lr, the layers
-kept FP32, each layer's precision (``layer_precision.py``), keep-N-most-sensitive, auto mixed
-precision.
+"""The panel's scheme controls, generated from the option table (``options.py``): method,
+preset, weight scheme, activation range, PTQ refinements, batches, training; plus the layers
+kept FP32, each layer's precision (``layer_precision.py``), keep-N-most-sensitive and auto
+mixed precision.
 
 A mixin of :class:`~workbench.notebook.panel.WorkbenchPanel`, so that the controls stay the
-panel's own attributes (``panel.bits.value = 4``); it turns them into a QuantConfig and
-nothing else. The keep-FP32 list comes from the engine's planner (``actions``).
+panel's own attributes (``panel.bits.value = 4``, one per option name); it turns them into a
+QuantConfig and the run options, and nothing else. The keep-FP32 list comes from the engine's
+planner (``actions``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,27 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from workbench.engine.config import WEIGHT_METHODS
 from workbench.notebook import actions
 from workbench.notebook.display import status_html
 from workbench.notebook.layer_precision import LayerPrecision
-from workbench.notebook.recipe import DEFAULT_PRESET, MAX_BITS, MIN_BITS, build_config
+from workbench.notebook.options import (
+    CONFIG,
+    CONTROLLED,
+    DEFAULT_PRESET,
+    PANEL_OPTIONS,
+    SCHEME,
+    SEARCH,
+    TRAINING,
+    Option,
+    build_config,
+    engine_default,
+)
 
 RUN_STEPS = 3  # quantize, tables, runs table
 DEFAULT_NUM_BATCHES = 32
-DEFAULT_EPOCHS, DEFAULT_LR = 1, 1e-4
 DEFAULT_MAX_DROP = 0.5
+_STYLE = {"description_width": "initial"}
+_WATCHED = {"method"} | {o.requires[0] for o in CONTROLLED if o.requires}
 
 
 def count_batches(data: Any) -> int:
@@ -36,49 +48,37 @@ def count_batches(data: Any) -> int:
         return DEFAULT_NUM_BATCHES
 
 
+def make_control(option: Option, value: Any) -> widgets.Widget:
+    """The ipywidgets control of ``option`` as its ``Control`` declares it."""
+    c = option.control
+    labels = list(c.labels) or list(option.choices)
+    if c.widget == "toggle":
+        return widgets.ToggleButtons(options=labels, value=value, description=c.label)
+    if c.widget == "dropdown":
+        return widgets.Dropdown(options=labels, value=value, description=c.label, style=_STYLE)
+    if c.widget == "checkbox":
+        return widgets.Checkbox(value=value, description=c.label, indent=False)
+    kind = widgets.BoundedIntText if c.widget == "int" else widgets.BoundedFloatText
+    bounds = {"min": c.low, "max": c.high} | ({"step": c.step} if c.step else {})
+    return kind(value=value, description=c.label, style=_STYLE, **bounds)
+
+
 class PanelControls:
     """The controls part of the panel (needs ``model``, ``calib_data``, ``eval_fn``)."""
 
     def _build_controls(self) -> None:
-        style = {"description_width": "initial"}
-        self.method = widgets.ToggleButtons(
-            options=[("PTQ", "ptq"), ("QAT", "qat")], value="ptq", description="method"
-        )
-        self.preset = widgets.Dropdown(
-            options=list(actions.PRESET_NAMES), value=DEFAULT_PRESET, description="preset"
-        )
-        self.observer = widgets.Dropdown(
-            options=list(actions.OBSERVERS), value="minmax", description="observer"
-        )
-        self.bits = widgets.BoundedIntText(
-            value=8, min=MIN_BITS, max=MAX_BITS, description="weight bits", style=style
-        )
-        self.symmetric = widgets.ToggleButtons(
-            options=[("symmetric", True), ("asymmetric", False)], value=True
-        )
-        self.per_channel = widgets.ToggleButtons(
-            options=[("per-channel", True), ("per-tensor", False)], value=True
-        )
-        self.num_batches = widgets.BoundedIntText(
-            value=count_batches(self.calib_data),
-            min=1,
-            max=1_000_000,
-            description="calibration batches",
-            style=style,
-        )
-        self.epochs = widgets.BoundedIntText(
-            value=DEFAULT_EPOCHS, min=1, max=10_000, description="QAT epochs", style=style
-        )
-        self.lr = widgets.BoundedFloatText(
-            value=DEFAULT_LR, min=1e-9, max=10.0, step=1e-5, description="QAT lr", style=style
-        )
-        names = actions.quantizable_layers(self.model, actions.preset_config(DEFAULT_PRESET))
+        first = {"num_batches": count_batches(self.calib_data)}
+        for option in CONTROLLED:
+            value = option.control.value
+            value = first.get(option.name, engine_default(option) if value is None else value)
+            setattr(self, option.name, make_control(option, value))
+        names = actions.quantizable_layers(self.model, DEFAULT_PRESET)
         self.keep_fp32 = widgets.SelectMultiple(
             options=names,
             value=(),
             rows=min(8, max(2, len(names))),
             description="keep FP32",
-            style=style,
+            style=_STYLE,
         )
         self.layer_precision = LayerPrecision(names, self.keep_fp32)
         self.keep_most_sensitive = widgets.BoundedIntText(
@@ -86,7 +86,7 @@ class PanelControls:
             min=0,
             max=max(0, len(names) - 1),  # keeping every layer FP32 quantizes nothing
             description="keep the N most sensitive layers FP32",
-            style=style,
+            style=_STYLE,
         )
         self.mixed_precision = widgets.Checkbox(
             value=False,
@@ -98,136 +98,110 @@ class PanelControls:
         self.max_drop = widgets.BoundedFloatText(
             value=DEFAULT_MAX_DROP, min=0.0, max=1e12, step=0.1, description="max drop"
         )
-        self.equalize = widgets.Checkbox(
-            value=False, description="cross-layer equalization (PTQ)", indent=False
-        )
-        self.bias_correction = widgets.Dropdown(
-            options=[("off", False), ("empirical", True), ("analytic", "analytic")],
-            value=False,
-            description="bias correction",
-            style=style,
-        )
-        self.gptq_act_order = widgets.Checkbox(
-            value=False, description="GPTQ act-order", indent=False, disabled=True
-        )
-        self.quantize_lm_head = widgets.Checkbox(
-            value=True, description="quantize LM head", indent=False
-        )
-        self.weight_method = widgets.Dropdown(
-            options=list(WEIGHT_METHODS),
-            value="nearest",
-            description="weight rounding",
-            style=style,
-        )
-        self.smoothquant = widgets.Dropdown(
-            options=[("off", None), ("alpha 0.5", 0.5), ("alpha auto", "auto")],
-            value=None,
-            description="SmoothQuant",
-            style=style,
-        )
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=RUN_STEPS, bar_style="info")
         self.progress.layout.display = "none"
         self.status = widgets.HTML(status_html("Choose a scheme and press Run."))
         self.preset.observe(self._on_preset, names="value")
-        self.method.observe(self._on_method, names="value")
-        self.weight_method.observe(self._on_method, names="value")
+        for name in _WATCHED:
+            getattr(self, name).observe(self._on_method, names="value")
         self.mixed_precision.observe(self._on_mixed_precision, names="value")
         self.run_button.on_click(self._on_run)
 
+    def control_rows(self) -> list[widgets.HBox]:
+        """The table's controls in the rows and columns their ``Control.place`` gives."""
+        rows: dict[int, list[tuple[int, widgets.Widget]]] = {}
+        for option in CONTROLLED:
+            row, column = option.control.place
+            rows.setdefault(row, []).append((column, getattr(self, option.name)))
+        return [widgets.HBox([w for _, w in sorted(rows[row])]) for row in sorted(rows)]
+
     def _on_preset(self, _change=None) -> None:
         weight = actions.preset_weight_scheme(self.preset.value)
-        self.bits.value = weight.bits
-        self.symmetric.value = weight.symmetric
-        self.per_channel.value = weight.per_channel
+        for option in CONTROLLED:
+            if option.target == SCHEME:
+                getattr(self, option.name).value = getattr(weight, option.name)
+
+    def _enabled(self, option: Option) -> bool:
+        method = option.control.method
+        if method is not None and method != self.method.value:
+            return False
+        if option.requires is not None:
+            other, wanted = option.requires
+            return getattr(self, other).value == wanted
+        return True
 
     def _on_method(self, _change=None) -> None:
-        qat = self.method.value == "qat"
-        self.epochs.disabled = not qat
-        self.lr.disabled = not qat
-        self.num_batches.disabled = qat  # a PTQ option: QAT calibrates on calib_data whole
-        for control in (self.equalize, self.bias_correction, self.weight_method):
-            control.disabled = qat
-        self.gptq_act_order.disabled = qat or self.weight_method.value != "gptq"
+        for option in CONTROLLED:
+            getattr(self, option.name).disabled = not self._enabled(option)
 
     def _on_mixed_precision(self, _change=None) -> None:
         self.max_drop.disabled = not self.mixed_precision.value
 
-    def set_controls(
-        self,
-        method: str | None = None,
-        preset: str | None = None,
-        bits: int | None = None,
-        symmetric: bool | None = None,
-        per_channel: bool | None = None,
-        observer: str | None = None,
-        exclude: tuple[str, ...] = (),
-        num_batches: int | None = None,
-        epochs: int | None = None,
-        lr: float | None = None,
-        max_drop: float | None = None,
-        equalize: bool | None = None,
-        bias_correction: bool | None = None,
-        weight_method: str | None = None,
-        keep_most_sensitive: int | None = None,
-        override: tuple[tuple[str, str], ...] = (),
-        smoothquant: float | str | None = None,
-        gptq_act_order: bool | None = None,
-        quantize_lm_head: bool | None = None,
-    ) -> None:
-        """Set the controls; None leaves one as it is. ``exclude`` patterns select the layers
-        they match in the keep-FP32 list; ``override`` (pattern, preset) pairs set the layers
-        they match to that preset; ``max_drop`` turns auto mixed precision on."""
-        values = {
-            self.method: method,
-            self.preset: preset,  # before the scheme controls: a preset resets them
-            self.bits: bits,
-            self.symmetric: symmetric,
-            self.per_channel: per_channel,
-            self.observer: observer,
-            self.num_batches: num_batches,
-            self.epochs: epochs,
-            self.lr: lr,
-            self.equalize: equalize,
-            # "empirical" is the dropdown's True (QuantConfig takes either)
-            self.bias_correction: True if bias_correction == "empirical" else bias_correction,
-            self.weight_method: weight_method,
-            self.gptq_act_order: gptq_act_order,
-            self.quantize_lm_head: quantize_lm_head,
-            self.keep_most_sensitive: keep_most_sensitive,
-        }
-        for control, value in values.items():
-            if value is not None:
-                control.value = value
-        if smoothquant is not None:
-            known = [value for _, value in self.smoothquant.options]
-            if smoothquant not in known:
-                options = [*self.smoothquant.options, (f"alpha {smoothquant}", smoothquant)]
-                self.smoothquant.options = options
-            self.smoothquant.value = smoothquant
-        if max_drop is not None:
-            self.max_drop.value = max_drop
-            self.mixed_precision.value = True
-        self.layer_precision.set_patterns(override)
-        if exclude:  # after the overrides: exclude wins, as in the engine
-            self.keep_fp32.value = actions.layers_matching(self.keep_fp32.options, exclude)
+    def set_controls(self, **values: Any) -> None:
+        """Set the controls of the options in ``values`` (``options.PANEL_OPTIONS``); None
+        leaves one as it is. The patterns of the layers kept FP32 select the layers they
+        match in the keep-FP32 list; (pattern, preset) pairs set the layers they match to
+        that preset; a max drop turns auto mixed precision on."""
+        known = {option.name: option for option in PANEL_OPTIONS}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TypeError(f"set_controls() got unknown options: {', '.join(unknown)}")
+        patterns, pairs = (), ()
+        for option in PANEL_OPTIONS:  # the table's order: a preset before the scheme
+            name, value = option.name, values.get(option.name)
+            if value is None:
+                continue
+            if option.kind == "patterns":
+                patterns = value
+            elif option.kind == "pairs":
+                pairs = value
+            elif option.control is not None:
+                self._set_control(option, value)
+            else:
+                getattr(self, name).value = value
+                if name == "max_drop":
+                    self.mixed_precision.value = True
+        self.layer_precision.set_patterns(pairs)
+        if patterns:  # after the layer presets: kept FP32 wins, as in the engine
+            self.keep_fp32.value = actions.layers_matching(self.keep_fp32.options, patterns)
+
+    def _set_control(self, option: Option, value: Any) -> None:
+        control = getattr(self, option.name)
+        if option.const is not None and value == option.choices[0]:
+            value = option.const  # the choice a bare flag means is the dropdown's const
+        labels = option.control.labels
+        if labels and value not in [known for _, known in labels]:
+            extra = (f"{option.metavar.lower()} {value}", value)
+            control.options = [*control.options, extra]
+        control.value = value
+
+    def _control_values(self, targets: tuple[str, ...]) -> dict[str, Any]:
+        """The values of the controls whose options go to ``targets``; a disabled control
+        gives its ``Control.off`` value, or None to leave the option out."""
+        values = {}
+        for option in CONTROLLED:
+            if option.target not in targets:
+                continue
+            value = getattr(self, option.name).value
+            if not self._enabled(option):
+                value = option.control.off if option.control.off is not None else value
+                if option.target in (SEARCH, TRAINING):
+                    value = None
+            values[option.name] = value
+        return values
 
     def config(self):
         """The QuantConfig the controls describe."""
-        ptq = self.method.value == "ptq"
-        return build_config(
-            self.preset.value,
-            self.bits.value,
-            self.symmetric.value,
-            self.per_channel.value,
-            self.observer.value,
-            tuple(self.keep_fp32.value),
-            override=self.layer_precision.overrides_in_use(),
-            equalize=self.equalize.value,
-            smoothquant=self.smoothquant.value,
-            # QAT trains weights and biases: the rounding and bias options are PTQ's only
-            bias_correction=self.bias_correction.value if ptq else False,
-            weight_method=self.weight_method.value if ptq else "nearest",
-            gptq_act_order=self.gptq_act_order.value and not self.gptq_act_order.disabled,
-            quantize_lm_head=self.quantize_lm_head.value,
-        )
+        values = self._control_values((SCHEME, CONFIG))
+        kept_fp32 = next(option for option in PANEL_OPTIONS if option.kind == "patterns")
+        values[kept_fp32.name] = tuple(self.keep_fp32.value)
+        return build_config(self.preset.value, values, self.layer_precision.presets_in_use())
+
+    def run_options(self) -> dict[str, Any]:
+        """The search and training options of the controls (``actions.quantize`` keywords):
+        a disabled control's option is left out (None)."""
+        values = self._control_values((SEARCH, TRAINING))
+        values["keep_most_sensitive"] = self.keep_most_sensitive.value
+        values["max_drop"] = self.max_drop.value if self.mixed_precision.value else None
+        return values

@@ -1,183 +1,113 @@
 """A quantization recipe: the options of one ``%quantize`` run, from a line or a YAML cell.
 
-A recipe holds names of notebook variables, not the objects; ``names.py`` looks them up.
-``build_config`` turns the scheme options into the QuantConfig that the panel uses too.
+A recipe holds names of notebook variables, not the objects; ``names.py`` looks them up. Its
+fields, key checks and defaults come from the option table (``options.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import field, make_dataclass
 from typing import Any
 
 from IPython.core.error import UsageError
 
-from workbench.core.observers import OBSERVER_NAMES
-from workbench.core.scheme import MAX_BITS, MIN_BITS
-from workbench.engine.config import PRESETS, WEIGHT_METHODS, QuantConfig
-from workbench.notebook.magic_args import BIAS_CORRECTION_METHODS, METHODS, OPTION_KEYS
+from workbench.engine.config import PRESETS, QuantConfig
+from workbench.notebook.magic_args import OPTION_KEYS
+from workbench.notebook.options import (
+    BY_NAME,
+    DEFAULT_PRESET,
+    OPTIONS,
+    PANEL_OPTIONS,
+    SEARCH,
+    TRAINING,
+    Option,
+    build_config,
+)
 
-DEFAULT_PRESET = "int8"
-QAT_ONLY_KEYS = ("train", "loss", "epochs", "lr")
-
-_STR_KEYS = {"model", "calib", "method", "eval", "output", "preset", "observer", "weight_method"}
-_STR_KEYS |= {"train", "loss", "export", "example", "report_data"}
-_INT_KEYS = {"num_batches", "bits", "epochs", "adaround_iterations", "keep_most_sensitive"}
-_BOOL_KEYS = {"panel", "bench", "per_channel", "symmetric", "force", "equalize"}
-_BOOL_KEYS |= {"gptq_act_order", "quantize_lm_head"}
-_FLOAT_KEYS = {"lr", "max_drop"}
 # recipe-only spellings: the negative flags and the short output flag
-_NEGATED_KEYS = {"per_tensor": "per_channel", "asymmetric": "symmetric"}
-_ALIASES = {"o": "output"}
+_NEGATED_KEYS = {
+    flag.text[2:].replace("-", "_"): option.name
+    for option in OPTIONS
+    if len(option.flags) > 1
+    for flag in option.flags
+    if flag.value is False
+}
+_KEEP_FP32 = next(option.flag for option in OPTIONS if option.kind == "patterns")
+_ALIASES = {option.short.lstrip("-"): option.name for option in OPTIONS if option.short}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """What one ``%quantize`` run asks for. Strings are names of notebook variables."""
-
-    model: str
-    method: str = "ptq"
-    calib: str | None = None
-    report_data: str | None = None
-    eval: str | None = None
-    num_batches: int | None = None
-    max_drop: float | None = None
-    keep_most_sensitive: int | None = None
-    output: str | None = None
-    force: bool = False
-    panel: bool = False
-    preset: str = DEFAULT_PRESET
-    bits: int | None = None
-    per_channel: bool | None = None
-    symmetric: bool | None = None
-    observer: str | None = None
-    exclude: tuple[str, ...] = ()
-    override: tuple[tuple[str, str], ...] = ()  # (layer pattern, preset name)
-    train: str | None = None
-    loss: str | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    export: str | None = None
-    example: str | None = None
-    bench: bool = False
-    equalize: bool | None = None
-    bias_correction: bool | str | None = None  # True / "empirical" / "analytic"
-    weight_method: str | None = None
-    adaround_iterations: int | None = None
-    gptq_act_order: bool | None = None
-    smoothquant: float | str | None = None
-    quantize_lm_head: bool | None = None
-
-    def config(self) -> QuantConfig:
-        """The QuantConfig these options describe."""
-        return build_config(
-            self.preset,
-            self.bits,
-            self.symmetric,
-            self.per_channel,
-            self.observer,
-            self.exclude,
-            override=dict(self.override),
-            **self.ptq_options(),
-        )
-
-    def ptq_options(self) -> dict[str, Any]:
-        """The PTQ refinement options given (``QuantConfig`` field names)."""
-        names = (
-            "equalize",
-            "smoothquant",
-            "bias_correction",
-            "weight_method",
-            "adaround_iterations",
-            "gptq_act_order",
-            "quantize_lm_head",
-        )
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+def _config(self) -> QuantConfig:
+    """The QuantConfig these options describe."""
+    values = {option.name: getattr(self, option.name) for option in OPTIONS}
+    return build_config(self.preset, values, dict(self.override))
 
 
-def build_config(
-    preset: str = DEFAULT_PRESET,
-    bits: int | None = None,
-    symmetric: bool | None = None,
-    per_channel: bool | None = None,
-    observer: str | None = None,
-    exclude: tuple[str, ...] | list[str] = (),
-    override: Mapping[str, str] | None = None,
-    **ptq_options: Any,
-) -> QuantConfig:
-    """The preset with its weight scheme changed by the options that are not None;
-    ``ptq_options`` (``equalize``, ``bias_correction``, ``weight_method``,
-    ``adaround_iterations``) pass through to the QuantConfig. ``override`` maps layer
-    patterns to preset names: those layers take the preset's weight and activation schemes
-    (``QuantConfig.overrides``).
+def _run_options(self) -> dict[str, Any]:
+    """The search and training options given, as ``actions.quantize`` keywords."""
+    targets = (SEARCH, TRAINING)
+    return {o.name: getattr(self, o.name) for o in OPTIONS if o.target in targets}
 
-    Activations keep the preset's scheme (uint8 asymmetric per-tensor for ``int8``, as ONNX
-    Runtime runs fastest on x86; FP32 for ``int8-weight-only``).
-    """
-    base = QuantConfig.preset(preset)
-    changes = {"bits": bits, "symmetric": symmetric, "per_channel": per_channel}
-    weight = replace(base.weight, **{k: v for k, v in changes.items() if v is not None})
-    overrides: dict[str, Any] = {"weight": weight, "exclude": tuple(exclude)}
-    if observer is not None:
-        overrides["observer"] = observer
-    overrides |= {key: value for key, value in ptq_options.items() if value is not None}
-    if override:
-        overrides["overrides"] = {
-            pattern: {"weight": PRESETS[name].weight, "activation": PRESETS[name].activation}
-            for pattern, name in override.items()
-        }
-    return replace(base, **overrides)
+
+def _control_values(self) -> dict[str, Any]:
+    """The values of the options the panel shows (None: its control is left as it is)."""
+    return {option.name: getattr(self, option.name) for option in PANEL_OPTIONS}
+
+
+Recipe = make_dataclass(
+    "Recipe",
+    [("model", str)]
+    + [(o.name, Any, field(default=o.default)) for o in OPTIONS if o.name != "model"],
+    frozen=True,
+    namespace={"config": _config, "run_options": _run_options, "control_values": _control_values},
+)
+Recipe.__doc__ = """What one ``%quantize`` run asks for (a field per option of ``options.OPTIONS``).
+Strings are names of notebook variables."""
+Recipe.__module__ = __name__
+
+
+def _recipe_error(key: str, what: str, value: Any) -> UsageError:
+    return UsageError(f"%%quantize: recipe key {key!r} must be {what}, got {value!r}")
 
 
 def _check_type(key: str, value: Any) -> Any:
-    if key in _STR_KEYS:
+    """A recipe value of the option ``key``, checked against its kind."""
+    option = BY_NAME[key]
+    kind = option.kind
+    if kind in ("name", "text") or (kind == "choice" and option.const is None):
         if not isinstance(value, str) or not value:
-            raise UsageError(
-                f"%%quantize: recipe key {key!r} must be a name or text, got {value!r}"
-            )
+            raise _recipe_error(key, "a name or text", value)
         return value
-    if key in _INT_KEYS:
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"%%quantize: recipe key {key!r} must be an integer, got {value!r}")
+            raise _recipe_error(key, "an integer", value)
         return value
-    if key in _BOOL_KEYS:
+    if kind == "bool":
         if not isinstance(value, bool):
-            raise UsageError(f"%%quantize: recipe key {key!r} must be true or false, got {value!r}")
+            raise _recipe_error(key, "true or false", value)
         return value
-    if key in _FLOAT_KEYS:
+    if kind == "float":
         if not isinstance(value, bool):
             try:
                 # YAML 1.1 reads 1e-4 (no dot) as a string
                 return float(value)
             except (TypeError, ValueError):
                 pass
-        raise UsageError(f"%%quantize: recipe key {key!r} must be a number, got {value!r}")
-    if key == "smoothquant":
-        if value == "auto" or (
-            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
-        ):
+        raise _recipe_error(key, "a number", value)
+    if kind == "alpha":
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value == "auto" or (number and option.low <= value <= option.high):
             return value
-        raise UsageError(
-            "%%quantize: recipe key 'smoothquant' must be an alpha in [0, 1] or auto, "
-            f"got {value!r}"
-        )
-    if key == "bias_correction":
-        if isinstance(value, bool) or value in BIAS_CORRECTION_METHODS:
+        raise _recipe_error(key, f"an alpha in [{option.low:g}, {option.high:g}] or auto", value)
+    if kind == "choice":  # with a const: true / false or one of the choices
+        if isinstance(value, bool) or value in option.choices:
             return value
-        raise UsageError(
-            "%%quantize: recipe key 'bias_correction' must be true, false, "
-            f"{' or '.join(BIAS_CORRECTION_METHODS)}, got {value!r}"
-        )
-    if key == "override":
+        raise _recipe_error(key, f"true, false, {' or '.join(option.choices)}", value)
+    if kind == "pairs":
         return _override_pairs(value)
-    if key == "exclude":
-        patterns = [value] if isinstance(value, str) else value
-        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-            raise UsageError(
-                f"%%quantize: recipe key 'exclude' must be a name or a list of names, got {value!r}"
-            )
-        return list(patterns)
-    raise AssertionError(key)
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise _recipe_error(key, "a name or a list of names", value)
+    return list(patterns)
 
 
 def _override_pairs(value: Any) -> list[str]:
@@ -208,7 +138,7 @@ def override_table(words: list[str]) -> tuple[tuple[str, str], ...]:
         if preset not in PRESETS:
             raise UsageError(
                 f"%quantize: --override {word!r}: unknown preset {preset!r}; choose one of "
-                f"{', '.join(PRESETS)} (--exclude keeps a layer FP32)"
+                f"{', '.join(PRESETS)} ({_KEEP_FP32} keeps a layer FP32)"
             )
         pairs.append((pattern, preset))
     return tuple(pairs)
@@ -292,7 +222,60 @@ def merge_options(line_options: dict[str, Any], recipe_options: dict[str, Any]) 
 
 
 def _flags(keys) -> str:
-    return ", ".join("--" + key.replace("_", "-") for key in keys)
+    return ", ".join(BY_NAME[key].flag for key in keys)
+
+
+def check_value(option: Option, value: Any) -> None:
+    """A given value within the option's choices and bounds, else one UsageError."""
+    label = option.name.replace("_", " ")
+    if option.kind == "choice" and option.const is None and value not in option.choices:
+        raise UsageError(
+            f"%quantize: unknown {label} {value!r}; choose one of {', '.join(option.choices)}"
+        )
+    if option.kind not in ("int", "float"):
+        return
+    low, high, above = option.low, option.high, option.above
+    if low is not None and high is not None and not low <= value <= high:
+        raise UsageError(f"%quantize: {option.flag} must be in {low}..{high}, got {value}")
+    if low is not None and not value >= low:
+        raise UsageError(f"%quantize: {option.flag} must be >= {low}, got {value}")
+    if above is not None and not value > above:
+        raise UsageError(f"%quantize: {option.flag} must be > {above}, got {value}")
+
+
+def check_methods(options: dict[str, Any], method: str) -> None:
+    """The options given belong to ``method``, and what they require is given too."""
+    for option in OPTIONS:
+        if option.name not in options or option.requires is None:
+            continue
+        other, wanted = option.requires
+        if options.get(option.name) and options.get(other) != wanted:
+            raise UsageError(
+                f"%quantize: {option.flag} {option.reason}; add {BY_NAME[other].flag} {wanted}"
+            )
+    misused: dict[str, list[str]] = {}
+    for option in OPTIONS:
+        if option.name in options and option.method not in (None, method):
+            misused.setdefault(option.misuse, []).append(option.name)
+    for misuse, given in misused.items():
+        if method == "ptq":
+            raise UsageError(f"%quantize: {_flags(given)} apply to QAT; add --method qat")
+        raise UsageError(f"%quantize: {_flags(given)} {misuse}")
+
+
+def _fields(options: dict[str, Any]) -> dict[str, Any]:
+    """The Recipe's fields: the given options, converted by kind (defaults left out)."""
+    fields = dict(options)
+    for option in OPTIONS:
+        if option.name not in options:
+            continue
+        if option.kind == "patterns":
+            fields[option.name] = tuple(options[option.name])
+        elif option.kind == "pairs":
+            fields[option.name] = override_table(options[option.name])
+        elif option.kind == "bool" and option.default is False:
+            fields[option.name] = bool(options[option.name])
+    return fields
 
 
 def make_recipe(options: dict[str, Any]) -> Recipe:
@@ -301,46 +284,16 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
         raise UsageError(
             "%quantize: name the model to quantize, e.g. %quantize model --calib calib_loader"
         )
-    method = options.get("method", "ptq")
-    if method not in METHODS:
-        raise UsageError(f"%quantize: unknown method {method!r}; choose ptq or qat")
+    for key, value in options.items():
+        if value is not None and key in BY_NAME:
+            check_value(BY_NAME[key], value)
+    method = options.get("method", BY_NAME["method"].default)
     preset = options.get("preset", DEFAULT_PRESET)
-    if preset not in PRESETS:
+    if options.get("max_drop") is not None and not options.get("eval"):
         raise UsageError(
-            f"%quantize: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
+            "%quantize: --max-drop is a drop of the --eval metric; add --eval FN "
+            "(eval_fn(model) -> float, higher is better)"
         )
-    observer = options.get("observer")
-    if observer is not None and observer not in OBSERVER_NAMES:
-        raise UsageError(
-            f"%quantize: unknown observer {observer!r}; choose one of {', '.join(OBSERVER_NAMES)}"
-        )
-    weight_method = options.get("weight_method")
-    if weight_method is not None and weight_method not in WEIGHT_METHODS:
-        raise UsageError(
-            f"%quantize: unknown weight method {weight_method!r}; "
-            f"choose one of {', '.join(WEIGHT_METHODS)}"
-        )
-    if options.get("adaround_iterations") is not None and options["adaround_iterations"] < 1:
-        raise UsageError(
-            f"%quantize: --adaround-iterations must be >= 1, got {options['adaround_iterations']}"
-        )
-    bits = options.get("bits")
-    if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-        raise UsageError(f"%quantize: --bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
-    for key in ("num_batches", "epochs", "keep_most_sensitive"):
-        if options.get(key) is not None and options[key] < 1:
-            raise UsageError(f"%quantize: {_flags([key])} must be >= 1, got {options[key]}")
-    if options.get("lr") is not None and not options["lr"] > 0:
-        raise UsageError(f"%quantize: --lr must be > 0, got {options['lr']}")
-    max_drop = options.get("max_drop")
-    if max_drop is not None:
-        if not max_drop >= 0:
-            raise UsageError(f"%quantize: --max-drop must be >= 0, got {max_drop}")
-        if not options.get("eval"):
-            raise UsageError(
-                "%quantize: --max-drop is a drop of the --eval metric; add --eval FN "
-                "(eval_fn(model) -> float, higher is better)"
-            )
     output = options.get("output")
     if output is not None and not output.isidentifier():
         raise UsageError(f"%quantize: -o takes a variable name, got {output!r}")
@@ -357,27 +310,8 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
             "%quantize: --export / --bench without --calib need an input to trace: add "
             "--example INPUT"
         )
-    if method == "ptq" and not panel:
-        given = [key for key in QAT_ONLY_KEYS if key in options]
-        if given:
-            raise UsageError(f"%quantize: {_flags(given)} apply to QAT; add --method qat")
-    if method == "qat" and "num_batches" in options and not panel:
-        raise UsageError(
-            "%quantize: --num-batches applies to PTQ; QAT calibrates on --calib (default: "
-            "the first 8 --train batches)"
-        )
-    if options.get("gptq_act_order") and options.get("weight_method") != "gptq" and not panel:
-        raise UsageError(
-            "%quantize: --gptq-act-order orders GPTQ's columns; add --weight-method gptq"
-        )
-    if method == "qat" and not panel:
-        refine_keys = ("bias_correction", "weight_method", "gptq_act_order")
-        given = [key for key in refine_keys if key in options]
-        if given:
-            raise UsageError(
-                f"%quantize: {_flags(given)} refine PTQ; QAT trains the weights (drop them, "
-                "or drop --method qat)"
-            )
+    if not panel:
+        check_methods(options, method)
     if method == "qat":
         missing = [key for key in ("train", "loss") if not options.get(key)]
         if missing:
@@ -393,10 +327,4 @@ def make_recipe(options: dict[str, Any]) -> Recipe:
             )
     elif options.get("example") and not (options.get("export") or options.get("bench")):
         raise UsageError("%quantize: --example is the input of --export / --bench; add one")
-    fields = dict(options)
-    fields["exclude"] = tuple(options.get("exclude", ()))
-    fields["override"] = override_table(options.get("override", []))
-    fields["method"], fields["preset"] = method, preset
-    fields["panel"], fields["bench"] = panel, bool(options.get("bench"))
-    fields["force"] = bool(options.get("force"))
-    return Recipe(**fields)
+    return Recipe(**_fields(options))

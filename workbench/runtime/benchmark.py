@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workbench.engine.batches import batch_size
+from workbench.engine.batches import batch_size, inference_inputs
 from workbench.errors import ConfigError
 from workbench.runtime.cpu_features import CpuFeatures, detect_cpu_features
 from workbench.runtime.ort_session import make_session, session_feeds
@@ -161,6 +161,7 @@ def benchmark(
     """
     if runs < 1 or warmup < 0:
         raise ConfigError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    example_input = inference_inputs(example_input)  # labels would add a loss output
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
         workdir = Path(tmp)
         paths = {

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.core.dynamic_quant import fake_quantize_dynamic
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.layers import QuantizedLayer, StandsIn
 from workbench.engine.quantizers import QUANTIZE
 from workbench.runtime.per_call_specs import PerCallSpec
 
@@ -63,7 +63,7 @@ class _DynamicLinear(torch.autograd.Function):
         return y
 
 
-class ExportDynamicLinear(PerCallSpec):
+class ExportDynamicLinear(PerCallSpec, StandsIn):
     """A Linear with a dynamic input quantizer (switched on), exported as the dynamic pattern
     above. ``spec`` is the layer's ``qdq_modules.LayerSpec``: codes stored as ``W^T``, FP32
     bias."""
@@ -74,6 +74,10 @@ class ExportDynamicLinear(PerCallSpec):
         super().__init__()
         self.spec = spec
         self.layer_name = layer.layer_name
+        self.__dict__["_stands_in_for"] = layer.layer  # read through, not a submodule
+
+    def stands_in_for(self) -> nn.Module | None:
+        return self.__dict__.get("_stands_in_for")
 
     @property
     def weight(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from workbench.core.metrics import cosine
-from workbench.engine.batches import iter_batches, model_inputs
+from workbench.engine.batches import inference_inputs, iter_batches, model_inputs
 from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layers import QuantizedLayer
 from workbench.runtime.onnx_export import flatten_outputs
@@ -198,7 +198,7 @@ def _per_layer(simulated, path, batches, threads) -> pd.DataFrame:
     ort_values: dict[str, list[np.ndarray]] = {label: [] for label in modules}
     handles = [
         module.register_forward_hook(
-            lambda m, i, o, k=label: captured[k].append(o.detach().cpu().numpy())
+            lambda m, i, o, k=label: captured[k].append(o.detach().cpu().numpy().copy())
         )
         for label, module in modules.items()
     ]
@@ -253,6 +253,7 @@ def check_parity(
     ``data`` is a tensor, a list of batches or a DataLoader (as for calibration).
     """
     batches = list(iter_batches(data, max_batches, what="data", limit_name="max_batches"))
+    batches = [inference_inputs(batch) for batch in batches]  # no labels: no loss output
     session = make_session(path, threads)
     output_names = [o.name for o in session.get_outputs()]
     ort_out: list[list[np.ndarray]] = [[] for _ in output_names]

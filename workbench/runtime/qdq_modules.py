@@ -37,7 +37,7 @@ from workbench.core.scheme import Scheme
 from workbench.engine.call_sites import CountsCalls, FunctionSites
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, smoothed_input
+from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, StandsIn, smoothed_input
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
@@ -298,7 +298,7 @@ class _QuantizedEmbedding(torch.autograd.Function):
         return g.op("Mul", values, scales)
 
 
-class ExportLayer(CountsCalls, PerCallSpec):
+class ExportLayer(CountsCalls, PerCallSpec, StandsIn):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv. A layer called at
     several sites (``engine.layer_calls``) has one input quantizer and one spec (its INT32
     bias on that input's grid) per call."""
@@ -307,6 +307,7 @@ class ExportLayer(CountsCalls, PerCallSpec):
 
     def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
+        self.layer_name = layer.layer_name
         self.input_quantizer = layer.input_quantizer
         self.call_input_quantizers = nn.ModuleList(getattr(layer, "call_input_quantizers", ()))
         self.call_count = 1 + len(self.call_input_quantizers)
@@ -316,6 +317,9 @@ class ExportLayer(CountsCalls, PerCallSpec):
         self.spec = self.specs_by_call[0]
         self.output_quantizer = layer.output_quantizer
         self.smoothing = layer.layer  # SmoothQuant's input scale, when the layer has one
+
+    def stands_in_for(self) -> nn.Module | None:
+        return self.__dict__.get("_modules", {}).get("smoothing")
 
     def _input_quantizers(self) -> list[nn.Module | None]:
         return [self.input_quantizer, *self.call_input_quantizers]
@@ -350,7 +354,7 @@ class ExportLayer(CountsCalls, PerCallSpec):
         return out
 
 
-class ExportFloatLayer(nn.Module):
+class ExportFloatLayer(StandsIn):
     """A quantized layer whose weight quantization is switched off: its FP32 module, between
     the quantizers it still has."""
 
@@ -358,6 +362,7 @@ class ExportFloatLayer(nn.Module):
 
     def __init__(self, layer: QuantizedLayer) -> None:
         super().__init__()
+        self.layer_name = layer.layer_name
         self.layer = layer.layer
         self.input_quantizer = layer.input_quantizer
         self.output_quantizer = layer.output_quantizer

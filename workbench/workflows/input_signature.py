@@ -1,5 +1,9 @@
 """What the model was calibrated on (each input's name, per-sample shape and dtype), so that
-an export or benchmark input that does not fit is one clear error before any tracing."""
+an export or benchmark input that does not fit is one clear error before any tracing.
+
+Training-only keyword inputs (``labels``, ``engine.batches.TRAINING_ONLY_INPUTS``) are not
+part of it: batches that carry them (Hugging Face's training convention) calibrate and train
+the model, and the export takes an example of the inference inputs only."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any
 
 import torch
 
-from workbench.engine.batches import model_inputs
+from workbench.engine.batches import TRAINING_ONLY_INPUTS, model_inputs
 from workbench.errors import CalibrationError
 
 
@@ -32,7 +36,7 @@ def input_signature(batch: Any) -> tuple[InputSpec, ...]:
     return tuple(
         InputSpec(name, tuple(value.shape[1:]), value.dtype)
         for name, value in named
-        if isinstance(value, torch.Tensor) and value.dim() > 0
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and name not in TRAINING_ONLY_INPUTS
     )
 
 

@@ -45,9 +45,10 @@ from workbench.engine.distributed import (
 from workbench.engine.eval_metric import check_eval_fn
 from workbench.engine.live_bn import unfold_batchnorms
 from workbench.engine.qat_options import (
+    TrainingOptions,
     build_optimizer,
     check_loss,
-    check_training_options,
+    check_loss_fn,
     resolve_device,
 )
 from workbench.engine.qat_quantizers import enable_qat, finish_qat
@@ -153,7 +154,8 @@ def qat(
     """
     config = resolve_config(config)
     check_training_config(config, "wb.qat")
-    check_training_options(loss_fn, epochs, lr, optimizer, freeze_bn_after)
+    check_loss_fn(loss_fn)
+    TrainingOptions(epochs, lr, optimizer, device, learn_scales, freeze_bn_after)
     check_eval_fn(eval_fn, "wb.qat")
     check_training_search(eval_fn, max_drop, keep_most_sensitive, "wb.qat")
     searching = max_drop is not None or keep_most_sensitive > 0

@@ -11,6 +11,7 @@ import pandas as pd
 from torch import nn
 
 from workbench.analysis.report import Report
+from workbench.engine.batches import inference_inputs
 from workbench.engine.config import QuantConfig
 from workbench.engine.prepare import LayerPlan
 from workbench.runtime.export_guard import guarded_export
@@ -84,11 +85,14 @@ class QuantResult:
         independent of the exporting CPU, ``"auto"`` follows this machine's CPU.
         Block-wise (``group_size``) Linear weights are stored packed in MatMulNBits nodes
         whose ``accuracy_level`` is given here (4 = int8 compute, fastest; 1 = FP32 compute).
+        Training-only keys of a dict example (``labels``, ...) are dropped: the file takes the
+        inference inputs and returns what inference returns (``logits``, never ``loss``).
         """
         from workbench.runtime.onnx_export import export_int8_onnx
 
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
+        example_input = inference_inputs(example_input)  # the file never takes labels
         check_like_calibration(self.input_signature, example_input)
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
@@ -118,6 +122,7 @@ class QuantResult:
 
         if not self.writes_files:
             return Path(path)
+        example_input = inference_inputs(example_input)
         check_like_calibration(self.input_signature, example_input)
         with guarded_export(path, opset):
             return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)

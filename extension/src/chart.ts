@@ -39,7 +39,8 @@ export function renderSqnrChart(
   const root = document.createElement('div');
   root.className = 'jp-WorkbenchReport-chart';
   const [left, right, top, bottom] = [44, 8, 8, 22];
-  const step = layers.length <= 60 ? 14 : 9;
+  // 100 layers fit a 1400 px window with the sidebar open
+  const step = layers.length <= 60 ? 14 : layers.length <= 110 ? 8 : 6;
   const plotW = Math.max(400, step * layers.length);
   const width = left + plotW + right;
   const plotH = HEIGHT - top - bottom;

@@ -23,7 +23,7 @@ import { ILayerRow } from './report';
 type SortValue = number | string | null;
 
 /** Layer names longer than this are shortened in the middle in the table. */
-export const TABLE_NAME_CHARS = 32;
+export const TABLE_NAME_CHARS = 30;
 
 interface IColumn {
   id: string;

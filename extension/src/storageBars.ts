@@ -17,6 +17,9 @@ const PARTS: { key: keyof IStorageRow; label: string; className: string }[] = [
   { key: 'bias_bytes', label: 'bias', className: 'jp-WorkbenchReport-bias' }
 ];
 
+/** Names longer than this are shortened in the middle (room for a badge). */
+const STORAGE_NAME_CHARS = 32;
+
 function bar(className: string, part: number, whole: number, title: string): HTMLElement {
   const node = element('div', `jp-WorkbenchReport-bar ${className}`);
   node.style.width = whole > 0 ? `${((100 * part) / whole).toFixed(3)}%` : '0%';
@@ -54,7 +57,7 @@ function renderStorageRow(
     node.classList.add('jp-WorkbenchReport-storageTotal');
   }
   const label = element('div', 'jp-WorkbenchReport-storageName');
-  const code = element('code', 'jp-WorkbenchReport-layerName', shortenMiddle(name));
+  const code = element('code', 'jp-WorkbenchReport-layerName', shortenMiddle(name, STORAGE_NAME_CHARS));
   code.title = name;
   label.appendChild(code);
   const folded = !total && isFoldedRow(row, foldedInto);
@@ -75,9 +78,9 @@ function renderStorageRow(
   );
   const quantTrack = element('div', 'jp-WorkbenchReport-track');
   if (folded) {
-    quantTrack.appendChild(
-      element('span', 'jp-WorkbenchReport-foldedNote', target ? `in ${target}` : 'folded')
-    );
+    const note = element('span', 'jp-WorkbenchReport-foldedNote', target ? `in ${shortenMiddle(target)}` : 'folded');
+    note.title = target ? `folded into ${target}` : 'folded into the layer before it';
+    quantTrack.appendChild(note);
   } else if (row.status === 'fp32') {
     quantTrack.appendChild(
       bar('jp-WorkbenchReport-fp32Kept', row.total_bytes, whole, `kept FP32: ${formatBytes(row.total_bytes)}`)

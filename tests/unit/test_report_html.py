@@ -255,3 +255,13 @@ def test_db_never_shows_minus_zero(value, text):
     from workbench.analysis.report_format import format_db
 
     assert format_db(value) == text
+
+
+def test_middle_shortening_keeps_the_block_numbers_of_deep_names():
+    names = [
+        f"feature_extractor.residual_stages.{stage}.{block}.second_convolution"
+        for stage in range(4)
+        for block in range(6)
+    ]
+    short = [shorten_middle(name, 30) for name in names]
+    assert len(set(short)) == len(names) and all(len(s) == 30 for s in short)

@@ -20,6 +20,8 @@ from workbench.analysis.report_format import (
 from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, SQNR_POOR_DB, sqnr_band
 
 CHART_HEIGHT = 190
+TABLE_NAME_CHARS = 30  # the layer table's names, shortened in the middle beyond this
+STORAGE_NAME_CHARS = 32  # the storage rows' names, with room for a badge
 CHART_TOP_DB = 50.0
 STORAGE_PARTS = (
     ("weight_bytes", "weights", "jp-WorkbenchReport-weights"),
@@ -40,7 +42,8 @@ def sqnr_chart_svg(layers: list[dict[str, Any]]) -> str:
     """Output SQNR per layer in model order, on the poor / fair / good bands. FP32 layers
     are short grey stubs; each bar's tooltip names its layer and value."""
     left, right, top, bottom = 44, 8, 8, 22
-    step = 14 if len(layers) <= 60 else 9
+    # 100 layers fit a 1400 px window with the sidebar open
+    step = 14 if len(layers) <= 60 else 8 if len(layers) <= 110 else 6
     plot_w = max(400, step * len(layers))
     width = left + plot_w + right
     plot_h = CHART_HEIGHT - top - bottom
@@ -202,9 +205,8 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
                 body, sort_value = status_badge(row), row.get("status")
             elif column == "layer":
                 name = row["layer"]
-                body = element(
-                    "code", "jp-WorkbenchReport-layerName", shorten_middle(name, 32), title=name
-                )
+                short = shorten_middle(name, TABLE_NAME_CHARS)
+                body = element("code", "jp-WorkbenchReport-layerName", short, title=name)
                 sort_value = row["layer"]
             else:
                 text, band, sort_value = cell(row)
@@ -288,7 +290,8 @@ def storage_row_html(
     classes = ["jp-WorkbenchReport-storageRow"]
     if total:
         classes.append("jp-WorkbenchReport-storageTotal")
-    label = element("code", "jp-WorkbenchReport-layerName", shorten_middle(name), title=name)
+    short = shorten_middle(name, STORAGE_NAME_CHARS)
+    label = element("code", "jp-WorkbenchReport-layerName", short, title=name)
     folded = not total and is_folded_storage(row, folded_into)
     target = (folded_into or {}).get(name)
     if folded:
@@ -303,7 +306,10 @@ def storage_row_html(
     quant = ""
     if folded:
         quant = element(
-            "span", "jp-WorkbenchReport-foldedNote", f"in {target}" if target else "folded"
+            "span",
+            "jp-WorkbenchReport-foldedNote",
+            f"in {shorten_middle(target)}" if target else "folded",
+            title=tip,
         )
     elif row.get("status") == "fp32":
         quant = _bar("jp-WorkbenchReport-fp32Kept", row["total_bytes"], whole,

@@ -22,10 +22,10 @@ from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, SQNR_POOR_DB, sqnr_band
 
 SQNR_METRIC = "output_sqnr_db"
 ROW_PX = 20
-NAME_PX = 270
+NAME_PX = 300
 BARS_PX = 420
 VALUE_PX = 90
-NAME_CHARS = 34
+NAME_CHARS = 40
 TOP_DB = 50.0
 
 

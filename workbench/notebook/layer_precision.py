@@ -48,7 +48,10 @@ class LayerPrecision:
         )
         self.set_button.on_click(self._on_set)
         keep_fp32.observe(self._refresh, names="value")
-        self.box = widgets.HBox([self.layers, widgets.VBox([self.precision, self.set_button])])
+        beside = widgets.VBox([self.precision, self.set_button])
+        beside.layout.flex = "0 0 auto"  # the list gives way, not the dropdown
+        beside.layout.overflow = "visible"
+        self.box = widgets.HBox([self.layers, beside])
 
     def label(self, name: str) -> str:
         """The layer's name and its choice (``fc1: int8``, ``conv: FP32``), or the name."""

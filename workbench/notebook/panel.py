@@ -48,16 +48,18 @@ def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
 CHAR_PX = 7.5  # a layer name's character in the lists' font, about
 LIST_LABEL_PX = 190  # the description ("layer precision") and the scroll bar
 LIST_SUFFIX_CHARS = 14  # the precision shown after a name (": int4-weight")
+PRECISION_PX = 320  # the "set to" dropdown and Set button beside the layer-precision list
 
 
-def fit_layer_lists(*lists: widgets.SelectMultiple) -> None:
+def fit_layer_lists(*lists: tuple[widgets.SelectMultiple, int]) -> None:
     """Widen the layer lists to their longest name (BERT's ``encoder.layer.11.attention...``
-    would be cut at the default 220 px), within the panel's width."""
-    for select in lists:
+    would be cut at the default 220 px), within the panel's width less ``beside`` px of
+    the controls next to the list."""
+    for select, beside in lists:
         labels = [o[0] if isinstance(o, tuple) else o for o in select.options]
         longest = max((len(str(label)) for label in labels), default=0)
         width = LIST_LABEL_PX + CHAR_PX * (longest + LIST_SUFFIX_CHARS)
-        select.layout.width = f"min(100%, {width:.0f}px)"
+        select.layout.width = f"min(calc(100% - {beside}px), {width:.0f}px)"
 
 
 def show_none_option(dropdown: widgets.Dropdown) -> None:
@@ -140,7 +142,8 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_preset()
         self._on_method()
         self._on_mixed_precision()
-        fit_layer_lists(self.keep_fp32, self.layer_precision.layers)
+        self.add_class("jp-WorkbenchPanel")  # report_view.css styles its tab titles
+        fit_layer_lists((self.keep_fp32, 0), (self.layer_precision.layers, PRECISION_PX))
         for child in self._control_widgets():
             if isinstance(child, widgets.Dropdown):
                 show_none_option(child)

@@ -5,6 +5,7 @@ res = wb.ptq(model, calib_data, config=wb.QuantConfig.preset("int8"))
 res.report.layers
 """
 
+from workbench._version import __version__ as __version__
 from workbench.analysis.pareto import pareto_table
 from workbench.analysis.report import Report
 from workbench.core.qtensor import QTensor, quantize_tensor
@@ -21,13 +22,12 @@ from workbench.errors import (
     NonFiniteError,
     WorkbenchError,
 )
+from workbench.workflows.autotune import autotune
 from workbench.workflows.mixed_precision import auto_mixed_precision, keep_most_sensitive_fp32
 from workbench.workflows.ptq import ptq
 from workbench.workflows.qat import qat
 from workbench.workflows.result import QuantResult
 from workbench.workflows.sensitivity import sensitivity
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError",
@@ -45,7 +45,9 @@ __all__ = [
     "Scheme",
     "WorkbenchError",
     "auto_mixed_precision",
+    "autotune",
     "benchmark",
+    "generation_benchmark",
     "keep_most_sensitive_fp32",
     "load_ipython_extension",
     "panel",
@@ -75,4 +77,9 @@ def __getattr__(name: str):
         from workbench.runtime.benchmark import benchmark
 
         return benchmark
+    # wb.generation_benchmark runs onnxruntime-genai (an optional extra), only when asked for
+    if name == "generation_benchmark":
+        from workbench.runtime.genai_generation import generation_benchmark
+
+        return generation_benchmark
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -6,9 +6,31 @@ so code that already catches those keeps working.
 
 from __future__ import annotations
 
+import re
+
 
 class WorkbenchError(Exception):
-    """Base class of every error the workbench raises on purpose."""
+    """Base class of every error the workbench raises on purpose.
+
+    ``code`` names the kind of error for code that handles it: each class has its own, and
+    an error may carry a finer one (``DistributedError``: ``distributed.timeout``, ...).
+    Code reads the code; the message is for people.
+    """
+
+    code = "workbench"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # ConfigError -> "config", NonFiniteError -> "non_finite"
+        if "code" in cls.__dict__:  # a class that names its own code
+            return
+        words = re.findall(r"[A-Z][a-z]*", cls.__name__.removesuffix("Error"))
+        cls.code = "_".join(word.lower() for word in words)
+
+    def __init__(self, *args: object, code: str | None = None) -> None:
+        super().__init__(*args)
+        if code is not None:
+            self.code = code
 
 
 class ConfigError(WorkbenchError, ValueError):

@@ -146,7 +146,7 @@ export const LAYER_COLUMNS: IColumn[] = [
 
 /** A layer kept in FP32 because it was folded away (BatchNorm into the conv before it). */
 export function isFolded(row: ILayerRow): boolean {
-  return row.status === 'fp32' && (!!row.folded_into || (row.reason || '').startsWith('folded into'));
+  return row.status === 'fp32' && (!!row.folded_into || row.precision === 'folded');
 }
 
 function compare(a: SortValue, b: SortValue, numeric: boolean): number {

@@ -141,6 +141,7 @@ def run_rank(rank: int, job: str, out_dir: Path, model: nn.Module) -> None:
                 result = {"error": None}
             except BaseException as exc:  # what each process was told
                 result = {"error": type(exc).__name__, "message": str(exc)}
+                result["code"] = getattr(exc, "code", None)
                 if job == "exception" and rank == 1:
                     # stay alive past the timeout: rank 0 must fail by the timeout, not
                     # because this process's connections closed

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import workbench as wb
 from workbench.engine.layers import QuantizedLayer
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 1000
 

@@ -117,7 +117,10 @@ def test_a_stopped_rank_gives_an_error_on_every_rank_not_a_hang(tmp_path, job):
     if job == "interrupt":
         assert stopped["error"] == "DistributedError"
         assert "rank 1 was interrupted" in stopped["message"]
+        assert stopped["code"] == "distributed.interrupted"
     else:
         assert stopped["error"] == "ValueError" and "on purpose" in stopped["message"]
     assert waiting["error"] == "DistributedError"
     assert "rank 0: another process stopped" in waiting["message"]
+    # gloo's own message on this machine: the peer's connection closed, or the timeout
+    assert waiting["code"] in ("distributed.peer_lost", "distributed.timeout")

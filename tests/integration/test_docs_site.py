@@ -28,10 +28,19 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 LAZY_NAMES = {
     "panel": "workbench.notebook.panel.panel",
     "benchmark": "workbench.runtime.benchmark.benchmark",
+    "generation_benchmark": "workbench.runtime.genai_generation.generation_benchmark",
 }
 # documented in the reference beside the public names: QuantResult's and Report's methods
 PUBLIC_METHODS = {
-    "QuantResult": ["export_onnx", "export_fp32_onnx", "fusion", "parity"],
+    "QuantResult": [
+        "export_onnx",
+        "export_fp32_onnx",
+        "fusion",
+        "parity",
+        "save_pretrained",
+        "export_genai",
+        "generation_parity",
+    ],
     "Report": ["to_html", "to_json", "plot_sqnr", "plot_storage"],
     "QuantConfig": ["preset"],
 }

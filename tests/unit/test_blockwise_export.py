@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import workbench as wb
+from tests.parity_bounds import assert_within_quantization_error
 from workbench.errors import ExportError
 from workbench.runtime.ort_session import make_session, run_session
 
@@ -72,6 +73,8 @@ def test_packed_weights_are_the_simulated_codes_and_ort_computes_the_simulation(
     np.testing.assert_allclose(fp32_compute, simulated, rtol=1e-4, atol=1e-5)
     fast = result.export_onnx(tmp_path / "fast.onnx", x[:2])  # default 4: int8 compute
     (int8_compute,) = run_session(make_session(fast), x)
+    # accuracy level 4 rounds each input block to int8, which the simulation does not model
+    # (its error can exceed the 8-bit weights' own): close, not within the weights' error
     assert cosine(int8_compute, simulated) >= 0.999
     table = result.fusion(fast, warn=False).table
     assert list(table["kernel"]) == ["MatMulNBits"] * 3
@@ -150,8 +153,8 @@ def test_quantized_inputs_keep_an_fp32_bias_before_matmul_nbits(tmp_path):
     path = result.export_onnx(tmp_path / "m.onnx", x[:1], accuracy_level=1)
     assert list(result.fusion(path, warn=False).table["kernel"]) == ["MatMulNBits"] * 3
     with torch.no_grad():
-        simulated = result.model(x).numpy()
-    assert cosine(run_session(make_session(path), x)[0], simulated) >= 0.9999
+        simulated, fp32 = result.model(x).numpy(), model(x).numpy()
+    assert_within_quantization_error(run_session(make_session(path), x)[0], simulated, fp32)
 
 
 class TokenModel(nn.Module):

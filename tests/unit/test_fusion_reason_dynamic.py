@@ -10,7 +10,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.runtime.fusion_check import _unfused_reason
-from workbench.runtime.qdq_graph import read_graph_info
+from workbench.runtime.graph_info import read_graph_info
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,7 +1,9 @@
 """Property: over configs x small random models x batch shapes, PTQ -> ONNX export -> ONNX
-Runtime either succeeds with ONNX Runtime computing what the simulated model computes
-(cosine >= 0.999) or raises a WorkbenchError; never another exception, never a modified
-user model or data (tests/unit/model_guard.py). 200 derandomized examples, each tiny.
+Runtime either succeeds with ONNX Runtime computing what the simulated model computes (closer
+to it than the simulation is to FP32: tests/parity_bounds.py) or raises a WorkbenchError; never
+another exception, never a modified user model or data (tests/unit/model_guard.py). 200
+derandomized examples, each tiny, of which at least ``MIN_EXPORTED_SHARE`` must export (an
+error is allowed, not the rule).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from model_guard import Snapshot
 from torch import nn
 
 import workbench as wb
+from tests.parity_bounds import assert_within_quantization_error
 
 PARITY_COSINE = 0.999
 
@@ -108,17 +111,39 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
-@given(
-    model_and_shape=models(),
-    config=configs(),
-    calib_sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3),
-    example_size=st.integers(1, 4),
-    data_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
-)
-def test_ptq_export_runs_in_onnxruntime_or_raises_a_workbench_error(
-    folder, model_and_shape, config, calib_sizes, example_size, data_scale
-):
+# Most drawn examples are ordinary models and data: a fuzz run where nearly all of them raise
+# (a bug turning every export into an ExportError) must fail, not pass on the error branch.
+# Measured here: all 200 derandomized examples export; 0.9 leaves room for a documented error
+# on a new draw (hypothesis' version changes the examples) and fails when most examples raise.
+MIN_EXPORTED_SHARE = 0.9
+
+
+def test_ptq_export_runs_in_onnxruntime_or_raises_a_workbench_error(folder):
+    outcomes: dict[str, int] = {"exported": 0, "error": 0}
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
+    @given(
+        model_and_shape=models(),
+        config=configs(),
+        calib_sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+        example_size=st.integers(1, 4),
+        data_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
+    )
+    def one_example(model_and_shape, config, calib_sizes, example_size, data_scale):
+        outcomes[
+            export_and_compare(
+                folder, model_and_shape, config, calib_sizes, example_size, data_scale
+            )
+        ] += 1
+
+    one_example()
+    total = outcomes["exported"] + outcomes["error"]
+    assert outcomes["exported"] >= MIN_EXPORTED_SHARE * total, outcomes
+
+
+def export_and_compare(folder, model_and_shape, config, calib_sizes, example_size, data_scale):
+    """One example: ``"exported"`` (ONNX Runtime computes the simulation) or ``"error"`` (a
+    WorkbenchError, nothing modified); any other exception or a mismatch fails."""
     from workbench.runtime.ort_session import make_session, run_session
 
     model, shape = model_and_shape
@@ -137,13 +162,15 @@ def test_ptq_export_runs_in_onnxruntime_or_raises_a_workbench_error(
     except wb.WorkbenchError as error:
         event(f"{type(error).__name__}: {str(error)[:60]}")
         snapshot.assert_unchanged()
-        return
+        return "error"
     event("exported, parity checked")
     snapshot.assert_unchanged()
     with torch.no_grad():
         simulated = result.model(example).numpy()
+        fp32 = result.fp32_model(example).numpy()
     assert onnx_out.shape == simulated.shape
-    assert cosine(onnx_out, simulated) >= PARITY_COSINE
+    assert_within_quantization_error(onnx_out, simulated, fp32)
+    return "exported"
 
 
 def test_saturated_int32_bias_keeps_its_sign(folder):

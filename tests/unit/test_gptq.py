@@ -312,7 +312,8 @@ class _Conv1DBlock(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        from transformers.pytorch_utils import Conv1D as conv1d
+
         self.c_fc = conv1d(96, 32)
         self.c_proj = conv1d(32, 96)
 
@@ -323,7 +324,8 @@ class _Conv1DBlock(nn.Module):
 def test_gpt2_conv1d_block_wise_gptq_exports_its_codes(tmp_path):
     """GPT-2's Conv1D at 4 bits in groups of 32: GPTQ rounds it, beats round-to-nearest, and
     ONNX Runtime's MatMulNBits (FP32 compute) runs exactly the simulated weights."""
-    ort = pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
     torch.manual_seed(0)
     model = _Conv1DBlock().eval()
     x = _correlated_inputs(8 * 64, 32, seed=10).reshape(8, 8, 8, 32)

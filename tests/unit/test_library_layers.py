@@ -186,6 +186,37 @@ def test_an_attribute_neither_has_is_named_as_the_wrappers_not_the_datas():
     assert not hasattr(res.model.fc, "temperature")  # still an AttributeError for hasattr
 
 
+class ChecksItsLayers(nn.Module):
+    """A forward that branches on ``isinstance(self.proj, nn.Linear)``: with a stand-in that is
+    not a Linear it would take the other path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.proj(x) if isinstance(self.proj, nn.Linear) else x
+        return self.head(x)
+
+
+def test_a_forward_that_checks_a_layers_type_keeps_that_layer_fp32():
+    torch.manual_seed(0)
+    model = ChecksItsLayers().eval()
+    batches = [torch.randn(8, 6) for _ in range(3)]
+    res = wb.ptq(model, batches, config="int8", progress=False)
+    table = res.report.layers.set_index("layer")
+    assert table.loc["proj", "status"] == "fp32"
+    assert "isinstance" in table.loc["proj", "reason"]
+    assert table.loc["head", "status"] == "quantized"
+    assert type(res.model.proj) is nn.Linear
+    acc = ErrorAccumulator()
+    with torch.no_grad():
+        for batch in batches:
+            acc.add(model(batch), res.model(batch))
+    assert acc.sqnr_db > 30  # skipping proj would be far off
+
+
 class StdConv2d(nn.Conv2d):
     """timm's weight-standardized conv: the forward convolves with a normalized weight."""
 
@@ -201,15 +232,23 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) * 0.5
 
 
+class SpelledLinear(nn.Linear):
+    """transformers' FalconLinear: the Linear's computation, spelled out."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
 class OwnForwards(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.std = StdConv2d(3, 8, 3)
         self.plain = nn.Conv2d(8, 8, 1)
+        self.spelled = SpelledLinear(8, 8)
         self.scaled = ScaledLinear(8, 4)
 
     def forward(self, x):
-        return self.scaled(self.plain(self.std(x)).mean(dim=(2, 3)))
+        return self.scaled(self.spelled(self.plain(self.std(x)).mean(dim=(2, 3))))
 
 
 def test_subclasses_with_their_own_forward_are_kept_fp32_with_the_reason():
@@ -223,6 +262,7 @@ def test_subclasses_with_their_own_forward_are_kept_fp32_with_the_reason():
         assert "own forward" in table.loc[name, "reason"] and base in table.loc[name, "reason"]
         assert type(res.model.get_submodule(name)) is type(model.get_submodule(name))
     assert table.loc["plain", "status"] == "quantized"
+    assert table.loc["spelled", "status"] == "quantized"  # computes what nn.Linear does
     acc = ErrorAccumulator()
     with torch.no_grad():
         for batch in batches:
@@ -324,3 +364,56 @@ def test_training_only_inputs_stay_out_of_the_exported_model(tmp_path, ort_exact
     assert parity.table["cosine"].iloc[0] > 0.99
     bench = wb.benchmark(res, res, batches[0], runs=1, warmup=0)
     assert len(bench.table) >= 2
+
+
+class ProjectsATable(nn.Module):
+    """DeBERTa-v2's pattern: a Linear applied to a weight table (its input is the same for
+    every batch), next to one applied to the model's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 8))
+        self.pos_proj = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):  # x: [batch, 8]
+        return self.proj(x) @ self.pos_proj(self.table).T
+
+
+def test_a_layer_whose_input_is_computed_from_weights_only_is_kept_fp32():
+    torch.manual_seed(0)
+    model = ProjectsATable().eval()
+    batches = [torch.randn(6, 8) for _ in range(2)]
+    table = wb.ptq(model, batches, config="int8", progress=False).report.layers.set_index("layer")
+    assert table.loc["proj", "status"] == "quantized"
+    assert table.loc["pos_proj", "status"] == "fp32"
+    assert "does not depend on the model's inputs" in table.loc["pos_proj", "reason"]
+
+
+class PoolsItsWholeInput(nn.Module):
+    """transformers' EfficientNet pooler: ``AvgPool2d(hidden_dim, ceil_mode=True)``, a window
+    larger than the feature map it pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(16, ceil_mode=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x).relu()).flatten(1))
+
+
+def test_an_average_pool_window_covering_its_input_matches_onnx_runtime(tmp_path, ort_exact_int8):
+    from tests.parity_bounds import assert_parity_within_quantization_error
+
+    torch.manual_seed(0)
+    model = PoolsItsWholeInput().eval()
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]  # 3x3 maps under a 16x16 window
+    res = wb.ptq(model, batches, config=ort_exact_int8, progress=False)
+    path = res.export_onnx(tmp_path / "pool.onnx", batches[0], check_fusion=False)
+    fusion = res.fusion(path, warn=False)
+    assert fusion.all_fused, fusion.ops
+    pools = fusion.ops[fusion.ops["kind"] == "average pool"]
+    assert pools["kernel"].tolist() == ["QLinearGlobalAveragePool"]
+    assert_parity_within_quantization_error(res.parity(path, batches).table.iloc[0])

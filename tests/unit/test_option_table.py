@@ -12,7 +12,8 @@ from digits_models import tiny_cnn
 import workbench as wb
 from workbench.engine.qat_options import TrainingOptions
 from workbench.notebook.magic_args import OPTION_KEYS, parse_line
-from workbench.notebook.options import CONFIG, OPTIONS, SCHEME, TRAINING
+from workbench.notebook.option_spec import CONFIG, SCHEME, TRAINING
+from workbench.notebook.options import OPTIONS
 from workbench.notebook.panel import WorkbenchPanel
 from workbench.notebook.recipe import make_recipe, recipe_from_yaml
 
@@ -76,7 +77,7 @@ def test_each_option_names_a_field_of_where_it_goes():
     for option in OPTIONS:
         owner = owners.get(option.target)
         if owner is not None:
-            assert option.name in {f.name for f in dataclasses.fields(owner)}, option.name
+            assert (option.field or option.name) in {f.name for f in dataclasses.fields(owner)}
     assert set(OPTION_KEYS) == {option.name for option in OPTIONS}
 
 

@@ -330,7 +330,8 @@ def test_qat_imports_matplotlib_only_for_figures():
 
 
 def test_qat_report_json_follows_the_report_schema():
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     from workbench.analysis.report_json import report_schema
 
     result = wb.qat(

@@ -275,7 +275,7 @@ def test_to_html_that_fails_leaves_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(pathlib.Path, "write_text", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(wb.ConfigError, match=r"cannot write the report to .*: disk full"):
         res.report.to_html(path)
     monkeypatch.undo()
     assert path.read_text(encoding="utf-8") == "previous report"

@@ -45,7 +45,8 @@ def pareto_table(runs: Mapping[str, Any] | Iterable[Any]) -> pd.DataFrame:
 
     ``runs`` is a mapping name -> QuantResult (or dict with ``metric``, ``size_bytes`` and
     optionally ``latency_ms``), or an iterable of such dicts with a ``run`` key. Latency enters
-    the comparison only when every run has it.
+    the comparison only when every run has it. A run without a metric (NaN / None) is listed
+    but never Pareto-optimal.
     """
     items = runs.items() if isinstance(runs, Mapping) else ((str(i), r) for i, r in enumerate(runs))
     table = pd.DataFrame([_row(name, run) for name, run in items], columns=PARETO_COLUMNS[:-1])
@@ -55,9 +56,16 @@ def pareto_table(runs: Mapping[str, Any] | Iterable[Any]) -> pd.DataFrame:
     table["size_bytes"] = table["size_bytes"].astype("int64")
     table["latency_ms"] = table["latency_ms"].astype(float)
     use_latency = bool(table["latency_ms"].notna().all())
+    # a run without a metric cannot be compared: it is never optimal and dominates nothing
+    measured = table["metric"].notna()
     table["pareto_optimal"] = [
-        not any(dominates(other, row, use_latency) for _, other in table.iterrows())
-        for _, row in table.iterrows()
+        bool(measured[index])
+        and not any(
+            dominates(other, row, use_latency)
+            for other_index, other in table.iterrows()
+            if measured[other_index]
+        )
+        for index, row in table.iterrows()
     ]
     return table
 

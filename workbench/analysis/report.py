@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,11 @@ class Report:
         ``zero_point_bytes``, ``bias_bytes``, ``total_bytes``) and a ``TOTAL`` row.
     summary : dict
         Sizes, compression ratio, SQNR figures, worst layers, metric FP32 vs quantized.
+    sites : pandas.DataFrame
+        One row per activation quantizer (layer inputs, model inputs, conv / add / concat /
+        pool outputs, matmul inputs): ``site`` (the name ``QuantConfig.overrides`` matches),
+        ``kind``, ``bits``, ``scale``, ``zero_point``, ``sqnr_db`` (``analysis.sites``); also
+        a table of the HTML / JSON report.
     """
 
     def __init__(
@@ -89,6 +95,14 @@ class Report:
         self.summary = summary
         self.extra_tables: dict[str, pd.DataFrame] = dict(extra_tables or {})
         self._model = model
+
+    @property
+    def sites(self) -> pd.DataFrame:
+        """The activation quantizer sites (empty for a weight-only model)."""
+        from workbench.analysis.sites import SITE_COLUMNS, SITES_TITLE
+
+        table = self.extra_tables.get(SITES_TITLE)
+        return table if table is not None else pd.DataFrame(columns=SITE_COLUMNS)
 
     # plots -------------------------------------------------------------------------------
     def plot_sqnr(self):
@@ -187,12 +201,22 @@ class Report:
 
     def to_html(self, path) -> None:
         """Write the report as one self-contained HTML page (inline CSS and SVG, no network;
-        model name, date, versions; dark with the reader's colour scheme), atomically."""
+        model name, date, versions; dark with the reader's colour scheme), atomically; missing
+        folders on the way are created."""
         from workbench.analysis.report_page import report_page
 
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigError(f"path must be a file path such as 'report.html', got {path!r}")
         page = report_page(self.to_json(), self.model_name())
-        with atomic_path(Path(path), ".html") as temporary:
-            temporary.write_text(page, encoding="utf-8")
+        try:
+            with atomic_path(Path(path), ".html") as temporary:
+                temporary.write_text(page, encoding="utf-8")
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise ConfigError(
+                f"cannot write the report to {str(path)!r}: {reason}; pass a file path in a "
+                "folder you can write to"
+            ) from exc
 
 
 class ReportView:

@@ -65,11 +65,6 @@ def format_ratio(value: Any) -> str:
     return f"{float(value):.2f}\u00d7" if is_number(value) else MISSING
 
 
-def format_ms(value: Any) -> str:
-    """``2.53 ms``."""
-    return f"{significant(float(value))} ms" if is_number(value) else MISSING
-
-
 def format_cell(value: Any) -> str:
     """Any table cell: numbers positional with at most 3 decimals, missing as an em dash."""
     if value is None:

@@ -13,6 +13,7 @@ import html
 from importlib import metadata
 from typing import Any
 
+from workbench._version import __version__
 from workbench.analysis.report_html import report_view_html, stylesheet
 
 DARK_PALETTE = """
@@ -113,11 +114,8 @@ def page_meta(model_name: str | None, now: datetime.datetime | None = None) -> l
     items.append(now.strftime("%Y-%m-%d %H:%M UTC"))
     import torch
 
-    import workbench
-
     items.append(
-        f"torch {torch.__version__}, onnxruntime {_version('onnxruntime')}, "
-        f"workbench {workbench.__version__}"
+        f"torch {torch.__version__}, onnxruntime {_version('onnxruntime')}, workbench {__version__}"
     )
     return items
 

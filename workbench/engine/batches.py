@@ -1,5 +1,10 @@
 """Calibration / training data: accept what users have, run it through a model.
 
+The data is a DataLoader, an iterable of batches, one tensor (one batch), or one
+``(X, y)`` tuple of inputs and targets with the same number of samples, ``y`` with fewer
+dimensions (one batch, as a DataLoader of ``TensorDataset(X, y)`` would yield it whole;
+``inputs_and_targets``).
+
 A batch may be a tensor (``model(x)``), a tuple / list whose first item is the input
 (``(inputs, targets)`` as a DataLoader of a TensorDataset yields), or a dict of keyword inputs
 (``model(**batch)``, e.g. a tokenizer's output).
@@ -61,7 +66,7 @@ def iter_batches(
 def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
     if data is None:
         raise CalibrationError(f"{what} is None; pass a DataLoader or a list of input tensors")
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, torch.Tensor) or inputs_and_targets(data):
         batches: Iterable = [data]
     elif isinstance(data, Mapping):  # one batch of keyword inputs (a tokenizer's BatchEncoding)
         batches = [data]
@@ -81,6 +86,22 @@ def _checked_batches(data: Any, max_batches: int | None, what: str) -> Iterator:
         raise CalibrationError(
             f"{what} yielded 0 batches; pass a DataLoader or a list of input tensors"
         )
+
+
+def inputs_and_targets(data: Any) -> bool:
+    """Whether ``data`` is one ``(inputs, targets)`` pair of tensors, as ``wb.ptq(model, (X,
+    y))`` passes a whole data set: a tuple of two tensors with the same number of samples, the
+    second with fewer dimensions (labels ``[N]`` for inputs ``[N, ...]``; two batches of one
+    model would have the same number). It is read as one batch, as a DataLoader's ``(x, y)``
+    batch (the model sees ``X``), not as two batches."""
+    if not (isinstance(data, tuple) and len(data) == 2):
+        return False
+    inputs, targets = data
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return False
+    if inputs.dim() == 0 or targets.dim() == 0 or targets.dim() >= inputs.dim():
+        return False
+    return len(inputs) == len(targets)
 
 
 def not_iterable(data: Any, what: str, expected: str) -> CalibrationError:
@@ -232,10 +253,18 @@ def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_d
     except WorkbenchError:
         raise  # already one clear sentence (a NaN activation, an observer's complaint)
     except Exception as exc:  # the model's own error (shape, KeyError, assert), in one line
+        doubles = any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.float64
+            for t in tree_flatten((args, kwargs))[0]
+        )
+        fix = (
+            f"{what} is float64 and the model float32: pass float32 data (x.float())"
+            if doubles
+            else "pass batches shaped like the model's input"
+        )
         raise CalibrationError(
             f"batch {index} of {what} could not run through the model "
-            f"({type(exc).__name__}: {first_line(exc)}); "
-            "pass batches shaped like the model's input"
+            f"({type(exc).__name__}: {first_line(exc)}); {fix}"
         ) from exc
 
 
@@ -345,6 +374,12 @@ def take_first_batches(train_data: Any, count: int) -> list[Any]:
         raise CalibrationError(
             "train_data is a single tensor, which has no targets for loss_fn; pass a "
             "DataLoader of (inputs, targets), e.g. DataLoader(TensorDataset(x, y))"
+        )
+    if inputs_and_targets(train_data):  # calibration reads it as one batch; training cannot
+        raise CalibrationError(
+            "train_data is one (inputs, targets) pair of tensors: training on it would take one "
+            "step per epoch; pass mini-batches: DataLoader(TensorDataset(X, y), batch_size=32, "
+            "shuffle=True)"
         )
     if isinstance(train_data, dict):
         return [train_data]

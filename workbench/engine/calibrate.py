@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import (
     SpectralNorm,
@@ -21,6 +22,7 @@ from workbench.core.qparams import check_finite
 from workbench.engine.batches import run_model
 from workbench.engine.bn_fold import bn_output_statistics, fold_batchnorms
 from workbench.engine.config import QuantConfig
+from workbench.engine.constant_inputs import CONSTANT_INPUT_NOTE, layers_with_constant_input
 from workbench.engine.conv1d import linearize_conv1d
 from workbench.engine.distributed import Job, combine_calibration
 from workbench.engine.equalize import equalize_model, mark_equalized
@@ -38,6 +40,7 @@ from workbench.engine.prepare import (
 )
 from workbench.engine.quantizers import OBSERVE, QUANTIZE, ActivationQuantizer
 from workbench.engine.smoothquant import mark_smoothed, smooth_model
+from workbench.engine.stand_in_check import STAND_IN_NOTE, stand_ins_that_change_the_model, unwrap
 from workbench.errors import CalibrationError, ConfigError, ModelError
 
 
@@ -66,6 +69,25 @@ def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+            "or torch.jit.trace), whose layers cannot be replaced by quantized ones; pass the "
+            "original nn.Module"
+        )
+    lazy = [name for name, tensor in model.named_parameters() if is_lazy(tensor)]
+    lazy += [name for name, tensor in model.named_buffers() if is_lazy(tensor)]
+    if lazy:
+        raise ModelError(
+            f"{lazy[0]!r} of the model is not materialized yet (a lazy module such as "
+            "nn.LazyLinear); run one batch through the model first: model(example_batch)"
+        )
+    doubles = [name for name, tensor in model.named_parameters() if tensor.dtype == torch.float64]
+    if doubles:
+        raise ModelError(
+            f"the model is float64 ({doubles[0]!r}); the quantized model and ONNX Runtime's "
+            "integer kernels take float32: pass model.float() and float32 data (x.float())"
         )
     tensors = [*model.named_parameters(), *model.named_buffers()]
     meta = [name for name, tensor in tensors if tensor.is_meta]
@@ -194,6 +216,9 @@ def prepare_model(
     for bn_name, layer_name in folded.items():  # ``model`` still holds the BatchNorms
         plan = by_name[layer_name]
         plan.output_mean, plan.output_std = bn_output_statistics(model.get_submodule(bn_name))
+    reference = None  # the FP32 model's output on the first batch
+    if first_batch is not None:
+        reference = _keep_constant_input_layers_fp32(fp32_model, plans, first_batch)
     check_plans(fp32_model, plans, config)
     if config.equalize:
         mark_equalized(plans, equalize_model(fp32_model, first_batch))
@@ -201,22 +226,76 @@ def prepare_model(
         _smooth(fp32_model, plans, config, batches or [first_batch])
     if not any(plan.status == QUANTIZED for plan in plans):
         types = sorted({plan.layer_type for plan in plans}) or ["none"]
+        tables = [m for m in fp32_model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+        hint = (
+            "; its embedding tables are quantized with QuantConfig(quantize_embeddings=True)"
+            if tables and not config.quantize_embeddings
+            else ""
+        )
         raise ModelError(
             f"the model has no layer to quantize (supported: {LAYER_TYPE_NAMES}; "
-            f"found: {', '.join(types)}); check config.exclude or pass a model with such layers"
+            f"found: {', '.join(types)}); check config.exclude or pass a model with such "
+            f"layers{hint}"
         )
     prepared = copy.deepcopy(fp32_model)
     prepared = insert_quantizers(prepared, plans, config)
+    if first_batch is not None:
+        for name in stand_ins_that_change_the_model(reference, prepared, first_batch):
+            unwrap(prepared, name)
+            plan = by_name[name]
+            plan.status, plan.note = FP32, STAND_IN_NOTE.format(type=plan.layer_type)
+            plan.weight_bits = plan.activation_bits = plan.kept_bits = None
     # dynamic mode: no static quantizer anywhere, so no output quantizers after convs / adds
+    sites: list[str] = []
     raised = (
-        {} if config.dynamic else insert_output_quantizers(prepared, first_batch, config, folded)
+        {}
+        if config.dynamic
+        else insert_output_quantizers(prepared, first_batch, config, folded, sites)
     )
     for plan in plans:
         if plan.name in raised:
             layer = get_layer(prepared, plan.name)
             plan.activation_bits = layer.input_quantizer.scheme.bits
             plan.activation_raised_by = raised[plan.name]
+    check_override_patterns(sites, plans, config)
     return fp32_model, prepared, plans
+
+
+def _keep_constant_input_layers_fp32(
+    model: nn.Module, plans: list[LayerPlan], batch
+) -> torch.Tensor | None:
+    """Layers with an input quantizer whose input is computed from weights only are kept FP32
+    (``engine.constant_inputs``); returns the model's main output on ``batch``."""
+    candidates = [
+        plan
+        for plan in plans
+        if plan.status == QUANTIZED
+        and plan.activation_bits is not None
+        and not isinstance(get_layer(model, plan.name), nn.Embedding)
+    ]
+    names = [plan.name for plan in candidates]
+    constant, output = layers_with_constant_input(model, batch, names)
+    for plan in candidates:
+        if plan.name in constant:
+            plan.status, plan.note = FP32, CONSTANT_INPUT_NOTE
+            plan.weight_bits = plan.activation_bits = plan.kept_bits = None
+    return output
+
+
+def check_override_patterns(sites: list[str], plans: list[LayerPlan], config: QuantConfig):
+    """An overrides pattern that matches no layer and no quantizer site is a typo: an error
+    naming both lists (a site pattern only matches once the sites are placed)."""
+    names = [plan.name for plan in plans]
+    for pattern in config.overrides:
+        if any(matches_any(name, (pattern,)) for name in names + sites):
+            continue
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        sites_shown = ", ".join(sites[:6]) + (", ..." if len(sites) > 6 else "")
+        raise ConfigError(
+            f"config.overrides pattern {pattern!r} matches no layer of the model; "
+            f"use layer names as in report.layers (this model's: {shown})"
+            + (f" or site names as in report.sites ({sites_shown})" if sites else "")
+        )
 
 
 def _smooth(model: nn.Module, plans: list[LayerPlan], config: QuantConfig, batches) -> None:
@@ -235,13 +314,11 @@ def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -
     """Exclude patterns that match no layer (a typo would quietly quantize the layer meant to
     stay FP32) and layers with nothing to quantize are errors naming the layer."""
     names = [plan.name for plan in plans]
-    patterns = [("exclude", p) for p in config.exclude]
-    patterns += [("overrides", p) for p in config.overrides]
-    for field_name, pattern in patterns:
+    for pattern in config.exclude:
         if not any(matches_any(name, (pattern,)) for name in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ConfigError(
-                f"config.{field_name} pattern {pattern!r} matches no layer of the model; "
+                f"config.exclude pattern {pattern!r} matches no layer of the model; "
                 f"use layer names as in report.layers (this model's: {shown})"
             )
     if not config.quantize_lm_head and not any(plan.lm_head for plan in plans):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -88,10 +89,14 @@ class QuantConfig:
         Per-layer precision: ``{"pattern": {"weight": Scheme, "activation": Scheme or None}}``
         with layer names or glob patterns as in ``exclude``. A missing key keeps the config's
         scheme; ``"activation": None`` keeps that layer's input FP32 (weight-only). When
-        several patterns match a layer, later ones replace the keys they give. The quantizers
-        around the layer (the output quantizers placed after the op feeding it, and the ones
-        sharing their scale) follow it; where one feeds layers of different precisions, the
-        higher precision wins.
+        several patterns match a layer, later ones replace the keys they give. The activation
+        quantizers the engine places outside layers (conv / add / concat / pool outputs,
+        matmul inputs: the rows of ``report.sites``) are matched by their site name
+        (``"add#0"``, ``"layer1.*iadd*"``; ``"*"`` matches every layer and every site) with
+        the ``"activation"`` key (``None``: that site stays FP32). A site no pattern names
+        follows the layers around it: the highest precision among the layer whose output it
+        quantizes and the layers it feeds (through pooling, reshapes, other sites), and it is
+        dropped when all of those are FP32.
     """
 
     weight: Scheme = field(default_factory=lambda: Scheme(8, True, True, 0))
@@ -182,6 +187,17 @@ class QuantConfig:
                 weight = override.get("weight", weight)
                 activation = override.get("activation", activation)
         return weight, activation
+
+    def site_activation(self, site: str) -> tuple[str | None, Scheme | None]:
+        """``(pattern, scheme)`` of the last override whose pattern matches the activation
+        quantizer site ``site`` (``"add#0"``, ``"layer1.0.__iadd__#0"``: the names of
+        ``report.sites``) and that gives an ``"activation"``; ``(None, None)`` when none does
+        (the site then follows the layers around it). A scheme of None keeps the site FP32."""
+        found: tuple[str | None, Scheme | None] = (None, None)
+        for pattern, override in self.overrides.items():
+            if "activation" in override and (site == pattern or fnmatch.fnmatchcase(site, pattern)):
+                found = (pattern, override["activation"])
+        return found
 
     @property
     def dynamic(self) -> bool:
@@ -287,6 +303,9 @@ class QuantConfig:
         """
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        for key in overrides:
+            if key not in cls.__dataclass_fields__:
+                raise unknown_field_error(key, f"QuantConfig.preset({name!r}, ...)")
         return replace(PRESETS[name], **overrides)
 
     def describe(self) -> str:
@@ -314,6 +333,26 @@ class QuantConfig:
         if self.bias_correction_method is not None:
             methods.append(f"{self.bias_correction_method} bias correction")
         return methods
+
+
+def unknown_field_error(key: str, call: str) -> ConfigError:
+    """The error for a keyword QuantConfig does not have, naming the close match (a Scheme
+    setting such as ``per_channel`` is told where it belongs)."""
+    fields = list(QuantConfig.__dataclass_fields__)
+    scheme_fields = list(Scheme.__dataclass_fields__)
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    near_scheme = difflib.get_close_matches(key, scheme_fields, n=1, cutoff=0.6)
+    if near_scheme and (not close or key not in fields):
+        setting = near_scheme[0]
+        return ConfigError(
+            f"{call} got an unknown keyword {key!r}; {setting!r} is a Scheme setting: pass "
+            f"weight=wb.Scheme(8, True, {setting}=...) (or activation=...), or a preset such as "
+            "'int8-per-tensor'"
+        )
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(
+        f"{call} got an unknown keyword {key!r}; {hint}QuantConfig takes {', '.join(fields)}"
+    )
 
 
 def _exclude_patterns(exclude: object) -> tuple[str, ...]:

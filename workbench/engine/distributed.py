@@ -59,6 +59,12 @@ class Job:
     def writes_files(self) -> bool:
         return self.rank == 0
 
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release our process groups (every process calls it, after the last collective)."""
         groups = [self.cpu_group] + ([self.train_group] if self.train_group is not None else [])
@@ -97,6 +103,15 @@ def join_job(device: torch.device | None = None) -> Job | None:
     return Job(dist.get_rank(), dist.get_world_size(), seconds, cpu_group, train_group, backend)
 
 
+@contextlib.contextmanager
+def distributed_job(device: torch.device | None = None) -> Iterator[Job | None]:
+    """``join_job``'s Job for a ``with`` block, its process groups released when the block
+    ends, by an exception too; None outside a multi-process job."""
+    job = join_job(device)
+    with job if job is not None else contextlib.nullcontext():
+        yield job
+
+
 # torch.distributed's own error class (a RuntimeError; DistError since torch 2.2, gloo's
 # timeouts and closed connections are plain RuntimeErrors named by their message)
 DIST_ERROR = getattr(dist, "DistError", RuntimeError)
@@ -118,19 +133,58 @@ def collective_errors(seconds: float, doing: str) -> Iterator[None]:
 
 def collective_failure(exc: BaseException, seconds: float, doing: str) -> DistributedError | None:
     """The :class:`DistributedError` telling ``exc``, when ``exc`` is a collective's failure
-    (a peer stopped or the timeout passed); None for any other error."""
-    if isinstance(exc, WorkbenchError):
-        return None
-    text = str(exc).lower()
-    words = ("gloo", "nccl", "timed out", "connection", "peer")
-    distributed_type = isinstance(exc, DIST_ERROR) and DIST_ERROR is not RuntimeError
-    if not distributed_type and not any(word in text for word in words):
+    (a peer stopped or the timeout passed; its ``code`` says which); None for any other
+    error."""
+    kind = failure_kind(exc)
+    if kind is None:
         return None
     return DistributedError(
         f"rank {dist.get_rank()}: another process stopped or did not answer within "
         f"{seconds:g} s while {doing} ({first_line(exc)}); see the other processes' "
-        f"errors, or raise {TIMEOUT_ENV} if a step legitimately takes longer"
+        f"errors, or raise {TIMEOUT_ENV} if a step legitimately takes longer",
+        code=f"distributed.{kind}",
     )
+
+
+# torch.distributed's own error classes, where it raises them (torch >= 2.2)
+_DIST_ERROR_KINDS = tuple(
+    (getattr(dist, name), kind)
+    for name, kind in (
+        ("DistNetworkError", "peer_lost"),
+        ("DistStoreError", "store"),
+        ("DistBackendError", "backend"),
+        ("DistError", "backend"),
+    )
+    if hasattr(dist, name)
+)
+
+
+def failure_kind(exc: BaseException) -> str | None:
+    """What kind of collective failure ``exc`` is: ``timeout``, ``peer_lost``, ``store`` or
+    ``backend``; None for any other error. torch.distributed's own error classes say it
+    where torch raises them; gloo raises plain RuntimeErrors whose message is all there is,
+    read by :func:`gloo_failure_kind` alone."""
+    if isinstance(exc, WorkbenchError):
+        return None
+    for error_class, kind in _DIST_ERROR_KINDS:
+        if isinstance(exc, error_class):
+            return gloo_failure_kind(str(exc)) or kind
+    return gloo_failure_kind(str(exc))
+
+
+def gloo_failure_kind(message: str) -> str | None:
+    """The failure kind a gloo (or NCCL) error message tells: gloo's transport raises
+    ``RuntimeError("[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms
+    for recv operation to complete")`` or ``"... Read error [...]: Connection reset by peer"``,
+    with no error class or code of its own."""
+    text = message.lower()
+    if "timed out" in text:
+        return "timeout"
+    if "connection" in text or "peer" in text:
+        return "peer_lost"
+    if "gloo" in text or "nccl" in text:
+        return "backend"
+    return None
 
 
 # calibration ----------------------------------------------------------------------------------

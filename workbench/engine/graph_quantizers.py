@@ -75,6 +75,7 @@ from workbench.engine.op_kinds import (
     QUANTIZED_OUTPUT,
     OpKind,
     function_kind,
+    layer_kind,
     module_kind,
 )
 from workbench.engine.quantizers import OBSERVE, ActivationQuantizer, scale_source
@@ -327,18 +328,18 @@ def _called_with_weights_at_sites(node: FlowNode, calls: dict[str, int]) -> bool
 
 
 # entry points --------------------------------------------------------------------------------
-def _might_need_output_quantizers(model: nn.Module) -> bool:
-    if any(isinstance(layer.layer, CONV_TYPES) for _, layer in iter_quantized_layers(model)):
-        return True
-    return any(module_kind(m).output != "float" for m in model.modules())
-
-
 def insert_output_quantizers(
-    model: nn.Module, batch: Any, config: QuantConfig, folded_bn: dict[str, str] | None = None
+    model: nn.Module,
+    batch: Any,
+    config: QuantConfig,
+    folded_bn: dict[str, str] | None = None,
+    site_names: list[str] | None = None,
 ) -> dict[str, str]:
     """Place output quantizers in ``model`` (in place; see the module docstring). Returns the
     layers whose input quantizer took a higher precision than their own, each with the layer
-    whose precision won (one quantizer feeds both)."""
+    whose precision won (one quantizer feeds both). ``site_names`` receives the name of every
+    site considered, also those kept FP32 (what ``overrides`` patterns may name)."""
+    site_names = site_names if site_names is not None else []
     if isinstance(model, QuantizedLayer):
         return {}
     if not any(layer.input_quantizer is not None for _, layer in iter_quantized_layers(model)):
@@ -353,23 +354,32 @@ def insert_output_quantizers(
         )
         return {}
     split_layer_calls(model, flow, config)
+    mark_model_inputs(flow)
     if config.quantize_attention_matmuls:
-        insert_matmul_input_quantizers(model, flow, config)
+        insert_matmul_input_quantizers(model, flow, config, site_names)
     placement = plan_output_quantizers(model, flow, folded_bn)
+    site_names.extend(placement.outputs)
     if not placement.outputs:
         return {}
+    overridden = {site for site in placement.outputs if config.site_activation(site)[0]}
 
     layers = dict(iter_quantized_layers(model))
-    schemes, winners = site_schemes(placement, layers, config)
+    fed = layers_fed(flow)
+    schemes, winners = site_schemes(placement, layers, config, fed)
 
     def new_quantizer(site: str) -> ActivationQuantizer:
-        return ActivationQuantizer(
+        quantizer = ActivationQuantizer(
             schemes[site], config.observer, f"output of {site}", config.percentile
         )
+        quantizer.site = site
+        quantizer.site_kind = f"{placement.kinds[site]} output"
+        return quantizer
 
     paths: dict[str, str] = {}  # site -> path of its quantizer below the root
     per_call: dict[str, dict[int, str]] = {}  # module called at several sites
     for site, node in placement.outputs.items():
+        if schemes.get(site) is None:
+            continue  # kept FP32: overridden so, or every layer around it is FP32
         if node.kind == "function" or _called_with_weights_at_sites(node, flow.calls):
             paths[site] = install_function_sites(model).add(site, new_quantizer(site))
         elif site in placement.slots:
@@ -398,6 +408,8 @@ def insert_output_quantizers(
     for layer_name, site in placement.share.items():
         if site in paths and layer_name in layers:
             layer = layers[layer_name]
+            if layer.input_quantizer.scheme != schemes[site] and site in overridden:
+                continue  # a site overridden to another precision: the layer requantizes
             if layer.input_quantizer.scheme != schemes[site]:  # the higher precision won
                 raised[layer_name] = winners[site]
                 old = layer.input_quantizer
@@ -409,6 +421,8 @@ def insert_output_quantizers(
         layer = layers.get(layer_name)
         if site in paths and isinstance(layer, QuantizedLayerCalls):
             quantizer = layer.call_input_quantizers[call - 1]
+            if quantizer.scheme != schemes[site] and site in overridden:
+                continue
             if quantizer.scheme != schemes[site]:  # the site's precision serves both
                 quantizer = ActivationQuantizer(
                     schemes[site],
@@ -421,13 +435,19 @@ def insert_output_quantizers(
     return raised
 
 
-def insert_matmul_input_quantizers(model: nn.Module, flow: DataFlow, config: QuantConfig) -> int:
-    """A quantizer (the config's activation scheme) on both inputs of every activation x
-    activation matmul outside a layer (attention's ``Q K^T`` and ``attn V``), keyed by its
-    call site; returns how many matmuls got them."""
+def insert_matmul_input_quantizers(
+    model: nn.Module, flow: DataFlow, config: QuantConfig, site_names: list[str] | None = None
+) -> int:
+    """A quantizer on both inputs of every activation x activation matmul outside a layer
+    (attention's ``Q K^T`` and ``attn V``), keyed by its call site: the override naming the
+    site, else the highest precision of the layers its output feeds (FP32 when all are FP32),
+    else the config's activation scheme; returns how many matmuls got them. ``site_names``
+    receives every input site."""
     if config.activation is None:
         return 0
     count = 0
+    layers = dict(iter_quantized_layers(model))
+    fed = layers_fed(flow)
     for node in flow.nodes:
         op = node.op
         if node.kind != "function" or not op.quantized_inputs or node.reads_parameter:
@@ -435,17 +455,88 @@ def insert_matmul_input_quantizers(model: nn.Module, flow: DataFlow, config: Qua
         if len(node.inputs) != op.tensor_inputs:
             continue
         sites = install_function_sites(model)
+        placed = 0
         for index in range(op.tensor_inputs):
             site = input_site(node.site, index)
+            if site_names is not None:
+                site_names.append(site)
+            pattern, scheme = config.site_activation(site)
+            if pattern is None:
+                names = fed.get(node.outputs[0], ()) if node.outputs else ()
+                scheme = _follow_layers(names, layers, config.activation)
+            if scheme is None:
+                continue
             quantizer = ActivationQuantizer(
-                config.activation,
-                config.observer,
-                f"input {index} of {node.site}",
-                config.percentile,
+                scheme, config.observer, f"input {index} of {node.site}", config.percentile
             )
+            quantizer.site, quantizer.site_kind = site, f"{op.name} input"
             sites.add(site, quantizer)
-        count += 1
+            placed += 1
+        count += placed > 0
     return count
+
+
+def _follow_layers(
+    names: Any, layers: dict[str, QuantizedLayer], default: Scheme | None
+) -> Scheme | None:
+    """The highest activation precision among the layers ``names`` (None when all are FP32),
+    ``default`` when there are none."""
+    schemes = [_input_scheme(layers.get(name)) for name in names]
+    if not schemes:
+        return default
+    quantized = [scheme for scheme in schemes if scheme is not None]
+    return max(quantized, key=lambda scheme: scheme.bits) if quantized else None
+
+
+def _input_scheme(layer: QuantizedLayer | None) -> Scheme | None:
+    """The scheme of a layer's input quantizer; None for a layer kept FP32 or weight-only."""
+    if layer is None or layer.input_quantizer is None or layer.input_quantizer.dynamic:
+        return None
+    return layer.input_quantizer.scheme
+
+
+def layers_fed(flow: DataFlow) -> dict[Key, tuple[str, ...]]:
+    """For each tensor of the flow, the layers with weights (quantized or FP32) that read it
+    directly or through ops without weights (pooling, reshapes, adds, concats, activations)."""
+    consumers = flow.consumers()
+    fed: dict[Key, tuple[str, ...]] = {}
+    for node in reversed(flow.nodes):  # the calls in reverse: consumers are known first
+        for key in node.outputs:
+            names: dict[str, None] = {}
+            for user in consumers.get(key, ()):
+                if _is_layer(user):
+                    names[_layer_name(user)] = None
+                else:
+                    for out in user.outputs:
+                        names.update(dict.fromkeys(fed.get(out, ())))
+            fed[key] = tuple(names)
+    return fed
+
+
+def _is_layer(node: FlowNode) -> bool:
+    module = node.module
+    return isinstance(module, QuantizedLayer) or (
+        module is not None and layer_kind(module) is not None
+    )
+
+
+def _layer_name(node: FlowNode) -> str:
+    module = node.module
+    return module.layer_name if isinstance(module, QuantizedLayer) else node.name
+
+
+def mark_model_inputs(flow: DataFlow) -> None:
+    """Name the input quantizers of layers that read the model's input (``report.sites``)."""
+    made = flow.producer()
+    for node in flow.nodes:
+        layer = node.module
+        if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
+            continue
+        key = node.inputs[0] if node.inputs else None
+        while key in made and made[key].op.output == KEEPS_GRID and made[key].inputs:
+            key = made[key].inputs[0]  # through a clone / reshape of the input
+        if key is not None and key not in made:
+            layer.input_quantizer.site_kind = "model input"
 
 
 def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> None:
@@ -471,20 +562,36 @@ def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> 
 
 
 def site_schemes(
-    placement: Placement, layers: dict[str, QuantizedLayer], config: QuantConfig
-) -> tuple[dict[str, Scheme], dict[str, str]]:
-    """The scheme of each placed output quantizer: the highest precision among the layer whose
-    output it quantizes and the layers whose input shares it (the config's when none); and,
-    per site, the layer whose precision won."""
+    placement: Placement,
+    layers: dict[str, QuantizedLayer],
+    config: QuantConfig,
+    fed: dict[Key, tuple[str, ...]] | None = None,
+) -> tuple[dict[str, Scheme | None], dict[str, str]]:
+    """The scheme of each placed output quantizer: the override naming its site when one does
+    (``QuantConfig.site_activation``); else the highest precision among the layer whose output
+    it quantizes, the layers whose input shares it and the layers it feeds (``fed``: through
+    ops without weights), None (FP32) when all of those are FP32, the config's when there are
+    none; and, per site, the layer or override whose precision won."""
     sharing: dict[str, list[str]] = {}
     for layer_name, site in placement.share.items():
         sharing.setdefault(site, []).append(layer_name)
-    schemes: dict[str, Scheme] = {}
+    schemes: dict[str, Scheme | None] = {}
     winners: dict[str, str] = {}
-    for site in placement.outputs:
-        names = [placement.origins.get(site), *sharing.get(site, [])]
-        names = [n for n in names if n in layers and layers[n].input_quantizer is not None]
+    for site, node in placement.outputs.items():
+        pattern, scheme = config.site_activation(site)
+        if pattern is not None:
+            schemes[site] = scheme
+            winners[site] = f"overrides[{pattern!r}]"
+            continue
+        around = [placement.origins.get(site), *sharing.get(site, [])]
+        if fed is not None and node.outputs:
+            around += fed.get(node.outputs[0], ())
+        around = list(dict.fromkeys(n for n in around if n is not None))
+        names = [n for n in around if _input_scheme(layers.get(n)) is not None]
         candidates = [layers[name].input_quantizer.scheme for name in names]
+        if around and not names:
+            schemes[site] = None  # every layer around the site is FP32
+            continue
         if names:
             best = max(range(len(names)), key=lambda i: candidates[i].bits)
             winners[site] = names[best]

@@ -113,16 +113,43 @@ BASE_FORWARDS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, n
 
 
 def own_forward_base(module: nn.Module) -> type[nn.Module] | None:
-    """The base layer type whose forward a subclass replaces with its own (timm's
-    weight-standardized ``StdConv2d``, a scaled Linear), None when it computes the base's.
-    QuantizedLayer computes the base's forward, so such a layer is kept FP32: quantizing the
-    stored weight of a forward that transforms it first would simulate a different layer."""
+    """The base layer type whose forward a subclass replaces with a different computation
+    (timm's weight-standardized ``StdConv2d``, a scaled Linear), None when it computes the
+    base's. QuantizedLayer computes the base's forward, so such a layer is kept FP32.
+
+    A subclass whose forward only spells the base's computation differently (transformers'
+    ``FalconLinear``: ``x @ W.T + b``) is recognised by running both on a probe input: it is
+    quantized like its base."""
     for base in BASE_FORWARDS:
         if isinstance(module, base):
             methods = ("forward", "_conv_forward") if base is not nn.Linear else ("forward",)
-            same = all(getattr(type(module), m) is getattr(base, m) for m in methods)
-            return None if same else base
+            if all(getattr(type(module), m) is getattr(base, m) for m in methods):
+                return None
+            return None if _computes_base_forward(module, base) else base
     return None
+
+
+def _computes_base_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    weight = module.weight
+    if base is nn.Linear:
+        shape = (3, weight.shape[1])
+    else:
+        spatial = [
+            (k - 1) * d + 1 + s
+            for k, d, s in zip(module.kernel_size, module.dilation, module.stride, strict=True)
+        ]
+        shape = (2, weight.shape[1] * module.groups, *spatial)
+    probe = torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            own, expected = type(module).forward(module, probe), base.forward(module, probe)
+    except Exception:  # a forward that needs more than one tensor: not the base's
+        return False
+    if not isinstance(own, torch.Tensor) or own.shape != expected.shape:
+        return False
+    scale = float(expected.abs().max()) or 1.0
+    return bool(torch.allclose(own, expected, rtol=1e-4, atol=1e-5 * scale))
 
 
 def plan_layers(

@@ -47,6 +47,10 @@ class ActivationQuantizer(nn.Module):
         # path (below the model's root) of the quantizer whose scale / zero point this one
         # takes over after calibration: its input is already on that grid (graph_quantizers)
         self.shares_scale_of: str | None = None
+        # the call site a quantizer placed outside layers sits at ("add#0"), matched by
+        # QuantConfig.overrides, and what it quantizes ("add output"); empty on a layer's input
+        self.site = ""
+        self.site_kind = ""
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
 

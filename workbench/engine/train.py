@@ -74,7 +74,7 @@ def train_qat(
     scales = learned_scales(model)
     total = steps_per_epoch * epochs if steps_per_epoch else None
     bar = tqdm(total=total, desc="QAT", disable=not progress, unit="step")
-    step = 0
+    step = 0  # steps completed
     try:
         for epoch in range(1, epochs + 1):
             set_training_mode(model, bn_frozen)
@@ -84,23 +84,9 @@ def train_qat(
                     model = freeze_batchnorms(model)
                     bn_frozen, log.bn_frozen_at_step = True, step
                     trained = model if job is None else wrap_ddp(model, job, device)
+                where = f"at step {step + 1} (epoch {epoch})"
                 batch = move_batch(batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = forward_loss(trained, batch, loss_fn)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
-                    raise ConfigError(
-                        f"loss_fn returned {shape} at step {step + 1} (epoch {epoch}), not a "
-                        "scalar tensor; return one value, e.g. reduce it with .mean()"
-                    )
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise NonFiniteError(
-                        f"the loss became {loss_value} at step {step + 1} (epoch {epoch}); "
-                        "lower lr or check train_data and loss_fn"
-                    )
-                loss.backward()
-                optimizer.step()
+                loss_value = train_step(trained, batch, loss_fn, optimizer, where)
                 step += 1
                 epoch_loss += loss_value
                 epoch_steps += 1
@@ -109,31 +95,13 @@ def train_qat(
                 )
                 bar.update(1)
                 bar.set_postfix(loss=f"{epoch_loss / epoch_steps:.4f}", refresh=False)
-            if epoch_steps == 0:
-                raise CalibrationError(
-                    f"train_data yielded 0 batches in epoch {epoch}; pass a DataLoader or a "
-                    "list of batches that can be iterated once per epoch"
-                )
-            metric = None
-            if eval_fn is not None:
-                metric = measure_metric(eval_fn, model, f"the model after epoch {epoch}")
-                log.steps[-1]["metric"] = metric
-                bar.set_postfix(
-                    loss=f"{epoch_loss / epoch_steps:.4f}", metric=f"{metric:.4g}", refresh=False
-                )
-            log.epochs.append(
-                {
-                    "epoch": epoch,
-                    "steps": epoch_steps,
-                    "mean_loss": epoch_loss / epoch_steps,
-                    "metric": metric,
-                }
-            )
+            end_epoch(log, model, eval_fn, epoch, epoch_loss, epoch_steps, bar)
     except KeyboardInterrupt:
         if job is not None:
             raise DistributedError(
                 f"rank {job.rank} was interrupted at step {step + 1}; the other processes "
-                f"stop with an error within {job.timeout_s:g} s"
+                f"stop with an error within {job.timeout_s:g} s",
+                code="distributed.interrupted",
             ) from None
         log.interrupted = True
     except COLLECTIVE_ERRORS as exc:
@@ -146,3 +114,54 @@ def train_qat(
     if job is not None:
         broadcast_model(model, job)
     return model, log
+
+
+def train_step(
+    model: nn.Module, batch: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer, where: str
+) -> float:
+    """One optimizer step on ``batch``; the loss, checked to be one finite number (``where``:
+    the step, for the error)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_loss(model, batch, loss_fn)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+        raise ConfigError(
+            f"loss_fn returned {shape} {where}, not a scalar tensor; return one value, e.g. "
+            "reduce it with .mean()"
+        )
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise NonFiniteError(
+            f"the loss became {loss_value} {where}; lower lr or check train_data and loss_fn"
+        )
+    loss.backward()
+    optimizer.step()
+    return loss_value
+
+
+def end_epoch(
+    log: TrainingLog,
+    model: nn.Module,
+    eval_fn: Callable[[nn.Module], float] | None,
+    epoch: int,
+    epoch_loss: float,
+    epoch_steps: int,
+    bar: Any,
+) -> None:
+    """The epoch's row of the log (mean loss, ``eval_fn``'s metric when given)."""
+    if epoch_steps == 0:
+        raise CalibrationError(
+            f"train_data yielded 0 batches in epoch {epoch}; pass a DataLoader or a "
+            "list of batches that can be iterated once per epoch"
+        )
+    metric = None
+    if eval_fn is not None:
+        metric = measure_metric(eval_fn, model, f"the model after epoch {epoch}")
+        log.steps[-1]["metric"] = metric
+        bar.set_postfix(
+            loss=f"{epoch_loss / epoch_steps:.4f}", metric=f"{metric:.4g}", refresh=False
+        )
+    mean_loss = epoch_loss / epoch_steps
+    log.epochs.append(
+        {"epoch": epoch, "steps": epoch_steps, "mean_loss": mean_loss, "metric": metric}
+    )

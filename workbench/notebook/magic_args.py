@@ -13,7 +13,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from workbench.notebook.options import BY_NAME, EXAMPLES, GROUPS, OPTIONS, Option
+from workbench.notebook.option_spec import GROUPS, Option
+from workbench.notebook.options import BY_NAME, EXAMPLES, OPTIONS
 
 DESCRIPTION = """\
 Quantize the nn.Module called MODEL in this notebook with post-training quantization (PTQ,
@@ -83,6 +84,9 @@ def _add(group, option: Option) -> None:
             target.add_argument(
                 flag.text, dest=option.name, action="store_const", const=flag.value, help=flag.help
             )
+        return
+    if option.kind == "bool":  # a flag that stores True
+        group.add_argument(option.flag, action="store_const", const=True, help=option.help)
         return
     names = [option.short, option.flag] if option.short else [option.flag]
     kwargs: dict = {"help": option.help, "metavar": option.metavar}

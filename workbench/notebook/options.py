@@ -13,33 +13,23 @@ one entry here plus its engine code; the engine checks the values it receives
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.core.scheme import MAX_BITS, MIN_BITS
-from workbench.engine.config import PRESETS, WEIGHT_METHODS, QuantConfig
-from workbench.engine.qat_options import TrainingOptions
+from workbench.engine.config import PRESETS, WEIGHT_METHODS
+from workbench.notebook.option_spec import (
+    CONFIG,
+    SCHEME,
+    SEARCH,
+    TRAINING,
+    Control,
+    Flag,
+    Option,
+)
 
 DEFAULT_PRESET = "int8"
 METHODS = ("ptq", "qat")
-
-# where an option's value goes
-RUN = "run"  # the front end itself (names of notebook variables, output, export, ...)
-SEARCH = "search"  # the workflow call: num_batches, max_drop, keep_most_sensitive
-SCHEME = "scheme"  # a field of the preset's weight Scheme
-CONFIG = "config"  # a QuantConfig field of the same name
-TRAINING = "training"  # a TrainingOptions field of the same name (wb.qat's keyword)
-
-# the %quantize help's groups, in order
-GROUPS = {
-    "run": "what to run",
-    "scheme": "scheme (on top of the preset)",
-    "refine": "better PTQ without training",
-    "lm": "language models",
-    "qat": "quantization-aware training (--method qat)",
-    "out": "export and benchmark",
-}
 
 # the end of %quantize's help: each option in use
 EXAMPLES = """\
@@ -69,79 +59,6 @@ examples:
   eval: accuracy
   output: res
 """
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A ``%quantize`` flag that stores a constant (``--per-tensor`` stores False)."""
-
-    text: str
-    value: Any
-    help: str
-
-
-@dataclass(frozen=True)
-class Control:
-    """How the panel shows an option: an ipywidgets control, its row, when it is enabled.
-
-    ``widget``: toggle, dropdown, int, float or checkbox. ``labels``: (label, value) pairs of
-    a toggle or dropdown (default: the option's choices). ``value``: the first value (None:
-    the engine's default). ``method``: the method it belongs to in the panel (disabled under
-    the other one). ``off``: what the config takes while the control is disabled (None: the
-    control's value).
-    """
-
-    widget: str
-    place: tuple[int, int]  # (row, column) in the panel
-    label: str = ""
-    labels: tuple[tuple[str, Any], ...] = ()
-    value: Any = None
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    method: str | None = None
-    off: Any = None
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of ``%quantize``, of a ``%%quantize`` recipe and (with ``control``) of the
-    panel.
-
-    ``kind``: name (a notebook variable), text, int, float, bool, choice, alpha (a number in
-    [0, 1] or ``auto``), patterns (layer names / globs) or pairs (PATTERN=PRESET).
-    ``low`` / ``high`` bound a number (inclusive), ``above`` from below (exclusive).
-    ``const``: the value of a choice given without one (``--bias-correction``).
-    ``method``: the method it applies to on the line (None: both); ``misuse`` says why it does
-    not apply to the other one. ``requires``: (option, value) it needs, and ``reason``.
-    The panel shows the options with a ``control`` and those marked ``in_panel``.
-    """
-
-    name: str
-    kind: str
-    help: str
-    group: str
-    target: str = RUN
-    metavar: str | None = None
-    choices: tuple = ()
-    low: float | None = None
-    high: float | None = None
-    above: float | None = None
-    const: Any = None
-    flags: tuple[Flag, ...] = ()
-    short: str | None = None
-    default: Any = None
-    method: str | None = None
-    misuse: str = ""
-    requires: tuple[str, Any] | None = None
-    reason: str = ""
-    control: Control | None = None
-    in_panel: bool = False  # shown by the panel without a Control of this table
-
-    @property
-    def flag(self) -> str:
-        """The ``%quantize`` spelling: ``--num-batches`` for ``num_batches``."""
-        return "--" + self.name.replace("_", "-")
 
 
 REFINES_PTQ = "refine PTQ; QAT trains the weights (drop them, or drop --method qat)"
@@ -200,6 +117,17 @@ OPTIONS: tuple[Option, ...] = (
         in_panel=True,
     ),
     Option(
+        "auto",
+        "bool",
+        "with --eval: search presets, observers, methods and per-layer precision for the "
+        "fastest exported model within --max-drop (default 0.01) of FP32 (wb.autotune)",
+        "run",
+        target=SEARCH,
+        default=False,
+        method="ptq",
+        misuse="searches PTQ runs; drop --method qat",
+    ),
+    Option(
         "keep_most_sensitive",
         "int",
         "keep the N most sensitive layers FP32 (with --max-drop, the rest searched); with "
@@ -221,17 +149,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "force",
         "bool",
-        "",
+        "let -o replace a variable that is not an earlier result",
         "run",
-        flags=(Flag("--force", True, "let -o replace a variable that is not an earlier result"),),
         default=False,
     ),
     Option(
         "panel",
         "bool",
-        "",
+        "open the panel with these settings",
         "run",
-        flags=(Flag("--panel", True, "open the panel with these settings"),),
         default=False,
     ),
     Option(
@@ -303,6 +229,8 @@ OPTIONS: tuple[Option, ...] = (
         "layers (names or glob patterns) at a preset's weight and activation schemes, e.g. "
         "fc2=int8 (the quantizers around them follow)",
         "scheme",
+        target=CONFIG,
+        field="overrides",
         metavar="PATTERN=PRESET",
         default=(),
         in_panel=True,
@@ -310,16 +238,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "equalize",
         "bool",
-        "",
+        "cross-layer equalization (with high-bias absorption) before calibration",
         "refine",
         target=CONFIG,
-        flags=(
-            Flag(
-                "--equalize",
-                True,
-                "cross-layer equalization (with high-bias absorption) before calibration",
-            ),
-        ),
         control=Control("checkbox", (2, 0), "cross-layer equalization (PTQ)", method="ptq"),
     ),
     Option(
@@ -376,17 +297,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "gptq_act_order",
         "bool",
-        "",
+        "with --weight-method gptq: quantize the input columns in order of decreasing "
+        "Hessian diagonal",
         "refine",
         target=CONFIG,
-        flags=(
-            Flag(
-                "--gptq-act-order",
-                True,
-                "with --weight-method gptq: quantize the input columns in order of decreasing "
-                "Hessian diagonal",
-            ),
-        ),
         method="ptq",
         misuse=REFINES_PTQ,
         requires=("weight_method", "gptq"),
@@ -461,9 +375,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "bench",
         "bool",
-        "",
+        "benchmark FP32 against INT8 on ONNX Runtime CPU",
         "out",
-        flags=(Flag("--bench", True, "benchmark FP32 against INT8 on ONNX Runtime CPU"),),
         default=False,
     ),
 )
@@ -473,18 +386,6 @@ CONTROLLED: tuple[Option, ...] = tuple(o for o in OPTIONS if o.control is not No
 PANEL_OPTIONS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.control or o.in_panel)
 
 
-def engine_default(option: Option, preset: str = DEFAULT_PRESET) -> Any:
-    """The value the engine takes when the option is not given: the preset's weight scheme
-    field, the QuantConfig field's or the TrainingOptions field's default."""
-    if option.target == SCHEME:
-        return getattr(PRESETS[preset].weight, option.name)
-    owner = {CONFIG: QuantConfig, TRAINING: TrainingOptions}.get(option.target)
-    if owner is None:
-        return option.default
-    field = next(f for f in fields(owner) if f.name == option.name)
-    return field.default if field.default is not MISSING else field.default_factory()
-
-
 def values_for(target: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """The given (not None) ``values`` of the options that go to ``target``."""
     return {
@@ -492,30 +393,3 @@ def values_for(target: str, values: Mapping[str, Any]) -> dict[str, Any]:
         for name, value in values.items()
         if name in BY_NAME and BY_NAME[name].target == target and value is not None
     }
-
-
-def build_config(
-    preset: str = DEFAULT_PRESET,
-    values: Mapping[str, Any] | None = None,
-    override: Mapping[str, str] | None = None,
-) -> QuantConfig:
-    """The preset's QuantConfig with the options in ``values`` that are not None: the scheme
-    options change its weight scheme, the others replace QuantConfig fields. ``override``
-    maps layer patterns to preset names: those layers take the preset's weight and
-    activation schemes (``QuantConfig.overrides``).
-
-    Activations keep the preset's scheme (uint8 asymmetric per-tensor for ``int8``, as ONNX
-    Runtime runs fastest on x86; FP32 for ``int8-weight-only``).
-    """
-    values = values or {}
-    base = QuantConfig.preset(preset)
-    changes: dict[str, Any] = values_for(CONFIG, values)
-    changes["weight"] = replace(base.weight, **values_for(SCHEME, values))
-    if "exclude" in changes:
-        changes["exclude"] = tuple(changes["exclude"])
-    if override:
-        changes["overrides"] = {
-            pattern: {"weight": PRESETS[name].weight, "activation": PRESETS[name].activation}
-            for pattern, name in override.items()
-        }
-    return replace(base, **changes)

@@ -25,6 +25,7 @@ from torch import nn
 
 from workbench.errors import ModelError
 from workbench.notebook import actions
+from workbench.notebook.autotune_tab import AutotuneTab
 from workbench.notebook.display import error_line, significant, status_html, table_html
 from workbench.notebook.export_tab import ExportTab
 from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
@@ -142,6 +143,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_preset()
         self._on_method()
         self._on_mixed_precision()
+        self.auto = AutotuneTab.attach(self)  # the Auto tab (wb.autotune), its own module
         self.add_class("jp-WorkbenchPanel")  # report_view.css styles its tab titles
         fit_layer_lists((self.keep_fp32, 0), (self.layer_precision.layers, PRECISION_PX))
         for child in self._control_widgets():

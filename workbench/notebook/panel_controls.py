@@ -18,18 +18,16 @@ import ipywidgets as widgets
 from workbench.notebook import actions
 from workbench.notebook.display import status_html
 from workbench.notebook.layer_precision import LayerPrecision
-from workbench.notebook.options import (
+from workbench.notebook.option_spec import (
     CONFIG,
-    CONTROLLED,
-    DEFAULT_PRESET,
-    PANEL_OPTIONS,
     SCHEME,
     SEARCH,
     TRAINING,
     Option,
-    build_config,
     engine_default,
 )
+from workbench.notebook.options import CONTROLLED, DEFAULT_PRESET, PANEL_OPTIONS
+from workbench.notebook.recipe import build_config
 
 RUN_STEPS = 3  # quantize, tables, runs table
 DEFAULT_NUM_BATCHES = 32
@@ -194,9 +192,12 @@ class PanelControls:
     def config(self):
         """The QuantConfig the controls describe."""
         values = self._control_values((SCHEME, CONFIG))
-        kept_fp32 = next(option for option in PANEL_OPTIONS if option.kind == "patterns")
-        values[kept_fp32.name] = tuple(self.keep_fp32.value)
-        return build_config(self.preset.value, values, self.layer_precision.presets_in_use())
+        for option in PANEL_OPTIONS:  # the layer list and the per-layer precisions
+            if option.kind == "patterns":
+                values[option.name] = tuple(self.keep_fp32.value)
+            elif option.kind == "pairs":
+                values[option.name] = self.layer_precision.presets_in_use()
+        return build_config(self.preset.value, values)
 
     def run_options(self) -> dict[str, Any]:
         """The search and training options of the controls (``actions.quantize`` keywords):

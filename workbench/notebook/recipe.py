@@ -6,13 +6,15 @@ fields, key checks and defaults come from the option table (``options.py``).
 
 from __future__ import annotations
 
-from dataclasses import field, make_dataclass
+from collections.abc import Mapping
+from dataclasses import field, make_dataclass, replace
 from typing import Any
 
 from IPython.core.error import UsageError
 
 from workbench.engine.config import PRESETS, QuantConfig
 from workbench.notebook.magic_args import OPTION_KEYS
+from workbench.notebook.option_spec import CONFIG, SCHEME
 from workbench.notebook.options import (
     BY_NAME,
     DEFAULT_PRESET,
@@ -21,7 +23,7 @@ from workbench.notebook.options import (
     SEARCH,
     TRAINING,
     Option,
-    build_config,
+    values_for,
 )
 
 # recipe-only spellings: the negative flags and the short output flag
@@ -36,10 +38,39 @@ _KEEP_FP32 = next(option.flag for option in OPTIONS if option.kind == "patterns"
 _ALIASES = {option.short.lstrip("-"): option.name for option in OPTIONS if option.short}
 
 
+def build_config(preset: str = DEFAULT_PRESET, values: Mapping[str, Any] | None = None):
+    """The preset's QuantConfig with the options in ``values`` that are not None: the scheme
+    options change its weight scheme, the others replace the QuantConfig fields they map to
+    (``Option.field``). Layer patterns (kind ``patterns``) become a tuple; (pattern, preset)
+    pairs (kind ``pairs``, a dict or pairs) give those layers the preset's weight and
+    activation schemes (``QuantConfig``'s per-layer table).
+
+    Activations keep the preset's scheme (uint8 asymmetric per-tensor for ``int8``, as ONNX
+    Runtime runs fastest on x86; FP32 for ``int8-weight-only``).
+    """
+    base = QuantConfig.preset(preset)
+    changes: dict[str, Any] = {}
+    for option in OPTIONS:
+        value = (values or {}).get(option.name)
+        if option.target != CONFIG or value is None:
+            continue
+        if option.kind == "patterns":
+            value = tuple(value)
+        elif option.kind == "pairs":
+            value = {
+                pattern: {"weight": PRESETS[name].weight, "activation": PRESETS[name].activation}
+                for pattern, name in dict(value).items()
+            }
+        changes[option.field or option.name] = value
+    changes["weight"] = replace(base.weight, **values_for(SCHEME, values or {}))
+    return replace(base, **changes)
+
+
 def _config(self) -> QuantConfig:
     """The QuantConfig these options describe."""
-    values = {option.name: getattr(self, option.name) for option in OPTIONS}
-    return build_config(self.preset, values, dict(self.override))
+    return build_config(
+        self.preset, {option.name: getattr(self, option.name) for option in OPTIONS}
+    )
 
 
 def _run_options(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pandas as pd
 from workbench.engine.batches import batch_size, inference_inputs
 from workbench.errors import ConfigError
 from workbench.runtime.cpu_features import CpuFeatures, detect_cpu_features
+from workbench.runtime.file_precision import file_precision
 from workbench.runtime.ort_session import make_session, session_feeds
 
 REPORT_TITLE = "ONNX Runtime benchmark"
@@ -37,7 +38,8 @@ class BenchmarkResult:
     Attributes
     ----------
     table : pandas.DataFrame
-        One row per model: ``latency_p50_ms``, ``latency_p90_ms``, ``latency_mean_ms``,
+        One row per model: ``precision`` (what the file computes in: FP32, INT8, int4
+        weights, mixed), ``latency_p50_ms``, ``latency_p90_ms``, ``latency_mean_ms``,
         ``throughput_per_s`` (samples / s at p50), ``file_bytes``, ``size_vs_fp32``,
         ``speedup_vs_fp32`` (FP32 p50 / this p50).
     speedup : float
@@ -51,16 +53,17 @@ class BenchmarkResult:
     cpu: CpuFeatures
     threads: int | None
     batch_size: int
+    precision: str = "INT8"  # what the quantized file computes in (``file_precision``)
 
     def speed_text(self) -> str:
         """``INT8 2.31x faster than FP32``, or ``1.15x slower`` with the likely reason."""
         if self.speedup >= 1.0:
-            return f"INT8 {self.speedup:.2f}x faster than FP32"
-        text = f"INT8 {1.0 / self.speedup:.2f}x slower than FP32"
+            return f"{self.precision} {self.speedup:.2f}x faster than FP32"
+        text = f"{self.precision} {1.0 / self.speedup:.2f}x slower than FP32"
         fp32_ms = float(self.table.set_index("model").loc["fp32", "latency_p50_ms"])
         if fp32_ms < SMALL_MODEL_MS:
             return text + (
-                f" (FP32 takes {fp32_ms:.3f} ms: the model is too small for INT8 kernels to "
+                f" (FP32 takes {fp32_ms:.3f} ms: the model is too small for integer kernels to "
                 "pay for the quantize / dequantize steps around them)"
             )
         return text + " (see the fusion table: a layer that did not fuse runs FP32 with extra work)"
@@ -174,6 +177,7 @@ def benchmark(
         feeds = {name: session_feeds(session, example_input) for name, session in sessions.items()}
         times = time_sessions(sessions, feeds, warmup, runs)
         sizes = {name: path.stat().st_size for name, path in paths.items()}
+        precisions = {name: file_precision(path) for name, path in paths.items()}
     samples = batch_size(example_input)
     fp32_p50 = float(np.percentile(times["fp32"], 50))
     rows = []
@@ -182,6 +186,7 @@ def benchmark(
         rows.append(
             {
                 "model": name,
+                "precision": precisions[name],
                 "latency_p50_ms": p50,
                 "latency_p90_ms": float(np.percentile(values, 90)),
                 "latency_mean_ms": float(values.mean()),
@@ -193,7 +198,9 @@ def benchmark(
         )
     table = pd.DataFrame(rows)
     speedup = float(table.set_index("model").loc["int8", "speedup_vs_fp32"])
-    result = BenchmarkResult(table, speedup, detect_cpu_features(), threads, samples)
+    result = BenchmarkResult(
+        table, speedup, detect_cpu_features(), threads, samples, precisions["int8"]
+    )
     report = getattr(int8, "report", None)
     if report is not None and hasattr(report, "extra_tables"):
         report.extra_tables[REPORT_TITLE] = table

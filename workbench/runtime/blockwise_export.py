@@ -257,7 +257,7 @@ def resolve_blockwise_layers(
 ) -> list[dict]:
     """Name each MatMulNBits node and its initializers after its layer, set its
     ``accuracy_level`` and drop the marker nodes; returns one row per layer (first call) for
-    the graph's layer map (``qdq_graph.QuantizedLayerInfo`` fields)."""
+    the graph's layer map (``graph_info.QuantizedLayerInfo`` fields)."""
     check_accuracy_level(accuracy_level)
     producer = {out: node for node in graph.node for out in node.output}
     initializers = {init.name: init for init in graph.initializer}

@@ -26,7 +26,7 @@ from workbench.engine.layers import QuantizedLayer, StandsIn
 from workbench.engine.quantizers import QUANTIZE
 from workbench.runtime.per_call_specs import PerCallSpec
 
-MARKER_DOMAIN = "workbench"  # as runtime.qdq_modules.MARKER_DOMAIN
+MARKER_DOMAIN = "workbench"  # as runtime.qdq_ops.MARKER_DOMAIN
 MARKER = "DynamicWeight"
 ONNX_FLOAT = 1  # TensorProto.FLOAT
 
@@ -65,7 +65,7 @@ class _DynamicLinear(torch.autograd.Function):
 
 class ExportDynamicLinear(PerCallSpec, StandsIn):
     """A Linear with a dynamic input quantizer (switched on), exported as the dynamic pattern
-    above. ``spec`` is the layer's ``qdq_modules.LayerSpec``: codes stored as ``W^T``, FP32
+    above. ``spec`` is the layer's ``qdq_ops.LayerSpec``: codes stored as ``W^T``, FP32
     bias."""
 
     quantization_leaf = True

@@ -26,9 +26,9 @@ import onnx
 import pandas as pd
 
 from workbench.runtime.dynamic_export import dynamic_linear_nodes
+from workbench.runtime.graph_info import QuantizedLayerInfo, read_graph_info
 from workbench.runtime.onnx_maps import TensorMap, tensor_map
 from workbench.runtime.ort_session import load_onnx_model, make_session
-from workbench.runtime.qdq_graph import QuantizedLayerInfo, read_graph_info
 
 INTEGER_KERNELS = {
     "QLinearConv",
@@ -65,6 +65,42 @@ LISTED_OPS = {
 }
 
 
+class Reason(str):
+    """Why a layer or op did not fuse: the text people read, and ``code``, the fact code
+    reads (one of :data:`REASON_CODES`); tests and tools compare codes, never the words."""
+
+    code: str  # "" for no reason (fused)
+
+    def __new__(cls, code: str, text: str) -> Reason:
+        if code not in REASON_CODES and (code or text):
+            raise ValueError(f"unknown fusion reason code {code!r}")
+        reason = super().__new__(cls, text)
+        reason.code = code
+        return reason
+
+    def __getnewargs__(self) -> tuple[str, str]:
+        return self.code, str(self)
+
+
+REASON_CODES = (
+    "not_in_graph",  # the layer's node is not in the exported graph
+    "input_not_quantized",  # an input comes from an FP32 producer (no DequantizeLinear)
+    "output_not_quantized",  # no QuantizeLinear after it (QLinear kernels need DQ -> op -> Q)
+    "activation_not_8bit",  # the activation's codes are not int8 / uint8
+    "pattern_not_matched",  # quantized around, yet ONNX Runtime did not fuse it
+    "dynamic_not_matched",  # the dynamic pattern is there, ONNX Runtime did not fuse it
+    "dynamic_pattern_broken",  # DynamicQuantizeLinear -> MatMulInteger not followed by Cast -> Mul
+)
+
+
+def source_node(optimized_name: str) -> str:
+    """The exported node an optimized-graph node was made from. ONNX Runtime's graph
+    transformers name a node they create ``<source node>_token_<n>``
+    (``Graph::GenerateNodeName``) and keep no other link to the source, so the name is all
+    there is to read."""
+    return optimized_name.split("_token_")[0]
+
+
 @dataclass
 class FusionResult:
     """Which quantized layers run on integer kernels in ONNX Runtime.
@@ -73,7 +109,8 @@ class FusionResult:
     ----------
     table : pandas.DataFrame
         One row per quantized layer: ``layer``, ``op_type``, ``fused``, ``kernel`` (the integer
-        kernel it became), ``reason`` (why it did not fuse).
+        kernel it became), ``reason`` (why it did not fuse) and ``reason_code`` (the same as a
+        code of :data:`REASON_CODES`; "" when fused).
     kernels : pandas.DataFrame
         Node counts per op type in the optimized graph: integer kernels and FP32 compute.
     """
@@ -122,22 +159,31 @@ def _unfused_reason(graph: onnx.GraphProto, layer: QuantizedLayerInfo) -> str:
     producer, consumers = tensors.producer, tensors.consumers
     node = next((n for n in graph.node if n.name == layer.node), None)
     if node is None:
-        return "layer not found in the exported graph"
+        return Reason("not_in_graph", "layer not found in the exported graph")
     source = producer.get(node.input[0])
     if source is not None and source.op_type == "DynamicQuantizeLinear":
         return _dynamic_reason(node, consumers)
     if source is None or source.op_type != "DequantizeLinear":
-        return "input is not quantized (weight-only or FP32 activations): no integer kernel"
+        return Reason(
+            "input_not_quantized",
+            "input is not quantized (weight-only or FP32 activations): no integer kernel",
+        )
     if node.op_type == "Conv":
         users = consumers.get(node.output[0], [])
         if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
             users = consumers.get(users[0].output[0], [])
         if len(users) != 1 or users[0].op_type != "QuantizeLinear":
-            return "Conv output is not quantized (QLinearConv needs DQ -> Conv -> Q)"
+            return Reason(
+                "output_not_quantized",
+                "Conv output is not quantized (QLinearConv needs DQ -> Conv -> Q)",
+            )
     types = {init.name: init.data_type for init in graph.initializer}
     if source.input[0] in types and types[source.input[0]] not in (2, 3):
-        return "activation is not 8-bit"
-    return "ONNX Runtime did not match the QDQ pattern (check the activation / weight dtypes)"
+        return Reason("activation_not_8bit", "activation is not 8-bit")
+    return Reason(
+        "pattern_not_matched",
+        "ONNX Runtime did not match the QDQ pattern (check the activation / weight dtypes)",
+    )
 
 
 def _dynamic_reason(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> str:
@@ -147,14 +193,16 @@ def _dynamic_reason(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodePro
     if len(users) == 1 and users[0].op_type == "Cast":
         users = consumers.get(users[0].output[0], [])
         if len(users) == 1 and users[0].op_type == "Mul":
-            return (
+            return Reason(
+                "dynamic_not_matched",
                 f"ONNX Runtime did not fuse the dynamic pattern {pattern} into "
                 "DynamicQuantizeMatMul / MatMulIntegerToFloat (check the weight is an int8 "
-                "initializer and the scales are constants)"
+                "initializer and the scales are constants)",
             )
-    return (
+    return Reason(
+        "dynamic_pattern_broken",
         f"dynamic pattern broken: {node.op_type} after DynamicQuantizeLinear is not followed "
-        f"by Cast -> Mul (ONNX Runtime fuses only {pattern})"
+        f"by Cast -> Mul (ONNX Runtime fuses only {pattern})",
     )
 
 
@@ -165,16 +213,26 @@ def _float_reason(node: onnx.NodeProto, tensors: TensorMap, code_inputs: set[str
         if name in code_inputs or (source is not None and source.op_type == "DequantizeLinear"):
             continue
         if node.op_type == "MaxPool":
-            return "input is FP32 (no quantizer before it): runs in FP32"
+            return Reason(
+                "input_not_quantized", "input is FP32 (no quantizer before it): runs in FP32"
+            )
         what = source.op_type if source is not None else "a graph input"
-        return f"input from {what} is not quantized (FP32 producer): runs in FP32"
+        return Reason(
+            "input_not_quantized",
+            f"input from {what} is not quantized (FP32 producer): runs in FP32",
+        )
     if node.op_type == "Add":
         other = node.input[1] if len(node.input) > 1 else ""
         source = tensors.producer.get(other)
         if source is None or source.op_type != "DequantizeLinear":
             what = source.op_type if source is not None else "a constant or graph input"
-            return f"input from {what} is not quantized (FP32 producer): runs in FP32"
-    return "output is not quantized (no QuantizeLinear after it): runs in FP32"
+            return Reason(
+                "input_not_quantized",
+                f"input from {what} is not quantized (FP32 producer): runs in FP32",
+            )
+    return Reason(
+        "output_not_quantized", "output is not quantized (no QuantizeLinear after it): runs in FP32"
+    )
 
 
 def _op_label(node: onnx.NodeProto) -> str:
@@ -236,9 +294,9 @@ def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFr
             )
             if node.op_type == "MatMul" and fused:
                 kernel = made
-        reason = "" if fused else _float_reason(node, tensors, code_inputs)
+        reason = Reason("", "") if fused else _float_reason(node, tensors, code_inputs)
         if quantized and not fused:
-            reason = "ONNX Runtime did not match the QDQ pattern"
+            reason = Reason("pattern_not_matched", "ONNX Runtime did not match the QDQ pattern")
         rows.append(
             {
                 "op": label,
@@ -248,10 +306,12 @@ def _op_rows(exported: onnx.ModelProto, optimized: onnx.ModelProto) -> pd.DataFr
                 "quantized": quantized,
                 "fused": fused,
                 "kernel": kernel if fused else "",
-                "reason": reason,
+                "reason": str(reason),
+                "reason_code": reason.code,
             }
         )
     columns = ["op", "site", "kind", "op_type", "quantized", "fused", "kernel", "reason"]
+    columns.append("reason_code")
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -283,21 +343,24 @@ def check_fusion(
     rows = []
     for layer in layers:
         by_node = kernel_of_name.get(layer.node) or next(
-            (op for name, op in kernel_of_name.items() if name.split("_token")[0] == layer.node),
+            (op for name, op in kernel_of_name.items() if source_node(name) == layer.node),
             None,
         )
         # the calls of a layer called at several sites share its weight: find each by its node
         kernel = by_node if layer.call else kernel_of_input.get(layer.weight) or by_node
+        reason = Reason("", "") if kernel else _unfused_reason(exported.graph, layer)
         rows.append(
             {
                 "layer": layer.node if layer.call else layer.name,
                 "op_type": layer.op_type,
                 "fused": kernel is not None,
                 "kernel": kernel or "",
-                "reason": "" if kernel else _unfused_reason(exported.graph, layer),
+                "reason": str(reason),
+                "reason_code": reason.code,
             }
         )
-    table = pd.DataFrame(rows, columns=["layer", "op_type", "fused", "kernel", "reason"])
+    columns = ["layer", "op_type", "fused", "kernel", "reason", "reason_code"]
+    table = pd.DataFrame(rows, columns=columns)
     kernels = pd.DataFrame(sorted(counts.items()), columns=["op_type", "count"]).reset_index(
         drop=True
     )

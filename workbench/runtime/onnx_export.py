@@ -46,7 +46,6 @@ How, and why this way:
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,9 +62,11 @@ from workbench.engine.training_modes import training_modes_kept
 from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.export_guard import EXPORT_LOCK
+from workbench.runtime.graph_info import GraphInfo
 from workbench.runtime.kv_cache import kv_cache_off
 from workbench.runtime.per_call_specs import spec_copies_per_call
-from workbench.runtime.qdq_graph import GraphInfo, finalize_qdq_graph
+from workbench.runtime.qdq_graph import finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
 
 DEFAULT_OPSET = 17
@@ -180,16 +181,29 @@ def _module_calling(model: nn.Module, values: tuple, arg_count: int, kwarg_names
     return finder.found or None
 
 
-def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names):
-    text = str(exc).strip()
+def unsupported_op(wrapper: nn.Module, values: tuple, opset: int) -> str | None:
+    """The first op (``aten::histc``) the TorchScript exporter cannot convert at ``opset``,
+    as ``torch.onnx.utils.unconvertible_ops`` lists them (its UnsupportedOperatorError keeps
+    the name only in its message); None when it lists none or cannot trace the model."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            _, ops = torch.onnx.utils.unconvertible_ops(wrapper, values, opset_version=opset)
+    except Exception:
+        return None
+    return ops[0] if ops else None
+
+
+def _export_error(
+    exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names, opset: int
+):
     first = first_line(exc)
-    match = re.search(r"operator '([\w:.]+)'", text) or re.search(r"\b(aten::\w+)", text)
-    if match is None:
+    op = unsupported_op(_Positional(model, arg_count, kwarg_names).eval(), values, opset)
+    if op is None:
         return ExportError(
             f"could not export {what} to ONNX ({first}); make the model traceable with "
             "torch.jit.trace or exclude the module that fails"
         )
-    op = match.group(1)
     module = _module_calling(model, values, arg_count, kwarg_names, op)
     where = f" used in module {module!r}" if module else ""
     return ExportError(
@@ -202,6 +216,8 @@ def _export_error(exc: Exception, what: str, model: nn.Module, values, arg_count
 def _torch_export(
     model: nn.Module, example_input: Any, file: Path, dynamic_batch: bool, opset: int, what: str
 ) -> None:
+    if dynamic_batch and is_transformers_model(model):
+        example_input = _two_tokens_for_one(example_input)
     values, names = input_names(example_input)
     args, kwargs = export_inputs(example_input)
     # export runs it in eval mode, a decoder without its key/value cache
@@ -235,8 +251,10 @@ def _torch_export(
                 for name, value in [*zip(names, values, strict=True), *outputs]
                 if value.dim() > 0
             }
+        if dynamic_batch and is_transformers_model(model):
+            _add_sequence_axes(dynamic_axes, names, values, output_names, outputs)
         try:
-            with warnings.catch_warnings():
+            with EXPORT_LOCK, warnings.catch_warnings():  # the exporter's state is global
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     wrapper,
@@ -252,7 +270,55 @@ def _torch_export(
         except ExportError:
             raise
         except Exception as exc:
-            raise _export_error(exc, what, model, values, len(args), list(kwargs)) from exc
+            raise _export_error(exc, what, model, values, len(args), list(kwargs), opset) from exc
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A ``transformers`` model (its ``config`` has a ``model_type``), whose forward takes
+    token sequences of any length."""
+    return hasattr(getattr(model, "config", None), "model_type")
+
+
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+
+
+def _two_tokens_for_one(example_input: Any) -> Any:
+    """A one-token example traced as two tokens (each token input repeated): ``transformers``'
+    decoders take a one-token path whose trace bakes that length in (measured: an export traced
+    on ``[1, 1]`` failed on ``[2, 5]`` in ONNX Runtime; traced on two or more tokens it ran any
+    length). The graph is the same function; only the traced shapes differ."""
+    if isinstance(example_input, dict):
+        tokens = [v for v in example_input.values() if _is_tokens(v)]
+        if tokens and all(v.shape[1] == 1 for v in tokens):
+            return {k: v.repeat(1, 2) if _is_tokens(v) else v for k, v in example_input.items()}
+        return example_input
+    if _is_tokens(example_input) and example_input.shape[1] == 1:
+        return example_input.repeat(1, 2)
+    if isinstance(example_input, tuple):
+        tokens = [v for v in example_input if _is_tokens(v)]
+        if tokens and all(v.shape[1] == 1 for v in tokens):
+            return tuple(v.repeat(1, 2) if _is_tokens(v) else v for v in example_input)
+    return example_input
+
+
+def _add_sequence_axes(axes: dict, names, values, output_names, outputs) -> None:
+    """Axis 1 of every integer ``[N, S]`` input (ids, mask, positions) and of every output
+    whose axis 1 has the same length ``S`` (logits, hidden states) named ``sequence``."""
+    tokens = [
+        (name, value)
+        for name, value in zip(names, values, strict=True)
+        if value.dim() == 2 and not value.dtype.is_floating_point
+    ]
+    if not tokens:
+        return
+    length = tokens[0][1].shape[1]
+    for name, value in tokens:
+        if value.shape[1] == length:
+            axes[name][1] = "sequence"
+    for name, (_, value) in zip(output_names, outputs, strict=True):
+        if value.dim() >= 2 and value.shape[1] == length:
+            axes[name][1] = "sequence"
 
 
 def _exported_proto(

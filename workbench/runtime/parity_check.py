@@ -35,10 +35,10 @@ from workbench.core.metrics import cosine
 from workbench.engine.batches import inference_inputs, iter_batches, model_inputs
 from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layers import QuantizedLayer
+from workbench.runtime.graph_info import read_graph_info
 from workbench.runtime.onnx_export import flatten_outputs
 from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.ort_session import make_session, run_session
-from workbench.runtime.qdq_graph import read_graph_info
 
 REPORT_TITLE = "ONNX Runtime parity"
 REPORT_LAYERS_TITLE = "ONNX Runtime parity per layer"

@@ -1,7 +1,7 @@
 """Rewrite an exported QDQ graph into the exact patterns ONNX Runtime fuses.
 
-Over 400 lines: nine short passes that all read and mutate one graph index (``_Graph``)
-and run in order in ``finalize_qdq_graph``; they stay with the index they share.
+The passes read and mutate one graph index (``qdq_index.GraphIndex``) and run in order in
+``finalize_qdq_graph``; the conv rewrites (6 and 7) live in ``conv_rewrites``.
 
 Every pass keeps the values the graph computes (each is exact on the quantization grid):
 
@@ -27,22 +27,23 @@ Every pass keeps the values the graph computes (each is exact on the quantizatio
 from __future__ import annotations
 
 import heapq
-import json
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from workbench.runtime.blockwise_export import (
     DEFAULT_ACCURACY_LEVEL,
     ensure_ort_domain,
     resolve_blockwise_layers,
 )
+from workbench.runtime.conv_rewrites import route_convs_to_qgemm, space_to_depth_stem
 from workbench.runtime.dynamic_export import resolve_dynamic_weights
-from workbench.runtime.onnx_maps import tensor_map
-from workbench.runtime.qdq_modules import MARKER_DOMAIN
+from workbench.runtime.graph_info import GraphInfo, QuantizedLayerInfo
+from workbench.runtime.qdq_index import GraphIndex as _Graph
+from workbench.runtime.qdq_index import per_tensor_dq, unique_name
+from workbench.runtime.qdq_ops import MARKER_DOMAIN
 
 GRID_PRESERVING_OPS = {
     "MaxPool",
@@ -53,89 +54,6 @@ GRID_PRESERVING_OPS = {
     "Unsqueeze",
     "Identity",
 }
-METADATA_KEY = "workbench.quantized_layers"
-SITES_KEY = "workbench.quantized_outputs"
-
-
-@dataclass
-class QuantizedLayerInfo:
-    """Where one quantized layer sits in the exported graph."""
-
-    name: str
-    op_type: str  # "MatMul" or "Conv"
-    node: str
-    weight: str  # the int8 / uint8 weight initializer
-    output: str  # the layer's output tensor (for a Conv: before its output Q)
-    call: int = 0  # the call site (node ``layer#n``) of a layer called at several sites
-
-
-@dataclass
-class GraphInfo:
-    layers: list[QuantizedLayerInfo] = field(default_factory=list)
-    sites: dict[str, str] = field(default_factory=dict)  # output quantizer -> Q output tensor
-
-    def to_metadata(self, model: onnx.ModelProto) -> None:
-        layers = [vars(layer) for layer in self.layers]
-        helper.set_model_props(
-            model,
-            {METADATA_KEY: json.dumps(layers), SITES_KEY: json.dumps(self.sites)},
-        )
-
-
-def read_graph_info(model: onnx.ModelProto) -> GraphInfo:
-    """The layer / output-quantizer map written by :func:`finalize_qdq_graph`."""
-    props = {prop.key: prop.value for prop in model.metadata_props}
-    layers = [QuantizedLayerInfo(**row) for row in json.loads(props.get(METADATA_KEY, "[]"))]
-    return GraphInfo(layers, json.loads(props.get(SITES_KEY, "{}")))
-
-
-class _Graph:
-    """Lookup tables over ``graph``: the producer / consumer map (``onnx_maps``) is kept up to
-    date by the edits below and rebuilt (``refresh``) at most once per pass."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.tensors = tensor_map(self.graph)
-        self.producer = self.tensors.producer
-        self.consumers = self.tensors.consumers
-        self.initializers = {init.name: init for init in self.graph.initializer}
-        self.outputs = {out.name for out in self.graph.output}
-
-    def array(self, name: str) -> np.ndarray | None:
-        init = self.initializers.get(name)
-        return None if init is None else numpy_helper.to_array(init)
-
-    def replace_uses(self, old: str, new: str) -> None:
-        """Every node reading ``old`` reads ``new`` instead."""
-        users = self.consumers.pop(old, [])
-        seen: set[int] = set()
-        for node in users:
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
-        self.consumers[new].extend(users)
-
-    def insert(self, position: int, node: onnx.NodeProto) -> None:
-        self.graph.node.insert(position, node)
-        self.tensors.add_node(self.graph.node[position])
-
-    def remove(self, node: onnx.NodeProto) -> None:
-        self.tensors.remove_node(node)
-        self.graph.node.remove(node)
-
-    def rename_initializer(self, old: str, new: str) -> None:
-        if old == new or old not in self.initializers or new in self.initializers:
-            return
-        init = self.initializers.pop(old)
-        init.name = new
-        self.initializers[new] = init
-        self.replace_uses(old, new)
 
 
 def constants_to_initializers(graph: onnx.GraphProto) -> None:
@@ -232,23 +150,6 @@ def _share_initializers(g: _Graph, dq: onnx.NodeProto, layer: str, suffixes) -> 
             dq.input[index] = first
 
 
-def _per_tensor_dq(g: _Graph, name: str) -> onnx.NodeProto | None:
-    node = g.producer.get(name)
-    if node is None or node.op_type != "DequantizeLinear":
-        return None
-    scale = g.array(node.input[1])
-    return node if scale is not None and scale.ndim == 0 else None
-
-
-def _unique_name(g: _Graph, base: str) -> str:
-    used = set(g.producer) | set(g.initializers) | {i.name for i in g.graph.input}
-    name, index = base, 0
-    while name in used:
-        index += 1
-        name = f"{base}_{index}"
-    return name
-
-
 def commute_dequantize(g: _Graph) -> bool:
     """P(DQ(q)) -> DQ(P(q)) for ops that only move values, in one pass over the graph (a chain
     of such ops is handled in the same pass: the moved DQ is the next op's input)."""
@@ -258,11 +159,11 @@ def commute_dequantize(g: _Graph) -> bool:
             continue
         if len([o for o in node.output if o]) != 1:
             continue
-        dq = _per_tensor_dq(g, node.input[0])
+        dq = per_tensor_dq(g, node.input[0])
         if dq is None:
             continue
         position = list(g.graph.node).index(node)
-        codes = _unique_name(g, f"{node.output[0]}_quantized")
+        codes = unique_name(g, f"{node.output[0]}_quantized")
         moved = onnx.NodeProto()
         moved.CopyFrom(node)
         moved.input[0] = dq.input[0]
@@ -271,187 +172,13 @@ def commute_dequantize(g: _Graph) -> bool:
             "DequantizeLinear",
             [codes, *dq.input[1:]],
             [node.output[0]],
-            name=_unique_name(g, f"{node.name or node.output[0]}/dequantize"),
+            name=unique_name(g, f"{node.name or node.output[0]}/dequantize"),
         )
         g.remove(node)
         g.insert(position, dequantize)
         g.insert(position, moved)
         changed = True
     return changed
-
-
-def _conv_attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def space_to_depth_stem(
-    model: onnx.ModelProto, g: _Graph, max_channels: int = 16, max_kernel_growth: float = 1.5
-) -> bool:
-    """Rewrite a strided quantized conv with few input channels (an image stem: 3 channels,
-    7x7, stride 2) as a space-to-depth rearrangement of its uint8 input and a stride-1 conv.
-
-    ``Conv(x, W, stride s)`` equals ``Conv(S2D_s(pad(x)), W', stride 1)`` where ``W`` is padded
-    with zeros to a multiple of ``s`` and rearranged the same way: the same products are summed,
-    so QLinearConv's integer result is identical. Integer convs with 3 input channels waste most
-    of their vector width; with ``3 * s * s`` channels the stem can run faster. The padded
-    kernel adds multiplications by zero: a stem is rewritten only when its kernel area grows at
-    most ``max_kernel_growth`` times (7x7 stride 2 -> 8x8: 1.31x; 3x3 stride 2 -> 4x4: 1.78x,
-    measured 1.5x slower than the plain QLinearConv on an AVX2 CPU, and MobileNetV2 5-10%
-    slower as a whole).
-    """
-    strided = [
-        n
-        for n in g.graph.node
-        if n.op_type == "Conv" and any(v > 1 for v in _conv_attrs(n).get("strides", [1]))
-    ]
-    if not strided:
-        return False
-    shapes = {}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for value in [*inferred.graph.value_info, *inferred.graph.input]:
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    changed = False
-    for conv in strided:
-        attrs = _conv_attrs(conv)
-        strides = list(attrs.get("strides", [1, 1]))
-        kernel = list(attrs.get("kernel_shape", []))
-        pads = list(attrs.get("pads", [0, 0, 0, 0]))
-        if (
-            len(kernel) != 2
-            or attrs.get("group", 1) != 1
-            or attrs.get("auto_pad", b"NOTSET")
-            not in (
-                b"NOTSET",
-                "NOTSET",
-            )
-        ):
-            continue
-        if any(d != 1 for d in attrs.get("dilations", [1, 1])) or strides[0] != strides[1]:
-            continue
-        stride = strides[0]
-        x_dq, w_dq = _per_tensor_dq(g, conv.input[0]), g.producer.get(conv.input[1])
-        if stride < 2 or x_dq is None or w_dq is None or w_dq.op_type != "DequantizeLinear":
-            continue
-        weight = g.array(w_dq.input[0])
-        shape = shapes.get(x_dq.input[0])
-        if weight is None or weight.ndim != 4 or not shape or len(shape) != 4:
-            continue
-        channels, height, width = shape[1], shape[2], shape[3]
-        if None in (channels, height, width) or channels * stride * stride > max_channels:
-            continue
-        out_channels = weight.shape[0]
-        new_kernel = [-(-k // stride) * stride for k in kernel]
-        if new_kernel[0] * new_kernel[1] > max_kernel_growth * kernel[0] * kernel[1]:
-            continue
-        outs = [
-            (size + pads[i] + pads[i + 2] - kernel[i]) // stride + 1
-            for i, size in enumerate((height, width))
-        ]
-        lengths = [stride * (o - 1) + k for o, k in zip(outs, new_kernel, strict=True)]
-        ends = [
-            length - size - pads[i]
-            for i, (length, size) in enumerate(zip(lengths, (height, width), strict=True))
-        ]
-        if any(e < 0 for e in ends):
-            continue
-        padded = np.zeros((out_channels, channels, *new_kernel), dtype=weight.dtype)
-        padded[:, :, : kernel[0], : kernel[1]] = weight
-        blocks = [k // stride for k in new_kernel]
-        rearranged = (
-            padded.reshape(out_channels, channels, blocks[0], stride, blocks[1], stride)
-            .transpose(0, 1, 3, 5, 2, 4)
-            .reshape(out_channels, channels * stride * stride, *blocks)
-        )
-        g.initializers[w_dq.input[0]].CopyFrom(
-            numpy_helper.from_array(np.ascontiguousarray(rearranged), w_dq.input[0])
-        )
-        base = conv.name or conv.output[0]
-        names = {
-            key: _unique_name(g, f"{base}/space_to_depth_{key}")
-            for key in ("pads", "padded", "shape1", "split", "moved", "shape2", "codes", "input")
-        }
-        inits = [
-            numpy_helper.from_array(
-                np.array([0, 0, pads[0], pads[1], 0, 0, ends[0], ends[1]], np.int64),
-                names["pads"],
-            ),
-            numpy_helper.from_array(
-                np.array(
-                    [0, channels, lengths[0] // stride, stride, lengths[1] // stride, stride],
-                    np.int64,
-                ),
-                names["shape1"],
-            ),
-            numpy_helper.from_array(
-                np.array(
-                    [0, channels * stride * stride, lengths[0] // stride, lengths[1] // stride],
-                    np.int64,
-                ),
-                names["shape2"],
-            ),
-        ]
-        g.graph.initializer.extend(inits)
-        zero = x_dq.input[2] if len(x_dq.input) > 2 else ""
-        nodes = [
-            helper.make_node("Pad", [x_dq.input[0], names["pads"], zero], [names["padded"]]),
-            helper.make_node("Reshape", [names["padded"], names["shape1"]], [names["split"]]),
-            helper.make_node(
-                "Transpose", [names["split"]], [names["moved"]], perm=[0, 1, 3, 5, 2, 4]
-            ),
-            helper.make_node("Reshape", [names["moved"], names["shape2"]], [names["codes"]]),
-            helper.make_node(
-                "DequantizeLinear", [names["codes"], *x_dq.input[1:]], [names["input"]]
-            ),
-        ]
-        position = list(g.graph.node).index(conv)
-        for offset, node in enumerate(nodes):
-            g.graph.node.insert(position + offset, node)
-        conv.input[0] = names["input"]
-        del conv.attribute[:]
-        conv.attribute.extend(
-            [
-                helper.make_attribute("kernel_shape", blocks),
-                helper.make_attribute("strides", [1, 1]),
-                helper.make_attribute("pads", [0, 0, 0, 0]),
-                helper.make_attribute("dilations", [1, 1]),
-                helper.make_attribute("group", 1),
-            ]
-        )
-        g.refresh()
-        changed = True
-    return changed
-
-
-def route_convs_to_qgemm(g: _Graph) -> int:
-    """Store each (non-grouped) quantized conv's symmetric int8 weight with zero point -1 and
-    codes shifted by -1: ``(q - 1) - (-1) = q``, the same values and the same integer sums.
-
-    ONNX Runtime runs a conv whose weight zero point is 0 on its symmetric-weight kernels
-    (AVX512-VNNI) and any other on its general QGEMM, which uses AMX tiles where the CPU has
-    them: on an AMX CPU, convs with 128+ channels ran 1.4-1.9x faster this way (equal below).
-    Only applied when every code is above -128. Returns the number of convs rewritten.
-    """
-    count = 0
-    for conv in [n for n in g.graph.node if n.op_type == "Conv" and len(n.input) >= 2]:
-        if _conv_attrs(conv).get("group", 1) != 1:
-            continue
-        dq = g.producer.get(conv.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-            continue
-        codes, zero = g.array(dq.input[0]), g.array(dq.input[2])
-        if codes is None or zero is None or codes.dtype != np.int8 or codes.min() <= -128:
-            continue
-        if zero.dtype != np.int8 or np.any(zero != 0):
-            continue
-        shifted = (codes.astype(np.int16) - 1).astype(np.int8)
-        g.initializers[dq.input[0]].CopyFrom(numpy_helper.from_array(shifted, dq.input[0]))
-        g.initializers[dq.input[2]].CopyFrom(
-            numpy_helper.from_array(np.full_like(zero, -1), dq.input[2])
-        )
-        count += 1
-    g.refresh()
-    return count
 
 
 def _axis(node: onnx.NodeProto) -> int:
@@ -482,7 +209,7 @@ def remove_requantize_identity(g: _Graph, renames: dict[str, str]) -> bool:
     for node in list(g.graph.node):
         if node.op_type != "QuantizeLinear" or node.output[0] in g.outputs:
             continue
-        dq = _per_tensor_dq(g, node.input[0])
+        dq = per_tensor_dq(g, node.input[0])
         if dq is None or not _same_qparams(g, node, dq):
             continue
         g.replace_uses(node.output[0], dq.input[0])
@@ -518,12 +245,12 @@ def split_shared_dequantize(g: _Graph) -> None:
             continue
         users = g.consumers.get(node.output[0], [])
         for index, user in enumerate(users[1:], start=1):
-            copy_name = _unique_name(g, f"{node.output[0]}_{index}")
+            copy_name = unique_name(g, f"{node.output[0]}_{index}")
             clone = helper.make_node(
                 "DequantizeLinear",
                 list(node.input),
                 [copy_name],
-                name=_unique_name(g, f"{node.name or node.output[0]}_{index}"),
+                name=unique_name(g, f"{node.name or node.output[0]}_{index}"),
                 **({"axis": _attr(node, "axis")} if _attr(node, "axis") is not None else {}),
             )
             for i, name in enumerate(user.input):
@@ -534,19 +261,44 @@ def split_shared_dequantize(g: _Graph) -> None:
     g.refresh()
 
 
+def implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """The outer values a node's subgraphs read (a Loop / If / Scan body uses them by name
+    without listing them as the node's inputs; ``nn.EmbeddingBag`` exports such a Loop)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs)
+        if attribute.HasField("g"):
+            graphs.append(attribute.g)
+        for body in graphs:
+            local = {i.name for i in body.input} | {i.name for i in body.initializer}
+            for inner in body.node:
+                local.update(inner.output)
+            for inner in body.node:
+                reads = set(inner.input) | implicit_inputs(inner)
+                names.update(name for name in reads if name and name not in local)
+    return names
+
+
 def prune(g: _Graph) -> None:
-    """Remove nodes whose outputs nobody uses, then unused initializers."""
+    """Remove nodes whose outputs nobody uses, then unused initializers (a value read only
+    inside a subgraph counts as used)."""
     while True:
+        inside = {name for node in g.graph.node for name in implicit_inputs(node)}
         dead = [
             node
             for node in g.graph.node
-            if all(not g.consumers.get(o) and o not in g.outputs for o in node.output if o)
+            if all(
+                not g.consumers.get(o) and o not in g.outputs and o not in inside
+                for o in node.output
+                if o
+            )
         ]
         if not dead:
             break
         for node in dead:
             g.remove(node)
     used = {name for node in g.graph.node for name in node.input} | g.outputs
+    used |= {name for node in g.graph.node for name in implicit_inputs(node)}
     kept = [init for init in g.graph.initializer if init.name in used]
     del g.graph.initializer[:]
     g.graph.initializer.extend(kept)
@@ -554,16 +306,17 @@ def prune(g: _Graph) -> None:
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
-    """Order the nodes so that each comes after the producers of its inputs (Kahn's algorithm,
-    linear in the graph's size); among ready nodes the earliest in the current order goes
-    first, so an already sorted graph keeps its order."""
+    """Order the nodes so that each comes after the producers of its inputs, also those its
+    subgraphs read (Kahn's algorithm, linear in the graph's size); among ready nodes the
+    earliest in the current order goes first, so an already sorted graph keeps its order."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     nodes = list(graph.node)
     unmet: list[int] = []
     waiting: dict[str, list[int]] = defaultdict(list)
     ready: list[int] = []
     for index, node in enumerate(nodes):
-        needed = {name for name in node.input if name not in available}
+        reads = set(node.input) | implicit_inputs(node)
+        needed = {name for name in reads if name not in available}
         unmet.append(len(needed))
         for name in needed:
             waiting[name].append(index)

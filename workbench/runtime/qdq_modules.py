@@ -26,14 +26,10 @@ through the exporter; ``qdq_graph`` turns them into node / initializer names and
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from workbench.core.fake_quant import fake_quantize
-from workbench.core.scheme import Scheme
 from workbench.engine.call_sites import CountsCalls, FunctionSites
 from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
@@ -46,52 +42,26 @@ from workbench.runtime.blockwise_export import (
     BlockwiseLinear,
     blockwise_spec,
 )
+from workbench.runtime.export_pools import (
+    ADAPTIVE_AVG_POOLS,
+    ExportAdaptiveAvgPool,
+    ExportWholeInputAvgPool,
+)
 from workbench.runtime.per_call_specs import PerCallSpec
+from workbench.runtime.qdq_ops import (
+    ActivationSpec,
+    LayerSpec,
+    QuantDequantOp,
+    QuantizedConvOp,
+    QuantizedEmbeddingOp,
+    QuantizedLinearOp,
+    code_dtype,
+)
 
-MARKER_DOMAIN = "workbench"
-ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-AVG_POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # float32 rounds 2**31 - 1 up to 2**31, which wraps to INT32_MIN when cast: clamp float32
 # codes to the largest float32 below 2**31 instead
 INT32_MAX_FLOAT32 = 2**31 - 128
-
-
-def code_dtype(scheme: Scheme) -> torch.dtype:
-    """int8 codes for signed schemes, uint8 for unsigned ones (sub-8-bit codes fit in them)."""
-    return torch.int8 if scheme.signed else torch.uint8
-
-
-# activations ---------------------------------------------------------------------------------
-@dataclass(eq=False)
-class ActivationSpec:
-    scale: torch.Tensor  # float32, 0-d
-    zero_point: torch.Tensor  # int32, 0-d (simulation)
-    scheme: Scheme
-    site: str  # name of the output quantizer it is, or "" for a layer's input quantizer
-
-
-class _QuantDequant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, spec: ActivationSpec):
-        return fake_quantize(x, spec.scale, spec.zero_point, spec.scheme)
-
-    @staticmethod
-    def symbolic(g, x, spec: ActivationSpec):
-        scheme = spec.scheme
-        scale = g.op("Constant", value_t=spec.scale.reshape(()).to(torch.float32))
-        zero = g.op("Constant", value_t=spec.zero_point.reshape(()).to(code_dtype(scheme)))
-        full = (-128, 127) if scheme.signed else (0, 255)
-        if (scheme.quant_min, scheme.quant_max) != full:
-            z = float(spec.zero_point)
-            s = float(spec.scale)
-            low = g.op("Constant", value_t=torch.tensor((scheme.quant_min - z) * s))
-            high = g.op("Constant", value_t=torch.tensor((scheme.quant_max - z) * s))
-            x = g.op("Clip", x, low, high)
-        q = g.op("QuantizeLinear", x, scale, zero)
-        if spec.site:
-            q = g.op(f"{MARKER_DOMAIN}::Site", q, site_s=spec.site)
-        return g.op("DequantizeLinear", q, scale, zero)
 
 
 class ExportQuantDequant(PerCallSpec):
@@ -113,24 +83,7 @@ class ExportQuantDequant(PerCallSpec):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantDequant.apply(x, self.call_spec())
-
-
-# layers --------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class LayerSpec:
-    name: str
-    kind: str  # "linear" or "conv"
-    weight_dq: torch.Tensor  # the simulation's dequantized weight (as the layer uses it)
-    codes: torch.Tensor  # int8 / uint8 codes as stored (Linear: transposed)
-    scale: torch.Tensor  # float32, 0-d or [C]
-    zero_point: torch.Tensor  # codes dtype, 0-d or [C]
-    axis: int
-    bias: torch.Tensor | None  # float32
-    bias_codes: torch.Tensor | None  # int32 (conv with a quantized input)
-    bias_scale: torch.Tensor | None  # float32 [C_out]
-    conv_args: dict | None = None
-    conv: nn.Module | None = None  # the FP32 conv (its _conv_forward), for the torch side
+        return QuantDequantOp.apply(x, self.call_spec())
 
 
 def _conv_pads(conv: nn.Module) -> list[int]:
@@ -221,83 +174,6 @@ def layer_spec(
     )
 
 
-def _weight_dq(g, spec: LayerSpec):
-    codes = g.op("Constant", value_t=spec.codes)
-    scale = g.op("Constant", value_t=spec.scale)
-    zero = g.op("Constant", value_t=spec.zero_point)
-    kwargs = {"axis_i": spec.axis} if spec.scale.dim() > 0 else {}
-    dq = g.op("DequantizeLinear", codes, scale, zero, **kwargs)
-    return g.op(f"{MARKER_DOMAIN}::Weight", dq, layer_s=spec.name)
-
-
-def _bias_dq(g, spec: LayerSpec):
-    codes = g.op("Constant", value_t=spec.bias_codes)
-    scale = g.op("Constant", value_t=spec.bias_scale)
-    zero = g.op("Constant", value_t=torch.zeros_like(spec.bias_codes))
-    return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
-
-
-class _QuantizedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, spec: LayerSpec):
-        return F.linear(x, spec.weight_dq, spec.bias)
-
-    @staticmethod
-    def symbolic(g, x, spec: LayerSpec):
-        rank = x.type().dim() if hasattr(x.type(), "dim") else None
-        if rank == 2 and spec.bias_codes is not None:
-            # a 2-D Linear is a Gemm; with an INT32 bias ONNX Runtime runs it as QGemm
-            return g.op("Gemm", x, _weight_dq(g, spec), _bias_dq(g, spec))
-        y = g.op("MatMul", x, _weight_dq(g, spec))
-        if spec.bias is not None and rank == 2:
-            # weight-only, 2-D: ONNX Runtime's MatMulAddFusion would turn MatMul + Add into an
-            # FP32 Gemm before its DQ -> MatMul fusion (MatMulNBits) runs; y - (-b) is the same
-            # sum (negation is exact) and matches no Gemm pattern
-            return g.op("Sub", y, g.op("Constant", value_t=-spec.bias))
-        if spec.bias is not None:
-            y = g.op("Add", y, g.op("Constant", value_t=spec.bias))
-        return y
-
-
-class _QuantizedConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, spec: LayerSpec):
-        return spec.conv._conv_forward(x, spec.weight_dq, spec.bias)
-
-    @staticmethod
-    def symbolic(g, x, spec: LayerSpec):
-        inputs = [x, _weight_dq(g, spec)]
-        if spec.bias_codes is not None:
-            inputs.append(_bias_dq(g, spec))
-        elif spec.bias is not None:
-            inputs.append(g.op("Constant", value_t=spec.bias))
-        return g.op("Conv", *inputs, **spec.conv_args)
-
-
-class _QuantizedEmbedding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, ids, spec: LayerSpec):
-        return F.embedding(ids, spec.weight_dq)
-
-    @staticmethod
-    def symbolic(g, ids, spec: LayerSpec):
-        codes = g.op("Constant", value_t=spec.codes)
-        codes = g.op(f"{MARKER_DOMAIN}::Table", codes, layer_s=spec.name)
-        rows = g.op("Gather", codes, ids, axis_i=0)
-        scale = g.op("Constant", value_t=spec.scale)
-        zero = g.op("Constant", value_t=spec.zero_point)
-        if spec.scale.dim() == 0:
-            return g.op("DequantizeLinear", rows, scale, zero)
-        # one scale per row: gather each token's scale (and zero point) with its row
-        last = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
-        values = g.op("Cast", rows, to_i=1)  # FLOAT
-        if bool((spec.zero_point != 0).any()):
-            zeros = g.op("Cast", g.op("Gather", zero, ids, axis_i=0), to_i=1)
-            values = g.op("Sub", values, g.op("Unsqueeze", zeros, last))
-        scales = g.op("Unsqueeze", g.op("Gather", scale, ids, axis_i=0), last)
-        return g.op("Mul", values, scales)
-
-
 class ExportLayer(CountsCalls, PerCallSpec, StandsIn):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv. A layer called at
     several sites (``engine.layer_calls``) has one input quantizer and one spec (its INT32
@@ -342,13 +218,13 @@ class ExportLayer(CountsCalls, PerCallSpec, StandsIn):
         if spec.kind == "blockwise_embedding":
             return BlockwiseEmbedding.apply(x, spec)
         if spec.kind == "embedding":
-            return _QuantizedEmbedding.apply(x, spec)
+            return QuantizedEmbeddingOp.apply(x, spec)
         if spec.kind == "blockwise":
             out = BlockwiseLinear.apply(x, spec)
         elif spec.kind == "linear":
-            out = _QuantizedLinear.apply(x, spec)
+            out = QuantizedLinearOp.apply(x, spec)
         else:
-            out = _QuantizedConv.apply(x, spec)
+            out = QuantizedConvOp.apply(x, spec)
         if self.output_quantizer is not None:
             out = self.output_quantizer(out)
         return out
@@ -400,59 +276,6 @@ def _stand_in_for_quantizer(quantizer: ActivationQuantizer, name: str, site: str
     return ExportQuantDequant(quantizer, name, site)
 
 
-class ExportAdaptiveAvgPool(nn.Module):
-    """``nn.AdaptiveAvgPool{1,2,3}d`` as the plain average pool it is when each input size is a
-    multiple of its output size (VGG's ``(7, 7)`` on 7x7 or 14x14 maps): the TorchScript
-    exporter can only export adaptive pooling to sizes other than 1 when it sees the input's
-    static sizes, which no autograd-Function stand-in keeps. Uneven windows (``(7, 7)`` on a
-    10x10 map) become the averaging matrices adaptive pooling applies along each axis
-    (window ``[floor(i S / O), ceil((i + 1) S / O))``), fixed for the exported spatial size:
-    MatMuls on constants, in FP32 (ONNX has no adaptive pooling)."""
-
-    quantization_leaf = True  # one call site, as the pooling module it stands in for
-
-    def __init__(self, pool: nn.Module) -> None:
-        super().__init__()
-        self.pool = pool
-        self.dims = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[
-            type(pool)
-        ]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sizes = [int(size) for size in x.shape[-self.dims :]]
-        wanted = self.pool.output_size
-        wanted = [wanted] * self.dims if isinstance(wanted, int) else list(wanted)
-        wanted = [
-            size if out is None else int(out) for size, out in zip(sizes, wanted, strict=True)
-        ]
-        if all(out == 1 for out in wanted):
-            return self.pool(x)  # global pooling exports as it is
-        if any(s % o for s, o in zip(sizes, wanted, strict=True)):
-            return _averaging_matrices(x, sizes, wanted)
-        kernel = [s // o for s, o in zip(sizes, wanted, strict=True)]
-        return AVG_POOLS[self.dims](x, kernel, kernel)
-
-
-def averaging_matrix(size: int, out: int) -> torch.Tensor:
-    """``[out, size]``: row i averages adaptive pooling's window i of an axis of ``size``."""
-    matrix = torch.zeros(out, size, dtype=torch.float32)
-    for i in range(out):
-        start, end = (i * size) // out, -(-((i + 1) * size) // out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-def _averaging_matrices(x: torch.Tensor, sizes: list[int], wanted: list[int]) -> torch.Tensor:
-    dims = len(sizes)
-    for offset, (size, out) in enumerate(zip(sizes, wanted, strict=True)):
-        axis = x.dim() - dims + offset
-        if size == out:
-            continue
-        moved = x.transpose(axis, -1)
-        x = torch.matmul(moved, averaging_matrix(size, out).t().to(x.dtype)).transpose(axis, -1)
-    return x
-
-
 def exportable_model(model: nn.Module) -> nn.Module:
     """A copy of the simulated ``model`` whose quantizers and quantized layers export as QDQ."""
     model = copy.deepcopy(model)
@@ -480,4 +303,6 @@ def exportable_model(model: nn.Module) -> nn.Module:
             set_submodule(model, name, _stand_in_for_quantizer(module, name, sites.get(name, "")))
         elif isinstance(module, ADAPTIVE_AVG_POOLS) and name:
             set_submodule(model, name, ExportAdaptiveAvgPool(module))
+        elif type(module) in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d) and name:
+            set_submodule(model, name, ExportWholeInputAvgPool(module))
     return model

@@ -40,9 +40,17 @@ def input_signature(batch: Any) -> tuple[InputSpec, ...]:
     )
 
 
-def check_like_calibration(signature: tuple[InputSpec, ...] | None, example_input: Any) -> None:
+def is_token_input(spec: InputSpec) -> bool:
+    """An integer ``[N, sequence]`` input (token ids, attention mask, positions)."""
+    return len(spec.sample_shape) == 1 and not spec.dtype.is_floating_point
+
+
+def check_like_calibration(
+    signature: tuple[InputSpec, ...] | None, example_input: Any, free_sequence: bool = False
+) -> None:
     """A ``CalibrationError`` when ``example_input`` differs from the calibration batches in
-    an input's per-sample shape or dtype (the batch size may differ)."""
+    an input's per-sample shape or dtype (the batch size may differ; with ``free_sequence``
+    the sequence length of integer ``[N, sequence]`` inputs too, as a decoder's)."""
     if not signature:
         return
     args, kwargs = model_inputs(example_input)
@@ -56,7 +64,10 @@ def check_like_calibration(signature: tuple[InputSpec, ...] | None, example_inpu
                 f"example_input gives no {spec.name} ({spec.describe()}), which the "
                 "calibration batches gave; pass one batch shaped like them"
             )
-        if got.sample_shape != spec.sample_shape or got.dtype != spec.dtype:
+        same_shape = got.sample_shape == spec.sample_shape or (
+            free_sequence and is_token_input(spec) and is_token_input(got)
+        )
+        if not same_shape or got.dtype != spec.dtype:
             raise CalibrationError(
                 f"example_input's {spec.name} is {got.describe()}, the model was calibrated "
                 f"on {spec.describe()}; pass one batch shaped like the calibration data "

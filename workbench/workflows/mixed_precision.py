@@ -22,7 +22,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from itertools import islice
 from numbers import Integral
 from typing import Any
 
@@ -32,27 +31,20 @@ from torch import nn
 from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import resolve_config
 from workbench.engine.config import QuantConfig
-from workbench.engine.eval_metric import check_eval_fn, check_search, measure_metric
+from workbench.engine.eval_metric import check_eval_fn, check_search
 from workbench.engine.modules import ROOT_NAME
-from workbench.engine.prepare import FP32
-from workbench.engine.switches import quantize_only
 from workbench.errors import ConfigError
-from workbench.workflows.input_signature import input_signature
-from workbench.workflows.ptq import REPORT_BATCHES, build_report, report_batches
+from workbench.workflows.precision_search import (
+    NO_ASSIGNMENT_WARNING,
+    calibrated_result,
+    search_kept_layers,
+    set_reasons,
+    stale_table_error,
+)
+from workbench.workflows.ptq import report_batches
 from workbench.workflows.result import QuantResult
-from workbench.workflows.sensitivity import CalibratedModel, sensitivity_table
+from workbench.workflows.sensitivity import CalibratedModel
 from workbench.workflows.sensitivity import sensitivity as sensitivity_report
-
-
-def higher_precision_config(config: QuantConfig) -> QuantConfig | None:
-    """The 8-bit version of a config below 8 bits, or None when FP32 is the fallback."""
-    low_weight = config.weight.bits < 8
-    low_act = config.activation is not None and config.activation.bits < 8
-    if not (low_weight or low_act):
-        return None
-    weight = replace(config.weight, bits=8)
-    activation = replace(config.activation, bits=8) if config.activation else None
-    return replace(config, weight=weight, activation=activation)
 
 
 def auto_mixed_precision(
@@ -75,7 +67,7 @@ def auto_mixed_precision(
     """
     check_search(eval_fn, max_drop, "auto_mixed_precision")
     held_out = report_batches(report_data)
-    return _search(
+    return search_kept_layers(
         model, calib_data, eval_fn, max_drop, config, num_batches, progress, {}, held_out
     )
 
@@ -125,7 +117,7 @@ def keep_most_sensitive_fp32(
     names = {name or ROOT_NAME for name, _ in getattr(model, "_orig_mod", model).named_modules()}
     for name in kept:
         if name not in names:
-            raise _stale_table_error(name)
+            raise stale_table_error(name)
     ranks = {name: rank for rank, name in enumerate(sensitivity["layer"], start=1)}
     reasons = {
         name: f"kept FP32: sensitivity rank {ranks[name]} of {len(sensitivity)}" for name in kept
@@ -134,7 +126,7 @@ def keep_most_sensitive_fp32(
         config, exclude=tuple(config.exclude) + tuple(n for n in kept if n not in config.exclude)
     )
     if max_drop is not None:
-        result = _search(
+        result = search_kept_layers(
             model, batches, eval_fn, max_drop, kept_config, None, progress, reasons, held_out
         )
         searched = result.report.summary["kept_higher_precision"]
@@ -147,9 +139,6 @@ def keep_most_sensitive_fp32(
     result.report.extra_tables[title] = sensitivity
     result.report.summary["kept_higher_precision"] = list(kept) + list(searched)
     return result
-
-
-NO_ASSIGNMENT_WARNING = "wb.auto_mixed_precision: no assignment meets"
 
 
 def check_training_search(
@@ -199,7 +188,7 @@ def search_for_training(
                 progress,
                 max_drop,
             )
-        return _search(model, batches, eval_fn, max_drop, config, None, progress, {})
+        return search_kept_layers(model, batches, eval_fn, max_drop, config, None, progress, {})
 
 
 def kept_layer_notes(search: QuantResult) -> dict[str, str]:
@@ -223,23 +212,6 @@ def _most_sensitive(sensitivity: pd.DataFrame, count: int) -> list[str]:
     return list(sensitivity["layer"].head(count))
 
 
-def _set_reasons(plans: list, reasons: Mapping[str, str]) -> None:
-    """Give the layers kept FP32 by the caller their reason, before the report is built."""
-    for name, reason in reasons.items():
-        plan = next((p for p in plans if p.name == name), None)
-        if plan is None or plan.status != FP32:
-            raise _stale_table_error(name)
-        plan.note = reason
-
-
-def _stale_table_error(name: str) -> ConfigError:
-    return ConfigError(
-        f"the sensitivity table names layer {name!r}, which this model does not keep "
-        "FP32 under the config; pass the table wb.sensitivity computed for this model "
-        "and config"
-    )
-
-
 def _ptq(
     model: nn.Module,
     batches: list[Any],
@@ -255,152 +227,5 @@ def _ptq(
     calibrated = CalibratedModel(
         model, batches, config, None, None, progress, "wb.keep_most_sensitive_fp32"
     )
-    _set_reasons(calibrated.plans, reasons)
-    report = build_report(
-        calibrated.original,
-        calibrated.fp32_model,
-        calibrated.model,
-        calibrated.plans,
-        calibrated.config,
-        list(islice(calibrated.batches, REPORT_BATCHES)),
-        eval_fn,
-        metric_fp32,
-        held_out,
-    )
-    return QuantResult(
-        calibrated.model,
-        calibrated.fp32_model,
-        report,
-        calibrated.config,
-        calibrated.plans,
-        method="ptq",
-        input_signature=input_signature(calibrated.batches[0]),
-    )
-
-
-def kept_config(config: QuantConfig, fallback: QuantConfig | None, kept: list[str]) -> QuantConfig:
-    """``config`` with the ``kept`` layers at the fallback's precision (through ``overrides``,
-    so the quantizers around them follow) or, without a fallback, in ``exclude`` (FP32)."""
-    if fallback is None:
-        extra = tuple(name for name in kept if name not in config.exclude)
-        return replace(config, exclude=tuple(config.exclude) + extra)
-    schemes = {"weight": fallback.weight, "activation": fallback.activation}
-    overrides = dict(config.overrides)
-    for name in kept:
-        overrides.pop(name, None)
-        overrides[name] = dict(schemes)  # last: it wins over the config's own patterns
-    return replace(config, overrides=overrides)
-
-
-def _search(
-    model: nn.Module,
-    calib_data: Any,
-    eval_fn: Callable[[nn.Module], float],
-    max_drop: float,
-    config: QuantConfig | str | None,
-    num_batches: int | None,
-    progress: bool,
-    reasons: Mapping[str, str],
-    held_out: list[Any] | None = None,
-) -> QuantResult:
-    """The mixed-precision search; ``reasons`` of layers the config already keeps FP32 are set
-    on the plans before the report is built.
-
-    Every step is a model of its own, prepared and calibrated with the kept layers in the
-    config (``kept_config``) and measured as returned: keep the most sensitive layers one more
-    at a time until the drop is within ``max_drop``, then drop again each kept layer (least
-    sensitive first) that the budget does not need. When no step meets the budget, the best
-    one is returned with a warning and ``summary["budget_met"] = False``."""
-    low = CalibratedModel(
-        model, calib_data, config, eval_fn, num_batches, progress, "wb.auto_mixed_precision"
-    )
-    sens = sensitivity_table(low, progress)
-    metric_fp32 = sens.attrs["metric_fp32"]
-    fallback = higher_precision_config(low.config)
-    order = list(sens["layer"])
-    trajectory: list[dict] = []
-
-    def measure(kept: list[str], step: str) -> tuple[CalibratedModel, float]:
-        if kept:
-            candidate = CalibratedModel(
-                low.original,
-                low.batches,
-                kept_config(low.config, fallback, kept),
-                None,
-                None,
-                False,
-                "wb.auto_mixed_precision",
-            )
-        else:  # the config itself: the model the ranking was measured on, all quantized
-            quantize_only(low.model, low.layer_names)
-            candidate = low
-        what = f"the model with {len(kept)} layer(s) kept"
-        drop = metric_fp32 - measure_metric(eval_fn, candidate.model, what)
-        trajectory.append(
-            {
-                "step": step,
-                "layers_kept": len(kept),
-                "kept": ", ".join(kept),
-                "metric": metric_fp32 - drop,
-                "drop": drop,
-            }
-        )
-        return candidate, drop
-
-    best, best_drop, best_kept = None, float("inf"), []
-    for k in range(len(order) + 1):
-        kept = order[:k]
-        candidate, drop = measure(kept, "keep" if k else "config")
-        if drop < best_drop:
-            best, best_drop, best_kept = candidate, drop, kept
-        if drop <= max_drop:
-            break
-    budget_met = best_drop <= max_drop
-    if budget_met:
-        for name in reversed(list(best_kept)):  # least sensitive first
-            fewer = [n for n in best_kept if n != name]
-            candidate, drop = measure(fewer, f"drop {name}")
-            if drop <= max_drop:
-                best, best_drop, best_kept = candidate, drop, fewer
-    else:
-        warnings.warn(
-            f"{NO_ASSIGNMENT_WARNING} max_drop={max_drop} (the best, "
-            f"{len(best_kept)} layer(s) kept, drops {best_drop:.4g}); it is returned with "
-            "summary['budget_met'] = False: raise max_drop, or try QAT",
-            UserWarning,
-            stacklevel=3,
-        )
-    ranks = {name: rank for rank, name in enumerate(order, start=1)}
-    for name in best_kept:
-        plan = next(p for p in best.plans if p.name == name)
-        why = f"sensitivity rank {ranks[name]}, needed for a drop <= {max_drop}"
-        if fallback is None:
-            plan.note = f"kept FP32: {why}"
-        else:
-            plan.note = f"kept {plan.kept_bits}-bit: {why}"
-    _set_reasons(best.plans, reasons)
-    report = build_report(
-        low.original,
-        best.fp32_model,
-        best.model,
-        best.plans,
-        best.config,
-        list(islice(low.batches, REPORT_BATCHES)),
-        eval_fn,
-        metric_fp32,
-        held_out,
-    )
-    report.extra_tables["Sensitivity"] = sens
-    report.extra_tables["Mixed-precision search"] = pd.DataFrame(trajectory)
-    report.summary["kept_higher_precision"] = list(best_kept)
-    report.summary["max_drop"] = float(max_drop)
-    report.summary["budget_met"] = bool(budget_met)
-    return QuantResult(
-        best.model,
-        best.fp32_model,
-        report,
-        best.config,
-        best.plans,
-        method="ptq",
-        input_signature=input_signature(low.batches[0]),
-    )
+    set_reasons(calibrated.plans, reasons)
+    return calibrated_result(calibrated, calibrated.original, eval_fn, metric_fp32, held_out)

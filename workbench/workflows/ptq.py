@@ -12,6 +12,7 @@ from torch import nn
 from workbench.analysis.layer_errors import measure_layer_errors
 from workbench.analysis.layer_table import layer_table
 from workbench.analysis.report import Report, build_summary, metric_name_of
+from workbench.analysis.sites import SITES_TITLE, site_table
 from workbench.analysis.storage import storage_table
 from workbench.engine.batches import iter_batches
 from workbench.engine.calibrate import (
@@ -24,9 +25,8 @@ from workbench.engine.calibrate import (
 from workbench.engine.config import QuantConfig
 from workbench.engine.distributed import (
     broadcast_model,
-    join_job,
+    distributed_job,
     shard_loader,
-    share_report,
     start_from_rank0,
     unwrap_ddp,
 )
@@ -35,10 +35,10 @@ from workbench.engine.layers import iter_quantized_layers
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.refine import refine_quantized_model
 from workbench.errors import CalibrationError, ConfigError
-from workbench.workflows.input_signature import input_signature
-from workbench.workflows.result import QuantResult
+from workbench.workflows.result import QuantResult, finished_result
 
 REPORT_BATCHES = 8
+SITE_SQNR_BATCHES = 1  # one more forward of the quantized model, hooked at every quantizer
 
 
 def build_report(
@@ -81,7 +81,9 @@ def build_report(
     summary["ptq_methods"] = config.ptq_methods()
     summary["layer_errors_on"] = source
     summary["layer_errors_batches"] = len(batches)
-    return Report(layers, storage, summary, model=quantized)
+    sites = site_table(quantized, batches[:SITE_SQNR_BATCHES])
+    extra = {SITES_TITLE: sites} if len(sites) else {}
+    return Report(layers, storage, summary, model=quantized, extra_tables=extra)
 
 
 def report_batches(report_data: Any) -> list[Any] | None:
@@ -132,39 +134,26 @@ def ptq(
     if calib_data is None:
         return ptq_without_data(model, config, eval_fn, held_out)
     reference = user_model_copy(unwrap_ddp(model), "wb.ptq")
-    job = join_job()  # a torch.distributed job: each process calibrates on its shard
-    if job is not None:
-        calib_data, progress = shard_loader(calib_data, job), progress and job.writes_files
-    # Stream the calibration data: only the first batches (BN folding, the report) are kept,
-    # so a whole training DataLoader does not have to fit in memory.
-    stream = iter_batches(calib_data, num_batches)
-    head = list(islice(stream, REPORT_BATCHES))
-    batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
-    first = head[0] if job is None else start_from_rank0(reference, head[0], job)
-    fp32_model, prepared, plans = prepare_model(reference, first, config, head)
-    reached = calibrate(prepared, batches, progress, job)
-    finish_calibration(prepared, plans, reached)
-    prepared.eval()
-    refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
-    if job is not None:  # refinements ran on each shard's batches: rank 0's everywhere
-        broadcast_model(prepared, job)
-    report = build_report(
-        reference, fp32_model, prepared, plans, config, head, eval_fn, held_out=held_out
-    )
-    if job is not None:
-        report = share_report(report, prepared, job)
-        job.close()
-    writes = job is None or job.writes_files
-    return QuantResult(
-        prepared,
-        fp32_model,
-        report,
-        config,
-        plans,
-        method="ptq",
-        writes_files=writes,
-        input_signature=input_signature(head[0]),
-    )
+    with distributed_job() as job:  # each process calibrates on its shard
+        if job is not None:
+            calib_data, progress = shard_loader(calib_data, job), progress and job.writes_files
+        # Stream the calibration data: only the first batches (BN folding, the report) are
+        # kept, so a whole training DataLoader does not have to fit in memory.
+        stream = iter_batches(calib_data, num_batches)
+        head = list(islice(stream, REPORT_BATCHES))
+        batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
+        first = head[0] if job is None else start_from_rank0(reference, head[0], job)
+        fp32_model, prepared, plans = prepare_model(reference, first, config, head)
+        reached = calibrate(prepared, batches, progress, job)
+        finish_calibration(prepared, plans, reached)
+        prepared.eval()
+        refine_quantized_model(fp32_model, prepared, plans, config, head, progress)
+        if job is not None:  # refinements ran on each shard's batches: rank 0's everywhere
+            broadcast_model(prepared, job)
+        report = build_report(
+            reference, fp32_model, prepared, plans, config, head, eval_fn, held_out=held_out
+        )
+        return finished_result(prepared, fp32_model, report, config, plans, "ptq", head[0], job)
 
 
 def ptq_without_data(

@@ -8,7 +8,8 @@ start by default; see ``engine/live_bn.py`` for ``freeze_bn_after``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -34,16 +35,17 @@ from workbench.engine.calibrate import (
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.distributed import (
+    Job,
     check_equal_steps,
-    join_job,
+    distributed_job,
     reshuffled_epochs,
     shard_loader,
-    share_report,
     start_from_rank0,
     unwrap_ddp,
 )
 from workbench.engine.eval_metric import check_eval_fn
 from workbench.engine.live_bn import unfold_batchnorms
+from workbench.engine.prepare import LayerPlan
 from workbench.engine.qat_options import (
     TrainingOptions,
     build_optimizer,
@@ -55,14 +57,13 @@ from workbench.engine.qat_quantizers import enable_qat, finish_qat
 from workbench.engine.refine import check_training_config
 from workbench.engine.train import TrainingLog, train_qat
 from workbench.errors import ConfigError
-from workbench.workflows.input_signature import input_signature
 from workbench.workflows.mixed_precision import (
     check_training_search,
     kept_layer_notes,
     search_for_training,
 )
 from workbench.workflows.ptq import REPORT_BATCHES, build_report, report_batches
-from workbench.workflows.result import QuantResult
+from workbench.workflows.result import QuantResult, finished_result
 
 CALIB_BATCHES = 8
 HISTORY_COLUMNS = ["step", "epoch", "loss", "metric"]
@@ -155,107 +156,160 @@ def qat(
     config = resolve_config(config)
     check_training_config(config, "wb.qat")
     check_loss_fn(loss_fn)
-    TrainingOptions(epochs, lr, optimizer, device, learn_scales, freeze_bn_after)
+    options = TrainingOptions(epochs, lr, optimizer, device, learn_scales, freeze_bn_after)
     check_eval_fn(eval_fn, "wb.qat")
     check_training_search(eval_fn, max_drop, keep_most_sensitive, "wb.qat")
     searching = max_drop is not None or keep_most_sensitive > 0
     held_out = report_batches(report_data)
     device = resolve_device(device)
-    job = join_job(device)  # a torch.distributed job: one data shard per process, DDP
-    if job is not None and searching:
-        job.close()
-        raise ConfigError(
-            "wb.qat searches mixed precision (max_drop, keep_most_sensitive) in one process "
-            "only; run wb.auto_mixed_precision once and pass its result's config to wb.qat"
+    with distributed_job(device) as job:  # one data shard per process, DDP
+        if job is not None and searching:
+            raise ConfigError(
+                "wb.qat searches mixed precision (max_drop, keep_most_sensitive) in one "
+                "process only; run wb.auto_mixed_precision once and pass its result's config "
+                "to wb.qat"
+            )
+        data = read_training_batches(model, train_data, calib_data, epochs, progress, job)
+        # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself
+        source = user_model_copy(unwrap_ddp(model), "wb.qat").to("cpu")
+        search = None
+        if searching:  # the PTQ search first: its per-layer precisions are what trains
+            search = search_for_training(
+                source,
+                data.calib,
+                config,
+                eval_fn,
+                max_drop,
+                keep_most_sensitive,
+                sensitivity,
+                data.progress,
+            )
+            config = search.config
+        fp32_model, prepared, plans = calibrate_for_training(source, data, config, options, job)
+        prepared, log = train(prepared, data, loss_fn, options, device, eval_fn, job)
+        if search is not None:
+            note_kept_layers(plans, search)
+        report = qat_report(source, fp32_model, prepared, plans, config, data, eval_fn, held_out)
+        if search is not None:
+            carry_search(report, search, max_drop)
+        report = QATReport(report, history_frame(log), training_summary(log, options))
+        extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}
+        return finished_result(
+            prepared, fp32_model, report, config, plans, "qat", data.calib[0], job, extras=extras
         )
+
+
+@dataclass
+class TrainingBatches:
+    """What QAT reads: the first batches (kept), the epochs' batches, the calibration
+    batches, the steps per epoch when known, and whether this process shows progress."""
+
+    first: list[Any]
+    of_epoch: Callable[[], Iterator]
+    calib: list[Any]
+    steps_per_epoch: int | None
+    progress: bool
+
+
+def read_training_batches(
+    model: nn.Module, train_data: Any, calib_data: Any, epochs: int, progress: bool, job: Job | None
+) -> TrainingBatches:
+    """The batches of one process (its shard in a distributed job); the first batch's form
+    ((inputs, targets) or a dict, ``engine.batches``' rule) checked now."""
     if job is not None:
         train_data, progress = shard_loader(train_data, job), progress and job.writes_files
         calib_data = None if calib_data is None else shard_loader(calib_data, job)
-    first_batches = take_first_batches(train_data, CALIB_BATCHES)
-    # (inputs, targets) or a dict (engine.batches' rule), else one clear error now
-    loss_target(first_batches[0], unwrap_ddp(model))
-    batches_of_epoch = epoch_batches(train_data, first_batches, epochs)
-    calib = first_batches if calib_data is None else list(iter_batches(calib_data))
-    # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself
-    source = user_model_copy(unwrap_ddp(model), "wb.qat").to("cpu")
-    search = None
-    if searching:  # the PTQ search first: its per-layer precisions are what trains
-        search = search_for_training(
-            source, calib, config, eval_fn, max_drop, keep_most_sensitive, sensitivity, progress
-        )
-        config = search.config
-    first = calib[0]
+    first = take_first_batches(train_data, CALIB_BATCHES)
+    loss_target(first[0], unwrap_ddp(model))
+    of_epoch = epoch_batches(train_data, first, epochs)
+    calib = first if calib_data is None else list(iter_batches(calib_data))
+    steps = _length(train_data)
     if job is not None:
-        first = start_from_rank0(source, first, job)
-        batches_of_epoch = reshuffled_epochs(batches_of_epoch, train_data)
-        check_equal_steps(_length(train_data), job)
+        of_epoch = reshuffled_epochs(of_epoch, train_data)
+        check_equal_steps(steps, job)
+    return TrainingBatches(first, of_epoch, calib, steps, progress)
+
+
+def calibrate_for_training(
+    source: nn.Module,
+    data: TrainingBatches,
+    config: QuantConfig,
+    options: TrainingOptions,
+    job: Job | None,
+) -> tuple[nn.Module, nn.Module, list[LayerPlan]]:
+    """PTQ's start (placement from rank 0's first batch, calibration), then the quantizers
+    in training mode (live BatchNorm while ``freeze_bn_after`` steps run)."""
+    first = data.calib[0] if job is None else start_from_rank0(source, data.calib[0], job)
     fp32_model, prepared, plans = prepare_model(source, first, config)
-    reached = calibrate(prepared, calib, progress, job)
+    reached = calibrate(prepared, data.calib, data.progress, job)
     finish_calibration(prepared, plans, reached)
-    if freeze_bn_after > 0:
+    if options.freeze_bn_after > 0:
         unfold_batchnorms(prepared, source, plans)
-    enable_qat(prepared, learn_scales)
+    enable_qat(prepared, options.learn_scales)
+    return fp32_model, prepared, plans
+
+
+def train(
+    prepared: nn.Module,
+    data: TrainingBatches,
+    loss_fn: Callable,
+    options: TrainingOptions,
+    device: torch.device,
+    eval_fn: Callable[[nn.Module], float] | None,
+    job: Job | None,
+) -> tuple[nn.Module, TrainingLog]:
+    """Train on ``device``; the trained model back on the CPU with its quantizers fixed. A
+    KeyboardInterrupt keeps the steps done, with a warning."""
     prepared.to(device)
-    train_optimizer = build_optimizer(optimizer, prepared, lr)
-    check_loss(prepared, move_batch(first_batches[0], device), loss_fn)
+    optimizer = build_optimizer(options.optimizer, prepared, options.lr)
+    check_loss(prepared, move_batch(data.first[0], device), loss_fn)
     prepared, log = train_qat(
         prepared,
-        batches_of_epoch,
+        data.of_epoch,
         loss_fn,
-        train_optimizer,
-        epochs,
+        optimizer,
+        options.epochs,
         device,
         eval_fn,
-        freeze_bn_after,
-        _length(train_data),
-        progress,
+        options.freeze_bn_after,
+        data.steps_per_epoch,
+        data.progress,
         job,
     )
     if log.interrupted:
         warnings.warn(
             f"QAT was interrupted after {len(log.steps)} step(s) "
-            f"({len(log.epochs)} of {epochs} epoch(s) completed); returning the model "
+            f"({len(log.epochs)} of {options.epochs} epoch(s) completed); returning the model "
             "trained so far (the input model is untouched)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    prepared = finish_qat(prepared).to("cpu")
-    if search is not None:
-        notes = kept_layer_notes(search)
-        for plan in plans:  # why the search kept it, as its own report says
-            plan.note = notes.get(plan.name, plan.note)
-    base = build_report(
-        source,
-        fp32_model,
-        prepared,
-        plans,
-        config,
-        list(islice(calib, REPORT_BATCHES)),
-        eval_fn,
-        held_out=held_out,
+    return finish_qat(prepared).to("cpu"), log
+
+
+def qat_report(
+    source: nn.Module,
+    fp32_model: nn.Module,
+    prepared: nn.Module,
+    plans: list[LayerPlan],
+    config: QuantConfig,
+    data: TrainingBatches,
+    eval_fn: Callable[[nn.Module], float] | None,
+    held_out: list[Any] | None,
+) -> Report:
+    """PTQ's report of the trained model, its errors on the first calibration batches (or
+    ``held_out``)."""
+    first = list(islice(data.calib, REPORT_BATCHES))
+    return build_report(
+        source, fp32_model, prepared, plans, config, first, eval_fn, held_out=held_out
     )
-    if search is not None:
-        carry_search(base, search, max_drop)
-    history = history_frame(log)
-    report = QATReport(base, history, training_summary(log, epochs, learn_scales))
-    if job is not None:  # rank 0's report and history (losses of its shard) everywhere
-        report = share_report(report, prepared, job)
-        history = report.history
-        job.close()
-    extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}
-    writes = job is None or job.writes_files
-    return QuantResult(
-        prepared,
-        fp32_model,
-        report,
-        config,
-        plans,
-        method="qat",
-        history=history,
-        extras=extras,
-        input_signature=input_signature(calib[0]),
-        writes_files=writes,
-    )
+
+
+def note_kept_layers(plans: list[LayerPlan], search: QuantResult) -> None:
+    """Why the search kept each layer, in its plan, as the search's own report says."""
+    notes = kept_layer_notes(search)
+    for plan in plans:
+        plan.note = notes.get(plan.name, plan.note)
 
 
 def carry_search(report: Report, search: QuantResult, max_drop: float | None) -> None:
@@ -292,15 +346,15 @@ def history_frame(log: TrainingLog) -> pd.DataFrame:
     return history.astype({"step": "int64", "epoch": "int64"})
 
 
-def training_summary(log: TrainingLog, epochs: int, learn_scales: bool) -> dict[str, Any]:
+def training_summary(log: TrainingLog, options: TrainingOptions) -> dict[str, Any]:
     return {
         "method": "qat",
         "qat_steps": len(log.steps),
-        "qat_epochs": epochs,
+        "qat_epochs": options.epochs,
         "qat_epochs_completed": len(log.epochs),
         "qat_interrupted": log.interrupted,
         "qat_final_loss": log.steps[-1]["loss"] if log.steps else None,
-        "qat_learn_scales": learn_scales,
+        "qat_learn_scales": options.learn_scales,
         "qat_bn_frozen_at_step": log.bn_frozen_at_step,
     }
 

@@ -11,11 +11,14 @@ import pandas as pd
 from torch import nn
 
 from workbench.analysis.report import Report
+from workbench.atomic_file import missing_folders, remove_empty_folders
 from workbench.engine.batches import inference_inputs
 from workbench.engine.config import QuantConfig
+from workbench.engine.distributed import Job, share_report
 from workbench.engine.prepare import LayerPlan
+from workbench.errors import ConfigError
 from workbench.runtime.export_guard import guarded_export
-from workbench.workflows.input_signature import InputSpec, check_like_calibration
+from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 
 
 @dataclass
@@ -62,6 +65,10 @@ class QuantResult:
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
         return self.report._repr_mimebundle_(include, exclude)
 
+    def _free_sequence(self) -> bool:
+        """A ``transformers`` model exports with a dynamic sequence axis: any length fits."""
+        return hasattr(getattr(self.model, "config", None), "model_type")
+
     # ONNX export and ONNX Runtime checks (imported only when used) ---------------------------
     def export_onnx(
         self,
@@ -93,7 +100,11 @@ class QuantResult:
         if not self.writes_files:  # a distributed job's other processes: rank 0 writes
             return Path(path)
         example_input = inference_inputs(example_input)  # the file never takes labels
-        check_like_calibration(self.input_signature, example_input)
+        check_like_calibration(self.input_signature, example_input, self._free_sequence())
+        if fp32_path is not None:
+            check_fp32_path(path, fp32_path)
+        existed = Path(path).exists() if isinstance(path, str | os.PathLike) else False
+        created = missing_folders(Path(path)) if isinstance(path, str | os.PathLike) else []
         with guarded_export(path, opset):
             written, _ = export_int8_onnx(
                 self.model,
@@ -105,7 +116,13 @@ class QuantResult:
                 accuracy_level=accuracy_level,
             )
         if fp32_path is not None:
-            self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
+            try:
+                self.export_fp32_onnx(fp32_path, example_input, dynamic_batch, opset)
+            except BaseException:
+                if not existed:  # a failed call leaves no file behind
+                    written.unlink(missing_ok=True)
+                    remove_empty_folders(created)
+                raise
         if check_fusion:
             self.fusion(written)
         return written
@@ -123,9 +140,44 @@ class QuantResult:
         if not self.writes_files:
             return Path(path)
         example_input = inference_inputs(example_input)
-        check_like_calibration(self.input_signature, example_input)
+        check_like_calibration(self.input_signature, example_input, self._free_sequence())
         with guarded_export(path, opset):
             return export_fp32_onnx(self.fp32_model, path, example_input, dynamic_batch, opset)
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+        """Write a quantized ``transformers`` decoder as a standard Hugging Face GPTQ
+        checkpoint folder: ``config.json`` with ``quantization_config`` (``quant_method``
+        "gptq", ``bits``, ``group_size``, ``sym``, ``desc_act``), ``model.safetensors`` with
+        packed ``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` for every quantized Linear and
+        the other tensors as they are, and ``tokenizer``'s files when one is given. Needs
+        weight-only quantization with one 2/4/8-bit scheme (RTN, GPTQ with or without
+        act-order, AdaRound); anything else raises ``ExportError`` naming what fits."""
+        from workbench.runtime.gptq_checkpoint import write_gptq_checkpoint
+
+        return write_gptq_checkpoint(self, path, tokenizer)
+
+    def export_genai(
+        self, path: str | os.PathLike, tokenizer: Any = None, accuracy_level: int = 4
+    ) -> Path:
+        """Write an ONNX Runtime GenAI model folder (``genai_config.json``, ``model.onnx`` +
+        external data with a key/value cache, tokenizer files), made by onnxruntime-genai's
+        own model builder from :meth:`save_pretrained`'s GPTQ checkpoint. LLaMA, Mistral and
+        Qwen2 decoders; ``tokenizer`` is required (the folder carries it). ``accuracy_level``
+        of the MatMulNBits nodes: 4 = int8 compute (fastest on x86), 1 = FP32 compute."""
+        from workbench.runtime.genai_export import export_genai_folder
+
+        return export_genai_folder(self, path, tokenizer, accuracy_level)
+
+    def generation_parity(self, folder: str | os.PathLike, prompts: Any, new_tokens: int = 32):
+        """Greedy tokens of an ONNX Runtime GenAI folder against ``self.model``'s own greedy
+        generation (``transformers`` ``generate``), prompt by prompt: the first position where
+        they differ and the cosine of the two logits there (a ``GenerationParity``).
+        ``prompts``: lists of token ids."""
+        from workbench.runtime.genai_generation import generation_parity
+
+        result = generation_parity(self.model, folder, prompts, new_tokens)
+        self.report.extra_tables[result.REPORT_TITLE] = result.table
+        return result
 
     def fusion(self, onnx_path: str | os.PathLike, warn: bool = True):
         """Which quantized layers ONNX Runtime runs on integer kernels (a ``FusionResult``)."""
@@ -157,3 +209,58 @@ class QuantResult:
         if result.layers is not None:
             self.report.extra_tables[REPORT_LAYERS_TITLE] = result.layers
         return result
+
+
+def check_fp32_path(path: str | os.PathLike, fp32_path: object) -> None:
+    """``fp32_path`` must name another file than ``path`` (the FP32 model would replace the
+    INT8 one) and not a folder (checked before anything is written)."""
+    if not isinstance(fp32_path, str | os.PathLike):
+        raise ConfigError(
+            f"fp32_path must be a file path such as 'model_fp32.onnx', got {fp32_path!r}"
+        )
+    if Path(fp32_path).is_dir():
+        raise ConfigError(
+            f"fp32_path {str(fp32_path)!r} is a directory; pass a file path such as "
+            "'model_fp32.onnx'"
+        )
+    if isinstance(path, str | os.PathLike) and _same_file(Path(path), Path(fp32_path)):
+        raise ConfigError(
+            f"fp32_path {str(fp32_path)!r} is the same file as path: the FP32 model would "
+            "replace the INT8 one; give it its own name, e.g. 'model_fp32.onnx'"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def finished_result(
+    model: nn.Module,
+    fp32_model: nn.Module,
+    report: Report,
+    config: QuantConfig,
+    plans: list[LayerPlan],
+    method: str,
+    first_batch: Any,
+    job: Job | None,
+    **fields: Any,
+) -> QuantResult:
+    """The QuantResult of a ``ptq`` / ``qat`` run. In a distributed job every process gets
+    rank 0's report (and its training history), and only rank 0 writes files."""
+    if job is not None:
+        report = share_report(report, model, job)
+    if getattr(report, "history", None) is not None:
+        fields["history"] = report.history
+    return QuantResult(
+        model,
+        fp32_model,
+        report,
+        config,
+        plans,
+        method=method,
+        writes_files=job is None or job.writes_files,
+        input_signature=input_signature(first_batch),
+        **fields,
+    )

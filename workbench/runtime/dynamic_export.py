@@ -25,8 +25,8 @@ from workbench.core.dynamic_quant import fake_quantize_dynamic
 from workbench.engine.layers import QuantizedLayer, StandsIn
 from workbench.engine.quantizers import QUANTIZE
 from workbench.runtime.per_call_specs import PerCallSpec
+from workbench.runtime.qdq_ops import MARKER_DOMAIN, SpecWeights
 
-MARKER_DOMAIN = "workbench"  # as runtime.qdq_ops.MARKER_DOMAIN
 MARKER = "DynamicWeight"
 ONNX_FLOAT = 1  # TensorProto.FLOAT
 
@@ -63,7 +63,7 @@ class _DynamicLinear(torch.autograd.Function):
         return y
 
 
-class ExportDynamicLinear(PerCallSpec, StandsIn):
+class ExportDynamicLinear(SpecWeights, PerCallSpec, StandsIn):
     """A Linear with a dynamic input quantizer (switched on), exported as the dynamic pattern
     above. ``spec`` is the layer's ``qdq_ops.LayerSpec``: codes stored as ``W^T``, FP32
     bias."""
@@ -78,14 +78,6 @@ class ExportDynamicLinear(PerCallSpec, StandsIn):
 
     def stands_in_for(self) -> nn.Module | None:
         return self.__dict__.get("_stands_in_for")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.spec.weight_dq
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.spec.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DynamicLinear.apply(x, self.call_spec())

@@ -39,15 +39,19 @@ class StandInAttributeError(WorkbenchError, AttributeError):
 
 
 class LayerWeights:
-    """``weight`` and ``bias`` of the wrapped ``self.layer`` (models read ``layer.weight``)."""
+    """``weight`` and ``bias`` properties (models read ``layer.weight``, its dtype): those of
+    the wrapped ``self.layer``, or whatever ``weight_and_bias`` gives in a subclass."""
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.layer.weight, self.layer.bias
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.layer.weight
+        return self.weight_and_bias()[0]
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.layer.bias
+        return self.weight_and_bias()[1]
 
 
 class StandsIn(nn.Module):

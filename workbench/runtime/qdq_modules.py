@@ -61,7 +61,6 @@ from workbench.runtime.qdq_ops import (
     QuantizedConvOp,
     QuantizedEmbeddingOp,
     QuantizedLinearOp,
-    SpecWeights,
     code_dtype,
 )
 
@@ -181,10 +180,13 @@ def layer_spec(
     )
 
 
-class ExportLayer(SpecWeights, CountsCalls, PerCallSpec, StandsIn):
+class ExportLayer(LayerWeights, CountsCalls, PerCallSpec, StandsIn):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv. A layer called at
     several sites (``engine.layer_calls``) has one input quantizer and one spec (its INT32
     bias on that input's grid) per call."""
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.spec.weight_dq, self.spec.bias  # the dequantized weight
 
     quantization_leaf = True  # one call site, as the QuantizedLayer it stands in for
 

@@ -146,16 +146,3 @@ class QuantizedEmbeddingOp(torch.autograd.Function):
             values = g.op("Sub", values, g.op("Unsqueeze", zeros, last))
         scales = g.op("Unsqueeze", g.op("Gather", scale, ids, axis_i=0), last)
         return g.op("Mul", values, scales)
-
-
-class SpecWeights:
-    """``weight`` (dequantized: models read ``layer.weight.dtype`` in their forward) and
-    ``bias`` of an export stand-in's ``self.spec``."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.spec.weight_dq
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.spec.bias

@@ -106,3 +106,28 @@ def test_generation_benchmark_against_the_builders_fp32_build(built):
     # 4-bit codes + one float scale per 32 inputs vs float32 weights (embeddings FP32 in both)
     assert table.loc["gptq int4", "file_mb"] < 0.6 * table.loc["fp32", "file_mb"]
     assert bench.cpu.startswith("CPU: ")
+
+
+def test_save_pretrained_loads_in_the_builder_unedited(built, tmp_path):
+    """The act-order checkpoint as save_pretrained writes it (``desc_act: true``, its g_idx
+    used by the builder) through the builder's CLI: logits of the simulation."""
+    import onnxruntime_genai as og
+
+    res, _, tokenizer, _ = built
+    checkpoint = res.save_pretrained(tmp_path / "checkpoint", tokenizer)
+    assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["desc_act"]
+    out = tmp_path / "genai"
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint)]
+    command += ["-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")]
+    subprocess.run(command, check=True, capture_output=True)
+    model = og.Model(str(out))
+    ids = tokenizer.encode(PROMPTS[0])
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray([ids], np.int32))
+    logits = np.asarray(generator.get_output("logits"))[0]
+    with torch.no_grad():
+        expected = res.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    for position in range(len(ids)):
+        assert _cosine(logits[position], expected[position]) >= 0.999

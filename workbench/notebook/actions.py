@@ -23,6 +23,7 @@ from workbench.engine.prepare import QUANTIZED, matches_any, plan_layers
 from workbench.errors import CalibrationError, ConfigError
 from workbench.notebook.option_spec import SEARCH, TRAINING
 from workbench.notebook.options import values_for
+from workbench.workflows.autotune import autotune as run_autotune
 from workbench.workflows.mixed_precision import auto_mixed_precision, keep_most_sensitive_fp32
 from workbench.workflows.ptq import ptq
 from workbench.workflows.qat import qat
@@ -71,6 +72,8 @@ def quantize(
     None for one not given. ``report_data``: held-out batches for the report's per-layer
     errors (its first 8)."""
     search = values_for(SEARCH, options)
+    if search.pop("auto", False):
+        return autotune(model, calib_data, eval_fn, config, search, method)
     keep, max_drop = search.pop("keep_most_sensitive", 0), search.get("max_drop")
     common = {"config": config, "progress": progress, "report_data": report_data}
     if method == "ptq":
@@ -111,6 +114,40 @@ def quantize(
             **training,
         )
     raise ConfigError(f"unknown method {method!r}; choose 'ptq' or 'qat'")
+
+
+def autotune(
+    model: nn.Module,
+    calib_data: Any,
+    eval_fn: Callable[[nn.Module], float] | None,
+    config: QuantConfig,
+    search: dict[str, Any],
+    method: str = "ptq",
+):
+    """``wb.autotune`` with ``max_drop`` (default 0.01) and ``num_batches`` of ``search``;
+    it chooses the precision itself, so the scheme options and ``keep_most_sensitive`` are
+    not combined with it."""
+    if method != "ptq":
+        raise ConfigError("--auto searches PTQ runs; drop --method qat")
+    if search.get("keep_most_sensitive"):
+        raise ConfigError(
+            "--auto keeps the most sensitive layers higher itself; drop --keep-most-sensitive"
+        )
+    if config != QuantConfig.preset("int8"):
+        raise ConfigError(
+            "--auto chooses the preset, scheme and methods itself; drop the scheme and method "
+            "options (give the presets to start from with wb.autotune(..., presets=...))"
+        )
+    if calib_data is None:
+        raise CalibrationError("--auto needs calibration data; pass --calib")
+    max_drop = search.get("max_drop")
+    return run_autotune(
+        model,
+        calib_data,
+        eval_fn,
+        max_drop=0.01 if max_drop is None else max_drop,
+        num_batches=search.get("num_batches"),
+    )
 
 
 def sensitivity(

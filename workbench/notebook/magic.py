@@ -20,6 +20,7 @@ from workbench.notebook.display import error_line
 from workbench.notebook.magic_args import HELP, parse_line
 from workbench.notebook.names import lookup, lookup_callable, lookup_module
 from workbench.notebook.recipe import Recipe, make_recipe, merge_options, recipe_from_yaml
+from workbench.workflows.autotune_result import AutotuneResult
 
 
 @contextmanager
@@ -63,16 +64,17 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         report_data=report_data,
         **recipe.run_options(),
     )
-    if recipe.export or recipe.bench:
+    run = result.best if isinstance(result, AutotuneResult) else result  # --auto: its best
+    if (recipe.export or recipe.bench) and run is not None:
         if example is None:
             example = actions.first_input(calib if calib is not None else train)
-        onnx_path = actions.export(result, recipe.export, example) if recipe.export else None
+        onnx_path = actions.export(run, recipe.export, example) if recipe.export else None
         if recipe.bench:
-            actions.benchmark(result, example, onnx_path)
+            actions.benchmark(run, example, onnx_path)
     return result
 
 
-RESULT_TYPES = ("QuantResult", "WorkbenchPanel")
+RESULT_TYPES = ("QuantResult", "AutotuneResult", "WorkbenchPanel")
 
 
 def check_output_name(recipe: Recipe, namespace: Mapping[str, Any]) -> None:

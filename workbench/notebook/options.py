@@ -117,6 +117,17 @@ OPTIONS: tuple[Option, ...] = (
         in_panel=True,
     ),
     Option(
+        "auto",
+        "bool",
+        "with --eval: search presets, observers, methods and per-layer precision for the "
+        "fastest exported model within --max-drop (default 0.01) of FP32 (wb.autotune)",
+        "run",
+        target=SEARCH,
+        default=False,
+        method="ptq",
+        misuse="searches PTQ runs; drop --method qat",
+    ),
+    Option(
         "keep_most_sensitive",
         "int",
         "keep the N most sensitive layers FP32 (with --max-drop, the rest searched); with "

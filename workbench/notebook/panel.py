@@ -25,6 +25,7 @@ from torch import nn
 
 from workbench.errors import ModelError
 from workbench.notebook import actions
+from workbench.notebook.autotune_tab import AutotuneTab
 from workbench.notebook.display import error_line, significant, status_html, table_html
 from workbench.notebook.export_tab import ExportTab
 from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
@@ -106,6 +107,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_preset()
         self._on_method()
         self._on_mixed_precision()
+        self.auto = AutotuneTab.attach(self)  # the Auto tab (wb.autotune), its own module
 
     def __repr__(self) -> str:
         latest = f"run {self._run_number}" if self._run_number else "no run yet"

@@ -65,7 +65,7 @@ OBJECTIVES = ("latency", "size")
 # Two files measured within this fraction of each other may be in either order: a layout is
 # only skipped when it is slower than the best run by more than this, and the final choice
 # is made by timing the runs within it side by side.
-LATENCY_NOISE = 0.10
+LATENCY_NOISE = 0.25
 INTERRUPTED_WARNING = "wb.autotune interrupted"
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from workbench.engine.call_sites import CountsCalls, FunctionSites
-from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
+from workbench.engine.data_flow import CONV_TYPES
+from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
 from workbench.engine.layers import (
     LayerWeights,

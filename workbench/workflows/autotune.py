@@ -35,9 +35,9 @@ from workbench.analysis.diagnosis import (
     weight_error_dominates,
 )
 from workbench.engine.batches import iter_batches, model_inputs
-from workbench.engine.calibrate import user_model_copy
 from workbench.engine.config import QuantConfig
 from workbench.engine.eval_metric import check_search, measure_metric
+from workbench.engine.model_copy import user_model_copy
 from workbench.errors import ConfigError, WorkbenchError, first_line
 from workbench.workflows.autotune_budget import Budget, resolve_budget
 from workbench.workflows.autotune_result import (

@@ -25,11 +25,11 @@ from workbench.engine.calibrate import (
     finish_calibration,
     prepare_model,
     resolve_config,
-    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.model_copy import user_model_copy
 from workbench.engine.switches import quantize_only
 
 METRIC_BATCHES = 8

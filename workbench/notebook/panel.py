@@ -33,6 +33,7 @@ from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
 from workbench.notebook.report_tabs import TITLES as REPORT_TITLES
 from workbench.notebook.runs_view import RunsView
 from workbench.notebook.sensitivity_tab import SensitivityTab
+from workbench.notebook.widget_layout import PRECISION_PX, fit_layer_lists, show_none_option
 
 TAB_TITLES = (*REPORT_TITLES, "Sensitivity", "Export & Benchmark")
 PLOTS_TAB = PLOTS_PAGE
@@ -44,42 +45,6 @@ def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table, worst output SQNR first, layers kept FP32 last."""
     ordered = layers.sort_values(OVERVIEW_ORDER, na_position="last", kind="stable")
     return ordered.reset_index(drop=True)
-
-
-CHAR_PX = 7.5  # a layer name's character in the lists' font, about
-LIST_LABEL_PX = 190  # the description ("layer precision") and the scroll bar
-LIST_SUFFIX_CHARS = 14  # the precision shown after a name (": int4-weight")
-PRECISION_PX = 320  # the "set to" dropdown and Set button beside the layer-precision list
-
-
-def fit_layer_lists(*lists: tuple[widgets.SelectMultiple, int]) -> None:
-    """Widen the layer lists to their longest name (BERT's ``encoder.layer.11.attention...``
-    would be cut at the default 220 px), within the panel's width less ``beside`` px of
-    the controls next to the list."""
-    for select, beside in lists:
-        labels = [o[0] if isinstance(o, tuple) else o for o in select.options]
-        longest = max((len(str(label)) for label in labels), default=0)
-        width = LIST_LABEL_PX + CHAR_PX * (longest + LIST_SUFFIX_CHARS)
-        select.layout.width = f"min(calc(100% - {beside}px), {width:.0f}px)"
-
-
-def show_none_option(dropdown: widgets.Dropdown) -> None:
-    """A dropdown whose value is None shows a blank: select its None option by index
-    (``("off", None)`` then reads "off"), now and whenever the value becomes None again."""
-
-    def option_values() -> list:
-        return [o[1] if isinstance(o, tuple) else o for o in dropdown.options]
-
-    if None not in option_values():
-        return
-
-    def select_none(_change=None) -> None:
-        options = option_values()
-        if dropdown.index is None and None in options:
-            dropdown.index = options.index(None)
-
-    dropdown.observe(select_none, names="index")
-    select_none()
 
 
 class WorkbenchPanel(PanelControls, widgets.VBox):

@@ -114,6 +114,9 @@ def check_layer_table(page, view) -> None:
     scroller.scroll_into_view_if_needed()
     box = scroller.bounding_box()
     assert box["height"] <= 480, box
+    # the default columns fit: nothing to scroll sideways (the chooser shows the others)
+    widths = scroller.evaluate("el => [el.scrollWidth, el.clientWidth]")
+    assert widths[0] <= widths[1] + 1, widths
     assert box["x"] + box["width"] <= VIEWPORT["width"]
     scroller.evaluate("el => { el.scrollLeft = el.scrollWidth; el.scrollTop = 400; }")
     page.wait_for_timeout(200)

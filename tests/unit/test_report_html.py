@@ -265,3 +265,18 @@ def test_middle_shortening_keeps_the_block_numbers_of_deep_names():
     ]
     short = [shorten_middle(name, 30) for name in names]
     assert len(set(short)) == len(names) and all(len(s) == 30 for s in short)
+
+
+def test_standalone_table_hides_the_chosen_columns_until_asked(tmp_path, calib):
+    report = wb.ptq(mlp(), calib, progress=False).report
+    report.to_html(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    for column in ("scheme", "num_scales", "scale_range", "zero_point"):
+        assert f'<th data-column="{column}" hidden=""' in page or re.search(
+            rf'<th[^>]*data-column="{column}"[^>]*hidden', page
+        )
+        assert re.search(rf'<input type="checkbox" data-column="{column}">', page)
+    assert re.search(r'<input type="checkbox" data-column="output_sqnr_db" checked>', page)
+    assert not re.search(r'<td[^>]*data-column="output_sqnr_db"[^>]*hidden', page)
+    # the notebook's text/html view (no script) shows every column
+    assert " hidden" not in body(report._repr_html_())

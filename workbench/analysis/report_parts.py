@@ -152,6 +152,10 @@ OPTIONAL_LAYER_COLUMNS = (
 )  # fmt: skip
 
 
+# hidden in the standalone page until chosen (the JupyterLab renderer does the same)
+CHOSEN_COLUMNS = {"scheme", "num_scales", "scale_range", "zero_point", "smoothing"}
+
+
 def layer_columns(layers: list[dict[str, Any]]) -> tuple:
     """The layer table's columns: ``LAYER_COLUMNS`` and the optional ones some layer fills."""
     optional = tuple(c for c in OPTIONAL_LAYER_COLUMNS if any(row.get(c[0]) for row in layers))
@@ -184,8 +188,30 @@ def status_badge(row: dict[str, Any]) -> str:
     return badge
 
 
+def column_chooser_html(columns: tuple, hidden: set[str]) -> str:
+    """The "Columns" chooser of the standalone page (its script shows / hides them)."""
+    boxes = "".join(
+        f'<label title="{esc(tooltip)}"><input type="checkbox" data-column="{column}"'
+        f"{'' if column in hidden else ' checked'}> {esc(label)}</label>"
+        for column, label, tooltip, _, _ in columns
+        if column != "layer"
+    )
+    return (
+        '<details class="jp-WorkbenchReport-columns"><summary title="Choose the columns to '
+        f'show">Columns</summary><div class="jp-WorkbenchReport-columnList">{boxes}</div>'
+        "</details>"
+    )
+
+
 def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) -> str:
+    """The layer table; ``interactive`` (the standalone page, with its script): the columns
+    of ``CHOSEN_COLUMNS`` hidden until chosen, so that the rest fit 1400 px."""
     columns = layer_columns(layers)
+    hidden = CHOSEN_COLUMNS if interactive else set()
+
+    def hide(column: str) -> str | None:
+        return "" if column in hidden else None
+
     head = "".join(
         element(
             "th",
@@ -193,6 +219,7 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
             label,
             title=f"{tooltip}. Click to sort." if interactive else tooltip,
             data_column=column,
+            hidden=hide(column),
         )
         for column, label, tooltip, numeric, _ in columns
     )
@@ -215,7 +242,8 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
                     classes.append(f"jp-mod-{band}")
             sort_attr = f' data-sort="{esc(sort_value)}"' if is_number(sort_value) else ""
             cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f'<td{cls} data-column="{column}"{sort_attr}>{body}</td>')
+            hidden_attr = " hidden" if column in hidden else ""
+            cells.append(f'<td{cls} data-column="{column}"{sort_attr}{hidden_attr}>{body}</td>')
         fp32 = ' class="jp-WorkbenchReport-fp32"' if row.get("status") != "quantized" else ""
         rows.append(
             f"<tr{fp32} "
@@ -234,7 +262,7 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
             'placeholder="Filter layers by name" aria-label="Filter layers by name">'
             '<button type="button" class="jp-WorkbenchReport-worstFirst">Worst first</button>'
             '<label><input type="checkbox" class="jp-WorkbenchReport-hideFp32"> '
-            "hide FP32 / folded</label>" + count
+            "hide FP32 / folded</label>" + column_chooser_html(columns, hidden) + count
         )
     return (
         '<div class="jp-WorkbenchReport-layers">'

@@ -233,7 +233,7 @@ def test_select_best_takes_the_smallest_key_within_max_drop():
             "candidate": ["a", "b", "c", "d"],
             "meets_max_drop": [False, True, True, True],
             "drop": [0.5, 0.004, 0.001, 0.002],
-            "latency_vs_fp32": [0.1, 0.4, 0.4, math.nan],
+            "latency_ms": [0.1, 0.4, 0.4, math.nan],
             "file_bytes": [10, 30, 20, 5],
         }
     )

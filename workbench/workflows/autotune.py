@@ -97,8 +97,8 @@ def autotune(
     max_drop : float
         The largest acceptable drop of the metric against FP32.
     objective : str
-        ``latency``: ONNX Runtime CPU p50 of the exported file, timed beside the FP32 file
-        (compared as the ratio of the two); ``size``: the exported file's bytes.
+        ``latency``: ONNX Runtime CPU p50 of the exported file (timed beside the FP32 file,
+        whose p50 gives ``latency_vs_fp32``); ``size``: the exported file's bytes.
     budget : int, dict or Budget
         Evaluations of ``eval_fn`` (the FP32 one included) and / or seconds; default 40
         evaluations. The candidate running when the seconds run out finishes.
@@ -112,7 +112,7 @@ def autotune(
         ONNX Runtime intra-op threads for the timing.
     latency_fn : callable, optional
         ``latency_fn(onnx_path) -> ms`` instead of ONNX Runtime here (e.g. a target device);
-        it is called on the FP32 file once and the ratio to that is compared.
+        it is called on the FP32 file once (for ``latency_vs_fp32``).
     callback : callable, optional
         ``callback(table)`` after every candidate (a live view).
 
@@ -357,7 +357,7 @@ class _Search:
         key, first = known
         noise = LATENCY_NOISE if self.objective == "latency" else 0.0
         if key > best_key * (1.0 + noise) or (noise == 0.0 and key >= best_key):
-            what = "x FP32 latency" if self.objective == "latency" else "file bytes"
+            what = "ms" if self.objective == "latency" else "file bytes"
             return (
                 f"its layout ({layout_label(candidate.config)}) measured {key:.4g} {what} with "
                 f"{first!r}, worse than {best['candidate']!r} ({best_key:.4g}), which meets "

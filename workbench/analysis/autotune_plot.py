@@ -1,5 +1,5 @@
-"""The autotune chart: each exported candidate's metric against its objective (latency as a
-fraction of FP32's, or file size), the max_drop line, the candidates within it filled, the
+"""The autotune chart: each exported candidate's metric against its objective (ONNX Runtime
+p50 latency, or file size), the max_drop line, the candidates within it filled, the
 best one marked, and the Pareto frontier of the ones within max_drop."""
 
 from __future__ import annotations

@@ -166,8 +166,8 @@ class AutotuneResult:
         return pareto_table(runs)
 
     def plot_pareto(self):
-        """Metric against latency (x FP32) of every exported candidate, the ones within
-        max_drop filled, the best one marked."""
+        """Metric against ONNX Runtime latency (or file size) of every exported candidate, the
+        ones within max_drop filled, the best one marked."""
         from workbench.analysis.autotune_plot import autotune_chart
 
         return autotune_chart(self.table, self.metric_fp32, self.max_drop, self.objective)

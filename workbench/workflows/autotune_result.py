@@ -197,6 +197,12 @@ class AutotuneResult:
             if row["file_bytes"] is not None and not pd.isna(row["file_bytes"]):
                 line += f", {int(row['file_bytes']):,} B"
             lines.append(line)
+            if self.objective == "latency" and _slower_than_fp32(row):
+                lines.append(
+                    "  note: the FP32 file ran faster than this run beside it: the integer "
+                    "kernels do not pay for their quantize / dequantize steps on this model "
+                    "and input size"
+                )
         tried = int(self.table["drop"].notna().sum())
         skipped = int((self.table["status"] == "skipped").sum())
         lines.append(
@@ -214,6 +220,11 @@ class AutotuneResult:
         lines = "<br>".join(html.escape(line) for line in self.summary_text().splitlines())
         table = self.table.to_html(index=False, escape=True, float_format="{:,.4g}".format)
         return f"<div><b>{lines}</b></div>" + table
+
+
+def _slower_than_fp32(row: pd.Series) -> bool:
+    ratio = row["latency_vs_fp32"]
+    return ratio is not None and not pd.isna(ratio) and float(ratio) > 1.0
 
 
 def _plain(value: Any) -> Any:

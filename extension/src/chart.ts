@@ -39,7 +39,8 @@ export function renderSqnrChart(
   const root = document.createElement('div');
   root.className = 'jp-WorkbenchReport-chart';
   const [left, right, top, bottom] = [44, 8, 8, 22];
-  const step = layers.length <= 60 ? 14 : 9;
+  // 100 layers fit a 1400 px window with the sidebar open
+  const step = layers.length <= 60 ? 14 : layers.length <= 110 ? 8 : 6;
   const plotW = Math.max(400, step * layers.length);
   const width = left + plotW + right;
   const plotH = HEIGHT - top - bottom;
@@ -83,7 +84,9 @@ export function renderSqnrChart(
     let band: string;
     let height: number;
     let title: string;
-    if (row.status !== 'quantized') {
+    if (row.status !== 'quantized' && row.folded_into) {
+      [band, height, title] = ['fp32', 4, `${row.layer}: folded into ${row.folded_into}`];
+    } else if (row.status !== 'quantized') {
       [band, height, title] = ['fp32', 4, `${row.layer}: kept FP32`];
     } else if (isNumber(value)) {
       [band, height, title] = [sqnrBand(value), y(0) - y(value), `${row.layer}: output SQNR ${formatDb(value)}`];
@@ -100,11 +103,15 @@ export function renderSqnrChart(
     tip.textContent = title;
     bar.appendChild(tip);
     bar.addEventListener('click', () => {
+      // the selected bar clicked again clears the filter
+      const again = bar.classList.contains('jp-mod-selected');
       for (const other of Array.from(chart.querySelectorAll('.jp-mod-selected'))) {
         other.classList.remove('jp-mod-selected');
       }
-      bar.classList.add('jp-mod-selected');
-      onSelect(row.layer);
+      if (!again) {
+        bar.classList.add('jp-mod-selected');
+      }
+      onSelect(again ? '' : row.layer);
     });
     chart.appendChild(bar);
   });
@@ -114,7 +121,7 @@ export function renderSqnrChart(
       left,
       HEIGHT - 6,
       `layers in model order (${layers.length}); bands: poor < ${SQNR_POOR_DB} dB \u2264 ` +
-        `fair < ${SQNR_GOOD_DB} dB \u2264 good; grey: kept FP32; click a bar to filter the table`
+        `fair < ${SQNR_GOOD_DB} dB \u2264 good; grey: kept FP32 or folded; click a bar to filter the table (again to clear)`
     )
   );
   root.appendChild(chart);

@@ -56,7 +56,11 @@ export function formatBytes(bytes: number | null | undefined): string {
 }
 
 export function formatDb(value: number | null | undefined): string {
-  return isNumber(value) ? `${value.toFixed(1)} dB` : MISSING;
+  if (!isNumber(value)) {
+    return MISSING;
+  }
+  const text = value.toFixed(1);
+  return `${text === '-0.0' ? '0.0' : text} dB`; // no "-0.0 dB" for -0.04
 }
 
 export function formatRatio(value: number | null | undefined): string {
@@ -79,12 +83,13 @@ export function formatCell(value: unknown): string {
   return String(value);
 }
 
-/** ``encoder.layer.0.attention.self.query`` -> ``encoder.layer.0…self.query``. */
+/** The start and, longer, the end of a long name (workbench/analysis/html_elements.py):
+ *  ``feature_extractor.stages.3.0.second_convolution`` -> ``feature_e…3.0.second_convolution``. */
 export function shortenMiddle(name: string, maxChars = 40): string {
   if (name.length <= maxChars) {
     return name;
   }
-  const tail = Math.floor((maxChars - 1) / 2);
-  const head = maxChars - 1 - tail;
+  const head = Math.max(7, Math.floor(maxChars / 4));
+  const tail = maxChars - 1 - head;
   return `${name.slice(0, head)}\u2026${name.slice(name.length - tail)}`;
 }

@@ -1,7 +1,9 @@
 /**
  * The per-layer table: click a column header to sort by it (again to reverse), type in
  * the box to keep only the layers whose name contains the text. SQNR cells are coloured
- * from bad (red) to good (green); layers kept in FP32 are marked.
+ * from bad (red) to good (green); layers kept in FP32 are marked. The default columns fit
+ * a 1400 px window with the sidebar open; the "Columns" chooser shows the others. Long
+ * layer names are shortened in the middle, the full name on hover.
  */
 
 import { append, element } from './dom';
@@ -10,6 +12,7 @@ import {
   formatDb,
   isNumber,
   MISSING,
+  shortenMiddle,
   significant,
   SQNR_GOOD_DB,
   SQNR_POOR_DB,
@@ -19,11 +22,18 @@ import { ILayerRow } from './report';
 
 type SortValue = number | string | null;
 
+/** Layer names longer than this are shortened in the middle in the table. */
+export const TABLE_NAME_CHARS = 30;
+
 interface IColumn {
   id: string;
   label: string;
   title: string;
   numeric: boolean;
+  /** Hidden until chosen in the column chooser (the defaults fit 1400 px). */
+  optional?: boolean;
+  /** Offered only when some row has a value (SmoothQuant's column). */
+  whenPresent?: boolean;
   /** Colour the cell on the SQNR scale. */
   sqnr?: boolean;
   value(row: ILayerRow): SortValue;
@@ -69,7 +79,7 @@ export const LAYER_COLUMNS: IColumn[] = [
     text: row =>
       row.status === 'fp32' ? (isFolded(row) ? 'folded' : 'FP32') : row.precision || 'quantized'
   },
-  textColumn('scheme', 'Scheme', 'Weight quantization scheme'),
+  { ...textColumn('scheme', 'Scheme', 'Weight quantization scheme'), optional: true },
   {
     id: 'bits',
     label: 'Bits',
@@ -103,6 +113,7 @@ export const LAYER_COLUMNS: IColumn[] = [
   },
   {
     id: 'num_scales',
+    optional: true,
     label: 'Scales',
     title: 'Number of weight scales (one per channel when per-channel)',
     numeric: true,
@@ -111,6 +122,7 @@ export const LAYER_COLUMNS: IColumn[] = [
   },
   {
     id: 'scale_range',
+    optional: true,
     label: 'Scale range',
     title: 'Smallest and largest weight scale (sorted by the largest)',
     numeric: true,
@@ -120,7 +132,16 @@ export const LAYER_COLUMNS: IColumn[] = [
         ? `${significant(row.scale_min)} \u2026 ${significant(row.scale_max)}`
         : MISSING
   },
-  textColumn('zero_point', 'Zero point', 'Weight zero point(s)')
+  { ...textColumn('zero_point', 'Zero point', 'Weight zero point(s)'), optional: true },
+  {
+    ...textColumn(
+      'smoothing',
+      'Smoothing',
+      'SmoothQuant: where 1/s went (layernorm, linear or mul) and alpha, or why not smoothed'
+    ),
+    optional: true,
+    whenPresent: true
+  }
 ];
 
 /** A layer kept in FP32 because it was folded away (BatchNorm into the conv before it). */
@@ -151,9 +172,21 @@ export class LayerTable {
   private sortColumn: IColumn | null = null;
   private sortDirection: SortDirection = 'ascending';
   private filterText = '';
+  /** The columns this report offers, and the ones shown. */
+  readonly columns: IColumn[];
+  private readonly shown: Set<string>;
 
   constructor(rows: ILayerRow[]) {
     this.rows = rows;
+    this.columns = LAYER_COLUMNS.filter(
+      column =>
+        !column.whenPresent ||
+        rows.some(row => {
+          const value = (row as unknown as Record<string, unknown>)[column.id];
+          return value !== null && value !== undefined && value !== '';
+        })
+    );
+    this.shown = new Set(this.columns.filter(column => !column.optional).map(column => column.id));
     this.node = element('div', 'jp-WorkbenchReport-layers');
 
     const toolbar = element('div', 'jp-WorkbenchReport-toolbar');
@@ -175,14 +208,22 @@ export class LayerTable {
     this.hideInput.addEventListener('change', () => this.hideFp32(this.hideInput.checked));
     append(hideLabel, this.hideInput, element('span', undefined, 'hide FP32 / folded'));
     this.count = element('span', 'jp-WorkbenchReport-count');
-    append(toolbar, this.filterInput, worstFirst, hideLabel, this.count, renderLegend());
+    append(
+      toolbar,
+      this.filterInput,
+      worstFirst,
+      hideLabel,
+      this.renderChooser(),
+      this.count,
+      renderLegend()
+    );
     this.node.appendChild(toolbar);
 
     const scroller = element('div', 'jp-WorkbenchReport-tableScroll');
     this.scroller = scroller;
     const table = element('table', 'jp-WorkbenchReport-table jp-WorkbenchReport-layerTable');
     const headRow = element('tr');
-    for (const column of LAYER_COLUMNS) {
+    for (const column of this.columns) {
       const th = element('th', column.numeric ? 'jp-mod-numeric' : undefined);
       th.dataset.column = column.id;
       th.title = `${column.title}. Click to sort.`;
@@ -212,9 +253,45 @@ export class LayerTable {
     this.update();
   }
 
+  /** The "Columns" chooser: a checkbox per column (the layer name always shows). */
+  private renderChooser(): HTMLElement {
+    const chooser = element('details', 'jp-WorkbenchReport-columns');
+    const summary = element('summary', undefined, 'Columns');
+    summary.title = 'Choose the columns to show';
+    const list = element('div', 'jp-WorkbenchReport-columnList');
+    for (const column of this.columns.filter(c => c.id !== 'layer')) {
+      const label = element('label');
+      const box = element('input');
+      box.type = 'checkbox';
+      box.checked = this.shown.has(column.id);
+      box.dataset.column = column.id;
+      box.addEventListener('change', () => this.showColumn(column.id, box.checked));
+      append(label, box, element('span', undefined, column.label));
+      label.title = column.title;
+      list.appendChild(label);
+    }
+    append(chooser, summary, list);
+    return chooser;
+  }
+
+  /** Show or hide a column. */
+  showColumn(columnId: string, show: boolean): void {
+    if (show) {
+      this.shown.add(columnId);
+    } else if (columnId !== 'layer') {
+      this.shown.delete(columnId);
+    }
+    this.update();
+  }
+
+  /** The ids of the columns shown, in table order. */
+  shownColumns(): string[] {
+    return this.columns.filter(column => this.shown.has(column.id)).map(column => column.id);
+  }
+
   /** Sort by a column; the same column again reverses the order. */
   sortBy(columnId: string, direction?: SortDirection): void {
-    const column = LAYER_COLUMNS.find(c => c.id === columnId);
+    const column = this.columns.find(c => c.id === columnId);
     if (!column) {
       return;
     }
@@ -268,6 +345,7 @@ export class LayerTable {
 
   private update(): void {
     for (const [id, th] of this.headers) {
+      th.hidden = !this.shown.has(id);
       const active = this.sortColumn !== null && this.sortColumn.id === id;
       th.setAttribute('aria-sort', active ? this.sortDirection : 'none');
       const mark = th.querySelector('.jp-WorkbenchReport-sortMark');
@@ -276,19 +354,23 @@ export class LayerTable {
       }
     }
     const visible = this.visibleRows();
-    this.tbody.replaceChildren(...visible.map(renderRow));
+    const columns = this.columns.filter(column => this.shown.has(column.id));
+    this.tbody.replaceChildren(...visible.map(row => renderRow(row, columns)));
     this.count.textContent = `${visible.length} of ${this.rows.length} layers`;
   }
 }
 
-function renderRow(row: ILayerRow): HTMLTableRowElement {
+function renderRow(row: ILayerRow, columns: IColumn[]): HTMLTableRowElement {
   const tr = element('tr', row.status === 'fp32' ? 'jp-WorkbenchReport-fp32' : undefined);
   tr.dataset.status = row.status;
-  for (const column of LAYER_COLUMNS) {
+  tr.dataset.layer = row.layer;
+  for (const column of columns) {
     const td = element('td', column.numeric ? 'jp-mod-numeric' : undefined);
     td.dataset.column = column.id;
     if (column.id === 'layer') {
-      td.appendChild(element('code', 'jp-WorkbenchReport-layerName', row.layer));
+      const name = element('code', 'jp-WorkbenchReport-layerName', shortenMiddle(row.layer, TABLE_NAME_CHARS));
+      name.title = row.layer;
+      td.appendChild(name);
     } else if (column.id === 'status') {
       const folded = isFolded(row);
       const quantized = row.status !== 'fp32';

@@ -10,6 +10,8 @@ export interface IReportSummary {
   config: string;
   layers_quantized: number;
   layers_fp32: number;
+  /** Layers folded away (a BatchNorm into its conv): neither quantized nor kept FP32. */
+  layers_folded?: number;
   fp32_bytes: number;
   quantized_bytes: number;
   compression_ratio: number;
@@ -46,6 +48,8 @@ export interface ILayerRow {
   layer_sqnr_db?: number | null;
   output_sqnr_db?: number | null;
   output_cosine?: number | null;
+  /** SmoothQuant: where 1/s went and alpha, or why not smoothed (when it ran). */
+  smoothing?: string | null;
 }
 
 export interface IStorageRow {

@@ -62,7 +62,13 @@ export function renderSummary(summary: IReportSummary, layers: ILayerRow[]): HTM
     )
   );
   cards.appendChild(
-    card('Layers', `${summary.layers_quantized} quantized`, `${summary.layers_fp32} kept FP32`)
+    card(
+      'Layers',
+      `${summary.layers_quantized} quantized`,
+      summary.layers_folded
+        ? `${summary.layers_folded} folded, ${summary.layers_fp32} kept FP32`
+        : `${summary.layers_fp32} kept FP32`
+    )
   );
   if (isNumber(summary.metric_fp32) && isNumber(summary.metric_quantized)) {
     const name = summary.metric_name ? `${summary.metric_name} (eval_fn)` : 'eval_fn metric';

@@ -77,7 +77,7 @@ export class ReportWidget extends Widget implements IRenderMime.IRenderer {
       sections.push(title('Layers'), table.node);
     }
     if (wanted.has('storage')) {
-      sections.push(title('Storage'), renderStorage(bundle.storage));
+      sections.push(title('Storage'), renderStorage(bundle.storage, bundle.layers));
     }
     if (wanted.has('tables')) {
       for (const [name, extra] of Object.entries(bundle.tables || {})) {

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import torch
@@ -132,30 +131,12 @@ def print_checks(checks: list[tuple[str, float, bool]], digits: int = 3) -> int:
     return 0 if all(ok for *_, ok in checks) else 1
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (lscpu not available)"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def machine_line() -> str:
-    """The line every benchmark prints first: the CPU, its cores and load, and whether it has
-    the instructions ONNX Runtime's integer kernels depend on (VNNI, AMX); without VNNI its
-    8-bit U8S8 kernels saturate int16 sums, so speed and parity differ from a VNNI CPU."""
-    import os
+    """The line every benchmark prints first (``workbench.runtime.cpu_features.machine_line``:
+    CPU, cores, load, AVX2 / AVX-512 / VNNI / AMX)."""
+    from workbench.runtime.cpu_features import machine_line as line
 
-    from workbench.runtime.cpu_features import detect_cpu_features
-
-    cpu = detect_cpu_features()
-    return (
-        f"CPU: {cpu_model()}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
-        f"AVX2 {cpu.avx2}, AVX-512 {cpu.avx512}, VNNI {cpu.vnni}, AMX {cpu.amx}"
-    )
+    return line()
 
 
 def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list) -> Path:

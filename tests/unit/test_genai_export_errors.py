@@ -32,3 +32,21 @@ def test_the_folder_needs_a_tokenizer(tmp_path):
     with pytest.raises(wb.ExportError, match="tokenizer="):
         res.export_genai(tmp_path / "out")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_builder_is_one_export_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import subprocess
+
+    from workbench.runtime import genai_export
+
+    def failing_builder(checkpoint, output, cache, extra_options):
+        assert (checkpoint / "config.json").exists()  # our checkpoint was handed over
+        (output / "model.onnx").write_bytes(b"partial")
+        return subprocess.CompletedProcess([], 1, "", "Traceback ...\nValueError: no such op")
+
+    monkeypatch.setattr(genai_export, "run_builder", failing_builder)
+    config = wb.QuantConfig.preset("int4-weight-g32")
+    res = wb.ptq(tiny_llama(), token_batches(), config=config, progress=False)
+    with pytest.raises(wb.ExportError, match=r"builder failed.*no such op"):
+        res.export_genai(tmp_path / "out", small_tokenizer())
+    assert not any(tmp_path.iterdir())

@@ -364,3 +364,56 @@ def test_training_only_inputs_stay_out_of_the_exported_model(tmp_path, ort_exact
     assert parity.table["cosine"].iloc[0] > 0.99
     bench = wb.benchmark(res, res, batches[0], runs=1, warmup=0)
     assert len(bench.table) >= 2
+
+
+class ProjectsATable(nn.Module):
+    """DeBERTa-v2's pattern: a Linear applied to a weight table (its input is the same for
+    every batch), next to one applied to the model's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 8))
+        self.pos_proj = nn.Linear(8, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):  # x: [batch, 8]
+        return self.proj(x) @ self.pos_proj(self.table).T
+
+
+def test_a_layer_whose_input_is_computed_from_weights_only_is_kept_fp32():
+    torch.manual_seed(0)
+    model = ProjectsATable().eval()
+    batches = [torch.randn(6, 8) for _ in range(2)]
+    table = wb.ptq(model, batches, config="int8", progress=False).report.layers.set_index("layer")
+    assert table.loc["proj", "status"] == "quantized"
+    assert table.loc["pos_proj", "status"] == "fp32"
+    assert "does not depend on the model's inputs" in table.loc["pos_proj", "reason"]
+
+
+class PoolsItsWholeInput(nn.Module):
+    """transformers' EfficientNet pooler: ``AvgPool2d(hidden_dim, ceil_mode=True)``, a window
+    larger than the feature map it pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(16, ceil_mode=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x).relu()).flatten(1))
+
+
+def test_an_average_pool_window_covering_its_input_matches_onnx_runtime(tmp_path, ort_exact_int8):
+    from tests.parity_bounds import assert_parity_within_quantization_error
+
+    torch.manual_seed(0)
+    model = PoolsItsWholeInput().eval()
+    batches = [torch.randn(4, 3, 6, 6) for _ in range(2)]  # 3x3 maps under a 16x16 window
+    res = wb.ptq(model, batches, config=ort_exact_int8, progress=False)
+    path = res.export_onnx(tmp_path / "pool.onnx", batches[0], check_fusion=False)
+    fusion = res.fusion(path, warn=False)
+    assert fusion.all_fused, fusion.ops
+    pools = fusion.ops[fusion.ops["kind"] == "average pool"]
+    assert pools["kernel"].tolist() == ["QLinearGlobalAveragePool"]
+    assert_parity_within_quantization_error(res.parity(path, batches).table.iloc[0])

@@ -20,10 +20,9 @@ from workbench.demo import accuracy
 from workbench.notebook.panel import PLOTS_TAB, WorkbenchPanel
 
 
-def is_svg(image: bytes) -> bool:
-    """An SVG document (the panel's figures are SVG: sharp, transparent for dark themes)."""
-    image = bytes(image)
-    return image.lstrip().startswith(b"<?xml") and b"<svg" in image[:2000]
+def is_svg(view: str) -> bool:
+    """An inline SVG chart in HTML (the panel's charts: sharp, in the theme's colours)."""
+    return "<svg" in view and "</svg>" in view
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +100,9 @@ def test_layers_tab_has_one_row_per_layer_worst_first(app, model):
     assert table["status"].tolist()[: len(quantized)] == ["quantized"] * len(quantized)
     shown = displayed(app.layers_view)
     assert shown[REPORT_MIME_TYPE]["sections"] == ["chart", "layers"]
-    assert [row["layer"] for row in shown[REPORT_MIME_TYPE]["layers"]] == list(
-        app.result.report.layers["layer"]
-    )
+    # in model order: the folded BatchNorm right after the conv it was folded into
+    in_model = [name for name, _ in model.named_modules() if name in set(table["layer"])]
+    assert [row["layer"] for row in shown[REPORT_MIME_TYPE]["layers"]] == in_model
     assert shown["text/html"].count("data-index=") == len(table)  # one table row per layer
 
 
@@ -187,14 +186,15 @@ def test_qat_run_uses_epochs_and_lr(app):
 
 def test_plots_are_drawn_when_their_tab_is_opened(app):
     app.run_button.click()
-    assert app.sqnr_plot.value == b""
+    assert app.plots_view.outputs == ()
     assert app.runs_view.box.layout.display is None  # shown from the first run on
     app.tabs.selected_index = PLOTS_TAB
-    assert is_svg(app.sqnr_plot.value)
-    assert is_svg(app.storage_plot.value)
+    shown = displayed(app.plots_view)
+    assert shown[REPORT_MIME_TYPE]["sections"] == ["chart", "storage"]
+    assert "<svg" in shown["text/html"] and "jp-WorkbenchReport-storageRow" in shown["text/html"]
     app.bits.value = 4
     app.run_button.click()  # the Plots tab is open: redrawn at once
-    assert is_svg(app.sqnr_plot.value)
+    assert "weights int4" in displayed(app.plots_view)[REPORT_MIME_TYPE]["summary"]["config"]
 
 
 def test_summary_and_storage_tabs_show_the_result(app):
@@ -267,3 +267,15 @@ def test_export_error_is_one_line_and_panel_stays_usable(app, tmp_path):
     app.export_path.value = str(tmp_path / "ok.onnx")
     app.export_button.click()
     assert app.error == "" and (tmp_path / "ok.onnx").is_file()
+
+
+def test_smoothquant_off_reads_off_and_layer_lists_fit_their_names(app):
+    assert app.smoothquant.label == "off" and app.smoothquant.value is None
+    app.smoothquant.value = 0.5
+    app.smoothquant.value = None
+    assert app.smoothquant.label == "off"
+    assert app.config() == wb.QuantConfig.preset("int8")  # "off" is no SmoothQuant
+    longest = max(len(name) for name in app.keep_fp32.options)
+    for select in (app.keep_fp32, app.layer_precision.layers):
+        width = float(re.findall(r"([\d.]+)px", select.layout.width)[-1])
+        assert width >= 190 + 7.5 * longest  # the description, then the whole name

@@ -43,7 +43,7 @@ def labels(app) -> dict[str, str]:
 
 def test_layers_set_to_int8_run_as_the_hand_written_overrides(app, model, digits):
     choose(app, ("conv", "fc1"), "int8")
-    assert app.layer_precision.overrides == {"conv": "int8", "fc1": "int8"}
+    assert app.layer_precision.presets == {"conv": "int8", "fc1": "int8"}
     assert labels(app) == {"conv": "conv: int8", "fc1": "fc1: int8", "fc2": "fc2"}
     expected = wb.QuantConfig.preset("w4a4", overrides={"conv": KEPT_8_BIT, "fc1": KEPT_8_BIT})
     assert app.config() == expected
@@ -67,14 +67,14 @@ def test_fp32_is_the_keep_fp32_list_and_config_undoes_a_choice(app):
     choose(app, ("fc1",), "int8")
     choose(app, ("fc1", "fc2"), "FP32")
     assert app.keep_fp32.value == ("fc1", "fc2")
-    assert app.layer_precision.overrides == {}
+    assert app.layer_precision.presets == {}
     assert labels(app)["fc2"] == "fc2: FP32"
     assert app.config() == wb.QuantConfig.preset("w4a4", exclude=("fc1", "fc2"))
     choose(app, ("fc2",), "int8-per-tensor")  # a preset takes the layer out of FP32
     assert app.keep_fp32.value == ("fc1",)
     assert labels(app)["fc2"] == "fc2: int8-per-tensor"
     choose(app, ("fc2",), "config")
-    assert app.layer_precision.overrides == {} and labels(app)["fc2"] == "fc2"
+    assert app.layer_precision.presets == {} and labels(app)["fc2"] == "fc2"
     app.keep_fp32.value = ()  # the keep-FP32 list is the same choice: the labels follow
     assert labels(app)["fc1"] == "fc1"
 
@@ -94,7 +94,7 @@ def test_an_unknown_layer_is_one_config_error(app):
 def test_the_magic_sets_the_chooser_from_override_and_exclude(shell):
     line = "model --calib calib --preset w4a4 --override 'fc*=int8' conv=int8 --exclude fc2"
     app = shell.run_line_magic("quantize", f"{line} --panel")
-    assert app.layer_precision.overrides == {"fc1": "int8", "fc2": "int8", "conv": "int8"}
+    assert app.layer_precision.presets == {"fc1": "int8", "fc2": "int8", "conv": "int8"}
     assert app.keep_fp32.value == ("fc2",)
     assert labels(app)["fc2"] == "fc2: FP32"
     # the panel's config is the one the same line runs without --panel (fc2 FP32 either way)

@@ -7,6 +7,8 @@ the config written out by hand, and Pareto dominance checked by brute force in t
 
 from __future__ import annotations
 
+import re
+
 import jsonschema
 import pandas as pd
 import pytest
@@ -21,10 +23,9 @@ from workbench.notebook.panel import SENSITIVITY_TAB, WorkbenchPanel
 from workbench.notebook.runs_table import RunsTable
 
 
-def is_svg(image: bytes) -> bool:
-    """An SVG document (the panel's figures are SVG: sharp, transparent for dark themes)."""
-    image = bytes(image)
-    return image.lstrip().startswith(b"<?xml") and b"<svg" in image[:2000]
+def is_svg(view: str) -> bool:
+    """An inline SVG chart in HTML (the panel's charts: sharp, in the theme's colours)."""
+    return "<svg" in view and "</svg>" in view
 
 
 INT3 = wb.QuantConfig(
@@ -86,9 +87,45 @@ def test_sensitivity_button_fills_the_tab_one_row_per_quantized_layer(
     pd.testing.assert_frame_equal(table, int3_sensitivity)
     assert app.sensitivity_html.value.count("<tr") == len(table) + 1  # header row
     assert "3 layers" in app.sensitivity_status.value
-    assert app.sensitivity_plot.value == b""  # drawn when its tab is opened
+    assert app.sensitivity_plot.value == ""  # drawn when its tab is opened
     app.tabs.selected_index = SENSITIVITY_TAB
-    assert is_svg(app.sensitivity_plot.value)
+    chart = app.sensitivity_plot.value
+    assert "<svg" in chart and "drop from FP32 (FP32" in chart
+    # two bars per layer: only this quantized, all but this quantized
+    assert chart.count('class="jp-WorkbenchReport-sensBar') == 2 * len(table)
+
+
+def test_sensitivity_without_eval_fn_ranks_by_output_sqnr_with_a_progress_bar(model, digits):
+    app = wb.panel(model, digits.calib_batches(4, 32))
+    app.bits.value = 3
+    progress = []
+    app.sensitivity.progress.observe(lambda change: progress.append(change["new"]), "value")
+    app.tabs.selected_index = SENSITIVITY_TAB
+    app.sensitivity_button.click()
+    assert app.error == ""
+    table = app.sensitivity_table
+    reference = wb.sensitivity(model, digits.calib_batches(4, 32), config=INT3, progress=False)
+    pd.testing.assert_frame_equal(table, reference)
+    assert table.attrs["metric"] == "output_sqnr_db"
+    assert progress[-len(table) :] == list(range(1, len(table) + 1))
+    assert app.sensitivity.progress.max == len(table)
+    chart = app.sensitivity_plot.value
+    assert "No eval_fn given" in chart and "SQNR against FP32" in chart
+    widths = [
+        float(w)
+        for w in re.findall(r'class="jp-WorkbenchReport-sensBar[^"]*"[^>]*width="([\d.]+)"', chart)
+    ]
+    assert len(widths) == len(table) and all(w > 1.0 for w in widths)
+    # lower SQNR first and a shorter bar: the chart follows the table's order
+    assert widths == sorted(widths)
+    html = app.sensitivity_html.value
+    assert "Drop" not in html and "nan" not in html.lower() and "\u2014" not in html
+    app.sensitivity.filter.value = table["layer"].iloc[-1]
+    assert app.sensitivity_html.value.count("<tr") == 2
+    app.sensitivity.filter.value = ""
+    app.sensitivity.sort.value = "layer"
+    shown = re.findall(r'<tr data-layer="([^"]+)"', app.sensitivity_html.value)
+    assert shown == sorted(table["layer"])
 
 
 def test_sensitivity_skips_the_layers_kept_fp32_by_hand(app):

@@ -198,3 +198,85 @@ def test_report_view_of_a_bundle_without_layers_still_renders():
     }
     text = visible_text(report_view_html(bundle))
     assert "0 of 0 layers" in text and "not measured" in text
+
+
+def test_storage_bars_share_one_linear_scale(calib):
+    """Every layer's FP32 bar is its FP32 bytes over the largest layer's: widths grow with
+    bytes (a wide layer's bar is wider), not each row on its own scale."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = nn.Linear(16, 256)
+            self.norm = nn.LayerNorm(256)
+            self.narrow = nn.Linear(256, 4)
+
+        def forward(self, x):
+            return self.narrow(self.norm(self.wide(x)))
+
+    report = wb.ptq(Mixed(), calib, progress=False).report
+    page = body(report._repr_html_())
+    rows = re.findall(
+        r'data-layer="([^"]+)" data-status="(\w+)" data-fp32-bytes="(\d+)" '
+        r'data-total-bytes="(\d+)">.*?jp-WorkbenchReport-fp32Bar" style="width:([\d.]+)%"',
+        page,
+    )
+    layers = {name: (int(fp32), float(width)) for name, status, fp32, _, width in rows}
+    assert set(layers) == {"wide", "norm", "narrow", "total"}
+    largest = max(fp32 for name, (fp32, _) in layers.items() if name != "total")
+    for name in ("wide", "norm", "narrow"):
+        fp32, width = layers[name]
+        assert width == pytest.approx(100 * fp32 / largest, abs=1e-3)
+    assert layers["wide"][1] > layers["narrow"][1] > layers["norm"][1]
+    assert "one linear scale" in visible_text(page)
+
+
+def test_folded_batchnorm_is_folded_next_to_its_conv_not_kept_fp32(calib):
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)
+    ).eval()
+    images = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    report = wb.ptq(model, images, progress=False).report
+    assert report.summary["layers_folded"] == 1 and report.summary["layers_fp32"] == 0
+    bundle = report.to_json()
+    assert [row["layer"] for row in bundle["layers"]] == ["0", "1", "4"]
+    assert [row["layer"] for row in bundle["storage"]] == ["0", "1", "4", "TOTAL"]
+    page = body(report._repr_html_())
+    text = visible_text(page)
+    assert "1 folded, 0 kept FP32" in text and "1 kept FP32" not in text
+    storage = page.split("jp-WorkbenchReport-storageRows")[1]
+    folded_row = storage.split('data-layer="1"')[1].split('data-layer="4"')[0]
+    assert "folded" in visible_text("<div " + folded_row) and "FP32</span>" not in folded_row
+    assert 'title="1: folded into 0"' in page or "1: folded into 0</title>" in page
+
+
+@pytest.mark.parametrize("value, text", [(-0.04, "0.0 dB"), (-0.06, "-0.1 dB"), (0.04, "0.0 dB")])
+def test_db_never_shows_minus_zero(value, text):
+    from workbench.analysis.report_format import format_db
+
+    assert format_db(value) == text
+
+
+def test_middle_shortening_keeps_the_block_numbers_of_deep_names():
+    names = [
+        f"feature_extractor.residual_stages.{stage}.{block}.second_convolution"
+        for stage in range(4)
+        for block in range(6)
+    ]
+    short = [shorten_middle(name, 30) for name in names]
+    assert len(set(short)) == len(names) and all(len(s) == 30 for s in short)
+
+
+def test_standalone_table_hides_the_chosen_columns_until_asked(tmp_path, calib):
+    report = wb.ptq(mlp(), calib, progress=False).report
+    report.to_html(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    for column in ("scheme", "num_scales", "scale_range", "zero_point"):
+        assert f'<th data-column="{column}" hidden=""' in page or re.search(
+            rf'<th[^>]*data-column="{column}"[^>]*hidden', page
+        )
+        assert re.search(rf'<input type="checkbox" data-column="{column}">', page)
+    assert re.search(r'<input type="checkbox" data-column="output_sqnr_db" checked>', page)
+    assert not re.search(r'<td[^>]*data-column="output_sqnr_db"[^>]*hidden', page)
+    # the notebook's text/html view (no script) shows every column
+    assert " hidden" not in body(report._repr_html_())

@@ -149,7 +149,10 @@ def test_summary(result, onnx_reference_top1):
     summary = res.report.summary
     layers = res.report.layers
     quantized = layers[layers["status"] == "quantized"]
-    assert summary["layers_quantized"] == 3 and summary["layers_fp32"] == 2
+    assert summary["layers_quantized"] == 3
+    folded = layers[(layers["status"] == "fp32") & layers["folded_into"].notna()]
+    assert list(folded["layer"]) == ["bn"] and summary["layers_folded"] == 1
+    assert summary["layers_fp32"] == 1  # folded layers are counted apart, not as kept FP32
     assert summary["compression_ratio"] == pytest.approx(
         summary["fp32_bytes"] / summary["quantized_bytes"]
     )

@@ -142,3 +142,38 @@ def test_pareto_table_marks_non_dominated_runs():
     )
     # b is now the fastest run, so nothing dominates it
     assert bool(with_latency.set_index("run").loc["b", "pareto_optimal"])
+
+
+def test_sensitivity_without_eval_fn_is_the_output_sqnr_with_only_that_layer_quantized():
+    """Without eval_fn the ranking is the model output's SQNR / cosine against FP32, checked
+    against the model rebuilt by hand with one layer's weights through torch's fake quant;
+    ``on_layer`` reports every layer."""
+    import copy
+
+    model = small_mlp()
+    data = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    config = wb.QuantConfig(weight=wb.Scheme(4, symmetric=True, per_channel=True), activation=None)
+    seen = []
+    table = wb.sensitivity(
+        model, data, config=config, progress=False, on_layer=lambda d, n: seen.append((d, n))
+    )
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert table.attrs["metric"] == "output_sqnr_db" and table["drop_only_this"].isna().all()
+    with torch.no_grad():
+        reference = model(data)
+        for _, row in table.iterrows():
+            by_hand = copy.deepcopy(model)
+            layer = by_hand[int(row["layer"])]
+            scale = layer.weight.abs().amax(dim=1) / 7
+            zero = torch.zeros_like(scale, dtype=torch.int32)
+            layer.weight.copy_(
+                torch.fake_quantize_per_channel_affine(layer.weight, scale, zero, 0, -8, 7)
+            )
+            out = by_hand(data)
+            noise = (reference - out).pow(2).sum()
+            sqnr = 10 * math.log10(float(reference.pow(2).sum() / noise))
+            flat = reference.flatten(), out.flatten()
+            cosine = float(torch.nn.functional.cosine_similarity(*flat, 0))
+            assert row["metric_only_this_quantized"] == pytest.approx(sqnr, abs=0.01)
+            assert row["output_cosine_only_this"] == pytest.approx(cosine, abs=1e-5)
+    assert list(table["metric_only_this_quantized"]) == sorted(table["metric_only_this_quantized"])

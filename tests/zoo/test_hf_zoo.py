@@ -18,9 +18,6 @@ For each architecture, one test shares its expensive steps across the checks:
 
 from __future__ import annotations
 
-import math
-import re
-
 import pytest
 import torch
 from torch import nn
@@ -30,13 +27,12 @@ from tests.parity_bounds import assert_parity_within_quantization_error
 from workbench.engine.batches import output_tensor
 
 from .hf_zoo import ZOO
+from .layer_outputs import check_report_against_hooks
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
-
-SQNR_AGREEMENT_DB = 1.0
 
 
 def _snapshot(model: nn.Module, batch: dict) -> tuple:
@@ -57,55 +53,6 @@ def _assert_unchanged(model: nn.Module, batch: dict, before: tuple, after_what: 
     assert training == before[3], after_what
 
 
-def _copied_outputs(model: nn.Module, names: dict[str, str], batches) -> dict[str, list]:
-    """``{layer: [outputs]}``: the output of module ``names[layer]`` of ``model`` at each call,
-    copied when it is returned."""
-    found: dict[str, list[torch.Tensor]] = {layer: [] for layer in names}
-    handles = [
-        model.get_submodule(module).register_forward_hook(
-            lambda m, i, o, k=layer: found[k].append(o.detach().clone())
-        )
-        for layer, module in names.items()
-    ]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
-
-
-def _sqnr_db(reference: list[torch.Tensor], measured: list[torch.Tensor]) -> float:
-    assert len(reference) == len(measured) > 0
-    signal = sum(float(r.double().pow(2).sum()) for r in reference)
-    noise = sum(
-        float((r.double() - m.double()).pow(2).sum())
-        for r, m in zip(reference, measured, strict=True)
-    )
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise)
-
-
-def _check_report_against_hooks(model: nn.Module, result, batches) -> int:
-    layers = result.report.layers
-    quantized = layers[layers["status"] == "quantized"]["layer"].tolist()
-    folded = {}  # layer -> the BatchNorm folded into it (its output is the layer's)
-    for reason, bn in zip(layers["reason"], layers["layer"], strict=True):
-        match = re.fullmatch(r"folded into (.+)", str(reason))
-        if match:
-            folded[match.group(1)] = bn
-    fp32 = _copied_outputs(model, {name: folded.get(name, name) for name in quantized}, batches)
-    simulated = _copied_outputs(result.model, {name: name for name in quantized}, batches)
-    reported = layers.set_index("layer")["output_sqnr_db"]
-    for name in quantized:
-        measured = _sqnr_db(fp32[name], simulated[name])
-        assert reported[name] == pytest.approx(measured, abs=SQNR_AGREEMENT_DB), name
-    return len(quantized)
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_library_model_end_to_end(name, tmp_path, ort_exact_int8):
     entry = ZOO[name]
@@ -115,7 +62,7 @@ def test_library_model_end_to_end(name, tmp_path, ort_exact_int8):
 
     result = wb.ptq(model, calib, config=ort_exact_int8, progress=False)
     _assert_unchanged(model, held_out[0], before, "wb.ptq")
-    assert _check_report_against_hooks(model, result, calib) > 0
+    assert check_report_against_hooks(model, result, calib) > 0
 
     path = result.export_onnx(tmp_path / f"{name}.onnx", held_out[0], check_fusion=False)
     _assert_unchanged(model, held_out[0], before, "export_onnx")

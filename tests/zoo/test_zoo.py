@@ -1,5 +1,6 @@
 """Every zoo model (torchvision's structures re-typed, transformers from configs) through the
-whole flow at small sizes: PTQ, INT8 export, the fusion table (every quantized layer, add,
+whole flow at small sizes: PTQ, the report's per-layer output SQNR against copied-hook
+measurements (``layer_outputs``), INT8 export, the fusion table (every quantized layer, add,
 concat and pool with its kernel or the reason it stays FP32), and the exported graph against
 the simulation (ONNX Runtime without graph optimizations runs each QDQ node as written, so this
 holds on any CPU; the fused kernels' speed is measured in tests/benchmarks/bench_zoo_vs_ort.py).
@@ -20,6 +21,7 @@ from workbench.runtime.onnx_export import flatten_outputs
 from workbench.runtime.ort_session import make_session, run_session
 
 from . import text, vision
+from .layer_outputs import check_report_against_hooks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -87,6 +89,9 @@ def test_zoo_model_quantizes_exports_and_fuses(name, tmp_path):
     case = CASES[name]
     model = case.build()
     result = wb.ptq(model, case.data(1), progress=False)
+    # the report's per-layer output SQNR is what each layer produced (copies, whatever in-place
+    # ops the structure runs afterwards: the shared ReLU(inplace=True), out += identity)
+    assert check_report_against_hooks(model, result, case.data(1)) > 0
     example = case.data(2)[0]
     path = result.export_onnx(tmp_path / f"{name}.onnx", example, check_fusion=False)
 

@@ -20,12 +20,13 @@ def stylesheet() -> str:
 
 
 def shorten_middle(name: str, max_chars: int = NAME_CHARS) -> str:
-    """``encoder.layer.0.attention.self.query`` -> ``encoder.layer.0…self.query``: the start
-    and the end of a long name stay, so siblings remain distinct."""
+    """``feature_extractor.stages.3.0.second_convolution`` -> ``feature_e…3.0.second_convolution``:
+    the start and, longer, the end of a long name stay (the block numbers and the leaf tell
+    siblings apart)."""
     if len(name) <= max_chars:
         return name
-    tail = (max_chars - 1) // 2
-    head = max_chars - 1 - tail
+    head = max(7, max_chars // 4)
+    tail = max_chars - 1 - head
     return f"{name[:head]}\u2026{name[-tail:]}"
 
 

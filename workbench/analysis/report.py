@@ -36,12 +36,17 @@ def build_summary(
     (``metric_name``: what the views call it, the eval_fn's name)."""
     total = storage[storage["layer"] == "TOTAL"].iloc[0]
     quantized = layers[layers["status"] == "quantized"]
+    folded = (layers["status"] == "fp32") & layers.get(
+        "folded_into", pd.Series(None, index=layers.index)
+    ).notna()
     sqnr = quantized["output_sqnr_db"].astype(float)
     worst = quantized.sort_values("output_sqnr_db", na_position="first").head(SUMMARY_WORST_LAYERS)
     summary: dict[str, Any] = {
         "config": config_text,
         "layers_quantized": len(quantized),
-        "layers_fp32": int((layers["status"] == "fp32").sum()),
+        # folded layers (BatchNorm into its conv) are neither quantized nor kept FP32
+        "layers_fp32": int(((layers["status"] == "fp32") & ~folded).sum()),
+        "layers_folded": int(folded.sum()),
         "fp32_bytes": int(total["fp32_bytes"]),
         "quantized_bytes": int(total["total_bytes"]),
         "compression_ratio": float(total["fp32_bytes"]) / max(float(total["total_bytes"]), 1.0),
@@ -135,7 +140,8 @@ class Report:
         s = self.summary
         lines = [
             f"Quantization report ({s['config']})",
-            f"  layers quantized: {s['layers_quantized']}, kept FP32: {s['layers_fp32']}",
+            f"  layers quantized: {s['layers_quantized']}, kept FP32: {s['layers_fp32']}"
+            + (f", folded: {s['layers_folded']}" if s.get("layers_folded") else ""),
             (
                 f"  size: {s['fp32_bytes']:,} B FP32 -> {s['quantized_bytes']:,} B "
                 f"({s['compression_ratio']:.2f}x smaller)"

@@ -54,7 +54,10 @@ def format_db(value: Any) -> str:
     """``23.4 dB``; an infinite SQNR (an exact layer) is ``exact``."""
     if isinstance(value, float) and math.isinf(value) and value > 0:
         return "exact"
-    return f"{float(value):.1f} dB" if is_number(value) else MISSING
+    if not is_number(value):
+        return MISSING
+    text = f"{float(value):.1f}"
+    return f"{'0.0' if text == '-0.0' else text} dB"  # no "-0.0 dB" for -0.04
 
 
 def format_ratio(value: Any) -> str:

@@ -64,6 +64,13 @@ def poor_layers(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(below, key=lambda row: row["output_sqnr_db"])
 
 
+def layers_detail(summary: dict[str, Any]) -> str:
+    """``53 folded, 1 kept FP32``: a folded layer (BatchNorm into its conv) is not kept FP32."""
+    kept = f"{summary['layers_fp32']} kept FP32"
+    folded = summary.get("layers_folded") or 0
+    return f"{folded} folded, {kept}" if folded else kept
+
+
 def _card(label: str, value: str, detail: str = "", band: str | None = None) -> str:
     cls = "jp-WorkbenchReport-card" + (f" jp-mod-{band}" if band else "")
     inner = element("div", "jp-WorkbenchReport-cardLabel", label)
@@ -85,7 +92,7 @@ def summary_html(bundle: dict[str, Any], meta: list[str] | None = None) -> str:
             f"{format_bytes(s['fp32_bytes'])} \u2192 {format_bytes(s['quantized_bytes'])}",
             f"{format_ratio(s['compression_ratio'])} smaller",
         ),
-        _card("Layers", f"{s['layers_quantized']} quantized", f"{s['layers_fp32']} kept FP32"),
+        _card("Layers", f"{s['layers_quantized']} quantized", layers_detail(s)),
     ]
     if is_number(s.get("metric_fp32")) and is_number(s.get("metric_quantized")):
         drop = s["metric_fp32"] - s["metric_quantized"]
@@ -157,7 +164,8 @@ def report_view_html(
     if "layers" in wanted:
         parts.append(section_title("Layers") + layer_table_html(bundle["layers"], interactive))
     if "storage" in wanted:
-        parts.append(section_title("Storage") + storage_html(bundle["storage"]))
+        folded_into = {row["layer"]: row.get("folded_into") for row in bundle["layers"]}
+        parts.append(section_title("Storage") + storage_html(bundle["storage"], folded_into))
     if "tables" in wanted:
         for title, table in bundle.get("tables", {}).items():
             parts.append(section_title(title) + table_html(table["columns"], table["rows"]))

@@ -61,13 +61,36 @@ def report_to_json(report) -> dict[str, Any]:
         }
         for title, table in report.extra_tables.items()
     }
+    layers = _records(report.layers, _schema_fields("layers"))
+    folded_into = {row["layer"]: row.get("folded_into") for row in layers}
     return {
         "schema_version": SCHEMA_VERSION,
         "summary": json_value(dict(report.summary)),
-        "layers": _records(report.layers, _schema_fields("layers")),
-        "storage": _records(report.storage, STORAGE_COLUMNS),
+        "layers": in_model_order(layers, folded_into),
+        "storage": in_model_order(_records(report.storage, STORAGE_COLUMNS), folded_into),
         "tables": tables,
     }
+
+
+def in_model_order(
+    rows: list[dict[str, Any]], folded_into: dict[str, str | None]
+) -> list[dict[str, Any]]:
+    """``rows`` with each folded layer (a BatchNorm) right after the layer it was folded
+    into, where the report lists them at the end; the other rows keep their order."""
+    folded: dict[str, list[dict[str, Any]]] = {}
+    present = {row["layer"] for row in rows}
+    for row in rows:
+        target = folded_into.get(row["layer"])
+        if target and target in present:
+            folded.setdefault(target, []).append(row)
+    moved = {id(row) for group in folded.values() for row in group}
+    ordered = []
+    for row in rows:
+        if id(row) in moved:
+            continue
+        ordered.append(row)
+        ordered.extend(folded.get(row["layer"], ()))
+    return ordered
 
 
 def report_schema() -> dict[str, Any]:

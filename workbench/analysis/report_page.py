@@ -29,7 +29,8 @@ body { margin: 16px 24px; background: #fff; }
 }
 """
 
-# Reads the cells' data-sort / text, the rows' data-status / data-layer (report_html.py).
+# Reads the cells' data-sort / text, the rows' data-status / data-layer (report_html.py);
+# the "Columns" chooser shows / hides the cells of a column.
 SCRIPT = """
 document.querySelectorAll('.jp-WorkbenchReport').forEach(function (root) {
   var layers = root.querySelector('.jp-WorkbenchReport-layers');
@@ -85,6 +86,14 @@ document.querySelectorAll('.jp-WorkbenchReport').forEach(function (root) {
   });
   layers.querySelector('.jp-WorkbenchReport-worstFirst').addEventListener('click', function () {
     sortColumn = 'output_sqnr_db'; ascending = true; update();
+  });
+  layers.querySelectorAll('.jp-WorkbenchReport-columns input').forEach(function (box) {
+    box.addEventListener('change', function () {
+      var selector = '[data-column="' + box.dataset.column + '"]';
+      layers.querySelectorAll('th' + selector + ', td' + selector).forEach(function (cell) {
+        cell.hidden = !box.checked;
+      });
+    });
   });
   filter.addEventListener('input', update);
   hide.addEventListener('change', update);

@@ -20,6 +20,8 @@ from workbench.analysis.report_format import (
 from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, SQNR_POOR_DB, sqnr_band
 
 CHART_HEIGHT = 190
+TABLE_NAME_CHARS = 30  # the layer table's names, shortened in the middle beyond this
+STORAGE_NAME_CHARS = 32  # the storage rows' names, with room for a badge
 CHART_TOP_DB = 50.0
 STORAGE_PARTS = (
     ("weight_bytes", "weights", "jp-WorkbenchReport-weights"),
@@ -40,7 +42,8 @@ def sqnr_chart_svg(layers: list[dict[str, Any]]) -> str:
     """Output SQNR per layer in model order, on the poor / fair / good bands. FP32 layers
     are short grey stubs; each bar's tooltip names its layer and value."""
     left, right, top, bottom = 44, 8, 8, 22
-    step = 14 if len(layers) <= 60 else 9
+    # 100 layers fit a 1400 px window with the sidebar open
+    step = 14 if len(layers) <= 60 else 8 if len(layers) <= 110 else 6
     plot_w = max(400, step * len(layers))
     width = left + plot_w + right
     plot_h = CHART_HEIGHT - top - bottom
@@ -68,7 +71,10 @@ def sqnr_chart_svg(layers: list[dict[str, Any]]) -> str:
     for index, row in enumerate(layers):
         value = row.get("output_sqnr_db")
         x = left + index * step + (step - bar_w) / 2
-        if row.get("status") != "quantized":
+        if is_folded(row):
+            cls, height = "fp32", 4.0
+            label = f"{row['layer']}: folded into {row['folded_into']}"
+        elif row.get("status") != "quantized":
             cls, height = "fp32", 4.0
             label = f"{row['layer']}: kept FP32"
         elif is_number(value):
@@ -87,7 +93,7 @@ def sqnr_chart_svg(layers: list[dict[str, Any]]) -> str:
     parts.append(
         f'<text x="{left}" y="{CHART_HEIGHT - 6}">layers in model order ({len(layers)}); '
         f"bands: poor &lt; {SQNR_POOR_DB:.0f} dB \u2264 fair &lt; {SQNR_GOOD_DB:.0f} dB "
-        "\u2264 good; grey: kept FP32</text>"
+        "\u2264 good; grey: kept FP32 or folded</text>"
     )
     svg = (
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" viewBox="0 0 {width} {CHART_HEIGHT}" '
@@ -146,6 +152,10 @@ OPTIONAL_LAYER_COLUMNS = (
 )  # fmt: skip
 
 
+# hidden in the standalone page until chosen (the JupyterLab renderer does the same)
+CHOSEN_COLUMNS = {"scheme", "num_scales", "scale_range", "zero_point", "smoothing"}
+
+
 def layer_columns(layers: list[dict[str, Any]]) -> tuple:
     """The layer table's columns: ``LAYER_COLUMNS`` and the optional ones some layer fills."""
     optional = tuple(c for c in OPTIONAL_LAYER_COLUMNS if any(row.get(c[0]) for row in layers))
@@ -178,8 +188,30 @@ def status_badge(row: dict[str, Any]) -> str:
     return badge
 
 
+def column_chooser_html(columns: tuple, hidden: set[str]) -> str:
+    """The "Columns" chooser of the standalone page (its script shows / hides them)."""
+    boxes = "".join(
+        f'<label title="{esc(tooltip)}"><input type="checkbox" data-column="{column}"'
+        f"{'' if column in hidden else ' checked'}> {esc(label)}</label>"
+        for column, label, tooltip, _, _ in columns
+        if column != "layer"
+    )
+    return (
+        '<details class="jp-WorkbenchReport-columns"><summary title="Choose the columns to '
+        f'show">Columns</summary><div class="jp-WorkbenchReport-columnList">{boxes}</div>'
+        "</details>"
+    )
+
+
 def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) -> str:
+    """The layer table; ``interactive`` (the standalone page, with its script): the columns
+    of ``CHOSEN_COLUMNS`` hidden until chosen, so that the rest fit 1400 px."""
     columns = layer_columns(layers)
+    hidden = CHOSEN_COLUMNS if interactive else set()
+
+    def hide(column: str) -> str | None:
+        return "" if column in hidden else None
+
     head = "".join(
         element(
             "th",
@@ -187,6 +219,7 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
             label,
             title=f"{tooltip}. Click to sort." if interactive else tooltip,
             data_column=column,
+            hidden=hide(column),
         )
         for column, label, tooltip, numeric, _ in columns
     )
@@ -198,7 +231,9 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
             if column == "status":
                 body, sort_value = status_badge(row), row.get("status")
             elif column == "layer":
-                body = element("code", "jp-WorkbenchReport-layerName", row["layer"])
+                name = row["layer"]
+                short = shorten_middle(name, TABLE_NAME_CHARS)
+                body = element("code", "jp-WorkbenchReport-layerName", short, title=name)
                 sort_value = row["layer"]
             else:
                 text, band, sort_value = cell(row)
@@ -207,7 +242,8 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
                     classes.append(f"jp-mod-{band}")
             sort_attr = f' data-sort="{esc(sort_value)}"' if is_number(sort_value) else ""
             cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f'<td{cls} data-column="{column}"{sort_attr}>{body}</td>')
+            hidden_attr = " hidden" if column in hidden else ""
+            cells.append(f'<td{cls} data-column="{column}"{sort_attr}{hidden_attr}>{body}</td>')
         fp32 = ' class="jp-WorkbenchReport-fp32"' if row.get("status") != "quantized" else ""
         rows.append(
             f"<tr{fp32} "
@@ -226,7 +262,7 @@ def layer_table_html(layers: list[dict[str, Any]], interactive: bool = False) ->
             'placeholder="Filter layers by name" aria-label="Filter layers by name">'
             '<button type="button" class="jp-WorkbenchReport-worstFirst">Worst first</button>'
             '<label><input type="checkbox" class="jp-WorkbenchReport-hideFp32"> '
-            "hide FP32 / folded</label>" + count
+            "hide FP32 / folded</label>" + column_chooser_html(columns, hidden) + count
         )
     return (
         '<div class="jp-WorkbenchReport-layers">'
@@ -253,27 +289,57 @@ def legend_html() -> str:
 def _bar(cls: str, part: float, whole: float, title: str) -> str:
     width = 100.0 * part / whole if whole > 0 else 0.0
     return (
-        f'<div class="jp-WorkbenchReport-bar {cls}" style="width:{width:.2f}%" '
+        f'<div class="jp-WorkbenchReport-bar {cls}" style="width:{width:.3f}%" '
         f'title="{esc(title)}"></div>'
     )
 
 
-def storage_row_html(row: dict[str, Any]) -> str:
+def is_folded_storage(row: dict[str, Any], folded_into: dict[str, str] | None = None) -> bool:
+    """A storage row of a folded layer: FP32 bytes of its own, nothing stored after folding."""
+    if row.get("status") != "fp32" or row["total_bytes"] != 0:
+        return False
+    return bool((folded_into or {}).get(row["layer"])) or row["fp32_bytes"] > 0
+
+
+def storage_scale_bytes(storage: list[dict[str, Any]]) -> int:
+    """The bytes the full bar width stands for: the largest layer's FP32 or stored size,
+    the one linear scale of every layer's bars."""
+    layers = [row for row in storage if row.get("status")]
+    return max([1, *(max(row["fp32_bytes"], row["total_bytes"]) for row in layers)])
+
+
+def storage_row_html(
+    row: dict[str, Any], scale_bytes: int, folded_into: dict[str, str] | None = None
+) -> str:
+    """One layer's two bars (FP32 above, stored below) on the shared scale; the TOTAL row on
+    its own (its FP32 size is the full width)."""
     total = not row.get("status")
     name = "total" if total else row["layer"]
     classes = ["jp-WorkbenchReport-storageRow"]
     if total:
         classes.append("jp-WorkbenchReport-storageTotal")
-    label = element("code", "jp-WorkbenchReport-layerName", shorten_middle(name), title=name)
-    folded = row.get("status") == "fp32" and row["total_bytes"] == 0 and row["fp32_bytes"] > 0
-    if row.get("status") == "fp32":
-        badge_cls = "jp-WorkbenchReport-badge" + (" jp-mod-folded" if folded else "")
-        label += element("span", badge_cls, "folded" if folded else "FP32")
-    whole = max(row["fp32_bytes"], row["total_bytes"])
+    short = shorten_middle(name, STORAGE_NAME_CHARS)
+    label = element("code", "jp-WorkbenchReport-layerName", short, title=name)
+    folded = not total and is_folded_storage(row, folded_into)
+    target = (folded_into or {}).get(name)
+    if folded:
+        classes.append("jp-WorkbenchReport-storageFolded")
+        tip = f"folded into {target}" if target else "folded into the layer before it"
+        label += element("span", "jp-WorkbenchReport-badge jp-mod-folded", "folded", title=tip)
+    elif row.get("status") == "fp32":
+        label += element("span", "jp-WorkbenchReport-badge", "FP32")
+    whole = max(row["fp32_bytes"], row["total_bytes"], 1) if total else scale_bytes
     fp32_track = _bar("jp-WorkbenchReport-fp32Bar", row["fp32_bytes"], whole,
                       f"FP32: {format_bytes(row['fp32_bytes'])}")  # fmt: skip
     quant = ""
-    if row.get("status") == "fp32" and not folded:
+    if folded:
+        quant = element(
+            "span",
+            "jp-WorkbenchReport-foldedNote",
+            f"in {shorten_middle(target)}" if target else "folded",
+            title=tip,
+        )
+    elif row.get("status") == "fp32":
         quant = _bar("jp-WorkbenchReport-fp32Kept", row["total_bytes"], whole,
                      f"kept FP32: {format_bytes(row['total_bytes'])}")  # fmt: skip
     else:
@@ -284,8 +350,12 @@ def storage_row_html(row: dict[str, Any]) -> str:
     if row["total_bytes"] > 0:
         ratio = f" ({format_ratio(row['fp32_bytes'] / row['total_bytes'])})"
     numbers = f"{format_bytes(row['fp32_bytes'])} \u2192 {format_bytes(row['total_bytes'])}{ratio}"
+    if folded:
+        numbers = f"{format_bytes(row['fp32_bytes'])} \u2192 folded"
     return (
-        f'<div class="{" ".join(classes)}" data-layer="{esc(name)}">'
+        f'<div class="{" ".join(classes)}" data-layer="{esc(name)}" '
+        f'data-status="{esc(row.get("status") or "total")}" '
+        f'data-fp32-bytes="{row["fp32_bytes"]}" data-total-bytes="{row["total_bytes"]}">'
         f'<div class="jp-WorkbenchReport-storageName">{label}</div>'
         '<div class="jp-WorkbenchReport-bars">'
         f'<div class="jp-WorkbenchReport-track">{fp32_track}</div>'
@@ -294,12 +364,15 @@ def storage_row_html(row: dict[str, Any]) -> str:
     )
 
 
-def storage_html(storage: list[dict[str, Any]]) -> str:
-    """Each layer on its own scale (its FP32 size is the full width), so small layers and
-    the scale / zero point / bias pieces stay visible; the legend lists the pieces present."""
+def storage_html(storage: list[dict[str, Any]], folded_into: dict[str, str] | None = None) -> str:
+    """Every layer on one linear scale (the full width is the largest layer), in model
+    order, so that sizes compare at a glance: a 30 MiB embedding against a 2 KiB LayerNorm.
+    Folded layers (a BatchNorm folded into its conv) are marked folded, not kept FP32; the
+    legend lists the pieces present and states the scale."""
     layers = [row for row in storage if row.get("status")]
     totals = [row for row in storage if not row.get("status")]
-    legend = [("jp-WorkbenchReport-fp32Bar", "FP32 (upper bar, full width)")]
+    scale_bytes = storage_scale_bytes(storage)
+    legend = [("jp-WorkbenchReport-fp32Bar", "FP32 (upper bar)")]
     for key, part, cls in STORAGE_PARTS:
         if any(row.get(key, 0) > 0 and row.get("status") == "quantized" for row in layers):
             legend.append((cls, part))
@@ -310,11 +383,17 @@ def storage_html(storage: list[dict[str, Any]]) -> str:
         f'{cls}"></span>{esc(text)}</span>'
         for cls, text in legend
     )
-    rows = "".join(storage_row_html(row) for row in layers)
-    total = "".join(storage_row_html(row) for row in totals)
+    scale = element(
+        "span",
+        "jp-WorkbenchReport-storageScale",
+        f"one linear scale for all layers: full width = {format_bytes(scale_bytes)} "
+        "(the largest layer); the total on its own scale",
+    )
+    rows = "".join(storage_row_html(row, scale_bytes, folded_into) for row in layers)
+    total = "".join(storage_row_html(row, scale_bytes, folded_into) for row in totals)
     return (
         '<div class="jp-WorkbenchReport-storage">'
-        f'<div class="jp-WorkbenchReport-storageLegend">{legend_items}</div>'
+        f'<div class="jp-WorkbenchReport-storageLegend">{legend_items}{scale}</div>'
         f'<div class="jp-WorkbenchReport-storageRows">{rows}</div>{total}</div>'
     )
 

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from workbench.engine.batches import first_samples, run_model
+from workbench.engine.data_flow import FlowNode, trace_data_flow
 from workbench.engine.equalize import ChannelMinimum
-from workbench.engine.graph_quantizers import FlowNode, round_bias, trace_data_flow
+from workbench.engine.graph_quantizers import round_bias
 from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import find_submodule
 from workbench.engine.prepare import LayerPlan

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Real
 
 from workbench.core.dynamic_quant import DYNAMIC_SCHEME
 from workbench.core.observers import OBSERVER_NAMES
 from workbench.core.scheme import Scheme
+from workbench.engine.config_checks import exclude_patterns, override_table
 from workbench.errors import ConfigError
 
 WEIGHT_OBSERVER_NAMES = ("minmax", "mse")
@@ -168,9 +169,9 @@ class QuantConfig:
                     f"QuantConfig {flag} must be True or False, got {type(value).__name__} "
                     f"{value!r}"
                 )
-        object.__setattr__(self, "exclude", _exclude_patterns(self.exclude))
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
         self._check_ptq_methods()
-        object.__setattr__(self, "overrides", _override_table(self.overrides))
+        object.__setattr__(self, "overrides", override_table(self.overrides))
         self._check_activation_mode()
 
     def __hash__(self) -> int:  # overrides is a dict: hash its items
@@ -353,76 +354,6 @@ def unknown_field_error(key: str, call: str) -> ConfigError:
     return ConfigError(
         f"{call} got an unknown keyword {key!r}; {hint}QuantConfig takes {', '.join(fields)}"
     )
-
-
-def _exclude_patterns(exclude: object) -> tuple[str, ...]:
-    """``exclude`` as a tuple of layer names / glob patterns (one string is one pattern)."""
-    if isinstance(exclude, str):
-        return (exclude,)
-    fix = "pass layer names or glob patterns, e.g. exclude=('fc2', 'encoder.*.dense'), or ()"
-    if exclude is None or not isinstance(exclude, Iterable):
-        raise ConfigError(f"exclude must be a tuple of layer names, got {exclude!r}; {fix}")
-    patterns = tuple(exclude)
-    wrong = [p for p in patterns if not isinstance(p, str)]
-    if wrong:
-        raise ConfigError(f"exclude holds {wrong[0]!r}, not a layer name; {fix}")
-    return patterns
-
-
-OVERRIDE_KEYS = ("weight", "activation")
-
-
-def _override_table(overrides: object) -> dict[str, dict[str, Scheme | None]]:
-    """``overrides`` checked and copied: pattern -> {"weight": Scheme, "activation": ...}."""
-    example = 'e.g. overrides={"fc2": {"weight": wb.Scheme(8, True, True)}}'
-    if not isinstance(overrides, Mapping):
-        raise ConfigError(
-            f"overrides must be a dict of layer name or pattern -> schemes, got "
-            f"{type(overrides).__name__}; {example}"
-        )
-    table: dict[str, dict[str, Scheme | None]] = {}
-    for pattern, override in overrides.items():
-        if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(
-                f"overrides key {pattern!r} is not a layer name or pattern; {example}"
-            )
-        if not isinstance(override, Mapping):
-            raise ConfigError(
-                f"overrides[{pattern!r}] must be a dict with 'weight' and / or 'activation', "
-                f"got {type(override).__name__}; {example}"
-            )
-        unknown = [key for key in override if key not in OVERRIDE_KEYS]
-        if unknown:
-            raise ConfigError(
-                f"overrides[{pattern!r}] has unknown key {unknown[0]!r}; use 'weight' and / or "
-                f"'activation' (to keep the layer FP32, add it to exclude)"
-            )
-        if "weight" in override:
-            weight = override["weight"]
-            if not isinstance(weight, Scheme):
-                raise ConfigError(
-                    f"overrides[{pattern!r}]['weight'] must be a Scheme, got {weight!r}; "
-                    f"{example} (to keep the layer FP32, add it to exclude)"
-                )
-            if weight.per_channel and weight.axis != 0:
-                raise ConfigError(
-                    f"overrides[{pattern!r}]['weight'] is per-channel on axis {weight.axis}; "
-                    "per-channel weights use axis=0: wb.Scheme(..., per_channel=True, axis=0)"
-                )
-        if "activation" in override:
-            activation = override["activation"]
-            if activation is not None and not isinstance(activation, Scheme):
-                raise ConfigError(
-                    f"overrides[{pattern!r}]['activation'] must be a Scheme or None (FP32 "
-                    f"input), got {activation!r}"
-                )
-            if activation is not None and activation.per_channel:
-                raise ConfigError(
-                    f"overrides[{pattern!r}]['activation'] is per-channel; activations are "
-                    "per-tensor: pass wb.Scheme(bits, symmetric, per_channel=False)"
-                )
-        table[pattern] = dict(override)
-    return table
 
 
 PRESETS: dict[str, QuantConfig] = {

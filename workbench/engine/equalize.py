@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from workbench.engine.batches import first_samples, run_model
-from workbench.engine.graph_quantizers import FlowNode, trace_data_flow
+from workbench.engine.data_flow import FlowNode, trace_data_flow
 from workbench.engine.modules import get_layer, set_submodule
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

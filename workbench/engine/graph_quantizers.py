@@ -1,8 +1,9 @@
 """Activation quantizers placed from the data flow, per call site, so that the simulated model
 computes what an INT8 runtime computes.
 
-Over 400 lines: the data-flow trace, the placement that reads it and the calibration-time steps
-of the same placement (scale sharing, bias rounding) change together.
+The data-flow trace is ``engine.data_flow``, the placement that reads it ``engine.output_plan``;
+this module installs the quantizers and holds the calibration-time steps (scale sharing, bias
+rounding).
 
 Module swapping quantizes the *inputs* of Linear / Conv layers. That is all a Linear needs
 (ONNX Runtime runs DQ -> MatMul as MatMulIntegerToFloat, FP32 out), but a convolution runs as
@@ -42,45 +43,37 @@ identity *and* version, so an in-place ``out += identity`` is a new value.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from workbench.core.scheme import Scheme
-from workbench.engine.batches import first_samples, run_model
+from workbench.engine.batches import first_samples
 from workbench.engine.call_sites import (
-    CallTracker,
     FunctionSites,
     PerCallSite,
-    function_name,
     input_site,
     install_function_sites,
-    tracked_calls,
 )
 from workbench.engine.config import QuantConfig
+from workbench.engine.data_flow import (
+    DataFlow,
+    layers_fed,
+    mark_model_inputs,
+    trace_data_flow,
+)
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
 from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
 from workbench.engine.modules import find_submodule, set_submodule
-from workbench.engine.op_kinds import (
-    CLAMP,
-    CONV,
-    FLOAT_FEEDING_GRID,
-    KEEPS_GRID,
-    LINEAR,
-    OTHER,
-    QUANTIZED_OUTPUT,
-    OpKind,
-    function_kind,
-    layer_kind,
-    module_kind,
+from workbench.engine.output_plan import (
+    Placement,
+    called_with_weights_at_sites,
+    input_scheme,
+    plan_output_quantizers,
+    site_schemes,
 )
 from workbench.engine.quantizers import OBSERVE, ActivationQuantizer, scale_source
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class OutputQuantized(nn.Module):
@@ -102,229 +95,6 @@ class OutputQuantized(nn.Module):
 
     def extra_repr(self) -> str:
         return "output quantized"
-
-
-# data flow -----------------------------------------------------------------------------------
-Key = tuple[int, int]
-
-
-@dataclass
-class FlowNode:
-    """One call at depth 0: a leaf module call or a tensor op outside leaf modules."""
-
-    kind: str  # "module" or "function"
-    name: str  # module name or op name
-    module: nn.Module | None
-    inputs: list[Key]
-    outputs: list[Key]
-    site: str = ""  # the call site ("layer1.0.relu#1", "layer1.0.__iadd__#0")
-    op: OpKind = OTHER
-    reads_parameter: bool = False  # a tensor op with a weight among its inputs (``x @ W``)
-
-
-@dataclass
-class DataFlow:
-    nodes: list[FlowNode] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)
-    keep_alive: list[torch.Tensor] = field(default_factory=list)
-
-    def producer(self) -> dict[Key, FlowNode]:
-        made: dict[Key, FlowNode] = {}
-        for node in self.nodes:
-            for key in node.outputs:
-                made.setdefault(key, node)
-        return made
-
-    def consumers(self) -> dict[Key, list[FlowNode]]:
-        used: dict[Key, list[FlowNode]] = {}
-        for node in self.nodes:
-            for key in dict.fromkeys(node.inputs):
-                used.setdefault(key, []).append(node)
-        return used
-
-
-def _key(tensor: torch.Tensor) -> Key:
-    return (id(tensor), tensor._version)
-
-
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(tree)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
-def _layer_kind(module: nn.Module) -> OpKind:
-    if isinstance(module, QuantizedLayer):
-        if isinstance(module.layer, CONV_TYPES) and module.input_quantizer is not None:
-            return CONV
-        return LINEAR if isinstance(module.layer, nn.Linear) else OTHER
-    return module_kind(module)
-
-
-class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, flow: DataFlow, tracker: CallTracker) -> None:
-        super().__init__()
-        self.flow = flow
-        self.tracker = tracker
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = function_name(func)
-        site = self.tracker.function_site(name)
-        if site is None:
-            return func(*args, **kwargs)
-        inputs = _tensors((args, kwargs))
-        in_keys = [_key(t) for t in inputs]
-        out = func(*args, **kwargs)
-        outputs = _tensors(out)
-        out_keys = [_key(t) for t in outputs]
-        if outputs and not set(out_keys) <= set(in_keys):
-            op = function_kind(name, args, kwargs)
-            node = FlowNode("function", name, None, in_keys, out_keys, site, op)
-            node.reads_parameter = any(isinstance(t, nn.Parameter) for t in inputs)
-            self.flow.nodes.append(node)
-            self.flow.keep_alive.extend(inputs + outputs)
-        return out
-
-
-def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:
-    """Run ``batch`` through ``model`` once and record which call consumed which tensor."""
-    flow = DataFlow()
-    names = {module: name for name, module in model.named_modules() if name}
-    tracker = CallTracker(names)
-    pending: list = []
-
-    def on_enter(module, site, args):
-        if site is not None:
-            inputs = _tensors(args)
-            pending.append((site, [_key(t) for t in inputs], inputs))
-
-    def on_leave(module, args, output):
-        if not pending:
-            return
-        site, in_keys, inputs = pending.pop()
-        name = names[module]
-        flow.calls[name] = flow.calls.get(name, 0) + 1
-        outputs = _tensors(output)
-        out_keys = [_key(t) for t in outputs]
-        if not set(out_keys) <= set(in_keys):  # nn.Identity & co. are transparent
-            op = _layer_kind(module)
-            flow.nodes.append(FlowNode("module", name, module, in_keys, out_keys, site, op))
-        flow.keep_alive.extend(inputs + outputs)
-
-    recorder = _FunctionRecorder(flow, tracker)
-    with torch.no_grad(), tracked_calls(tracker, on_enter, on_leave), recorder:
-        run_model(model, batch)
-    return flow
-
-
-# placement -----------------------------------------------------------------------------------
-@dataclass
-class Placement:
-    """Which call sites get an output quantizer, and which layer inputs then share it.
-
-    ``outputs``: site -> the call whose output is quantized; ``slots``: site -> the folded
-    BatchNorm slot that holds a conv's quantizer; ``share``: layer name -> site;
-    ``kinds``: site -> the op kind that asked for the quantizer (for the reports);
-    ``origins``: site -> the quantized layer whose output it quantizes (its precision);
-    ``call_share``: (layer, call n > 0) -> site, for a layer called at several sites."""
-
-    outputs: dict[str, FlowNode] = field(default_factory=dict)
-    slots: dict[str, str] = field(default_factory=dict)
-    share: dict[str, str] = field(default_factory=dict)
-    kinds: dict[str, str] = field(default_factory=dict)
-    origins: dict[str, str] = field(default_factory=dict)
-    call_share: dict[tuple[str, int], str] = field(default_factory=dict)  # (layer, call n > 0)
-
-
-def _can_hold_quantizer(node: FlowNode, calls: dict[str, int]) -> bool:
-    """Whether a quantizer can be attached to this call: every call can (``engine.call_sites``:
-    a module called once holds it, a parameter-free module called at several sites becomes one
-    clone per call, a layer with weights called at several sites and a tensor op get it keyed
-    by their call site)."""
-    return node.kind == "function" or node.module is not None
-
-
-def plan_output_quantizers(
-    model: nn.Module, flow: DataFlow, folded_bn: dict[str, str] | None = None
-) -> Placement:
-    """Decide which call sites get an output quantizer (``engine.op_kinds``' table) and which
-    layer inputs then share it."""
-    bn_slot = {conv: bn for bn, conv in (folded_bn or {}).items()}
-    consumers = flow.consumers()
-    on_grid: dict[Key, str] = {}  # tensor -> site whose quantizer it comes off
-    placement = Placement()
-    for node in flow.nodes:
-        op = node.op
-        if op.output == KEEPS_GRID:
-            if node.inputs and node.inputs[0] in on_grid:
-                for key in node.outputs:
-                    on_grid[key] = on_grid[node.inputs[0]]
-            continue
-        if op.output == FLOAT_FEEDING_GRID and node.outputs and node.site not in placement.outputs:
-            readers = consumers.get(node.outputs[0], [])
-            if any(user.op.grid_inputs for user in readers) and _can_hold_quantizer(
-                node, flow.calls
-            ):
-                placement.outputs[node.site] = node
-                placement.kinds[node.site] = op.name
-                on_grid[node.outputs[0]] = node.site
-            continue
-        if op.output != QUANTIZED_OUTPUT or not node.outputs or node.site in placement.outputs:
-            continue
-        if op.tensor_inputs and len(node.inputs) != op.tensor_inputs:
-            continue
-        if op.grid_inputs and not all(key in on_grid for key in node.inputs):
-            continue
-        out = node.outputs[0]
-        users = consumers.get(out, [])
-        target = node
-        if (
-            len(users) == 1
-            and users[0].op.output == CLAMP
-            and users[0].inputs[:1] == [out]
-            and users[0].outputs
-            and _can_hold_quantizer(users[0], flow.calls)
-        ):
-            target = users[0]
-        elif not _can_hold_quantizer(node, flow.calls):
-            continue
-        placement.outputs[target.site] = target
-        placement.kinds[target.site] = op.name
-        if isinstance(node.module, QuantizedLayer):
-            placement.origins[target.site] = node.module.layer_name
-        on_grid[target.outputs[0]] = target.site
-        if target is node and op is CONV:
-            slot = bn_slot.get(node.module.layer_name)
-            if (
-                slot is not None
-                and isinstance(find_submodule(model, slot), nn.Identity)
-                and flow.calls.get(slot, 0) == 1
-            ):
-                placement.slots[target.site] = slot
-
-    for node in flow.nodes:
-        layer = node.module
-        if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
-            continue
-        if not node.inputs:
-            continue
-        site = on_grid.get(node.inputs[0])
-        if site is None or site == node.site:
-            continue
-        call = int(node.site.rsplit("#", 1)[1]) if flow.calls.get(node.name, 0) > 1 else 0
-        if call == 0:
-            placement.share[layer.layer_name] = site
-        else:  # a later call of a layer called at several sites: its own input quantizer
-            placement.call_share[(layer.layer_name, call)] = site
-    return placement
-
-
-def _called_with_weights_at_sites(node: FlowNode, calls: dict[str, int]) -> bool:
-    """A module with parameters (a shared conv) called at several sites: one clone per call
-    would duplicate its weight, so its output quantizers are keyed by call site instead."""
-    if node.module is None or calls.get(node.name, 0) < 2:
-        return False
-    return any(True for _ in node.module.parameters())
 
 
 # entry points --------------------------------------------------------------------------------
@@ -375,12 +145,25 @@ def insert_output_quantizers(
         quantizer.site_kind = f"{placement.kinds[site]} output"
         return quantizer
 
+    paths = _install(model, flow, placement, schemes, new_quantizer)
+    return _share_scales(placement, layers, schemes, winners, paths, overridden)
+
+
+def _install(
+    model: nn.Module,
+    flow: DataFlow,
+    placement: Placement,
+    schemes: dict[str, Scheme | None],
+    new_quantizer,
+) -> dict[str, str]:
+    """Attach each placed site's quantizer where it can live (a function site, the folded
+    BatchNorm's slot, a per-call clone, the layer, or a wrapper); the path of each."""
     paths: dict[str, str] = {}  # site -> path of its quantizer below the root
     per_call: dict[str, dict[int, str]] = {}  # module called at several sites
     for site, node in placement.outputs.items():
         if schemes.get(site) is None:
             continue  # kept FP32: overridden so, or every layer around it is FP32
-        if node.kind == "function" or _called_with_weights_at_sites(node, flow.calls):
+        if node.kind == "function" or called_with_weights_at_sites(node, flow.calls):
             paths[site] = install_function_sites(model).add(site, new_quantizer(site))
         elif site in placement.slots:
             slot = placement.slots[site]
@@ -404,6 +187,19 @@ def insert_output_quantizers(
             paths[site] = f"{name}.sites.{index}.output_quantizer"
         set_submodule(model, name, shared)
         install_function_sites(model)  # resets the clones' call counters at every forward
+    return paths
+
+
+def _share_scales(
+    placement: Placement,
+    layers: dict[str, QuantizedLayer],
+    schemes: dict[str, Scheme | None],
+    winners: dict[str, str],
+    paths: dict[str, str],
+    overridden: set[str],
+) -> dict[str, str]:
+    """Point the layer inputs fed by a site at its quantizer (raising a layer's input
+    precision to the site's when the higher one won); the layers raised, with the winner."""
     raised: dict[str, str] = {}
     for layer_name, site in placement.share.items():
         if site in paths and layer_name in layers:
@@ -481,62 +277,11 @@ def _follow_layers(
 ) -> Scheme | None:
     """The highest activation precision among the layers ``names`` (None when all are FP32),
     ``default`` when there are none."""
-    schemes = [_input_scheme(layers.get(name)) for name in names]
+    schemes = [input_scheme(layers.get(name)) for name in names]
     if not schemes:
         return default
     quantized = [scheme for scheme in schemes if scheme is not None]
     return max(quantized, key=lambda scheme: scheme.bits) if quantized else None
-
-
-def _input_scheme(layer: QuantizedLayer | None) -> Scheme | None:
-    """The scheme of a layer's input quantizer; None for a layer kept FP32 or weight-only."""
-    if layer is None or layer.input_quantizer is None or layer.input_quantizer.dynamic:
-        return None
-    return layer.input_quantizer.scheme
-
-
-def layers_fed(flow: DataFlow) -> dict[Key, tuple[str, ...]]:
-    """For each tensor of the flow, the layers with weights (quantized or FP32) that read it
-    directly or through ops without weights (pooling, reshapes, adds, concats, activations)."""
-    consumers = flow.consumers()
-    fed: dict[Key, tuple[str, ...]] = {}
-    for node in reversed(flow.nodes):  # the calls in reverse: consumers are known first
-        for key in node.outputs:
-            names: dict[str, None] = {}
-            for user in consumers.get(key, ()):
-                if _is_layer(user):
-                    names[_layer_name(user)] = None
-                else:
-                    for out in user.outputs:
-                        names.update(dict.fromkeys(fed.get(out, ())))
-            fed[key] = tuple(names)
-    return fed
-
-
-def _is_layer(node: FlowNode) -> bool:
-    module = node.module
-    return isinstance(module, QuantizedLayer) or (
-        module is not None and layer_kind(module) is not None
-    )
-
-
-def _layer_name(node: FlowNode) -> str:
-    module = node.module
-    return module.layer_name if isinstance(module, QuantizedLayer) else node.name
-
-
-def mark_model_inputs(flow: DataFlow) -> None:
-    """Name the input quantizers of layers that read the model's input (``report.sites``)."""
-    made = flow.producer()
-    for node in flow.nodes:
-        layer = node.module
-        if not isinstance(layer, QuantizedLayer) or layer.input_quantizer is None:
-            continue
-        key = node.inputs[0] if node.inputs else None
-        while key in made and made[key].op.output == KEEPS_GRID and made[key].inputs:
-            key = made[key].inputs[0]  # through a clone / reshape of the input
-        if key is not None and key not in made:
-            layer.input_quantizer.site_kind = "model input"
 
 
 def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> None:
@@ -559,52 +304,6 @@ def split_layer_calls(model: nn.Module, flow: DataFlow, config: QuantConfig) -> 
         for node in flow.nodes:
             if node.module is layer:
                 node.module = calls
-
-
-def site_schemes(
-    placement: Placement,
-    layers: dict[str, QuantizedLayer],
-    config: QuantConfig,
-    fed: dict[Key, tuple[str, ...]] | None = None,
-) -> tuple[dict[str, Scheme | None], dict[str, str]]:
-    """The scheme of each placed output quantizer: the override naming its site when one does
-    (``QuantConfig.site_activation``); else the highest precision among the layer whose output
-    it quantizes, the layers whose input shares it and the layers it feeds (``fed``: through
-    ops without weights), None (FP32) when all of those are FP32, the config's when there are
-    none; and, per site, the layer or override whose precision won."""
-    sharing: dict[str, list[str]] = {}
-    for layer_name, site in placement.share.items():
-        sharing.setdefault(site, []).append(layer_name)
-    schemes: dict[str, Scheme | None] = {}
-    winners: dict[str, str] = {}
-    for site, node in placement.outputs.items():
-        pattern, scheme = config.site_activation(site)
-        if pattern is not None:
-            schemes[site] = scheme
-            winners[site] = f"overrides[{pattern!r}]"
-            continue
-        around = [placement.origins.get(site), *sharing.get(site, [])]
-        if fed is not None and node.outputs:
-            around += fed.get(node.outputs[0], ())
-        around = list(dict.fromkeys(n for n in around if n is not None))
-        names = [n for n in around if _input_scheme(layers.get(n)) is not None]
-        candidates = [layers[name].input_quantizer.scheme for name in names]
-        if around and not names:
-            schemes[site] = None  # every layer around the site is FP32
-            continue
-        if names:
-            best = max(range(len(names)), key=lambda i: candidates[i].bits)
-            winners[site] = names[best]
-        else:
-            candidates = [config.activation] if config.activation is not None else []
-        if not candidates:  # weight-only config, only overridden layers elsewhere
-            candidates = [
-                layer.input_quantizer.scheme
-                for layer in layers.values()
-                if layer.input_quantizer is not None
-            ]
-        schemes[site] = max(candidates, key=lambda scheme: scheme.bits)
-    return schemes, winners
 
 
 def round_bias(layer: QuantizedLayer) -> None:

@@ -38,6 +38,22 @@ class StandInAttributeError(WorkbenchError, AttributeError):
     ``AttributeError`` still, so ``hasattr`` and ``getattr(..., default)`` work)."""
 
 
+class LayerWeights:
+    """``weight`` and ``bias`` properties (models read ``layer.weight``, its dtype): those of
+    the wrapped ``self.layer``, or whatever ``weight_and_bias`` gives in a subclass."""
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.layer.weight, self.layer.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_and_bias()[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.weight_and_bias()[1]
+
+
 class StandsIn(nn.Module):
     """A module that stands in for another (``stands_in_for()``): any attribute it does not
     have itself reads through to that module (module docstring)."""
@@ -66,7 +82,7 @@ class StandsIn(nn.Module):
             ) from None
 
 
-class QuantizedLayer(StandsIn):
+class QuantizedLayer(LayerWeights, StandsIn):
     """Simulates a quantized Linear / Conv: fake-quantized input and weight, FP32 bias."""
 
     def __init__(
@@ -84,14 +100,6 @@ class QuantizedLayer(StandsIn):
         self.input_quantizer = input_quantizer
         # set by engine.graph_quantizers when nothing after the layer can hold it (see there)
         self.output_quantizer = output_quantizer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.layer.bias
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the quantized model sees it (dequantized codes)."""

@@ -41,7 +41,7 @@ from workbench.core.fake_quant import fake_quantize
 from workbench.core.qparams import qparams_from_range
 from workbench.core.scheme import Scheme
 from workbench.engine.batches import first_samples, run_model
-from workbench.engine.graph_quantizers import trace_data_flow
+from workbench.engine.data_flow import trace_data_flow
 from workbench.engine.modules import get_layer
 
 AUTO_ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))

@@ -157,6 +157,7 @@ def sensitivity(
     eval_fn: Callable[[nn.Module], float] | None = None,
     num_batches: int | None = None,
     progress: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """``wb.sensitivity``: one row per quantized layer, most sensitive first."""
     if calib_data is None:
@@ -171,6 +172,7 @@ def sensitivity(
         config=config,
         num_batches=num_batches,
         progress=progress,
+        on_layer=on_layer,
     )
 
 

@@ -20,7 +20,12 @@ from workbench.errors import WorkbenchError, first_line
 __all__ = ["error_line", "figure_svg", "significant", "status_html", "table_html", "text_html"]
 
 MAX_ERROR_CHARS = 300
-STATUS_COLORS = {"info": "#555555", "ok": "#2c7a2c", "error": "#c62828"}
+# theme variables (report_view.css sets them per JupyterLab theme), light fallbacks
+STATUS_COLORS = {
+    "info": "var(--jp-ui-font-color1, rgba(0, 0, 0, 0.87))",
+    "ok": "var(--wb-status-ok, #1b5e20)",
+    "error": "var(--wb-status-error, #b71c1c)",
+}
 
 
 def error_line(exc: BaseException) -> str:
@@ -39,7 +44,7 @@ def error_line(exc: BaseException) -> str:
 def status_html(text: str, kind: str = "info") -> str:
     """A one-line status message, escaped and coloured by ``kind`` (info, ok, error)."""
     color = STATUS_COLORS[kind]
-    return f"<span style='color:{color}'>{html.escape(text)}</span>"
+    return f"<span class='jp-WorkbenchStatus' style='color:{color}'>{html.escape(text)}</span>"
 
 
 def table_html(frame: pd.DataFrame, headers: dict[str, str] | None = None) -> str:

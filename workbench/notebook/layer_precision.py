@@ -1,9 +1,9 @@
 """The panel's per-layer precision chooser: select layers in the list, pick a precision, Set.
 
-A precision is a preset's weight and activation schemes (``QuantConfig.overrides``, as
+A precision is a preset's weight and activation schemes (QuantConfig's per-layer table, as
 ``%quantize --override LAYER=PRESET``), FP32 (the panel's keep-FP32 list), or
 the config's own. The list shows each layer's choice next to its name. Nothing here
-quantizes: ``overrides`` is what the panel's config is built from (``options.build_config``).
+quantizes: ``presets`` is what the panel's config is built from (``recipe.build_config``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ class LayerPrecision:
 
     Attributes
     ----------
-    overrides : dict
+    presets : dict
         Layer name -> preset name, for the layers set to a preset (in the order set).
     """
 
     def __init__(self, names: list[str], keep_fp32: widgets.SelectMultiple) -> None:
         self.names = list(names)
         self.keep_fp32 = keep_fp32
-        self.overrides: dict[str, str] = {}
+        self.presets: dict[str, str] = {}
         style = {"description_width": "initial"}
         self.layers = widgets.SelectMultiple(
             options=self._options(),
@@ -48,14 +48,17 @@ class LayerPrecision:
         )
         self.set_button.on_click(self._on_set)
         keep_fp32.observe(self._refresh, names="value")
-        self.box = widgets.HBox([self.layers, widgets.VBox([self.precision, self.set_button])])
+        beside = widgets.VBox([self.precision, self.set_button])
+        beside.layout.flex = "0 0 auto"  # the list gives way, not the dropdown
+        beside.layout.overflow = "visible"
+        self.box = widgets.HBox([self.layers, beside])
 
     def label(self, name: str) -> str:
         """The layer's name and its choice (``fc1: int8``, ``conv: FP32``), or the name."""
         if name in self.keep_fp32.value:
             return f"{name}: {FP32}"
-        if name in self.overrides:
-            return f"{name}: {self.overrides[name]}"
+        if name in self.presets:
+            return f"{name}: {self.presets[name]}"
         return name
 
     def set(self, names: Iterable[str], precision: str) -> None:
@@ -68,9 +71,9 @@ class LayerPrecision:
                 "the panel's layer list"
             )
         for name in names:
-            self.overrides.pop(name, None)
+            self.presets.pop(name, None)
             if precision not in (CONFIG, FP32):
-                self.overrides[name] = precision
+                self.presets[name] = precision
         kept = [n for n in self.keep_fp32.value if n not in names]
         if precision == FP32:
             kept += names
@@ -79,8 +82,8 @@ class LayerPrecision:
         self._refresh()
 
     def presets_in_use(self) -> dict[str, str]:
-        """``overrides`` without the layers kept FP32 (FP32 wins, as in the engine)."""
-        return {n: p for n, p in self.overrides.items() if n not in self.keep_fp32.value}
+        """``presets`` without the layers kept FP32 (FP32 wins, as in the engine)."""
+        return {n: p for n, p in self.presets.items() if n not in self.keep_fp32.value}
 
     def set_patterns(self, pairs: Iterable[tuple[str, str]]) -> None:
         """``%quantize --override`` pairs (pattern, preset), later ones winning."""

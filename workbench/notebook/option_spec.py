@@ -97,6 +97,12 @@ class Option:
     control: Control | None = None
     in_panel: bool = False  # shown by the panel without a Control of this table
 
+    def __post_init__(self) -> None:
+        if self.default is None and self.kind in ("patterns", "pairs"):
+            object.__setattr__(self, "default", ())  # none given: no layer named
+        elif self.default is None and self.kind == "bool" and self.target in (RUN, SEARCH):
+            object.__setattr__(self, "default", False)  # a front-end switch: off
+
     @property
     def flag(self) -> str:
         """The ``%quantize`` spelling: ``--num-batches`` for ``num_batches``."""

@@ -123,7 +123,6 @@ OPTIONS: tuple[Option, ...] = (
         "fastest exported model within --max-drop (default 0.01) of FP32 (wb.autotune)",
         "run",
         target=SEARCH,
-        default=False,
         method="ptq",
         misuse="searches PTQ runs; drop --method qat",
     ),
@@ -146,20 +145,8 @@ OPTIONS: tuple[Option, ...] = (
         metavar="NAME",
         short="-o",
     ),
-    Option(
-        "force",
-        "bool",
-        "let -o replace a variable that is not an earlier result",
-        "run",
-        default=False,
-    ),
-    Option(
-        "panel",
-        "bool",
-        "open the panel with these settings",
-        "run",
-        default=False,
-    ),
+    Option("force", "bool", "let -o replace a variable that is not an earlier result", "run"),
+    Option("panel", "bool", "open the panel with these settings", "run"),
     Option(
         "preset",
         "choice",
@@ -220,7 +207,6 @@ OPTIONS: tuple[Option, ...] = (
         "scheme",
         target=CONFIG,
         metavar="PATTERN",
-        default=(),
         in_panel=True,
     ),
     Option(
@@ -232,7 +218,6 @@ OPTIONS: tuple[Option, ...] = (
         target=CONFIG,
         field="overrides",
         metavar="PATTERN=PRESET",
-        default=(),
         in_panel=True,
     ),
     Option(
@@ -372,13 +357,7 @@ OPTIONS: tuple[Option, ...] = (
         "out",
         metavar="INPUT",
     ),
-    Option(
-        "bench",
-        "bool",
-        "benchmark FP32 against INT8 on ONNX Runtime CPU",
-        "out",
-        default=False,
-    ),
+    Option("bench", "bool", "benchmark FP32 against INT8 on ONNX Runtime CPU", "out"),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

@@ -33,6 +33,7 @@ from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
 from workbench.notebook.report_tabs import TITLES as REPORT_TITLES
 from workbench.notebook.runs_view import RunsView
 from workbench.notebook.sensitivity_tab import SensitivityTab
+from workbench.notebook.widget_layout import PRECISION_PX, fit_layer_lists, show_none_option
 
 TAB_TITLES = (*REPORT_TITLES, "Sensitivity", "Export & Benchmark")
 PLOTS_TAB = PLOTS_PAGE
@@ -108,6 +109,22 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_method()
         self._on_mixed_precision()
         self.auto = AutotuneTab.attach(self)  # the Auto tab (wb.autotune), its own module
+        self.add_class("jp-WorkbenchPanel")  # report_view.css styles its tab titles
+        fit_layer_lists((self.keep_fp32, 0), (self.layer_precision.layers, PRECISION_PX))
+        for child in self._control_widgets():
+            if isinstance(child, widgets.Dropdown):
+                show_none_option(child)
+
+    def _control_widgets(self) -> list[widgets.Widget]:
+        """Every control of the panel (the boxes above the Run button, unpacked)."""
+        found, todo = [], list(self.children)
+        while todo:
+            child = todo.pop(0)
+            if isinstance(child, widgets.Box):
+                todo.extend(child.children)
+            else:
+                found.append(child)
+        return found
 
     def __repr__(self) -> str:
         latest = f"run {self._run_number}" if self._run_number else "no run yet"
@@ -151,9 +168,12 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
     def _build_outputs(self) -> None:
         self.report_tabs = ReportTabs()
         self.summary_view, self.layers_view, self.storage_view = self.report_tabs.views.values()
-        self.sqnr_plot = self.report_tabs.sqnr_plot
-        self.storage_plot = self.report_tabs.storage_plot
-        metric = "eval_fn" if self.eval_fn is not None else "the model output SQNR against FP32"
+        self.plots_view = self.report_tabs.plots
+        metric = (
+            "eval_fn"
+            if self.eval_fn is not None
+            else "the model output's SQNR and cosine against FP32 (no eval_fn given)"
+        )
         self.sensitivity = SensitivityTab(metric, self._rank_layers)
         self.sensitivity_button = self.sensitivity.button
         self.sensitivity_status = self.sensitivity.status
@@ -260,7 +280,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
             self._fail(exc, self.status)
 
     # sensitivity -------------------------------------------------------------------------
-    def _rank_layers(self, config) -> pd.DataFrame:
+    def _rank_layers(self, config, on_layer=None) -> pd.DataFrame:
         return actions.sensitivity(
             self.model,
             self.calib_data if self.calib_data is not None else self.train_data,
@@ -268,6 +288,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
             eval_fn=self.eval_fn,
             num_batches=self.num_batches.value,
             progress=False,
+            on_layer=on_layer,
         )
 
     def _sensitivity_open(self) -> bool:

@@ -1,16 +1,20 @@
 """The panel's result tabs: Summary, Layers and Storage show the report's own view (the
 JupyterLab renderer where the extension is installed, the same styled HTML elsewhere);
-Plots draws the report's figures as SVG (crisp, transparent, the report's bands), only when
-the tab is open."""
+Plots shows the report view's charts (the output SQNR per layer on its bands and the storage
+bars on one shared scale: HTML / SVG in the theme's colours), drawn only when the tab is
+open."""
 
 from __future__ import annotations
 
 import ipywidgets as widgets
 
-from workbench.notebook.display import figure_svg
-
 TITLES = ("Summary", "Layers", "Storage", "Plots")
-SECTIONS = {"Summary": ("summary",), "Layers": ("chart", "layers"), "Storage": ("storage",)}
+SECTIONS = {
+    "Summary": ("summary",),
+    "Layers": ("chart", "layers"),
+    "Storage": ("storage",),
+    "Plots": ("chart", "storage"),
+}
 PLOTS_PAGE = TITLES.index("Plots")
 
 
@@ -25,17 +29,15 @@ class ReportTabs:
 
     def __init__(self) -> None:
         self.views = {title: widgets.Output() for title in SECTIONS}
-        # hidden until drawn: an empty Image shows a broken-image icon
-        self.sqnr_plot = widgets.Image(format="svg+xml", layout=widgets.Layout(display="none"))
-        self.storage_plot = widgets.Image(format="svg+xml", layout=widgets.Layout(display="none"))
-        self.pages = [*self.views.values(), widgets.VBox([self.sqnr_plot, self.storage_plot])]
+        self.plots = self.views.pop("Plots")
+        self.pages = [*self.views.values(), self.plots]
         self._report = None
         self._plots_stale = False
 
     def show(self, report, plots_open: bool) -> None:
         self._report = report
-        for title, sections in SECTIONS.items():
-            show_view(self.views[title], report.view(*sections))
+        for title, output in self.views.items():
+            show_view(output, report.view(*SECTIONS[title]))
         self._plots_stale = True
         if plots_open:
             self.draw_plots()
@@ -43,7 +45,5 @@ class ReportTabs:
     def draw_plots(self) -> None:
         if self._report is None or not self._plots_stale:
             return
-        self.sqnr_plot.value = figure_svg(self._report.plot_sqnr())
-        self.storage_plot.value = figure_svg(self._report.plot_storage())
-        self.sqnr_plot.layout.display = self.storage_plot.layout.display = None
+        show_view(self.plots, self._report.view(*SECTIONS["Plots"]))
         self._plots_stale = False

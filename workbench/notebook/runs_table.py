@@ -195,14 +195,15 @@ class RunsTable:
                 (x, y),
                 textcoords="offset points",
                 xytext=(4, 4),
-                fontsize=8,
                 color="#888888",
+                annotation_clip=False,  # "#1" at the edge stays whole
             )
         if has_metric and frame["metric_fp32"].notna().any():
             ax.axhline(float(frame["metric_fp32"].iloc[-1]), color="#999999", ls="--", lw=1)
         ax.set_xlabel("size (KiB)")
         ax.set_ylabel(label)
-        ax.set_title("Runs: metric against size (FP32 metric dashed)", fontsize=9)
+        dashed = has_metric and frame["metric_fp32"].notna().any()
+        ax.set_title("Runs: metric against size" + (" (FP32 metric dashed)" if dashed else ""))
         ax.legend(fontsize=7)
         from workbench.analysis.plots import themed
 

@@ -77,3 +77,17 @@ def detect_cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CpuFeatures:
         vnni="avx512_vnni" in flags or "avx_vnni" in flags,
         amx="amx_int8" in flags,
     )
+
+
+def machine_line() -> str:
+    """One line naming the machine a timing was measured on: the CPU, its cores and load, and
+    whether it has the instructions ONNX Runtime's integer kernels depend on (VNNI, AMX);
+    without VNNI its 8-bit U8S8 kernels saturate int16 sums, so speed and parity differ."""
+    import os
+
+    cpu = detect_cpu_features()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"CPU: {cpu.model_name}; {os.cpu_count()} cores; load average {load:.1f}; "
+        f"AVX2 {cpu.avx2}, AVX-512 {cpu.avx512}, VNNI {cpu.vnni}, AMX {cpu.amx}"
+    )

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.core.dynamic_quant import fake_quantize_dynamic
-from workbench.engine.layers import QuantizedLayer, StandsIn
+from workbench.engine.layers import LayerWeights, QuantizedLayer, StandsIn
 from workbench.engine.quantizers import QUANTIZE
 from workbench.runtime.per_call_specs import PerCallSpec
+from workbench.runtime.qdq_ops import MARKER_DOMAIN
 
-MARKER_DOMAIN = "workbench"  # as runtime.qdq_ops.MARKER_DOMAIN
 MARKER = "DynamicWeight"
 ONNX_FLOAT = 1  # TensorProto.FLOAT
 
@@ -63,10 +63,13 @@ class _DynamicLinear(torch.autograd.Function):
         return y
 
 
-class ExportDynamicLinear(PerCallSpec, StandsIn):
+class ExportDynamicLinear(LayerWeights, PerCallSpec, StandsIn):
     """A Linear with a dynamic input quantizer (switched on), exported as the dynamic pattern
     above. ``spec`` is the layer's ``qdq_ops.LayerSpec``: codes stored as ``W^T``, FP32
     bias."""
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.spec.weight_dq, self.spec.bias  # the dequantized weight
 
     quantization_leaf = True
 
@@ -78,14 +81,6 @@ class ExportDynamicLinear(PerCallSpec, StandsIn):
 
     def stands_in_for(self) -> nn.Module | None:
         return self.__dict__.get("_stands_in_for")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.spec.weight_dq
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.spec.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DynamicLinear.apply(x, self.call_spec())

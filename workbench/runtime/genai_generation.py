@@ -238,7 +238,7 @@ def generation_benchmark(
     """Prefill time and decode tokens/s of two or more ONNX Runtime GenAI folders, in one
     run, on the same prompts; the runs alternate between folders so load on the machine
     falls on all of them alike. ``folders``: ``{label: path}`` or paths (labelled by name)."""
-    from workbench.runtime.cpu_features import detect_cpu_features
+    from workbench.runtime.cpu_features import machine_line
 
     _check_new_tokens(new_tokens)
     if isinstance(folders, str | os.PathLike):
@@ -281,18 +281,4 @@ def generation_benchmark(
     table = pd.DataFrame(rows)
     base = table["decode_tokens_per_s"].iloc[0]
     table["decode_vs_first"] = table["decode_tokens_per_s"] / base
-    cpu = detect_cpu_features()
-    line = f"CPU: {_cpu_model()}; {os.cpu_count()} cores; {cpu.summary()}"
-    return GenerationBenchmark(table, line)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+    return GenerationBenchmark(table, machine_line())

@@ -188,9 +188,13 @@ def check_gptq_exportable(result: Any) -> tuple[int, int | None, bool]:
             f"the layers use several weight schemes ({found}); a GPTQ checkpoint has one "
             "(bits, group_size, sym): quantize every Linear with the same scheme"
         )
-    quantized = {name for name, _ in iter_quantized_layers(model)}
+    wrapped = dict(iter_quantized_layers(model))
+    quantized = {name for name, layer in wrapped.items() if layer.weight_quantizer.enabled}
     for name, module in model.named_modules():
+        if name in wrapped and name not in quantized:  # a wrapped layer kept FP32
+            module = wrapped[name].layer
         fp32_linear = isinstance(module, nn.Linear) and not _inside_quantized(name, quantized)
+        fp32_linear = fp32_linear and not _inside_quantized(name, set(wrapped) - {name})
         if fp32_linear and name != lm_head:
             raise ExportError(
                 f"Linear {name!r} is kept FP32; a GPTQ checkpoint quantizes every Linear of "

@@ -31,9 +31,16 @@ import torch
 from torch import nn
 
 from workbench.engine.call_sites import CountsCalls, FunctionSites
-from workbench.engine.graph_quantizers import CONV_TYPES, OutputQuantized
+from workbench.engine.data_flow import CONV_TYPES
+from workbench.engine.graph_quantizers import OutputQuantized
 from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, StandsIn, smoothed_input
+from workbench.engine.layers import (
+    LayerWeights,
+    QuantizedEmbedding,
+    QuantizedLayer,
+    StandsIn,
+    smoothed_input,
+)
 from workbench.engine.modules import set_submodule
 from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
@@ -174,10 +181,13 @@ def layer_spec(
     )
 
 
-class ExportLayer(CountsCalls, PerCallSpec, StandsIn):
+class ExportLayer(LayerWeights, CountsCalls, PerCallSpec, StandsIn):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv. A layer called at
     several sites (``engine.layer_calls``) has one input quantizer and one spec (its INT32
     bias on that input's grid) per call."""
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.spec.weight_dq, self.spec.bias  # the dequantized weight
 
     quantization_leaf = True  # one call site, as the QuantizedLayer it stands in for
 
@@ -200,15 +210,6 @@ class ExportLayer(CountsCalls, PerCallSpec, StandsIn):
     def _input_quantizers(self) -> list[nn.Module | None]:
         return [self.input_quantizer, *self.call_input_quantizers]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (models read ``layer.weight.dtype`` in their forward)."""
-        return self.spec.weight_dq
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.spec.bias
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantizer = self._input_quantizers()[self.next_call()]
         x = smoothed_input(self.smoothing, x)
@@ -230,7 +231,7 @@ class ExportLayer(CountsCalls, PerCallSpec, StandsIn):
         return out
 
 
-class ExportFloatLayer(StandsIn):
+class ExportFloatLayer(LayerWeights, StandsIn):
     """A quantized layer whose weight quantization is switched off: its FP32 module, between
     the quantizers it still has."""
 
@@ -242,14 +243,6 @@ class ExportFloatLayer(StandsIn):
         self.layer = layer.layer
         self.input_quantizer = layer.input_quantizer
         self.output_quantizer = layer.output_quantizer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

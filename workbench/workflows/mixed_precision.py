@@ -143,9 +143,9 @@ def keep_most_sensitive_fp32(
 
 def check_training_search(
     eval_fn: Any, max_drop: float | None, keep_most_sensitive: Any, caller: str
-) -> None:
+) -> bool:
     """The search options of ``wb.qat`` (``max_drop`` and ``keep_most_sensitive``), checked
-    before any data is read."""
+    before any data is read; whether they ask for a search."""
     if max_drop is not None:
         check_search(eval_fn, max_drop, f"{caller} with max_drop")
     if isinstance(keep_most_sensitive, bool) or not isinstance(keep_most_sensitive, Integral):
@@ -158,6 +158,7 @@ def check_training_search(
             f"keep_most_sensitive must be >= 0 (the number of layers kept FP32), got "
             f"{keep_most_sensitive}"
         )
+    return max_drop is not None or keep_most_sensitive > 0
 
 
 def search_for_training(

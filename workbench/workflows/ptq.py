@@ -20,7 +20,6 @@ from workbench.engine.calibrate import (
     finish_calibration,
     prepare_model,
     resolve_config,
-    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.distributed import (
@@ -32,6 +31,7 @@ from workbench.engine.distributed import (
 )
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.model_copy import user_model_copy
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.refine import refine_quantized_model
 from workbench.errors import CalibrationError, ConfigError

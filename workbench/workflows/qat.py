@@ -31,7 +31,6 @@ from workbench.engine.calibrate import (
     finish_calibration,
     prepare_model,
     resolve_config,
-    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.distributed import (
@@ -45,6 +44,7 @@ from workbench.engine.distributed import (
 )
 from workbench.engine.eval_metric import check_eval_fn
 from workbench.engine.live_bn import unfold_batchnorms
+from workbench.engine.model_copy import user_model_copy
 from workbench.engine.prepare import LayerPlan
 from workbench.engine.qat_options import (
     TrainingOptions,
@@ -92,59 +92,27 @@ def qat(
 
     Parameters
     ----------
-    model : nn.Module
-        Any model with Linear / Conv layers (BatchNorm after a conv is folded into it).
-    train_data : DataLoader or iterable of batches
-        ``(inputs, targets)`` tuples: ``loss_fn(model(inputs), targets)``; or dicts of
-        keyword inputs: ``loss_fn(model(**batch), batch)`` (e.g. return ``output.loss`` of a
-        ``transformers`` model given ``labels``). Iterated once per epoch (a one-shot
-        generator allows ``epochs=1`` only).
-    config : QuantConfig or preset name
-        Default: ``QuantConfig.preset("int8")``.
-    loss_fn : callable
-        ``loss_fn(output, target) -> scalar tensor``, e.g. ``nn.CrossEntropyLoss()``.
-    epochs : int
-        Passes over ``train_data`` (>= 1).
-    lr : float
-        Learning rate (> 0) of the optimizer.
-    optimizer : optimizer class or factory, optional
-        Called as ``optimizer(param_groups, lr=lr)``; default ``torch.optim.Adam``. Pass e.g.
-        ``functools.partial(torch.optim.SGD, momentum=0.9)``, not an instance (the trained
-        model is a copy, with parameters of its own).
-    eval_fn : callable, optional
-        ``eval_fn(model) -> float`` (e.g. accuracy): run after every epoch on the training
-        model (on ``device``) and, for the report, on the FP32 and the final model (on CPU).
-    calib_data : optional
-        Calibration batches for the starting PTQ; default: the first 8 batches of
-        ``train_data``.
-    device : str or torch.device, optional
-        Where training runs: CPU by default, ``"cuda"`` when available. The returned model
-        is on the CPU, like the report's measurements.
-    learn_scales : bool
-        Learn every scale with LSQ (per channel for weights, per tensor for activations)
-        instead of following the weight's range / keeping the calibrated activation scale.
-    freeze_bn_after : int
-        Training steps during which BatchNorm statistics keep updating (the weight quantized
-        folded with the running statistics, as PyTorch's QAT ConvBn modules do); then BN is
-        folded for good. 0 (default) folds BN before training, as PTQ does.
-    progress : bool
-        Show progress bars (calibration, then training with the running loss).
-    max_drop : float, optional
-        Train with mixed precision: first the PTQ search of ``wb.auto_mixed_precision`` on
-        the calibration batches (needs ``eval_fn``) keeps the fewest, most sensitive layers in
-        higher precision (FP32, or 8-bit below 8 bits) so that PTQ drops by at most
-        ``max_drop``; then QAT trains with those precisions (the result's ``config`` carries
-        them). The report gains the search's tables; ``summary["budget_met"]`` says whether
+    model : nn.Module with Linear / Conv layers (BatchNorm after a conv is folded into it).
+    train_data : ``(inputs, targets)`` batches (``loss_fn(model(inputs), targets)``) or dicts
+        of keyword inputs (``loss_fn(model(**batch), batch)``); iterated once per epoch.
+    config : QuantConfig or preset name (default ``"int8"``).
+    loss_fn : ``loss_fn(output, target) -> scalar tensor``, e.g. ``nn.CrossEntropyLoss()``.
+    epochs, lr, optimizer, device, learn_scales, freeze_bn_after : how it trains
+        (:class:`~workbench.engine.qat_options.TrainingOptions`): passes over ``train_data``;
+        learning rate; an optimizer class or factory called as ``optimizer(param_groups,
+        lr=lr)`` (default Adam; not an instance: the trained model is a copy); ``"cuda"`` or
+        the CPU (the result is on the CPU); learn every scale with LSQ; training steps during
+        which BatchNorm statistics keep updating before BN is folded for good (0: from the
+        start, as PTQ does).
+    eval_fn : ``eval_fn(model) -> float``, run after every epoch and for the report.
+    calib_data : batches for the starting PTQ (default: the first 8 of ``train_data``).
+    max_drop, keep_most_sensitive, sensitivity : train with mixed precision: first the PTQ
+        search of ``wb.auto_mixed_precision`` (needs ``eval_fn``) / of
+        ``wb.keep_most_sensitive_fp32`` (ranked by the ``wb.sensitivity`` table when given),
+        then training with the precisions it chose; ``summary["budget_met"]`` says whether
         the trained model is within ``max_drop``.
-    keep_most_sensitive : int
-        Keep this many of the most sensitive layers FP32 (``wb.keep_most_sensitive_fp32`` on
-        the calibration batches, ranked by ``sensitivity`` when given; with ``max_drop``, the
-        rest searched), then train.
-    sensitivity : DataFrame, optional
-        The ``wb.sensitivity`` table of this model and config for ``keep_most_sensitive``.
-    report_data : optional
-        Held-out batches on which the report measures the per-layer errors (its first 8);
-        default: the first calibration batches.
+    report_data : held-out batches the report measures the per-layer errors on (its first 8).
+    progress : show progress bars.
 
     Returns
     -------
@@ -158,44 +126,38 @@ def qat(
     check_loss_fn(loss_fn)
     options = TrainingOptions(epochs, lr, optimizer, device, learn_scales, freeze_bn_after)
     check_eval_fn(eval_fn, "wb.qat")
-    check_training_search(eval_fn, max_drop, keep_most_sensitive, "wb.qat")
-    searching = max_drop is not None or keep_most_sensitive > 0
+    searching = check_training_search(eval_fn, max_drop, keep_most_sensitive, "wb.qat")
     held_out = report_batches(report_data)
     device = resolve_device(device)
     with distributed_job(device) as job:  # one data shard per process, DDP
-        if job is not None and searching:
-            raise ConfigError(
-                "wb.qat searches mixed precision (max_drop, keep_most_sensitive) in one "
-                "process only; run wb.auto_mixed_precision once and pass its result's config "
-                "to wb.qat"
-            )
+        check_one_process(job, searching)
         data = read_training_batches(model, train_data, calib_data, epochs, progress, job)
-        # the eval-mode copy on the CPU: the FP32 reference, never the user's model itself
-        source = user_model_copy(unwrap_ddp(model), "wb.qat").to("cpu")
+        source = user_model_copy(unwrap_ddp(model), "wb.qat").to("cpu")  # the FP32 reference
         search = None
         if searching:  # the PTQ search first: its per-layer precisions are what trains
             search = search_for_training(
-                source,
-                data.calib,
-                config,
-                eval_fn,
-                max_drop,
-                keep_most_sensitive,
-                sensitivity,
-                data.progress,
-            )
+                source, data.calib, config, eval_fn, max_drop, keep_most_sensitive,
+                sensitivity, data.progress,
+            )  # fmt: skip
             config = search.config
         fp32_model, prepared, plans = calibrate_for_training(source, data, config, options, job)
         prepared, log = train(prepared, data, loss_fn, options, device, eval_fn, job)
-        if search is not None:
-            note_kept_layers(plans, search)
-        report = qat_report(source, fp32_model, prepared, plans, config, data, eval_fn, held_out)
-        if search is not None:
-            carry_search(report, search, max_drop)
+        built = (source, fp32_model, prepared, plans, config, data, eval_fn, held_out)
+        report = qat_report(*built, search=search, max_drop=max_drop)
         report = QATReport(report, history_frame(log), training_summary(log, options))
         extras = {"interrupted": log.interrupted, "bn_frozen_at_step": log.bn_frozen_at_step}
         return finished_result(
             prepared, fp32_model, report, config, plans, "qat", data.calib[0], job, extras=extras
+        )
+
+
+def check_one_process(job: Job | None, searching: bool) -> None:
+    """The mixed-precision search runs in one process, not in a distributed job."""
+    if job is not None and searching:
+        raise ConfigError(
+            "wb.qat searches mixed precision (max_drop, keep_most_sensitive) in one "
+            "process only; run wb.auto_mixed_precision once and pass its result's config "
+            "to wb.qat"
         )
 
 
@@ -296,13 +258,21 @@ def qat_report(
     data: TrainingBatches,
     eval_fn: Callable[[nn.Module], float] | None,
     held_out: list[Any] | None,
+    search: QuantResult | None = None,
+    max_drop: float | None = None,
 ) -> Report:
     """PTQ's report of the trained model, its errors on the first calibration batches (or
-    ``held_out``)."""
+    ``held_out``); with the mixed-precision ``search``, why it kept each layer and its
+    tables."""
+    if search is not None:
+        note_kept_layers(plans, search)
     first = list(islice(data.calib, REPORT_BATCHES))
-    return build_report(
+    report = build_report(
         source, fp32_model, prepared, plans, config, first, eval_fn, held_out=held_out
     )
+    if search is not None:
+        carry_search(report, search, max_drop)
+    return report
 
 
 def note_kept_layers(plans: list[LayerPlan], search: QuantResult) -> None:
@@ -330,7 +300,7 @@ def carry_search(report: Report, search: QuantResult, max_drop: float | None) ->
             f"dropped {search.report.summary['metric_drop']:.4g}); train longer or raise "
             "max_drop",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # wb.qat's caller (qat -> qat_report -> here)
         )
 
 

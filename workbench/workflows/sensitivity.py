@@ -3,7 +3,8 @@
 For every quantized layer, the metric is measured twice: with only that layer quantized
 (what it costs by itself) and with every layer but that one quantized (what keeping it in
 higher precision would win back). With ``eval_fn`` the metric is the user's (higher is better);
-without it, the SQNR (dB) of the model's output against FP32 on the calibration batches.
+without it, the SQNR (dB) of the model's output against FP32 on the calibration batches (and
+its cosine): what can be measured without a metric, lowest (most sensitive) first.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from workbench.engine.calibrate import (
     finish_calibration,
     prepare_model,
     resolve_config,
-    user_model_copy,
 )
 from workbench.engine.config import QuantConfig
 from workbench.engine.eval_metric import check_eval_fn, measure_metric
 from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.model_copy import user_model_copy
 from workbench.engine.switches import quantize_only
 
 METRIC_BATCHES = 8
@@ -110,12 +111,19 @@ class CalibratedModel:
         return measure_metric(self.eval_fn, self.model, which), acc.cosine
 
 
-def sensitivity_table(calibrated: CalibratedModel, progress: bool = True) -> pd.DataFrame:
-    """The sensitivity DataFrame of a calibrated model, most sensitive layer first."""
+def sensitivity_table(
+    calibrated: CalibratedModel,
+    progress: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> pd.DataFrame:
+    """The sensitivity DataFrame of a calibrated model, most sensitive layer first.
+    ``on_layer(done, total)`` is called after each layer (a progress bar's hook)."""
     baseline = calibrated.metric_fp32()
     names = calibrated.layer_names
     rows = []
-    for name in tqdm(names, desc="sensitivity", disable=not progress):
+    if on_layer is not None:
+        on_layer(0, len(names))
+    for done, name in enumerate(tqdm(names, desc="sensitivity", disable=not progress), 1):
         only, cosine_only = calibrated.measure([name], between_layers=False)
         all_but, _ = calibrated.measure([n for n in names if n != name])
         rows.append(
@@ -128,6 +136,8 @@ def sensitivity_table(calibrated: CalibratedModel, progress: bool = True) -> pd.
                 "output_cosine_only_this": cosine_only,
             }
         )
+        if on_layer is not None:
+            on_layer(done, len(names))
     quantize_only(calibrated.model, names)
     table = pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)
     # Most sensitive first: the layer that costs the most by itself, then the one whose
@@ -148,15 +158,18 @@ def sensitivity(
     config: QuantConfig | str | None = None,
     num_batches: int | None = None,
     progress: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Per-layer sensitivity of ``model`` to quantization (one row per quantized layer).
 
     Columns: ``metric_only_this_quantized`` (only that layer quantized),
     ``metric_all_but_this_quantized`` (every layer but that one), ``drop_only_this``
     (FP32 metric minus the first; with ``eval_fn``), ``output_cosine_only_this``.
-    Sorted most sensitive first. Calibrates once and calls ``eval_fn`` 2 x layers + 1 times.
+    Without ``eval_fn`` the metric is the model output's SQNR (dB) against FP32.
+    Sorted most sensitive first. Calibrates once and calls ``eval_fn`` 2 x layers + 1 times;
+    ``on_layer(done, total)``, when given, is called as the layers are measured.
     ``table.attrs`` holds the metric's name, its FP32 value and the number of eval calls.
     Plot it with :func:`workbench.analysis.sensitivity_plots.sensitivity_chart`.
     """
     calibrated = CalibratedModel(model, calib_data, config, eval_fn, num_batches, progress)
-    return sensitivity_table(calibrated, progress)
+    return sensitivity_table(calibrated, progress, on_layer)

@@ -79,19 +79,8 @@ def sensitivity_chart_svg(table: pd.DataFrame) -> str:
     left = NAME_PX
     width = NAME_PX + BARS_PX + VALUE_PX
     parts: list[str] = []
-    if sqnr:
-        values = _sqnr_values(table)
-        finite = [v for v in values if math.isfinite(v)]
-        high = float(10 * math.ceil(max([TOP_DB, *finite]) / 10))
-        low = min(0.0, *finite) if finite else 0.0
-        low = float(10 * math.floor(low / 10))
-    else:
-        only, all_but = _drops(table)
-        finite = [v for v in only + all_but if math.isfinite(v)]
-        high = max([0.0, *finite]) or 1.0
-        low = min([0.0, *finite])
-        pad = 0.05 * (high - low)
-        high, low = high + pad, (low - pad if low < 0 else 0.0)
+    values, (only, all_but) = (_sqnr_values(table), ([], [])) if sqnr else ([], _drops(table))
+    low, high = _value_range(values if sqnr else only + all_but, sqnr)
 
     def x(value: float) -> float:
         clipped = min(max(value, low), high)
@@ -152,6 +141,25 @@ def sensitivity_chart_svg(table: pd.DataFrame) -> str:
         parts.append(_text(x(tick), plot_bottom + 16, label, "middle"))
     unit = "dB, output SQNR with only this layer quantized" if sqnr else "drop from FP32"
     parts.append(_text(left + BARS_PX + 6, plot_bottom + 16, "dB" if sqnr else "drop", title=unit))
+    return _chart_html(table, parts, width, height)
+
+
+def _value_range(values: list[float], sqnr: bool) -> tuple[float, float]:
+    """The bars' axis: whole tens of dB from 0 (or below) to at least ``TOP_DB`` for output
+    SQNR; for metric drops, from 0 (or the largest gain) to the largest drop, padded 5%."""
+    finite = [v for v in values if math.isfinite(v)]
+    if sqnr:
+        high = float(10 * math.ceil(max([TOP_DB, *finite]) / 10))
+        low = min(0.0, *finite) if finite else 0.0
+        return float(10 * math.floor(low / 10)), high
+    high = max([0.0, *finite]) or 1.0
+    low = min([0.0, *finite])
+    pad = 0.05 * (high - low)
+    return (low - pad if low < 0 else 0.0), high + pad
+
+
+def _chart_html(table: pd.DataFrame, parts: list[str], width: float, height: float) -> str:
+    """The SVG of ``parts`` with the chart's caption."""
     svg = (
         f'<svg xmlns="http://www.w3.org/2000/svg" role="img" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" aria-label="Layer sensitivity">'

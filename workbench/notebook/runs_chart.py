@@ -24,6 +24,18 @@ def _span(values: list[float]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
+def _axis_names(plot_w: float, plot_h: float, has_metric: bool) -> list[str]:
+    """The x axis's name under it, the y axis's turned beside it."""
+    y_label = "metric (eval_fn)" if has_metric else "model output SQNR (dB)"
+    middle = TOP + plot_h / 2
+    return [
+        f'<text x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 8}" text-anchor="middle">'
+        "size (KiB)</text>",
+        f'<text x="14" y="{middle:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {middle:.0f})">{esc(y_label)}</text>',
+    ]
+
+
 def runs_chart_svg(frame: pd.DataFrame, column: str) -> str:
     """``frame``: ``RunsTable.frame``; ``column``: ``"metric"`` or ``"model_sqnr_db"``."""
     has_metric = column == "metric"
@@ -66,15 +78,7 @@ def runs_chart_svg(frame: pd.DataFrame, column: str) -> str:
             f'<text x="{LEFT - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">'
             f"{esc(significant(tick))}</text>"
         )
-    parts.append(
-        f'<text x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 8}" text-anchor="middle">size (KiB)</text>'
-    )
-    y_label = "metric (eval_fn)" if has_metric else "model output SQNR (dB)"
-    middle = TOP + plot_h / 2
-    parts.append(
-        f'<text x="14" y="{middle:.0f}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {middle:.0f})">{esc(y_label)}</text>'
-    )
+    parts += _axis_names(plot_w, plot_h, has_metric)
     if fp32 is not None:
         parts.append(
             f'<line class="jp-WorkbenchReport-fp32Line" x1="{LEFT}" x2="{LEFT + plot_w}" '

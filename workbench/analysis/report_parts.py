@@ -152,8 +152,9 @@ OPTIONAL_LAYER_COLUMNS = (
 )  # fmt: skip
 
 
-# hidden in the standalone page until chosen (the JupyterLab renderer does the same)
-CHOSEN_COLUMNS = {"scheme", "num_scales", "scale_range", "zero_point", "smoothing"}
+# hidden in the standalone page until chosen (the JupyterLab renderer does the same); the
+# smoothing column shows whenever SmoothQuant ran
+CHOSEN_COLUMNS = {"scheme", "num_scales", "scale_range", "zero_point"}
 
 
 def layer_columns(layers: list[dict[str, Any]]) -> tuple:

@@ -258,3 +258,23 @@ def test_bad_options_name_the_fix(model, options, match):
         warnings.simplefilter("error")
         with pytest.raises(wb.ConfigError, match=match):
             wb.autotune(model, CALIB, accuracy_fn, **options)
+
+
+def test_interrupt_in_the_final_timing_keeps_the_search(model, monkeypatch):
+    from workbench.runtime import latency_meter
+
+    def equal_timing(self, path):  # every file as fast: all are finalists
+        return latency_meter.Timing(1.0, 2.0)
+
+    def interrupted(self, paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency_meter.SideBySideLatency, "__call__", equal_timing)
+    monkeypatch.setattr(latency_meter.SideBySideLatency, "side_by_side", interrupted)
+    with pytest.warns(UserWarning, match="final side-by-side timing is left out"):
+        result = wb.autotune(model, CALIB, accuracy_fn, max_drop=100.0, budget=4)
+    assert result.interrupted and result.final_timing is None
+    assert list(result.table["status"]).count("best") == 1
+    within = result.table[result.table["meets_max_drop"].eq(True)]
+    smallest_drop = within.sort_values("drop", kind="stable").iloc[0]["candidate"]
+    assert result.best_row["candidate"] == smallest_drop  # equal latencies: the smaller drop

@@ -52,12 +52,11 @@ from workbench.workflows.autotune_space import (
     per_layer_candidates,
     preset_candidates,
 )
-from workbench.workflows.autotune_steps import LATENCY_NOISE, SearchSteps
+from workbench.workflows.autotune_steps import INTERRUPTED_WARNING, LATENCY_NOISE, SearchSteps
 from workbench.workflows.ptq import ptq
 from workbench.workflows.sensitivity import sensitivity
 
 OBJECTIVES = ("latency", "size")
-INTERRUPTED_WARNING = "wb.autotune interrupted"
 
 
 def autotune(

@@ -21,6 +21,7 @@ or no preset meets it; on the BERT, int8 misses and the best run meets max_drop.
 
     python tests/benchmarks/bench_autotune.py                 # the three cases, one process each
     python tests/benchmarks/bench_autotune.py --case bert
+    python tests/benchmarks/bench_autotune.py --case bert --max-drop 0.05   # a preset meets it
 """
 
 from __future__ import annotations
@@ -154,9 +155,11 @@ def resnet_case() -> dict:
     }
 
 
-def run_case(name: str) -> int:
+def run_case(name: str, max_drop: float | None = None) -> int:
     torch.set_num_threads(1)
     case = {"digits": digits_case, "bert": bert_case, "resnet": resnet_case}[name]()
+    if max_drop is not None:
+        case["max_drop"] = max_drop
     model, eval_fn, max_drop = case["model"], case["eval_fn"], case["max_drop"]
     print(f"\n== {name}: max_drop {max_drop}, budget {case['budget']} evaluations")
     started = time.perf_counter()
@@ -238,10 +241,11 @@ def run_case(name: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=(*CASES, "all"), default="all")
+    parser.add_argument("--max-drop", type=float, help="another max_drop for one --case")
     args = parser.parse_args()
     print(machine_line())
     if args.case != "all":
-        return run_case(args.case)
+        return run_case(args.case, args.max_drop)
     codes = [
         subprocess.run([sys.executable, __file__, "--case", case], check=False).returncode
         for case in CASES

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import warnings
 
 import onnx
@@ -278,3 +279,19 @@ def test_interrupt_in_the_final_timing_keeps_the_search(model, monkeypatch):
     within = result.table[result.table["meets_max_drop"].eq(True)]
     smallest_drop = within.sort_values("drop", kind="stable").iloc[0]["candidate"]
     assert result.best_row["candidate"] == smallest_drop  # equal latencies: the smaller drop
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("not a model", CALIB, accuracy_fn), wb.ModelError),
+        ((None, [], accuracy_fn), wb.CalibrationError),
+        ((None, CALIB, lambda m: float("nan")), wb.MetricError),
+    ],
+)
+def test_bad_input_is_one_error_and_leaves_no_file(model, args, error, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = (model if args[0] is None else args[0], *args[1:])
+    with pytest.raises(error):
+        wb.autotune(*args, latency_fn=graph_latency_ms)
+    assert list(tmp_path.iterdir()) == []

@@ -139,8 +139,7 @@ export const LAYER_COLUMNS: IColumn[] = [
       'Smoothing',
       'SmoothQuant: where 1/s went (layernorm, linear or mul) and alpha, or why not smoothed'
     ),
-    optional: true,
-    whenPresent: true
+    whenPresent: true // shown when SmoothQuant ran
   }
 ];
 

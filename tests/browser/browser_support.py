@@ -188,3 +188,81 @@ def run_all_cells(page, notebook) -> None:
                 raise
             page.keyboard.press("Escape")
     raise AssertionError("Run > Run All Cells did not start the notebook's cells")
+
+
+# The contrast of every visible text node under ``root``, from the rendered colours: the
+# text's colour (or SVG fill) and opacity over the backgrounds behind it, composited up to the
+# first opaque one; disabled controls are skipped (WCAG exempts them).
+CONTRAST_JS = """
+(root) => {
+  function parse(text) {
+    const m = /rgba?\\(([^)]+)\\)/.exec(text || '');
+    if (!m) { return null; }
+    const p = m[1].split(/[\\s,\\/]+/).filter(Boolean).map(Number);
+    return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1];
+  }
+  function over(top, bottom) {
+    const a = top[3];
+    return [0, 1, 2].map(i => top[i] * a + bottom[i] * (1 - a)).concat([1]);
+  }
+  function luminance(c) {
+    const f = v => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4);
+    };
+    return 0.2126 * f(c[0]) + 0.7152 * f(c[1]) + 0.0722 * f(c[2]);
+  }
+  function background(el) {
+    const layers = [];
+    for (let n = el; n; n = n.parentElement) {
+      const c = parse(getComputedStyle(n).backgroundColor);
+      if (c && c[3] > 0) { layers.push(c); if (c[3] >= 1) { break; } }
+    }
+    let bg = [255, 255, 255, 1];
+    for (let i = layers.length - 1; i >= 0; i--) { bg = over(layers[i], bg); }
+    return bg;
+  }
+  const found = [];
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const node = walker.currentNode;
+    const text = node.textContent.trim();
+    if (!text) { continue; }
+    const el = node.parentElement;
+    if (el.closest('style, script, title')) { continue; }
+    if (el.closest(':disabled, [disabled], .mod-disabled, .jp-mod-disabled')) { continue; }
+    const box = el.getBoundingClientRect();
+    if (box.width === 0 || box.height === 0) { continue; }
+    const style = getComputedStyle(el);
+    if (style.visibility === 'hidden' || style.display === 'none') { continue; }
+    const svg = el instanceof SVGElement;
+    const fg = parse(svg ? style.fill : style.color);
+    if (!fg) { continue; }
+    let opacity = 1;
+    for (let n = el; n; n = n.parentElement) { opacity *= parseFloat(getComputedStyle(n).opacity); }
+    fg[3] *= opacity;
+    const bg = background(el);
+    const shown = over(fg, bg);
+    const [hi, lo] = [luminance(shown), luminance(bg)].sort((a, b) => b - a);
+    const owner = svg ? el.ownerSVGElement : null;
+    const size = parseFloat(style.fontSize) * (owner ? owner.getScreenCTM().a : 1);
+    const bold = parseInt(style.fontWeight, 10) >= 700;
+    found.push({
+      text: text.slice(0, 60), ratio: (hi + 0.05) / (lo + 0.05), size, svg,
+      large: size >= 24 || (bold && size >= 18.66),
+      color: svg ? style.fill : style.color, bg: 'rgb(' + bg.slice(0, 3).map(Math.round) + ')'
+    });
+  }
+  return found;
+}
+"""
+
+
+def low_contrast_texts(texts: list[dict]) -> dict:
+    """(colour, background) -> an example text, for the texts of ``CONTRAST_JS`` below WCAG AA
+    (4.5:1, 3:1 for large text)."""
+    return {
+        (t["color"], t["bg"]): f"{t['text']!r} {t['ratio']:.2f}:1"
+        for t in texts
+        if t["ratio"] < (3.0 if t["large"] else 4.5)
+    }

@@ -19,9 +19,11 @@ import pytest
 from browser_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    CONTRAST_JS,
     RUN_TIMEOUT_MS,
     UI_TIMEOUT_MS,
     LabServer,
+    low_contrast_texts,
     missing_browser_tools,
     run_all_cells,
     screenshot_dir,
@@ -150,6 +152,14 @@ def check_chart_filters_table(view) -> None:
     assert view.locator(".jp-WorkbenchReport-count").inner_text() == f"1 of {LAYERS} layers"
 
 
+def check_contrast(view, where: str) -> None:
+    """Every visible text of the view at WCAG AA contrast, from the rendered colours."""
+    texts = view.evaluate(CONTRAST_JS)
+    assert len(texts) > 100  # the check saw the view's text
+    low = low_contrast_texts(texts)
+    assert low == {}, f"{where}: text below WCAG AA contrast: {low}"
+
+
 def check_text(text: str) -> None:
     for bad in ("NaN", "<NA>", "e+0", "None"):
         assert bad not in text, bad
@@ -177,6 +187,7 @@ def test_hundred_layer_report_in_lab_panel_and_file(lab_server: LabServer):
             panel_tabs.first.wait_for(timeout=RUN_TIMEOUT_MS)
 
             check_text(report.inner_text())
+            check_contrast(report, "report view, light theme")
             check_layer_table(page, report)
             report.scroll_into_view_if_needed()
             page.screenshot(path=str(shots / "lab-100-layers-light.png"))
@@ -208,6 +219,7 @@ def test_hundred_layer_report_in_lab_panel_and_file(lab_server: LabServer):
             )
             channels = [int(v) for v in re.findall(r"\d+", header_bg)[:3]]
             assert sum(channels) / 3 < 100, header_bg  # a dark header, not a white block
+            check_contrast(report, "report view, dark theme")
             report.scroll_into_view_if_needed()
             page.screenshot(path=str(shots / "lab-100-layers-dark.png"))
             panel_cell.locator(".lm-TabBar-tab", has_text=re.compile("^Layers$")).click()
@@ -246,6 +258,7 @@ def test_hundred_layer_report_in_lab_panel_and_file(lab_server: LabServer):
                 background = page.evaluate("getComputedStyle(document.body).backgroundColor")
                 level = sum(int(v) for v in re.findall(r"\d+", background)[:3]) / 3
                 assert (level < 60) if scheme == "dark" else (level > 200), background
+                check_contrast(view, f"standalone file, {scheme} scheme")
                 check_layer_table(page, view)
                 page.screenshot(path=str(shots / f"html-file-{scheme}.png"))
                 check_chart_filters_table(view)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import warnings
 
 import onnx
@@ -233,7 +234,7 @@ def test_select_best_takes_the_smallest_key_within_max_drop():
             "candidate": ["a", "b", "c", "d"],
             "meets_max_drop": [False, True, True, True],
             "drop": [0.5, 0.004, 0.001, 0.002],
-            "latency_vs_fp32": [0.1, 0.4, 0.4, math.nan],
+            "latency_ms": [0.1, 0.4, 0.4, math.nan],
             "file_bytes": [10, 30, 20, 5],
         }
     )
@@ -258,3 +259,39 @@ def test_bad_options_name_the_fix(model, options, match):
         warnings.simplefilter("error")
         with pytest.raises(wb.ConfigError, match=match):
             wb.autotune(model, CALIB, accuracy_fn, **options)
+
+
+def test_interrupt_in_the_final_timing_keeps_the_search(model, monkeypatch):
+    from workbench.runtime import latency_meter
+
+    def equal_timing(self, path):  # every file as fast: all are finalists
+        return latency_meter.Timing(1.0, 2.0)
+
+    def interrupted(self, paths):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency_meter.SideBySideLatency, "__call__", equal_timing)
+    monkeypatch.setattr(latency_meter.SideBySideLatency, "side_by_side", interrupted)
+    with pytest.warns(UserWarning, match="final side-by-side timing is left out"):
+        result = wb.autotune(model, CALIB, accuracy_fn, max_drop=100.0, budget=4)
+    assert result.interrupted and result.final_timing is None
+    assert list(result.table["status"]).count("best") == 1
+    within = result.table[result.table["meets_max_drop"].eq(True)]
+    smallest_drop = within.sort_values("drop", kind="stable").iloc[0]["candidate"]
+    assert result.best_row["candidate"] == smallest_drop  # equal latencies: the smaller drop
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("not a model", CALIB, accuracy_fn), wb.ModelError),
+        ((None, [], accuracy_fn), wb.CalibrationError),
+        ((None, CALIB, lambda m: float("nan")), wb.MetricError),
+    ],
+)
+def test_bad_input_is_one_error_and_leaves_no_file(model, args, error, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = (model if args[0] is None else args[0], *args[1:])
+    with pytest.raises(error):
+        wb.autotune(*args, latency_fn=graph_latency_ms)
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,5 @@
-"""The autotune chart: each exported candidate's metric against its objective (latency as a
-fraction of FP32's, or file size), the max_drop line, the candidates within it filled, the
+"""The autotune chart: each exported candidate's metric against its objective (ONNX Runtime
+p50 latency, or file size), the max_drop line, the candidates within it filled, the
 best one marked, and the Pareto frontier of the ones within max_drop."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ def autotune_chart(table: pd.DataFrame, metric_fp32: float, max_drop: float, obj
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    column = "latency_vs_fp32" if objective == "latency" else "file_bytes"
+    column = "latency_ms" if objective == "latency" else "file_bytes"
     measured = table[table[column].notna() & table["metric"].notna()]
     x = measured[column].astype(float)
     if objective == "size":
@@ -45,9 +45,7 @@ def autotune_chart(table: pd.DataFrame, metric_fp32: float, max_drop: float, obj
             str(best.iloc[0]["candidate"]), (x[best.index[0]], y[best.index[0]]), fontsize=7
         )
     ax.axhline(metric_fp32 - max_drop, color="#d62728", lw=0.8, ls="--", label="FP32 - max_drop")
-    ax.set_xlabel(
-        "latency / FP32 latency (ONNX Runtime)" if objective == "latency" else "file size (KiB)"
-    )
+    ax.set_xlabel("ONNX Runtime latency p50 (ms)" if objective == "latency" else "file size (KiB)")
     ax.set_ylabel("metric")
     ax.set_title(f"Autotune: {len(measured)} exported candidates")
     ax.legend(fontsize=7)

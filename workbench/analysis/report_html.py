@@ -26,9 +26,9 @@ from workbench.analysis.report_parts import (
     frame_html,
     layer_table_html,
     sqnr_chart_svg,
-    storage_html,
     table_html,
 )
+from workbench.analysis.report_storage_html import storage_html
 from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, sqnr_band
 
 __all__ = [

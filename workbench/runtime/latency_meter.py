@@ -1,9 +1,9 @@
 """Latency of ONNX files on ONNX Runtime CPU, each timed beside one FP32 reference file.
 
-A search times dozens of files over minutes on a machine whose load drifts; a file's p50
-alone would compare one minute's load against another's. Each file is therefore timed in
-alternating blocks with the FP32 file (``benchmark.time_sessions``), and what is compared is
-the ratio of the two p50s of that one run.
+Each file is timed in alternating blocks with the FP32 file (``benchmark.time_sessions``):
+the p50 of each, so that a search's table gives every candidate's speed against FP32 from one
+run. On a loaded machine the FP32 file's p50 swings more than the integer kernels' do, so a
+search compares the files' own p50s, and times its finalists side by side in one run.
 """
 
 from __future__ import annotations

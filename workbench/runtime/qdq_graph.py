@@ -206,16 +206,11 @@ def _same_qparams(g: _Graph, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
 def remove_requantize_identity(g: _Graph, renames: dict[str, str]) -> bool:
     """Q(DQ(q)) with the DQ's own scale and zero point is q."""
     changed = False
-    for node in list(g.graph.node):
-        if node.op_type != "QuantizeLinear" or node.output[0] in g.outputs:
-            continue
+    for node in _inner_quantize_nodes(g):
         dq = per_tensor_dq(g, node.input[0])
-        if dq is None or not _same_qparams(g, node, dq):
-            continue
-        g.replace_uses(node.output[0], dq.input[0])
-        renames[node.output[0]] = dq.input[0]
-        g.remove(node)
-        changed = True
+        if dq is not None and _same_qparams(g, node, dq):
+            _replace_quantize(g, node, dq.input[0], renames)
+            changed = True
     return changed
 
 
@@ -223,18 +218,30 @@ def merge_duplicate_quantize(g: _Graph, renames: dict[str, str]) -> bool:
     """One QuantizeLinear per (tensor, scale, zero point)."""
     changed = False
     seen: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in list(g.graph.node):
-        if node.op_type != "QuantizeLinear" or node.output[0] in g.outputs:
-            continue
+    for node in _inner_quantize_nodes(g):
         twin = next((k for k in seen[node.input[0]] if _same_qparams(g, k, node)), None)
         if twin is None:
             seen[node.input[0]].append(node)
-            continue
-        g.replace_uses(node.output[0], twin.output[0])
-        renames[node.output[0]] = twin.output[0]
-        g.remove(node)
-        changed = True
+        else:
+            _replace_quantize(g, node, twin.output[0], renames)
+            changed = True
     return changed
+
+
+def _inner_quantize_nodes(g: _Graph) -> list[onnx.NodeProto]:
+    """The QuantizeLinear nodes whose output is not a graph output (those may be removed)."""
+    return [
+        node
+        for node in g.graph.node
+        if node.op_type == "QuantizeLinear" and node.output[0] not in g.outputs
+    ]
+
+
+def _replace_quantize(g: _Graph, node: onnx.NodeProto, tensor: str, renames: dict) -> None:
+    """Read ``tensor`` wherever ``node``'s output was read, and remove ``node``."""
+    g.replace_uses(node.output[0], tensor)
+    renames[node.output[0]] = tensor
+    g.remove(node)
 
 
 def split_shared_dequantize(g: _Graph) -> None:

@@ -52,12 +52,11 @@ from workbench.workflows.autotune_space import (
     per_layer_candidates,
     preset_candidates,
 )
-from workbench.workflows.autotune_steps import LATENCY_NOISE, SearchSteps
+from workbench.workflows.autotune_steps import INTERRUPTED_WARNING, LATENCY_NOISE, SearchSteps
 from workbench.workflows.ptq import ptq
 from workbench.workflows.sensitivity import sensitivity
 
 OBJECTIVES = ("latency", "size")
-INTERRUPTED_WARNING = "wb.autotune interrupted"
 
 
 def autotune(
@@ -88,8 +87,8 @@ def autotune(
     max_drop : float
         The largest acceptable drop of the metric against FP32.
     objective : str
-        ``latency``: ONNX Runtime CPU p50 of the exported file, timed beside the FP32 file
-        (compared as the ratio of the two); ``size``: the exported file's bytes.
+        ``latency``: ONNX Runtime CPU p50 of the exported file (timed beside the FP32 file,
+        whose p50 gives ``latency_vs_fp32``); ``size``: the exported file's bytes.
     budget : int, dict or Budget
         Evaluations of ``eval_fn`` (the FP32 one included) and / or seconds; default 40
         evaluations. The candidate running when the seconds run out finishes.
@@ -103,7 +102,7 @@ def autotune(
         ONNX Runtime intra-op threads for the timing.
     latency_fn : callable, optional
         ``latency_fn(onnx_path) -> ms`` instead of ONNX Runtime here (e.g. a target device);
-        it is called on the FP32 file once and the ratio to that is compared.
+        it is called on the FP32 file once (for ``latency_vs_fp32``).
     callback : callable, optional
         ``callback(table)`` after every candidate (a live view).
 

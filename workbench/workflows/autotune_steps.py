@@ -36,6 +36,7 @@ from workbench.workflows.autotune_space import (
 # only skipped when it is slower than the best run by more than this, and the final choice
 # is made by timing the runs within it side by side.
 LATENCY_NOISE = 0.25
+INTERRUPTED_WARNING = "wb.autotune interrupted"
 
 
 class SearchSteps:
@@ -67,7 +68,7 @@ class SearchSteps:
         key, first = known
         noise = LATENCY_NOISE if self.objective == "latency" else 0.0
         if key > best_key * (1.0 + noise) or (noise == 0.0 and key >= best_key):
-            what = "x FP32 latency" if self.objective == "latency" else "file bytes"
+            what = "ms" if self.objective == "latency" else "file bytes"
             return (
                 f"its layout ({layout_label(candidate.config)}) measured {key:.4g} {what} with "
                 f"{first!r}, worse than {best['candidate']!r} ({best_key:.4g}), which meets "
@@ -150,7 +151,18 @@ class SearchSteps:
         running = frame["status"].eq("running")
         frame.loc[running, "status"] = "not run"
         frame.loc[running, "reason"] = "interrupted"
-        final = self._final_timing(frame)
+        final = None
+        if not interrupted:  # after Ctrl-C the user wants the answer now, not a re-timing
+            try:
+                final = self._final_timing(frame)
+            except KeyboardInterrupt:
+                interrupted = True
+                self.stopped_because = "interrupted (KeyboardInterrupt) in the final timing"
+                warnings.warn(
+                    f"{INTERRUPTED_WARNING}: the final side-by-side timing is left out",
+                    UserWarning,
+                    stacklevel=3,
+                )
         best = select_best(frame, self.objective)
         budget_met = best is not None
         if best is None and frame["drop"].notna().any():

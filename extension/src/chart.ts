@@ -1,6 +1,6 @@
 /**
  * The per-layer output SQNR chart: one bar per layer in model order on the poor / fair /
- * good bands (the same SVG as workbench/analysis/report_html.py draws). Clicking a bar
+ * good bands (the same SVG as workbench/analysis/html/view.py draws). Clicking a bar
  * calls ``onSelect`` with the layer's name (the report filters its table to it).
  */
 

@@ -1,6 +1,6 @@
 /**
  * Number formatting and the SQNR bands shared by the report views. The same rules as
- * workbench/analysis/report_format.py and sqnr_bands.py: a unit on every number, at most
+ * workbench/analysis/html/format.py and sqnr_bands.py: a unit on every number, at most
  * 3 decimals, positional notation (never 1e+05), an em dash for a missing value.
  */
 
@@ -83,7 +83,7 @@ export function formatCell(value: unknown): string {
   return String(value);
 }
 
-/** The start and, longer, the end of a long name (workbench/analysis/html_elements.py):
+/** The start and, longer, the end of a long name (workbench/analysis/html/elements.py):
  *  ``feature_extractor.stages.3.0.second_convolution`` -> ``feature_e…3.0.second_convolution``. */
 export function shortenMiddle(name: string, maxChars = 40): string {
   if (name.length <= maxChars) {

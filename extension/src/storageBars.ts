@@ -3,7 +3,7 @@
  * model order, so that sizes compare at a glance; the TOTAL row on its own scale. Folded
  * layers (a BatchNorm folded into its conv) are marked folded, not kept FP32. Long names
  * shortened in the middle with the full name on hover; the legend lists only the pieces
- * present and states the scale. The same view as workbench/analysis/report_parts.py.
+ * present and states the scale. The same view as workbench/analysis/html/parts.py.
  */
 
 import { append, element } from './dom';

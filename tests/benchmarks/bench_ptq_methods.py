@@ -41,11 +41,11 @@ from models import machine_line
 
 import workbench as wb
 from workbench.demo import DigitsCNN, accuracy, load_digits_data
-from workbench.engine.bias_correction import correct_biases
-from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
-from workbench.engine.qat_options import build_optimizer
-from workbench.engine.qat_quantizers import enable_qat
-from workbench.engine.train import train_qat
+from workbench.engine.algorithms.bias_correction import correct_biases
+from workbench.engine.calibration.calibrate import calibrate, finish_calibration, prepare_model
+from workbench.engine.quantizers.qat import enable_qat
+from workbench.engine.training.options import build_optimizer
+from workbench.engine.training.train import train_qat
 
 CE = nn.CrossEntropyLoss()
 NEGLIGIBLE_LOSS_PP = 0.25

@@ -27,10 +27,10 @@ from torch import nn
 
 import workbench as wb
 from workbench.demo import DigitsCNN, accuracy, load_digits_data
-from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
-from workbench.engine.qat_options import build_optimizer
-from workbench.engine.qat_quantizers import enable_qat
-from workbench.engine.train import train_qat
+from workbench.engine.calibration.calibrate import calibrate, finish_calibration, prepare_model
+from workbench.engine.quantizers.qat import enable_qat
+from workbench.engine.training.options import build_optimizer
+from workbench.engine.training.train import train_qat
 
 CE = nn.CrossEntropyLoss()
 
@@ -119,7 +119,8 @@ def qat_training_model(model, data, config, learn_scales):
 
 
 def step_times(data, repeats: int) -> pd.DataFrame:
-    """Seconds per step of QAT's loop (``engine.train.train_qat``) against a plain FP32 loop:
+    """Seconds per step of QAT's loop (``engine.training.train.train_qat``) against a plain FP32
+    loop:
     the model as the user trains it (BatchNorm in training mode, the target's baseline), and
     with BatchNorm folded as QAT trains it (the cost of fake quantization alone)."""
     model = train_fp32(data, 16, seed=0, epochs=2)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import workbench as wb
 from workbench.demo import DigitsCNN, accuracy
 from workbench.demo import load_digits_data as load_digits_uncached
-from workbench.engine.quantizers import ActivationQuantizer
+from workbench.engine.quantizers.modules import ActivationQuantizer
 
 WORLD_SIZE = 2
 OBSERVERS = ("minmax", "percentile", "mse", "entropy")

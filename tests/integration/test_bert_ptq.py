@@ -8,7 +8,7 @@ import transformers
 from torch import nn
 
 import workbench as wb
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.placement.layers import QuantizedLayer
 
 VOCAB = 1000
 

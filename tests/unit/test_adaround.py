@@ -11,8 +11,8 @@ from onnx import numpy_helper
 
 import workbench as wb
 from tests.unit.ptq_methods_models import inverted_residual_net
-from workbench.engine.adaround import AdaRoundWeightQuantizer
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.algorithms.adaround import AdaRoundWeightQuantizer
+from workbench.engine.placement.layers import iter_quantized_layers
 
 W3A8 = dict(weight=wb.Scheme(3, True, True, 0), activation=wb.Scheme(8, False, False))
 

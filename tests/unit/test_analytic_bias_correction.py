@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import workbench as wb
-from workbench.engine.graph_quantizers import bias_scale_of
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.graph_quantizers import bias_scale_of
+from workbench.engine.placement.layers import iter_quantized_layers
 
 IN_CHANNELS, CHANNELS, OUT_CHANNELS = 3, 6, 5
 

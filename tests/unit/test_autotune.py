@@ -17,8 +17,8 @@ from digits_models import tiny_mlp
 
 import workbench as wb
 from workbench.demo import accuracy, load_digits_data
-from workbench.engine.dynamic_quantizers import DynamicActivationQuantizer
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.quantizers.dynamic import DynamicActivationQuantizer
 from workbench.workflows.autotune import INTERRUPTED_WARNING
 from workbench.workflows.autotune_result import select_best
 from workbench.workflows.autotune_space import STAGES

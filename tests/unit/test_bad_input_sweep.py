@@ -320,7 +320,7 @@ def case_eval_fn_returns_inf(tmp):
 
 @case(wb.MetricError, "returned nan for the quantized model")
 def case_eval_fn_nan_for_the_quantized_model(tmp):
-    from workbench.engine.quantizers import WeightQuantizer
+    from workbench.engine.quantizers.modules import WeightQuantizer
 
     def eval_fn(m):
         quantized = any(isinstance(x, WeightQuantizer) for x in m.modules())

@@ -9,9 +9,9 @@ import torch
 
 import workbench as wb
 from tests.unit.ptq_methods_models import inverted_residual_net
-from workbench.engine.bias_correction import mean_output_errors
-from workbench.engine.graph_quantizers import bias_scale_of
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.algorithms.bias_correction import mean_output_errors
+from workbench.engine.placement.graph_quantizers import bias_scale_of
+from workbench.engine.placement.layers import iter_quantized_layers
 
 W4A8_PER_TENSOR = wb.QuantConfig(weight=wb.Scheme(4, True, False))
 

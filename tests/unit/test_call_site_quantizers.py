@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import workbench as wb
-from workbench.engine.call_sites import PerCallSite
-from workbench.engine.graph_quantizers import OutputQuantized
-from workbench.engine.op_kinds import OTHER, RELU, function_kind, module_kind
+from workbench.engine.placement.call_sites import PerCallSite
+from workbench.engine.placement.graph_quantizers import OutputQuantized
+from workbench.engine.placement.op_kinds import OTHER, RELU, function_kind, module_kind
 from workbench.runtime.ort_session import make_session
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

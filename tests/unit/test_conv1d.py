@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 import workbench as wb
 from tests.unit.test_runtime_export import assert_matches, initializers, node_named, output_step
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.runtime.ort_session import make_session, run_session
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

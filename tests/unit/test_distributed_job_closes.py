@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.engine import distributed
+from workbench.engine.training import distributed
 
 
 @pytest.fixture

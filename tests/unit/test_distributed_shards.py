@@ -1,4 +1,4 @@
-"""engine.distributed's data side, without a process group: shards, epochs, the timeout."""
+"""engine.training.distributed's data side, without a process group: shards, epochs, the timeout."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
-from workbench.engine.distributed import (
+from workbench.engine.training.distributed import (
     DEFAULT_TIMEOUT_S,
     TIMEOUT_ENV,
     Job,

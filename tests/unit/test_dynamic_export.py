@@ -21,7 +21,7 @@ from tests.parity_bounds import (
 )
 from tests.zoo.text import bert, tokens
 from workbench.core.dynamic_quant import dynamic_qparams
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.runtime.ort_session import make_session, run_session
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -10,7 +10,7 @@ from digits_models import tiny_mlp
 from IPython.core.error import UsageError
 
 import workbench as wb
-from workbench.engine.dynamic_quantizers import DynamicActivationQuantizer
+from workbench.engine.quantizers.dynamic import DynamicActivationQuantizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import workbench as wb
 from workbench.core.dynamic_quant import dynamic_qparams
-from workbench.engine.dynamic_quantizers import DynamicActivationQuantizer
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.quantizers.dynamic import DynamicActivationQuantizer
 
 
 def mlp() -> nn.Module:
@@ -186,6 +186,6 @@ def pd_na(value) -> bool:
 
 
 def wb_activation_quantizer():
-    from workbench.engine.quantizers import ActivationQuantizer
+    from workbench.engine.quantizers.modules import ActivationQuantizer
 
     return ActivationQuantizer

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import workbench as wb
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
 
 PRESETS = {
     # name: (weight scheme, activation scheme)

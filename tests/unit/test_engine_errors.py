@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import workbench as wb
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.placement.layers import QuantizedLayer
 
 
 def small_cnn() -> nn.Module:

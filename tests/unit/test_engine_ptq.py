@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import workbench as wb
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.placement.layers import QuantizedLayer
 
 
 class MLP(nn.Module):

@@ -10,13 +10,13 @@ import torch
 import workbench as wb
 from tests.parity_bounds import assert_parity_within_quantization_error
 from tests.unit.ptq_methods_models import inverted_residual_net
-from workbench.engine.bn_fold import fold_batchnorms
-from workbench.engine.equalize import (
+from workbench.engine.algorithms.equalize import (
     ChannelClippedReLU,
     _input_ranges,
     _output_ranges,
     equalize_model,
 )
+from workbench.engine.capture.bn_fold import fold_batchnorms
 
 
 def _relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:

@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 import workbench as wb
-from workbench.engine.distributed import failure_kind, gloo_failure_kind
+from workbench.engine.training.distributed import failure_kind, gloo_failure_kind
 
 # recorded from gloo here (torch 2.13, two processes on 127.0.0.1): rank 1 exited, and rank 1
 # slept past the group's 3 s timeout, while rank 0 waited in all_reduce

@@ -6,7 +6,7 @@ import inspect
 
 import workbench as wb
 from workbench import errors
-from workbench.engine import distributed
+from workbench.engine.training import distributed
 
 
 def test_every_workbench_error_is_in_the_public_api():

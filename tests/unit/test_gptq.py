@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import workbench as wb
-from workbench.engine.gptq import (
+from workbench.engine.algorithms.gptq import (
     GPTQWeightQuantizer,
     expand_groups,
     from_matrix,
@@ -21,7 +21,7 @@ from workbench.engine.gptq import (
     row_qparams,
     weight_matrix,
 )
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.errors import ConfigError
 
 

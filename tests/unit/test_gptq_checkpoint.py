@@ -13,7 +13,7 @@ from decoder_lm_models import small_tokenizer, tiny_llama, token_batches
 from safetensors.numpy import load_file
 
 import workbench as wb
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
 
 
 def unpack_int32(words: np.ndarray, bits: int, axis: int) -> np.ndarray:

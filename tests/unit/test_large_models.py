@@ -18,10 +18,10 @@ from workbench.core import weight_codes as weight_codes_module
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
-from workbench.engine.calibrate import calibrate, prepare_model
-from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.model_copy import user_model_copy
-from workbench.engine.quantizers import WeightQuantizer
+from workbench.engine.calibration.calibrate import calibrate, prepare_model
+from workbench.engine.capture.model_copy import user_model_copy
+from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.quantizers.modules import WeightQuantizer
 from workbench.errors import ExportError
 from workbench.runtime import external_data
 from workbench.runtime.ort_session import make_session, run_session

@@ -14,8 +14,8 @@ import workbench as wb
 from tests.unit.digits_models import tiny_cnn
 from workbench.analysis.report_json import report_to_json
 from workbench.demo import accuracy, load_digits_data
-from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.quantizers import ActivationQuantizer
+from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.quantizers.modules import ActivationQuantizer
 from workbench.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

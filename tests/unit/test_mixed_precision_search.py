@@ -13,7 +13,7 @@ import workbench as wb
 from tests.unit.digits_models import tiny_cnn
 from tests.unit.model_guard import Snapshot
 from workbench.demo import accuracy, load_digits_data
-from workbench.engine.quantizers import ActivationQuantizer
+from workbench.engine.quantizers.modules import ActivationQuantizer
 from workbench.workflows.precision_search import higher_precision_config, kept_config
 
 

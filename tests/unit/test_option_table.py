@@ -10,7 +10,7 @@ import pytest
 from digits_models import tiny_cnn
 
 import workbench as wb
-from workbench.engine.qat_options import TrainingOptions
+from workbench.engine.training.options import TrainingOptions
 from workbench.notebook.magic_args import OPTION_KEYS, parse_line
 from workbench.notebook.option_spec import CONFIG, SCHEME, TRAINING
 from workbench.notebook.options import OPTIONS

@@ -14,7 +14,7 @@ from digits_models import tiny_cnn
 from torch import nn
 
 import workbench as wb
-from workbench.analysis.report_format import format_bytes
+from workbench.analysis.html.format import format_bytes
 from workbench.analysis.report_json import REPORT_MIME_TYPE
 from workbench.demo import accuracy
 from workbench.notebook.panel import PLOTS_TAB, WorkbenchPanel

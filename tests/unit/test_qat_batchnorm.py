@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import workbench as wb
-from workbench.engine.bn_fold import BN_TYPES
-from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
-from workbench.engine.layers import QuantizedLayer
-from workbench.engine.live_bn import (
+from workbench.engine.calibration.calibrate import calibrate, finish_calibration, prepare_model
+from workbench.engine.capture.bn_fold import BN_TYPES
+from workbench.engine.placement.layers import QuantizedLayer
+from workbench.engine.quantizers.qat import enable_qat
+from workbench.engine.training.live_bn import (
     QuantizedConvBn,
     folded_pairs,
     freeze_batchnorms,
     set_training_mode,
     unfold_batchnorms,
 )
-from workbench.engine.qat_quantizers import enable_qat
 
 
 class ConvBnNet(nn.Module):

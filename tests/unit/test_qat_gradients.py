@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import workbench as wb
-from workbench.engine.calibrate import calibrate, finish_calibration, prepare_model
-from workbench.engine.qat_quantizers import enable_qat
+from workbench.engine.calibration.calibrate import calibrate, finish_calibration, prepare_model
+from workbench.engine.quantizers.qat import enable_qat
 
 
 def qat_layer(module: nn.Module, calib: torch.Tensor, config: wb.QuantConfig, learn: bool):
@@ -157,7 +157,7 @@ def test_switching_off_shared_input_quantizers_changes_nothing(learn):
     """A layer input that shares the scale of the output quantizer feeding it is switched off
     while training: forward and gradients are exactly those with it on."""
     from workbench.demo import DigitsCNN
-    from workbench.engine.quantizers import OFF, QUANTIZE
+    from workbench.engine.quantizers.modules import OFF, QUANTIZE
 
     torch.manual_seed(4)
     calib = [torch.rand(32, 1, 8, 8) for _ in range(2)]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import workbench as wb
-from workbench.engine.quantizers import ActivationQuantizer, WeightQuantizer
+from workbench.engine.quantizers.modules import ActivationQuantizer, WeightQuantizer
 
 
 class SmallNet(nn.Module):

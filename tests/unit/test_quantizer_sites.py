@@ -15,7 +15,7 @@ from torch import nn
 
 import workbench as wb
 from workbench.demo import load_digits_data, train_digits_cnn
-from workbench.engine.quantizers import ActivationQuantizer
+from workbench.engine.quantizers.modules import ActivationQuantizer
 from workbench.errors import ConfigError
 from workbench.workflows.precision_search import higher_precision_config, kept_config
 

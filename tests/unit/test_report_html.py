@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import workbench as wb
-from workbench.analysis.report_format import format_bytes, significant
-from workbench.analysis.report_html import report_view_html, shorten_middle
+from workbench.analysis.html.format import format_bytes, significant
+from workbench.analysis.html.view import report_view_html, shorten_middle
 from workbench.analysis.report_json import REPORT_MIME_TYPE
 from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, SQNR_POOR_DB
 
@@ -252,7 +252,7 @@ def test_folded_batchnorm_is_folded_next_to_its_conv_not_kept_fp32(calib):
 
 @pytest.mark.parametrize("value, text", [(-0.04, "0.0 dB"), (-0.06, "-0.1 dB"), (0.04, "0.0 dB")])
 def test_db_never_shows_minus_zero(value, text):
-    from workbench.analysis.report_format import format_db
+    from workbench.analysis.html.format import format_db
 
     assert format_db(value) == text
 

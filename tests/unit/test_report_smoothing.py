@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import workbench as wb
+from workbench.analysis.html.parts import layer_table_html
 from workbench.analysis.report_json import report_schema, report_to_json
-from workbench.analysis.report_parts import layer_table_html
-from workbench.engine.smoothquant import SKIP_OTHER_PRODUCER
+from workbench.engine.algorithms.smoothquant import SKIP_OTHER_PRODUCER
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

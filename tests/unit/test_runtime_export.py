@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 import workbench as wb
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.errors import ExportError
 from workbench.runtime.ort_session import make_session, run_session
 
@@ -286,7 +286,7 @@ def test_example_input_must_be_tensors(tmp_path):
 
 
 def test_layers_switched_off_after_calibration_export_as_fp32(tmp_path):
-    from workbench.engine.switches import quantize_only
+    from workbench.engine.quantizers.switches import quantize_only
 
     data = torch.randn(64, 12)
     result = wb.ptq(mlp(), [data], progress=False)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import workbench as wb
-from workbench.engine.graph_quantizers import OutputQuantized, bias_scale_of
-from workbench.engine.layers import iter_quantized_layers
+from workbench.engine.placement.graph_quantizers import OutputQuantized, bias_scale_of
+from workbench.engine.placement.layers import iter_quantized_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

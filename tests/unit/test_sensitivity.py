@@ -10,7 +10,7 @@ from torch import nn
 
 import workbench as wb
 import workbench.workflows.sensitivity as sensitivity_module
-from workbench.engine.quantizers import WeightQuantizer
+from workbench.engine.quantizers.modules import WeightQuantizer
 
 
 def small_mlp() -> nn.Module:

@@ -1,4 +1,5 @@
-"""SmoothQuant (engine.smoothquant): where the smoothing goes in each structure, the scale
+"""SmoothQuant (engine.algorithms.smoothquant): where the smoothing goes in each structure, the
+scale
 against the paper's formula computed here from hooked activations, the FP32 function kept, the
 user's model untouched, and the outlier BERT's accuracy recovered (in the simulation and in
 ONNX Runtime)."""
@@ -17,7 +18,7 @@ from torch import nn
 
 import workbench as wb
 from tests.parity_bounds import assert_within_quantization_error
-from workbench.engine.smoothquant import (
+from workbench.engine.algorithms.smoothquant import (
     FOLD_LAYERNORM,
     FOLD_LINEAR,
     FOLD_MUL,
@@ -212,9 +213,9 @@ class _PostNorm(nn.Module):
 def test_weight_rounding_sees_the_smoothed_input():
     """AdaRound's captured input and GPTQ's Hessian are of the input the layer multiplies its
     smoothed weight with: ``Q(x / s)``, computed here from the LayerNorm's output."""
-    from workbench.engine.adaround import _capture
-    from workbench.engine.gptq import layer_hessian
-    from workbench.engine.layers import iter_quantized_layers
+    from workbench.engine.algorithms.adaround import _capture
+    from workbench.engine.algorithms.gptq import layer_hessian
+    from workbench.engine.placement.layers import iter_quantized_layers
 
     model, batches = _PostNorm().eval(), _batches()
     result = wb.ptq(model, batches, config=wb.QuantConfig(smoothquant=0.5), progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.engine.batches import model_inputs
+from workbench.engine.calibration.batches import model_inputs
 
 SQNR_AGREEMENT_DB = 1.0
 

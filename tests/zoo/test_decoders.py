@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 import workbench as wb
 from tests.parity_bounds import assert_parity_within_quantization_error
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
+from workbench.engine.placement.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.errors import ConfigError
 
 from . import text

@@ -24,7 +24,7 @@ from torch import nn
 
 import workbench as wb
 from tests.parity_bounds import assert_parity_within_quantization_error
-from workbench.engine.batches import output_tensor
+from workbench.engine.calibration.batches import output_tensor
 
 from .hf_zoo import ZOO
 from .layer_outputs import check_report_against_hooks

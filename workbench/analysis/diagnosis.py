@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.engine.batches import run_model
-from workbench.engine.modules import hooks_removed
+from workbench.engine.calibration.batches import run_model
+from workbench.engine.capture.modules import hooks_removed
 
 OUTLIER_RATIO = 20.0  # widest input channel / median channel above this: outliers
 OUTLIER_BATCHES = 4

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from workbench.core.metrics import ErrorAccumulator
-from workbench.engine.batches import output_tensor, run_model
-from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import ROOT_NAME, hooks_removed
+from workbench.engine.calibration.batches import output_tensor, run_model
+from workbench.engine.capture.modules import ROOT_NAME, hooks_removed
+from workbench.engine.placement.layers import QuantizedLayer, iter_quantized_layers
 
 
 def measure_layer_errors(

@@ -8,9 +8,9 @@ from torch import nn
 
 from workbench.core.metrics import ErrorAccumulator
 from workbench.core.weight_codes import rows_of
-from workbench.engine.conv1d import Conv1DLinear
-from workbench.engine.layers import QuantizedLayer
-from workbench.engine.modules import get_layer
+from workbench.engine.capture.conv1d import Conv1DLinear
+from workbench.engine.capture.modules import get_layer
+from workbench.engine.placement.layers import QuantizedLayer
 
 LAYER_COLUMNS = [
     "layer",

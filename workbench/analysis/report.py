@@ -11,7 +11,7 @@ import pandas as pd
 from torch import nn
 
 from workbench.atomic_file import atomic_path
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.placement.layers import QuantizedLayer
 from workbench.errors import ConfigError
 
 SUMMARY_WORST_LAYERS = 5
@@ -178,7 +178,7 @@ class Report:
     def _repr_html_(self) -> str:
         """The styled report view (summary, SQNR chart, layer table, storage, further
         tables) for front ends without the JupyterLab extension; no script."""
-        from workbench.analysis.report_html import report_view_html
+        from workbench.analysis.html.view import report_view_html
 
         return report_view_html(self.to_json())
 
@@ -210,7 +210,7 @@ class Report:
         """Write the report as one self-contained HTML page (inline CSS and SVG, no network;
         model name, date, versions; dark with the reader's colour scheme), atomically; missing
         folders on the way are created."""
-        from workbench.analysis.report_page import report_page
+        from workbench.analysis.html.page import report_page
 
         if not isinstance(path, str | os.PathLike):
             raise ConfigError(f"path must be a file path such as 'report.html', got {path!r}")
@@ -231,7 +231,7 @@ class ReportView:
     extension is installed, the same styled HTML elsewhere."""
 
     def __init__(self, report: Report, sections: tuple[str, ...]) -> None:
-        from workbench.analysis.report_html import SECTIONS
+        from workbench.analysis.html.view import SECTIONS
 
         unknown = [s for s in sections if s not in SECTIONS]
         if unknown:
@@ -240,7 +240,7 @@ class ReportView:
         self.sections = tuple(sections) or SECTIONS
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
-        from workbench.analysis.report_html import report_view_html
+        from workbench.analysis.html.view import report_view_html
         from workbench.analysis.report_json import REPORT_MIME_TYPE
 
         bundle = self.report.to_json()

@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.analysis.html_elements import element, esc, shorten_middle
-from workbench.analysis.report_format import MISSING, format_db, is_number, significant
+from workbench.analysis.html.elements import element, esc, shorten_middle
+from workbench.analysis.html.format import MISSING, format_db, is_number, significant
 from workbench.analysis.sqnr_bands import SQNR_GOOD_DB, SQNR_POOR_DB, sqnr_band
 
 SQNR_METRIC = "output_sqnr_db"

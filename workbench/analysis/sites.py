@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.engine.batches import run_model
-from workbench.engine.layers import QuantizedLayer
-from workbench.engine.modules import hooks_removed
-from workbench.engine.quantizers import ActivationQuantizer
+from workbench.engine.calibration.batches import run_model
+from workbench.engine.capture.modules import hooks_removed
+from workbench.engine.placement.layers import QuantizedLayer
+from workbench.engine.quantizers.modules import ActivationQuantizer
 
 SITES_TITLE = "Quantizer sites"
 SITE_COLUMNS = [

@@ -27,8 +27,8 @@ from torch import nn
 
 from workbench.core.blockwise import group_count
 from workbench.core.qtensor import zero_point_bytes as zero_point_storage
-from workbench.engine.layers import QuantizedLayer
-from workbench.engine.modules import get_layer
+from workbench.engine.capture.modules import get_layer
+from workbench.engine.placement.layers import QuantizedLayer
 
 STORAGE_COLUMNS = [
     "layer",

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.engine.batches import model_inputs
-from workbench.engine.layers import QuantizedLayer
-from workbench.engine.modules import hooks_removed, tensor_bytes
+from workbench.engine.calibration.batches import model_inputs
+from workbench.engine.capture.modules import hooks_removed, tensor_bytes
+from workbench.engine.placement.layers import QuantizedLayer
 
 # models with this many bytes of weights are walked block by block (smaller ones run whole)
 BLOCK_WALK_MODEL_BYTES = 256 * 1024**2

@@ -66,7 +66,8 @@ class QuantConfig:
         GPTQ quantizes the input columns in order of decreasing Hessian diagonal (the inputs
         with the most energy first) instead of left to right.
     smoothquant : float, "auto" or None
-        SmoothQuant before calibration (``engine.smoothquant``): each Linear's input channel
+        SmoothQuant before calibration (``engine.algorithms.smoothquant``): each Linear's input
+        channel
         ``j`` divided by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (folded into the
         LayerNorm or Linear before it) and its weight column multiplied by it; ``alpha`` in
         [0, 1], or ``"auto"`` to choose it per layer from the calibration data.

@@ -18,8 +18,8 @@ import pandas as pd
 from torch import nn
 
 from workbench.analysis.pareto import pareto_table
+from workbench.engine.capture.prepare import QUANTIZED, matches_any, plan_layers
 from workbench.engine.config import PRESETS, QuantConfig
-from workbench.engine.prepare import QUANTIZED, matches_any, plan_layers
 from workbench.errors import CalibrationError, ConfigError
 from workbench.notebook.option_spec import SEARCH, TRAINING
 from workbench.notebook.options import values_for
@@ -186,7 +186,7 @@ def pareto_optimal(runs: Sequence[dict[str, Any]]) -> list[bool]:
 
 def first_input(data: Any) -> Any:
     """The model input of the first batch of ``data`` (the default example for export)."""
-    from workbench.engine.batches import iter_batches, model_inputs
+    from workbench.engine.calibration.batches import iter_batches, model_inputs
 
     args, kwargs = model_inputs(next(iter_batches(data, 1)))
     return args[0] if args else kwargs

@@ -13,8 +13,8 @@ import io
 
 import pandas as pd
 
-from workbench.analysis.report_format import significant
-from workbench.analysis.report_html import frame_html, stylesheet
+from workbench.analysis.html.format import significant
+from workbench.analysis.html.view import frame_html, stylesheet
 from workbench.errors import WorkbenchError, first_line
 
 __all__ = ["error_line", "figure_svg", "significant", "status_html", "table_html", "text_html"]

@@ -7,7 +7,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from workbench.engine.config import PRESETS, QuantConfig
-from workbench.engine.qat_options import TrainingOptions
+from workbench.engine.training.options import TrainingOptions
 
 # where an option's value goes
 RUN = "run"  # the front end itself (names of notebook variables, output, export, ...)

@@ -9,8 +9,8 @@ import math
 
 import pandas as pd
 
-from workbench.analysis.html_elements import esc
-from workbench.analysis.report_format import significant
+from workbench.analysis.html.elements import esc
+from workbench.analysis.html.format import significant
 from workbench.analysis.sensitivity_plots import nice_ticks
 
 WIDTH, HEIGHT = 560, 300

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workbench.engine.batches import batch_size, inference_inputs
+from workbench.engine.calibration.batches import batch_size, inference_inputs
 from workbench.errors import ConfigError
 from workbench.runtime.cpu_features import CpuFeatures, detect_cpu_features
 from workbench.runtime.external_data import model_file_bytes

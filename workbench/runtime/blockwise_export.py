@@ -37,7 +37,7 @@ from onnx import helper
 from torch import nn
 
 from workbench.core.blockwise import expand_groups, group_count
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer
+from workbench.engine.placement.layers import QuantizedEmbedding, QuantizedLayer
 from workbench.errors import ExportError
 
 ORT_DOMAIN = "com.microsoft"

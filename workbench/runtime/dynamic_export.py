@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.core.dynamic_quant import fake_quantize_dynamic
-from workbench.engine.layers import LayerWeights, QuantizedLayer, StandsIn
-from workbench.engine.quantizers import QUANTIZE
+from workbench.engine.placement.layers import LayerWeights, QuantizedLayer, StandsIn
+from workbench.engine.quantizers.modules import QUANTIZE
 from workbench.runtime.per_call_specs import PerCallSpec
 from workbench.runtime.qdq_ops import MARKER_DOMAIN
 

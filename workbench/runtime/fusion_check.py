@@ -53,7 +53,8 @@ FLOAT_COMPUTE = {"Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGem
 REPORT_TITLE = "ONNX Runtime fusion"
 OPS_REPORT_TITLE = "ONNX Runtime fusion of adds, concats and pools"
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Constant", "Cast", "Slice", "Concat"}
-# exported op type -> the op kind it is (engine.op_kinds) and the integer kernel it can become
+# exported op type -> the op kind it is (engine.placement.op_kinds) and the integer kernel it can
+# become
 LISTED_OPS = {
     "Add": ("add", "QLinearAdd"),
     "Concat": ("concat", "QLinearConcat"),

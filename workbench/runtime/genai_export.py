@@ -99,7 +99,7 @@ def export_genai_folder(
             "pass tokenizer=... (a transformers tokenizer; PreTrainedTokenizerFast for a custom "
             "one)"
         )
-    from workbench.engine.layers import iter_quantized_layers
+    from workbench.engine.placement.layers import iter_quantized_layers
 
     layers = dict(iter_quantized_layers(result.model))
     head = _lm_head_name(result.model)

@@ -35,8 +35,12 @@ import torch
 from torch import nn
 
 from workbench.atomic_file import current_umask
-from workbench.engine.layers import QuantizedEmbedding, QuantizedLayer, iter_quantized_layers
-from workbench.engine.quantizers import ActivationQuantizer
+from workbench.engine.placement.layers import (
+    QuantizedEmbedding,
+    QuantizedLayer,
+    iter_quantized_layers,
+)
+from workbench.engine.quantizers.modules import ActivationQuantizer
 from workbench.errors import ExportError
 
 GPTQ_BITS = (2, 4, 8)

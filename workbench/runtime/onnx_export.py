@@ -23,7 +23,7 @@ How, and why this way:
 * **Conv needs DQ -> Conv -> Q** for QLinearConv, with an INT32 bias on the grid of
   ``s_x * s_w``; the engine places the output quantizers (after a lone ReLU, whose zero point
   0 lets ONNX Runtime drop it) and rounds the bias, so the simulation computes the same thing
-  (``engine.graph_quantizers``). ``qdq_graph`` then moves DQs past MaxPool / Flatten /
+  (``engine.placement.graph_quantizers``). ``qdq_graph`` then moves DQs past MaxPool / Flatten /
   Reshape and removes requantizations that are identities, so the residual adds of a ResNet
   see ``DQ, DQ -> Add -> Q`` (QLinearAdd).
 * **For CPUs with AMX-INT8, ``amx=True`` stores conv weights with zero point -1** (codes
@@ -58,10 +58,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from workbench.atomic_file import atomic_path, temporary_path_beside
-from workbench.engine.batches import model_inputs
-from workbench.engine.layers import QuantizedLayer, iter_quantized_layers
-from workbench.engine.modules import find_submodule, tensor_bytes
-from workbench.engine.training_modes import training_modes_kept
+from workbench.engine.calibration.batches import model_inputs
+from workbench.engine.capture.modules import find_submodule, tensor_bytes
+from workbench.engine.capture.training_modes import training_modes_kept
+from workbench.engine.placement.layers import QuantizedLayer, iter_quantized_layers
 from workbench.errors import ExportError, WorkbenchError, first_line
 from workbench.runtime import external_data as external_data_module
 from workbench.runtime.blockwise_export import (

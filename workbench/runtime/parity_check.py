@@ -35,9 +35,9 @@ from torch import nn
 
 from workbench.atomic_file import temporary_path_beside
 from workbench.core.metrics import cosine
-from workbench.engine.batches import inference_inputs, iter_batches, model_inputs
-from workbench.engine.graph_quantizers import OutputQuantized
-from workbench.engine.layers import QuantizedLayer
+from workbench.engine.calibration.batches import inference_inputs, iter_batches, model_inputs
+from workbench.engine.placement.graph_quantizers import OutputQuantized
+from workbench.engine.placement.layers import QuantizedLayer
 from workbench.runtime.external_data import has_external_data
 from workbench.runtime.graph_info import read_graph_info
 from workbench.runtime.onnx_export import flatten_outputs

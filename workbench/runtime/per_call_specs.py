@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.engine.modules import hooks_removed
+from workbench.engine.capture.modules import hooks_removed
 
 
 class PerCallSpec(nn.Module):

@@ -28,19 +28,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workbench.engine.call_sites import CountsCalls, FunctionSites
-from workbench.engine.data_flow import CONV_TYPES
-from workbench.engine.graph_quantizers import OutputQuantized
-from workbench.engine.layer_calls import QuantizedLayerCalls, bias_scale_for
-from workbench.engine.layers import (
+from workbench.engine.capture.modules import set_submodule, shared_copy
+from workbench.engine.placement.call_sites import CountsCalls, FunctionSites
+from workbench.engine.placement.data_flow import CONV_TYPES
+from workbench.engine.placement.graph_quantizers import OutputQuantized
+from workbench.engine.placement.layer_calls import QuantizedLayerCalls, bias_scale_for
+from workbench.engine.placement.layers import (
     LayerWeights,
     QuantizedEmbedding,
     QuantizedLayer,
     StandsIn,
     smoothed_input,
 )
-from workbench.engine.modules import set_submodule, shared_copy
-from workbench.engine.quantizers import OFF, QUANTIZE, ActivationQuantizer, applied_scale
+from workbench.engine.quantizers.modules import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
 from workbench.runtime.blockwise_export import (
     BlockwiseEmbedding,
@@ -183,7 +183,7 @@ def layer_spec(
 
 class ExportLayer(LayerWeights, CountsCalls, PerCallSpec, StandsIn):
     """A quantized layer, exported as DQ(int8 weight) -> MatMul / Conv. A layer called at
-    several sites (``engine.layer_calls``) has one input quantizer and one spec (its INT32
+    several sites (``engine.placement.layer_calls``) has one input quantizer and one spec (its INT32
     bias on that input's grid) per call."""
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,10 +28,10 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from workbench.engine.batches import iter_batches, model_inputs
+from workbench.engine.calibration.batches import iter_batches, model_inputs
+from workbench.engine.calibration.eval_metric import check_search, measure_metric
+from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.config import QuantConfig
-from workbench.engine.eval_metric import check_search, measure_metric
-from workbench.engine.model_copy import user_model_copy
 from workbench.errors import ConfigError, WorkbenchError, first_line
 from workbench.workflows.autotune_budget import Budget, resolve_budget
 from workbench.workflows.autotune_result import (

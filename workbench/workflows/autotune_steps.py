@@ -18,7 +18,7 @@ from workbench.analysis.diagnosis import (
     input_outliers,
     weight_error_dominates,
 )
-from workbench.engine.eval_metric import measure_metric
+from workbench.engine.calibration.eval_metric import measure_metric
 from workbench.errors import ConfigError
 from workbench.workflows.autotune_result import (
     TABLE_COLUMNS,

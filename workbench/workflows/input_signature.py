@@ -1,7 +1,8 @@
 """What the model was calibrated on (each input's name, per-sample shape and dtype), so that
 an export or benchmark input that does not fit is one clear error before any tracing.
 
-Training-only keyword inputs (``labels``, ``engine.batches.TRAINING_ONLY_INPUTS``) are not
+Training-only keyword inputs (``labels``, ``engine.calibration.batches.TRAINING_ONLY_INPUTS``) are
+not
 part of it: batches that carry them (Hugging Face's training convention) calibrate and train
 the model, and the export takes an example of the inference inputs only."""
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from workbench.engine.batches import TRAINING_ONLY_INPUTS, model_inputs
+from workbench.engine.calibration.batches import TRAINING_ONLY_INPUTS, model_inputs
 from workbench.errors import CalibrationError
 
 

@@ -28,11 +28,11 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from workbench.engine.batches import iter_batches
-from workbench.engine.calibrate import resolve_config
+from workbench.engine.calibration.batches import iter_batches
+from workbench.engine.calibration.calibrate import resolve_config
+from workbench.engine.calibration.eval_metric import check_eval_fn, check_search
+from workbench.engine.capture.modules import ROOT_NAME
 from workbench.engine.config import QuantConfig
-from workbench.engine.eval_metric import check_eval_fn, check_search
-from workbench.engine.modules import ROOT_NAME
 from workbench.errors import ConfigError
 from workbench.workflows.precision_search import (
     NO_ASSIGNMENT_WARNING,

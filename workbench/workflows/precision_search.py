@@ -14,10 +14,10 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from workbench.engine.calibration.eval_metric import measure_metric
+from workbench.engine.capture.prepare import FP32
 from workbench.engine.config import QuantConfig
-from workbench.engine.eval_metric import measure_metric
-from workbench.engine.prepare import FP32
-from workbench.engine.switches import quantize_only
+from workbench.engine.quantizers.switches import quantize_only
 from workbench.errors import ConfigError
 from workbench.workflows.input_signature import input_signature
 from workbench.workflows.ptq import REPORT_BATCHES, build_report

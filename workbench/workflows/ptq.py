@@ -14,27 +14,27 @@ from workbench.analysis.layer_table import layer_table
 from workbench.analysis.report import Report, build_summary, metric_name_of
 from workbench.analysis.sites import SITES_TITLE, activation_quantizers, site_table
 from workbench.analysis.storage import storage_table
-from workbench.engine.batches import iter_batches
-from workbench.engine.calibrate import (
+from workbench.engine.algorithms.refine import refine_quantized_model
+from workbench.engine.calibration.batches import iter_batches
+from workbench.engine.calibration.calibrate import (
     calibrate,
     finish_calibration,
     prepare_model,
     resolve_config,
 )
+from workbench.engine.calibration.eval_metric import check_eval_fn, measure_metric
+from workbench.engine.capture.model_copy import user_model_copy
+from workbench.engine.capture.modules import tensor_bytes
+from workbench.engine.capture.prepare import LayerPlan
 from workbench.engine.config import QuantConfig
-from workbench.engine.distributed import (
+from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.training.distributed import (
     broadcast_model,
     distributed_job,
     shard_loader,
     start_from_rank0,
     unwrap_ddp,
 )
-from workbench.engine.eval_metric import check_eval_fn, measure_metric
-from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.model_copy import user_model_copy
-from workbench.engine.modules import tensor_bytes
-from workbench.engine.prepare import LayerPlan
-from workbench.engine.refine import refine_quantized_model
 from workbench.errors import CalibrationError, ConfigError
 from workbench.workflows.result import QuantResult, finished_result
 from workbench.workflows.stages import StageClock

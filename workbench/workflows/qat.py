@@ -2,7 +2,7 @@
 
 What is trained is what is exported: weights and activations are fake-quantized (STE) exactly
 as the exported INT8 model computes them, and BatchNorm is folded into its conv (from the
-start by default; see ``engine/live_bn.py`` for ``freeze_bn_after``).
+start by default; see ``engine/training/live_bn.py`` for ``freeze_bn_after``).
 """
 
 from __future__ import annotations
@@ -19,21 +19,26 @@ from torch import nn
 
 from workbench.analysis.qat_report import QATReport
 from workbench.analysis.report import Report
-from workbench.engine.batches import (
+from workbench.engine.algorithms.refine import check_training_config
+from workbench.engine.calibration.batches import (
     epoch_batches,
     iter_batches,
     loss_target,
     move_batch,
     take_first_batches,
 )
-from workbench.engine.calibrate import (
+from workbench.engine.calibration.calibrate import (
     calibrate,
     finish_calibration,
     prepare_model,
     resolve_config,
 )
+from workbench.engine.calibration.eval_metric import check_eval_fn
+from workbench.engine.capture.model_copy import user_model_copy
+from workbench.engine.capture.prepare import LayerPlan
 from workbench.engine.config import QuantConfig
-from workbench.engine.distributed import (
+from workbench.engine.quantizers.qat import enable_qat, finish_qat
+from workbench.engine.training.distributed import (
     Job,
     check_equal_steps,
     distributed_job,
@@ -42,20 +47,15 @@ from workbench.engine.distributed import (
     start_from_rank0,
     unwrap_ddp,
 )
-from workbench.engine.eval_metric import check_eval_fn
-from workbench.engine.live_bn import unfold_batchnorms
-from workbench.engine.model_copy import user_model_copy
-from workbench.engine.prepare import LayerPlan
-from workbench.engine.qat_options import (
+from workbench.engine.training.live_bn import unfold_batchnorms
+from workbench.engine.training.options import (
     TrainingOptions,
     build_optimizer,
     check_loss,
     check_loss_fn,
     resolve_device,
 )
-from workbench.engine.qat_quantizers import enable_qat, finish_qat
-from workbench.engine.refine import check_training_config
-from workbench.engine.train import TrainingLog, train_qat
+from workbench.engine.training.train import TrainingLog, train_qat
 from workbench.errors import ConfigError
 from workbench.workflows.mixed_precision import (
     check_training_search,
@@ -98,7 +98,7 @@ def qat(
     config : QuantConfig or preset name (default ``"int8"``).
     loss_fn : ``loss_fn(output, target) -> scalar tensor``, e.g. ``nn.CrossEntropyLoss()``.
     epochs, lr, optimizer, device, learn_scales, freeze_bn_after : how it trains
-        (:class:`~workbench.engine.qat_options.TrainingOptions`): passes over ``train_data``;
+        (:class:`~workbench.engine.training.options.TrainingOptions`): passes over ``train_data``;
         learning rate; an optimizer class or factory called as ``optimizer(param_groups,
         lr=lr)`` (default Adam; not an instance: the trained model is a copy); ``"cuda"`` or
         the CPU (the result is on the CPU); learn every scale with LSQ; training steps during
@@ -177,7 +177,7 @@ def read_training_batches(
     model: nn.Module, train_data: Any, calib_data: Any, epochs: int, progress: bool, job: Job | None
 ) -> TrainingBatches:
     """The batches of one process (its shard in a distributed job); the first batch's form
-    ((inputs, targets) or a dict, ``engine.batches``' rule) checked now."""
+    ((inputs, targets) or a dict, ``engine.calibration.batches``' rule) checked now."""
     if job is not None:
         train_data, progress = shard_loader(train_data, job), progress and job.writes_files
         calib_data = None if calib_data is None else shard_loader(calib_data, job)

@@ -12,10 +12,10 @@ from torch import nn
 
 from workbench.analysis.report import Report
 from workbench.atomic_file import missing_folders, remove_empty_folders
-from workbench.engine.batches import inference_inputs
+from workbench.engine.calibration.batches import inference_inputs
+from workbench.engine.capture.prepare import LayerPlan
 from workbench.engine.config import QuantConfig
-from workbench.engine.distributed import Job, share_report
-from workbench.engine.prepare import LayerPlan
+from workbench.engine.training.distributed import Job, share_report
 from workbench.errors import ConfigError
 from workbench.runtime.export_guard import guarded_export
 from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature

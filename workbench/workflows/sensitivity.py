@@ -19,18 +19,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.core.metrics import ErrorAccumulator
-from workbench.engine.batches import iter_batches, output_tensor, run_model
-from workbench.engine.calibrate import (
+from workbench.engine.calibration.batches import iter_batches, output_tensor, run_model
+from workbench.engine.calibration.calibrate import (
     calibrate,
     finish_calibration,
     prepare_model,
     resolve_config,
 )
+from workbench.engine.calibration.eval_metric import check_eval_fn, measure_metric
+from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.config import QuantConfig
-from workbench.engine.eval_metric import check_eval_fn, measure_metric
-from workbench.engine.layers import iter_quantized_layers
-from workbench.engine.model_copy import user_model_copy
-from workbench.engine.switches import quantize_only
+from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.quantizers.switches import quantize_only
 
 METRIC_BATCHES = 8
 SENSITIVITY_COLUMNS = [

@@ -1,0 +1,1 @@
+"""The HTML report: the view, the standalone page, its parts and formatting."""

@@ -1,0 +1,1 @@
+"""PTQ algorithms: GPTQ, AdaRound, SmoothQuant, equalization, bias correction."""

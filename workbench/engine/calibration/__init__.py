@@ -1,0 +1,1 @@
+"""Calibration: the data, the observers' pass, the user's metric."""

@@ -1,0 +1,1 @@
+"""Where quantizers go: quantized layers, call sites, op kinds, the data flow."""

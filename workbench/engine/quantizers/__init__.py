@@ -1,0 +1,1 @@
+"""The quantizer modules and their modes (static, QAT, dynamic, on / off)."""

@@ -1,0 +1,1 @@
+"""QAT: the training loop, its options, live BatchNorm, distributed jobs."""

@@ -331,3 +331,30 @@ def test_layers_reading_one_input_take_it_in_one_pass(monkeypatch):
         ["gate_proj", "up_proj"],
         ["down_proj"],
     ]
+
+
+def test_shape_inference_without_the_large_parameters_writes_the_same_graph(
+    tmp_path, monkeypatch
+):
+    from workbench.runtime import torchscript_trace
+
+    model = _tiny_llama(1)
+    batches = _tokens(2)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_BYTES", 0)
+    infer = torch._C._jit_pass_onnx_graph_shape_type_inference
+    graphs, outputs = [], []
+    for limit, name in ((1 << 62, "all"), (0, "none")):  # every parameter's values / none
+        monkeypatch.setattr(torchscript_trace, "SHAPE_INFERENCE_PARAMETER_ELEMENTS", limit)
+        path = result.export_onnx(tmp_path / f"{name}.onnx", batches[0], check_fusion=False)
+        assert torch._C._jit_pass_onnx_graph_shape_type_inference is infer  # put back
+        graph = onnx.load(str(path), load_external_data=False).graph
+        graphs.append(
+            (
+                [(n.op_type, list(n.input), list(n.output)) for n in graph.node],
+                sorted(str(v.type) for v in [*graph.value_info, *graph.output]),
+            )
+        )
+        outputs.append(run_session(make_session(path), batches[1])[0])
+    assert graphs[0] == graphs[1]
+    np.testing.assert_array_equal(outputs[0], outputs[1])

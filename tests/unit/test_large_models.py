@@ -333,9 +333,7 @@ def test_layers_reading_one_input_take_it_in_one_pass(monkeypatch):
     ]
 
 
-def test_shape_inference_without_the_large_parameters_writes_the_same_graph(
-    tmp_path, monkeypatch
-):
+def test_shape_inference_without_the_large_parameters_writes_the_same_graph(tmp_path, monkeypatch):
     from workbench.runtime import torchscript_trace
 
     model = _tiny_llama(1)

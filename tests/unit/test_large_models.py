@@ -18,7 +18,9 @@ from workbench.core import weight_codes as weight_codes_module
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
+from workbench.engine.calibration import probe
 from workbench.engine.calibration.calibrate import calibrate, prepare_model
+from workbench.engine.calibration.probe import PROBE_TOKENS
 from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.engine.quantizers.modules import WeightQuantizer
@@ -356,3 +358,22 @@ def test_shape_inference_without_the_large_parameters_writes_the_same_graph(tmp_
         outputs.append(run_session(make_session(path), batches[1])[0])
     assert graphs[0] == graphs[1]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_large_model_probes_on_its_first_tokens_with_the_same_result(monkeypatch):
+    model = _tiny_llama()
+    batches = _tokens(2, length=4 * PROBE_TOKENS)
+    lengths: list[int] = []
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda _m, inputs: lengths.append(inputs[0].shape[-1])
+    )
+    whole = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    whole_lengths, lengths[:] = list(lengths), []
+    monkeypatch.setattr(probe, "PROBE_MODEL_BYTES", 0)
+    probed = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    assert PROBE_TOKENS in lengths and PROBE_TOKENS not in whole_lengths
+    assert len(lengths) == len(whole_lengths)  # the same passes, shorter
+    columns = ["layer", "status", "weight_sqnr_db", "output_sqnr_db", "layer_sqnr_db"]
+    assert probed.report.layers[columns].equals(whole.report.layers[columns])
+    with torch.no_grad():
+        assert torch.equal(probed.model(**batches[0]).logits, whole.model(**batches[0]).logits)

@@ -75,6 +75,24 @@ def test_codes_are_computed_once_and_again_after_an_in_place_change():
     assert torch.equal(changed, reference)
 
 
+def test_codes_hold_the_quantizers_qparams_and_follow_a_change_in_place():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(16, 64))
+    quantizer = WeightQuantizer(wb.Scheme(4, True, True, 0, group_size=32))
+    quantizer.freeze(weight)
+    with torch.no_grad():
+        kept = quantizer.codes_of(weight)
+        assert kept.scale.data_ptr() == quantizer.scale.data_ptr()  # not a copy
+        state = {k: v * 2 if k == "scale" else v for k, v in quantizer.state_dict().items()}
+        quantizer.load_state_dict(state)  # the scale changed in place
+        changed = quantizer(weight)
+    assert quantizer.codes_of(weight) is not kept
+    reference = fake_quantize(
+        weight.detach(), quantizer.scale, quantizer.zero_point, quantizer.scheme
+    )
+    assert torch.equal(changed, reference)
+
+
 def test_a_gradient_still_reaches_the_weight_through_the_fake_quantization():
     weight = nn.Parameter(torch.randn(8, 32))
     quantizer = WeightQuantizer(wb.Scheme(8, True, True, 0))

@@ -304,7 +304,7 @@ def test_large_model_report_measures_a_sample_and_states_time_and_memory(large_p
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_kept_4bit_codes_are_matmulnbits_bytes_as_they_are(symmetric):
-    from workbench.runtime.blockwise_export import _kept_packed, pack_codes, pack_zero_points
+    from workbench.runtime.blockwise_specs import _kept_packed, pack_codes, pack_zero_points
 
     torch.manual_seed(0)
     scheme = wb.Scheme(4, symmetric, True, 0, group_size=32)

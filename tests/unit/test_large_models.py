@@ -383,3 +383,19 @@ def test_a_large_model_probes_on_its_first_tokens_with_the_same_result(monkeypat
     assert probed.report.layers[columns].equals(whole.report.layers[columns])
     with torch.no_grad():
         assert torch.equal(probed.model(**batches[0]).logits, whole.model(**batches[0]).logits)
+
+
+def test_large_model_report_measures_the_first_tokens_as_an_independent_measure(large_paths):
+    model = _tiny_llama(1)
+    batches = _tokens(2, length=2 * ptq_workflow.REPORT_SAMPLE_TOKENS)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    summary = result.report.summary
+    tokens = ptq_workflow.REPORT_SAMPLE_TOKENS
+    assert f"first 1 of 2 batches (their first {tokens} tokens)" in summary["layer_errors_sample"]
+    sample = {key: value[:, :tokens] for key, value in batches[0].items()}
+    with torch.no_grad():
+        reference = model(**sample).logits.double()
+        quantized = result.model(**sample).logits.double()
+    noise = float(((reference - quantized) ** 2).sum())
+    sqnr_db = 10 * np.log10(float((reference**2).sum()) / noise)
+    assert summary["model_output_sqnr_db"] == pytest.approx(sqnr_db, abs=1e-6)

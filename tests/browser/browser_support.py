@@ -330,3 +330,12 @@ def low_contrast_texts(texts: list[dict]) -> dict:
         for t in texts
         if t["ratio"] < (3.0 if t["large"] else 4.5)
     }
+
+
+def assert_readable_contrast(root, where: str) -> list[dict]:
+    """Every visible text under the locator ``root`` reaches WCAG AA contrast, from the
+    rendered colours; returns the texts measured (``CONTRAST_JS``'s records)."""
+    texts = root.evaluate(CONTRAST_JS)
+    low = low_contrast_texts(texts)
+    assert low == {}, f"{where}: text below WCAG AA contrast: {low}"
+    return texts

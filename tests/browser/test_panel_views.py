@@ -25,12 +25,11 @@ from __future__ import annotations
 import re
 
 from browser_support import (
-    CONTRAST_JS,
     NEEDS_LAB_AND_BROWSER,
     RUN_TIMEOUT_MS,
     UI_TIMEOUT_MS,
     LabServer,
-    low_contrast_texts,
+    assert_readable_contrast,
     notebook_page,
     run_all_cells,
     screenshot_dir,
@@ -145,9 +144,7 @@ def open_tab(panel, title: str):
 
 
 def check_contrast_and_size(output, where: str) -> int:
-    texts = output.evaluate(CONTRAST_JS)
-    low = low_contrast_texts(texts)
-    assert low == {}, f"{where}: text below WCAG AA contrast: {low}"
+    texts = assert_readable_contrast(output, where)
     small = [t for t in texts if t["svg"] and t["size"] < MIN_CHART_TEXT_PX - 0.01]
     assert small == [], f"{where}: chart text under {MIN_CHART_TEXT_PX} px: {small[:8]}"
     return len(texts)

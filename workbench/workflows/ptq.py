@@ -168,11 +168,7 @@ def ptq(
             reference = user_model_copy(unwrap_ddp(model), "wb.ptq", share_weights=share)
         if job is not None:
             calib_data, progress = shard_loader(calib_data, job), progress and job.writes_files
-        # Stream the calibration data: only the first batches (BN folding, the report) are
-        # kept, so a whole training DataLoader does not have to fit in memory.
-        stream = iter_batches(calib_data, num_batches)
-        head = list(islice(stream, REPORT_BATCHES))
-        batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
+        head, batches = _calibration_stream(calib_data, num_batches)
         first = head[0] if job is None else start_from_rank0(reference, head[0], job)
         # a large model's passes that only find layers run on its first tokens
         probe = probe_batch(first, tensor_bytes(reference)) if job is None else first
@@ -238,6 +234,14 @@ def _report_batch_limit(model: nn.Module) -> int | None:
     """1 for a model of ``REPORT_SAMPLE_MODEL_BYTES`` or more (its report measures the first
     batch only), else None (every report batch)."""
     return 1 if tensor_bytes(model) >= REPORT_SAMPLE_MODEL_BYTES else None
+
+
+def _calibration_stream(calib_data: Any, num_batches: int | None) -> tuple[list[Any], Any]:
+    """The first ``REPORT_BATCHES`` batches (kept: BN folding, the report) and all the batches,
+    streamed after them, so that a whole training DataLoader need not fit in memory."""
+    stream = iter_batches(calib_data, num_batches)
+    head = list(islice(stream, REPORT_BATCHES))
+    return head, _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
 
 
 class _CalibrationBatches:

@@ -82,6 +82,7 @@ class QuantResult:
         amx: bool | str = False,
         accuracy_level: int = 4,
         external_data: bool | None = None,
+        progress: bool = True,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -98,8 +99,9 @@ class QuantResult:
         inference inputs and returns what inference returns (``logits``, never ``loss``).
         ``external_data``: tensors in ``path.data`` beside the graph (ONNX external data),
         streamed layer by layer; None (default) = when the model has 2 GiB of weights or
-        more (protobuf cannot hold one file past 2 GB); also for ``fp32_path``. The export's
-        time goes into the summary's ``stage_seconds``.
+        more (protobuf cannot hold one file past 2 GB); also for ``fp32_path``; with
+        ``progress``, a progress bar per layer written there. The export's time goes into the
+        summary's ``stage_seconds``.
         """
         from workbench.runtime.external_data import data_file_name
         from workbench.runtime.onnx_export import export_int8_onnx
@@ -123,6 +125,7 @@ class QuantResult:
                 amx=amx,
                 accuracy_level=accuracy_level,
                 external_data=external_data,
+                progress=progress,
             )
         clock.add_to(self.report.summary)
         if fp32_path is not None:

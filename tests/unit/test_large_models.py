@@ -18,7 +18,9 @@ from workbench.core import weight_codes as weight_codes_module
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
+from workbench.engine.calibration import probe
 from workbench.engine.calibration.calibrate import calibrate, prepare_model
+from workbench.engine.calibration.probe import PROBE_TOKENS
 from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.engine.quantizers.modules import WeightQuantizer
@@ -331,3 +333,47 @@ def test_layers_reading_one_input_take_it_in_one_pass(monkeypatch):
         ["gate_proj", "up_proj"],
         ["down_proj"],
     ]
+
+
+def test_shape_inference_without_the_large_parameters_writes_the_same_graph(tmp_path, monkeypatch):
+    from workbench.runtime import torchscript_trace
+
+    model = _tiny_llama(1)
+    batches = _tokens(2)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_BYTES", 0)
+    infer = torch._C._jit_pass_onnx_graph_shape_type_inference
+    graphs, outputs = [], []
+    for limit, name in ((1 << 62, "all"), (0, "none")):  # every parameter's values / none
+        monkeypatch.setattr(torchscript_trace, "SHAPE_INFERENCE_PARAMETER_ELEMENTS", limit)
+        path = result.export_onnx(tmp_path / f"{name}.onnx", batches[0], check_fusion=False)
+        assert torch._C._jit_pass_onnx_graph_shape_type_inference is infer  # put back
+        graph = onnx.load(str(path), load_external_data=False).graph
+        graphs.append(
+            (
+                [(n.op_type, list(n.input), list(n.output)) for n in graph.node],
+                sorted(str(v.type) for v in [*graph.value_info, *graph.output]),
+            )
+        )
+        outputs.append(run_session(make_session(path), batches[1])[0])
+    assert graphs[0] == graphs[1]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_large_model_probes_on_its_first_tokens_with_the_same_result(monkeypatch):
+    model = _tiny_llama()
+    batches = _tokens(2, length=4 * PROBE_TOKENS)
+    lengths: list[int] = []
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda _m, inputs: lengths.append(inputs[0].shape[-1])
+    )
+    whole = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    whole_lengths, lengths[:] = list(lengths), []
+    monkeypatch.setattr(probe, "PROBE_MODEL_BYTES", 0)
+    probed = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    assert PROBE_TOKENS in lengths and PROBE_TOKENS not in whole_lengths
+    assert len(lengths) == len(whole_lengths)  # the same passes, shorter
+    columns = ["layer", "status", "weight_sqnr_db", "output_sqnr_db", "layer_sqnr_db"]
+    assert probed.report.layers[columns].equals(whole.report.layers[columns])
+    with torch.no_grad():
+        assert torch.equal(probed.model(**batches[0]).logits, whole.model(**batches[0]).logits)

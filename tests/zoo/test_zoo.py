@@ -17,7 +17,7 @@ import torch
 
 import workbench as wb
 from tests.parity_bounds import assert_within_quantization_error
-from workbench.runtime.onnx_export import flatten_outputs
+from workbench.runtime.export_inputs import flatten_outputs
 from workbench.runtime.ort_session import make_session, run_session
 
 from . import text, vision

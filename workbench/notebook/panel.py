@@ -48,7 +48,25 @@ def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 class WorkbenchPanel(PanelControls, widgets.VBox):
-    """Controls, a Run button, result tabs and a runs table for one model.
+    """An ipywidgets panel to quantize ``model`` with PTQ or QAT and compare the runs
+    (``wb.panel``): controls, a Run button, result tabs and a runs table.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to quantize (never modified).
+    calib_data : DataLoader, iterable of batches, or tensor
+        Calibration data for PTQ.
+    eval_fn : callable, optional
+        ``eval_fn(model) -> float`` (higher is better), shown for FP32 and each run; the
+        metric of the Sensitivity tab and of auto mixed precision.
+    train_data, loss_fn : optional
+        Training data and ``loss_fn(output, target)`` for QAT.
+    example_input : tensor, optional
+        Input for ONNX export and benchmark (default: the first calibration batch).
+    report_data : optional
+        Held-out batches on which each run's report measures the per-layer errors
+        (default: the calibration batches).
 
     Attributes
     ----------
@@ -362,34 +380,6 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
             self._set_busy(False)
 
 
-def panel(
-    model: nn.Module,
-    calib_data: Any = None,
-    eval_fn: Callable[[nn.Module], float] | None = None,
-    train_data: Any = None,
-    loss_fn: Callable | None = None,
-    example_input: Any = None,
-    report_data: Any = None,
-) -> WorkbenchPanel:
-    """An ipywidgets panel to quantize ``model`` with PTQ or QAT and compare the runs.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model to quantize (never modified).
-    calib_data : DataLoader, iterable of batches, or tensor
-        Calibration data for PTQ.
-    eval_fn : callable, optional
-        ``eval_fn(model) -> float`` (higher is better), shown for FP32 and each run; the
-        metric of the Sensitivity tab and of auto mixed precision.
-    train_data, loss_fn : optional
-        Training data and ``loss_fn(output, target)`` for QAT.
-    example_input : tensor, optional
-        Input for ONNX export and benchmark (default: the first calibration batch).
-    report_data : optional
-        Held-out batches on which each run's report measures the per-layer errors
-        (default: the calibration batches).
-    """
-    return WorkbenchPanel(
-        model, calib_data, eval_fn, train_data, loss_fn, example_input, report_data
-    )
+# ``wb.panel(model, calib_data, ...)`` builds the panel: the class itself, so that its
+# parameters are written once
+panel = WorkbenchPanel

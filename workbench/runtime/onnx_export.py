@@ -47,22 +47,17 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from workbench.atomic_file import atomic_path, temporary_path_beside
-from workbench.engine.calibration.batches import model_inputs
+from workbench.atomic_file import atomic_path
 from workbench.engine.capture.modules import find_submodule, tensor_bytes
-from workbench.engine.capture.training_modes import training_modes_kept
 from workbench.engine.placement.layers import QuantizedLayer, iter_quantized_layers
-from workbench.errors import ExportError, WorkbenchError, first_line
+from workbench.errors import ExportError, first_line
 from workbench.runtime import external_data as external_data_module
 from workbench.runtime.blockwise_export import (
     DEFAULT_ACCURACY_LEVEL,
@@ -71,7 +66,6 @@ from workbench.runtime.blockwise_export import (
     check_accuracy_level,
 )
 from workbench.runtime.cpu_features import detect_cpu_features
-from workbench.runtime.export_guard import EXPORT_LOCK
 from workbench.runtime.external_data import (
     external_data_files,
     fill_placeholders,
@@ -79,288 +73,11 @@ from workbench.runtime.external_data import (
     save_graph,
 )
 from workbench.runtime.graph_info import GraphInfo
-from workbench.runtime.kv_cache import kv_cache_off
-from workbench.runtime.per_call_specs import spec_copies_per_call
 from workbench.runtime.qdq_graph import finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
+from workbench.runtime.torchscript_trace import exported_proto
 
 DEFAULT_OPSET = 17
-
-
-# inputs and outputs --------------------------------------------------------------------------
-def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every tensor of a model output (tensor, tuple, dict, ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return [(prefix, output)]
-    items: list[tuple[str, Any]]
-    if isinstance(output, dict) or hasattr(output, "keys"):
-        items = [(str(key), output[key]) for key in output.keys()]  # noqa: SIM118
-    elif isinstance(output, list | tuple):
-        items = [(f"{prefix}_{i}", value) for i, value in enumerate(output)]
-    else:
-        return []
-    flat: list[tuple[str, torch.Tensor]] = []
-    for name, value in items:
-        flat.extend(flatten_outputs(value, name))
-    return flat
-
-
-def export_inputs(example_input: Any) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of an example input, read as ``torch.onnx.export`` reads it: a tensor
-    is the one input, a dict the keyword inputs, a tuple / list the positional inputs (a dict
-    as its last item: keyword inputs after them)."""
-    if isinstance(example_input, list | tuple):
-        items = list(example_input)
-        kwargs = dict(items.pop()) if items and isinstance(items[-1], Mapping) else {}
-        if not items and not kwargs:
-            raise ExportError("example_input is an empty tuple; pass the model's input tensors")
-        return tuple(items), kwargs
-    return model_inputs(example_input)
-
-
-def input_names(example_input: Any) -> tuple[tuple, list[str]]:
-    """The positional tensors the exported graph takes, and their names."""
-    args, kwargs = export_inputs(example_input)
-    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
-    names += list(kwargs)
-    values = tuple(args) + tuple(kwargs.values())
-    for name, value in zip(names, values, strict=True):
-        if not isinstance(value, torch.Tensor):
-            raise ExportError(
-                f"example input {name!r} is a {type(value).__name__}, not a tensor; pass tensors "
-                "(or a dict of tensors) as example_input"
-            )
-    return values, names
-
-
-class _Positional(nn.Module):
-    """Calls ``model`` with the exported inputs and returns its output tensors as a tuple."""
-
-    def __init__(self, model: nn.Module, arg_count: int, kwarg_names: list[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.arg_count = arg_count
-        self.kwarg_names = kwarg_names
-
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args = inputs[: self.arg_count]
-        kwargs = dict(zip(self.kwarg_names, inputs[self.arg_count :], strict=True))
-        return tuple(tensor for _, tensor in flatten_outputs(self.model(*args, **kwargs)))
-
-
-# errors ----------------------------------------------------------------------------------------
-class _OpFinder(TorchFunctionMode):
-    """Finds the innermost module that calls an op, by running the model once."""
-
-    def __init__(self, op_names: set[str], stack: list[str]) -> None:
-        super().__init__()
-        self.op_names = op_names
-        self.stack = stack
-        self.found: str | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "").strip("_")
-        if self.found is None and name in self.op_names and self.stack:
-            self.found = self.stack[-1]
-        return func(*args, **(kwargs or {}))
-
-
-def _module_calling(model: nn.Module, values: tuple, arg_count: int, kwarg_names, op: str):
-    short = op.split("::")[-1].strip("_")
-    candidates = {short, short.split("_", 1)[-1]}
-    stack: list[str] = []
-    handles = []
-
-    def enter(name: str):
-        def hook(module, args) -> None:
-            stack.append(name)
-
-        return hook
-
-    def leave(module, args, output) -> None:
-        stack.pop()
-
-    for name, module in model.named_modules():
-        label = name or f"{type(model).__name__} (the model's own forward)"
-        handles.append(module.register_forward_pre_hook(enter(label)))
-        handles.append(module.register_forward_hook(leave))
-    finder = _OpFinder(candidates, stack)
-    try:
-        with torch.no_grad(), finder:
-            _Positional(model, arg_count, kwarg_names)(*values)
-    except Exception:
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return finder.found or None
-
-
-def unsupported_op(wrapper: nn.Module, values: tuple, opset: int) -> str | None:
-    """The first op (``aten::histc``) the TorchScript exporter cannot convert at ``opset``,
-    as ``torch.onnx.utils.unconvertible_ops`` lists them (its UnsupportedOperatorError keeps
-    the name only in its message); None when it lists none or cannot trace the model."""
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            _, ops = torch.onnx.utils.unconvertible_ops(wrapper, values, opset_version=opset)
-    except Exception:
-        return None
-    return ops[0] if ops else None
-
-
-def _export_error(
-    exc: Exception, what: str, model: nn.Module, values, arg_count, kwarg_names, opset: int
-):
-    first = first_line(exc)
-    op = unsupported_op(_Positional(model, arg_count, kwarg_names).eval(), values, opset)
-    if op is None:
-        return ExportError(
-            f"could not export {what} to ONNX ({first}); make the model traceable with "
-            "torch.jit.trace or exclude the module that fails"
-        )
-    module = _module_calling(model, values, arg_count, kwarg_names, op)
-    where = f" used in module {module!r}" if module else ""
-    return ExportError(
-        f"could not export {what} to ONNX: op {op}{where} has no ONNX equivalent "
-        f"({first}); rewrite that module with supported ops or leave it out of the export"
-    )
-
-
-# writing -------------------------------------------------------------------------------------
-def _torch_export(
-    model: nn.Module,
-    example_input: Any,
-    file: Path,
-    dynamic_batch: bool,
-    opset: int,
-    what: str,
-    with_weights: bool = True,
-) -> None:
-    """The TorchScript exporter's file of ``model``; without ``with_weights`` the parameters
-    are graph inputs named after the state dict (``external_data``) and the file is small."""
-    if dynamic_batch and is_transformers_model(model):
-        example_input = _two_tokens_for_one(example_input)
-    values, names = input_names(example_input)
-    args, kwargs = export_inputs(example_input)
-    # export runs it in eval mode, a decoder without its key/value cache
-    with training_modes_kept(model), kv_cache_off(model):
-        wrapper = _Positional(model, len(args), list(kwargs)).eval()
-        try:
-            with torch.no_grad(), spec_copies_per_call(model):
-                outputs = flatten_outputs(model(*args, **kwargs))
-        except WorkbenchError:
-            raise
-        except Exception as exc:  # the user's forward on the example input
-            raise ExportError(
-                f"example_input could not run through {what} ({type(exc).__name__}: "
-                f"{first_line(exc)}); pass one tensor, a tuple of the forward's positional "
-                "inputs, or a dict of keyword inputs"
-            ) from exc
-        if not outputs:
-            raise ExportError(
-                f"{what} returned no tensor; return a tensor, a tuple or a dict of them"
-            )
-        output_names: list[str] = []
-        for name, _ in outputs:  # unique names, in order
-            unique, index = name, 1
-            while unique in output_names or unique in names:
-                unique, index = f"{name}_{index}", index + 1
-            output_names.append(unique)
-        dynamic_axes = None
-        if dynamic_batch:
-            dynamic_axes = {
-                name: {0: "batch"}
-                for name, value in [*zip(names, values, strict=True), *outputs]
-                if value.dim() > 0
-            }
-        if dynamic_batch and is_transformers_model(model):
-            _add_sequence_axes(dynamic_axes, names, values, output_names, outputs)
-        try:
-            with EXPORT_LOCK, warnings.catch_warnings():  # the exporter's state is global
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    wrapper,
-                    values,
-                    str(file),
-                    dynamo=False,
-                    opset_version=opset,
-                    do_constant_folding=with_weights,
-                    export_params=with_weights,
-                    keep_initializers_as_inputs=None if with_weights else True,
-                    input_names=names,
-                    output_names=output_names,
-                    dynamic_axes=dynamic_axes,
-                )
-        except ExportError:
-            raise
-        except Exception as exc:
-            raise _export_error(exc, what, model, values, len(args), list(kwargs), opset) from exc
-
-
-def is_transformers_model(model: nn.Module) -> bool:
-    """A ``transformers`` model (its ``config`` has a ``model_type``), whose forward takes
-    token sequences of any length."""
-    return hasattr(getattr(model, "config", None), "model_type")
-
-
-def _is_tokens(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
-
-
-def _two_tokens_for_one(example_input: Any) -> Any:
-    """A one-token example traced as two tokens (each token input repeated): ``transformers``'
-    decoders take a one-token path whose trace bakes that length in (measured: an export traced
-    on ``[1, 1]`` failed on ``[2, 5]`` in ONNX Runtime; traced on two or more tokens it ran any
-    length). The graph is the same function; only the traced shapes differ."""
-    if isinstance(example_input, dict):
-        tokens = [v for v in example_input.values() if _is_tokens(v)]
-        if tokens and all(v.shape[1] == 1 for v in tokens):
-            return {k: v.repeat(1, 2) if _is_tokens(v) else v for k, v in example_input.items()}
-        return example_input
-    if _is_tokens(example_input) and example_input.shape[1] == 1:
-        return example_input.repeat(1, 2)
-    if isinstance(example_input, tuple):
-        tokens = [v for v in example_input if _is_tokens(v)]
-        if tokens and all(v.shape[1] == 1 for v in tokens):
-            return tuple(v.repeat(1, 2) if _is_tokens(v) else v for v in example_input)
-    return example_input
-
-
-def _add_sequence_axes(axes: dict, names, values, output_names, outputs) -> None:
-    """Axis 1 of every integer ``[N, S]`` input (ids, mask, positions) and of every output
-    whose axis 1 has the same length ``S`` (logits, hidden states) named ``sequence``."""
-    tokens = [
-        (name, value)
-        for name, value in zip(names, values, strict=True)
-        if value.dim() == 2 and not value.dtype.is_floating_point
-    ]
-    if not tokens:
-        return
-    length = tokens[0][1].shape[1]
-    for name, value in tokens:
-        if value.shape[1] == length:
-            axes[name][1] = "sequence"
-    for name, (_, value) in zip(output_names, outputs, strict=True):
-        if value.dim() >= 2 and value.shape[1] == length:
-            axes[name][1] = "sequence"
-
-
-def _exported_proto(
-    model: nn.Module,
-    example_input: Any,
-    target: Path,
-    dynamic_batch: bool,
-    opset: int,
-    what: str,
-    with_weights: bool = True,
-) -> onnx.ModelProto:
-    """The TorchScript exporter's graph of ``model``, through a temporary file beside ``target``."""
-    with temporary_path_beside(target, ".export") as raw:
-        _torch_export(model, example_input, raw, dynamic_batch, opset, what, with_weights)
-        proto = onnx.load(str(raw))
-    proto.producer_name = "workbench"
-    return proto
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
@@ -463,7 +180,7 @@ def export_int8_onnx(
     target = _target(path)
     large = uses_external_data(quantized_model, external_data)
     stand_in = exportable_model(quantized_model, deferred=large).eval()
-    proto = _exported_proto(
+    proto = exported_proto(
         stand_in, example_input, target, dynamic_batch, opset, "the quantized model", not large
     )
     try:
@@ -501,7 +218,7 @@ def export_fp32_onnx(
     file beside the graph, its parameters streamed into it)."""
     target = _target(path)
     large = uses_external_data(model, external_data)
-    proto = _exported_proto(
+    proto = exported_proto(
         model, example_input, target, dynamic_batch, opset, "the FP32 model", not large
     )
     if large:

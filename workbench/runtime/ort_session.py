@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import CalibrationError, ConfigError, MissingDependencyError, first_line
+from workbench.runtime.export_inputs import input_names
 from workbench.runtime.external_data import data_file_name, has_external_data
-from workbench.runtime.onnx_export import input_names
 
 ORT_PIP = "pip install onnxruntime"
 QUIET = 3  # ORT log severity: errors only (no "optimized model is hardware specific" notice)

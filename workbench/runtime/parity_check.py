@@ -38,9 +38,9 @@ from workbench.core.metrics import cosine
 from workbench.engine.calibration.batches import inference_inputs, iter_batches, model_inputs
 from workbench.engine.placement.graph_quantizers import OutputQuantized
 from workbench.engine.placement.layers import QuantizedLayer
+from workbench.runtime.export_inputs import flatten_outputs
 from workbench.runtime.external_data import has_external_data
 from workbench.runtime.graph_info import read_graph_info
-from workbench.runtime.onnx_export import flatten_outputs
 from workbench.runtime.onnx_maps import tensor_map
 from workbench.runtime.ort_session import make_session, run_session
 

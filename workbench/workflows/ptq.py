@@ -23,6 +23,7 @@ from workbench.engine.calibration.calibrate import (
     resolve_config,
 )
 from workbench.engine.calibration.eval_metric import check_eval_fn, measure_metric
+from workbench.engine.calibration.probe import probe_batch
 from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.capture.modules import tensor_bytes
 from workbench.engine.capture.prepare import LayerPlan
@@ -167,12 +168,14 @@ def ptq(
         head = list(islice(stream, REPORT_BATCHES))
         batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
         first = head[0] if job is None else start_from_rank0(reference, head[0], job)
+        # a large model's passes that only find layers run on its first tokens
+        probe = probe_batch(first, tensor_bytes(reference)) if job is None else first
         with clock.stage("prepare"):
             fp32_model, prepared, plans = prepare_model(
-                reference, first, config, head, share_weights=share
+                reference, probe, config, head, share_weights=share
             )
         with clock.stage("calibration"):
-            reached = calibrate(prepared, batches, progress, job)
+            reached = calibrate(prepared, batches, progress, job, probe=probe)
             finish_calibration(prepared, plans, reached)
             prepared.eval()
         with clock.stage("refinement"):

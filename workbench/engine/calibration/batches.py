@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from workbench.engine.calibration.probe import map_tensors
 from workbench.errors import CalibrationError, ConfigError, WorkbenchError, first_line
 
 
@@ -232,17 +233,9 @@ def first_samples(batch: Any, count: int = 2) -> Any:
     if not tensors or tensors[0].dim() == 0:
         return batch
     size = tensors[0].shape[0]
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value[:count] if value.dim() > 0 and value.shape[0] == size else value
-        if isinstance(value, Mapping):
-            return {k: cut(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)([cut(v) for v in value]) if type(value) in (list, tuple) else value
-        return value
-
-    return cut(batch)
+    return map_tensors(
+        batch, lambda value: value[:count] if value.dim() > 0 and value.shape[0] == size else value
+    )
 
 
 def run_model(model: nn.Module, batch: Any, index: int = 0, what: str = "calib_data") -> Any:

@@ -215,7 +215,11 @@ def check_plans(model: nn.Module, plans: list[LayerPlan], config: QuantConfig) -
 
 
 def calibrate(
-    model: nn.Module, batches: list[Any], progress: bool = True, job: Job | None = None
+    model: nn.Module,
+    batches: list[Any],
+    progress: bool = True,
+    job: Job | None = None,
+    probe: Any = None,
 ) -> set[str]:
     """Run calibration batches with observers on; returns the names of layers that ran.
 
@@ -225,11 +229,11 @@ def calibrate(
 
     Without an activation quantizer to observe (weight-only and dynamic configs) there is
     nothing to calibrate: only the first batch runs, with FP32 weights, to find the layers the
-    model calls.
+    model calls; or ``probe`` when given (a large model's first tokens, ``calibration.probe``).
     """
     weight_only = not needs_activation_calibration(model)
     if weight_only:
-        batches = _first_of(batches)
+        batches = [probe] if probe is not None else _first_of(batches)
     reached: set[str] = set()
     handles = []
     switched_off = []

@@ -34,11 +34,6 @@ from workbench.workflows.sensitivity import sensitivity as rank_layers
 PRESET_NAMES = tuple(PRESETS)
 
 
-def preset_weight_scheme(preset: str):
-    """The weight Scheme of a named preset (the panel's scheme controls start from it)."""
-    return PRESETS[preset].weight
-
-
 def quantizable_layers(model: nn.Module, preset: str) -> list[str]:
     """The layers the preset would quantize (a preset excludes nothing), in model order: the
     ones a user can choose to keep FP32 (the engine's planner decides, embeddings and the

@@ -59,12 +59,8 @@ from workbench.engine.capture.modules import find_submodule, tensor_bytes
 from workbench.engine.placement.layers import QuantizedLayer, iter_quantized_layers
 from workbench.errors import ExportError, first_line
 from workbench.runtime import external_data as external_data_module
-from workbench.runtime.blockwise_export import (
-    DEFAULT_ACCURACY_LEVEL,
-    BlockwiseSpec,
-    blockwise_arrays,
-    check_accuracy_level,
-)
+from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
+from workbench.runtime.blockwise_specs import BlockwiseSpec, blockwise_arrays
 from workbench.runtime.cpu_features import detect_cpu_features
 from workbench.runtime.external_data import (
     external_data_files,

@@ -28,6 +28,7 @@ from workbench.notebook import actions
 from workbench.notebook.autotune_tab import AutotuneTab
 from workbench.notebook.display import error_line, significant, status_html, table_html
 from workbench.notebook.export_tab import ExportTab
+from workbench.notebook.generation_section import GenerationSection
 from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
 from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
 from workbench.notebook.report_tabs import TITLES as REPORT_TITLES
@@ -67,6 +68,9 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
     report_data : optional
         Held-out batches on which each run's report measures the per-layer errors
         (default: the calibration batches).
+    tokenizer : optional
+        The tokenizer of a decoder LM (LLaMA, Mistral, Qwen2), for the generation benchmark
+        on ONNX Runtime GenAI in the Export & Benchmark tab.
 
     Attributes
     ----------
@@ -91,6 +95,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         loss_fn: Callable | None = None,
         example_input: Any = None,
         report_data: Any = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"wb.panel needs a torch.nn.Module, got {type(model).__name__}")
@@ -101,6 +106,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self.loss_fn = loss_fn
         self.example_input = example_input
         self.report_data = report_data
+        self.tokenizer = tokenizer
         self.result = None
         self.layers_table: pd.DataFrame | None = None
         self.error = ""
@@ -127,6 +133,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_method()
         self._on_mixed_precision()
         self.auto = AutotuneTab.attach(self)  # the Auto tab (wb.autotune), its own module
+        self.generation = GenerationSection.attach(self)  # decoders on ONNX Runtime GenAI
         self.add_class("jp-WorkbenchPanel")  # report_view.css styles its tab titles
         fit_layer_lists((self.keep_fp32, 0), (self.layer_precision.layers, PRECISION_PX))
         for child in self._control_widgets():
@@ -287,6 +294,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self.layers_table = layers_by_sqnr(result.report.layers)
         self.report_tabs.show(result.report, self.tabs.selected_index == PLOTS_TAB)
         self.export.reset()
+        self.generation.show_for(result)
 
     def _on_tab(self, _change=None) -> None:
         try:

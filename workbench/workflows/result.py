@@ -186,6 +186,24 @@ class QuantResult:
 
         return export_genai_folder(self, path, tokenizer, accuracy_level)
 
+    def generation_benchmark(
+        self,
+        tokenizer: Any,
+        prompts: Any,
+        baselines: Any = ("builder fp32", "builder rtn int4"),
+        new_tokens: int = 32,
+        runs: int = 2,
+        workdir: str | os.PathLike | None = None,
+    ):
+        """Prefill ms, decode tokens/s and file size on ONNX Runtime GenAI of this decoder's
+        int4 folder (``export_genai``) beside onnxruntime-genai's own builds of the FP32
+        weights (``baselines``: its FP32 and round-to-nearest int4), timed in one run, with the
+        CPU line; the table goes into the report. Runs the builder once per folder.
+        ``workdir`` keeps the folders (default: temporary)."""
+        from workbench.runtime.genai_compare import compare_generation
+
+        return compare_generation(self, tokenizer, prompts, baselines, new_tokens, runs, workdir)
+
     def generation_parity(self, folder: str | os.PathLike, prompts: Any, new_tokens: int = 32):
         """Greedy tokens of an ONNX Runtime GenAI folder against ``self.model``'s own greedy
         generation (``transformers`` ``generate``), prompt by prompt: the first position where

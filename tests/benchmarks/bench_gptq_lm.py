@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from byte_text import stdlib_bytes, train_lm
+from byte_text import windows as byte_windows
 from models import machine_line
 
 import workbench as wb
@@ -43,20 +44,8 @@ CALIB_BATCHES, CALIB_BATCH_SIZE = 8, 16
 EVAL_WINDOWS = 256
 
 
-# data -----------------------------------------------------------------------------------------
-def stdlib_bytes() -> tuple[torch.Tensor, torch.Tensor]:
-    """The standard library's top-level ``.py`` files as bytes: (training, held out), every
-    tenth file (sorted by name) held out."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    train = b"".join(f.read_bytes() for i, f in enumerate(files) if i % 10 != 9)
-    held_out = b"".join(f.read_bytes() for i, f in enumerate(files) if i % 10 == 9)
-    as_tensor = lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train), as_tensor(held_out)
-
-
 def windows(data: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(data) - CONTEXT_BYTES, (count,), generator=generator)
-    return torch.stack([data[s : s + CONTEXT_BYTES] for s in starts.tolist()])
+    return byte_windows(data, count, generator, CONTEXT_BYTES)
 
 
 # model ----------------------------------------------------------------------------------------
@@ -79,24 +68,7 @@ def small_gpt2(hidden: int, layers: int) -> nn.Module:
 
 
 def train(model: nn.Module, data: torch.Tensor, steps: int, batch_size: int) -> None:
-    """AdamW, a linear warm-up then a cosine decay over ``steps`` steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        lr = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = windows(data, batch_size, generator)
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if (step + 1) % 100 == 0:
-            elapsed = time.perf_counter() - start
-            print(f"  step {step + 1:5d}  {elapsed:6.0f} s  loss {loss.item():.3f} nats/byte")
+    train_lm(model, data, steps, batch_size, CONTEXT_BYTES, peak_lr=3e-3, warmup_steps=50)
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -50,6 +52,12 @@ def missing_browser_tools(need_node: bool = True) -> str | None:
     except ImportError:
         return "playwright is not installed (pip install playwright)"
     return None
+
+
+# the mark of the tests that need JupyterLab with the extension built, chromium and playwright
+NEEDS_LAB_AND_BROWSER = pytest.mark.skipif(
+    missing_browser_tools() is not None, reason=str(missing_browser_tools())
+)
 
 
 def free_port() -> int:
@@ -166,6 +174,62 @@ def screenshot_dir() -> Path:
     return folder
 
 
+def write_notebook(path: Path, *sources: str) -> None:
+    """Write a notebook of code cells with these sources, not yet run."""
+    cells = [
+        {"cell_type": "code", "metadata": {}, "source": s, "execution_count": None, "outputs": []}
+        for s in sources
+    ]
+    kernel = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    notebook = {"cells": cells, "metadata": {"kernelspec": kernel}, "nbformat": 4}
+    path.write_text(json.dumps(notebook | {"nbformat_minor": 5}))
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """Headless chromium (a playwright ``Browser``), closed on leaving."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def notebook_page(
+    server: LabServer, notebook_name: str, viewport: dict, failure_shot: str
+) -> Iterator[tuple]:
+    """The notebook ``notebook_name`` of the server's folder open in JupyterLab in chromium:
+    ``(page, notebook panel)``. On a failure inside, a full-page screenshot goes to
+    ``screenshot_dir() / failure_shot`` and the server's log to stdout."""
+    with chromium() as browser:
+        page = browser.new_page(viewport=viewport)
+        try:
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(f"{server.url}/lab/tree/{notebook_name}?token={server.token}")
+            notebook = page.locator(".jp-NotebookPanel:visible")
+            notebook.locator(".jp-Cell").first.wait_for()
+            yield page, notebook
+        except Exception:
+            page.screenshot(path=str(screenshot_dir() / failure_shot), full_page=True)
+            print(f"JupyterLab log:\n{server.log_tail()}")
+            raise
+
+
+def switch_to_dark_theme(page) -> None:
+    """Settings > Theme > JupyterLab Dark, and wait until the page has it."""
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Settings$")).click()
+    page.locator(".lm-Menu-item", has_text=re.compile(r"^Theme$")).hover()
+    page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
+    page.wait_for_selector("body[data-jp-theme-light='false']", state="attached")
+    page.wait_for_timeout(1000)
+
+
 def run_all_cells(page, notebook) -> None:
     """Run > Run All Cells once the kernel is idle, retried until the first code cell starts
     (the menu item stays disabled for a moment after the notebook opens)."""
@@ -266,3 +330,12 @@ def low_contrast_texts(texts: list[dict]) -> dict:
         for t in texts
         if t["ratio"] < (3.0 if t["large"] else 4.5)
     }
+
+
+def assert_readable_contrast(root, where: str) -> list[dict]:
+    """Every visible text under the locator ``root`` reaches WCAG AA contrast, from the
+    rendered colours; returns the texts measured (``CONTRAST_JS``'s records)."""
+    texts = root.evaluate(CONTRAST_JS)
+    low = low_contrast_texts(texts)
+    assert low == {}, f"{where}: text below WCAG AA contrast: {low}"
+    return texts

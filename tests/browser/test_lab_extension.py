@@ -18,17 +18,15 @@ import pytest
 from browser_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    NEEDS_LAB_AND_BROWSER,
     RUN_TIMEOUT_MS,
     UI_TIMEOUT_MS,
     LabServer,
-    missing_browser_tools,
     run_all_cells,
 )
 from torch import nn
 
-pytestmark = pytest.mark.skipif(
-    missing_browser_tools() is not None, reason=str(missing_browser_tools())
-)
+pytestmark = NEEDS_LAB_AND_BROWSER
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 HOSTILE_CELL = f"""import torch

@@ -22,26 +22,22 @@ their convs. Screenshots of each tab go to ``browser_support.screenshot_dir()``.
 
 from __future__ import annotations
 
-import json
 import re
 
-import pytest
 from browser_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    CONTRAST_JS,
+    NEEDS_LAB_AND_BROWSER,
     RUN_TIMEOUT_MS,
     UI_TIMEOUT_MS,
     LabServer,
-    low_contrast_texts,
-    missing_browser_tools,
+    assert_readable_contrast,
+    notebook_page,
     run_all_cells,
     screenshot_dir,
+    switch_to_dark_theme,
+    write_notebook,
 )
 
-pytestmark = pytest.mark.skipif(
-    missing_browser_tools() is not None, reason=str(missing_browser_tools())
-)
+pytestmark = NEEDS_LAB_AND_BROWSER
 
 VIEWPORT = {"width": 1400, "height": 900}
 ROWS = 100
@@ -136,20 +132,6 @@ OVERFLOW_JS = """
 """
 
 
-def write_notebook(path) -> None:
-    cell = {"cell_type": "code", "metadata": {}, "source": MODEL_CELL, "outputs": []}
-    cell["execution_count"] = None
-    notebook = {
-        "cells": [cell],
-        "metadata": {
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-    path.write_text(json.dumps(notebook))
-
-
 def open_tab(panel, title: str):
     """Click the panel's tab and wait until its page shows something."""
     panel.locator(".lm-TabBar-tab", has_text=re.compile(f"^{re.escape(title)}$")).click()
@@ -162,9 +144,7 @@ def open_tab(panel, title: str):
 
 
 def check_contrast_and_size(output, where: str) -> int:
-    texts = output.evaluate(CONTRAST_JS)
-    low = low_contrast_texts(texts)
-    assert low == {}, f"{where}: text below WCAG AA contrast: {low}"
+    texts = assert_readable_contrast(output, where)
     small = [t for t in texts if t["svg"] and t["size"] < MIN_CHART_TEXT_PX - 0.01]
     assert small == [], f"{where}: chart text under {MIN_CHART_TEXT_PX} px: {small[:8]}"
     return len(texts)
@@ -220,59 +200,41 @@ def check_storage(panel) -> None:
 
 
 def test_panel_tabs_at_100_layers_readable_in_both_themes(lab_server: LabServer):
-    from playwright.sync_api import sync_playwright
-
     shots = screenshot_dir()
-    write_notebook(lab_server.root_dir / "panel.ipynb")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        page = browser.new_page(viewport=VIEWPORT)
-        try:
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(f"{lab_server.url}/lab/tree/panel.ipynb?token={lab_server.token}")
-            notebook = page.locator(".jp-NotebookPanel:visible")
-            notebook.locator(".jp-Cell").first.wait_for()
-            if not page.locator("#filebrowser").is_visible():  # the sidebar open, as users have it
-                page.locator(".lm-TabBar-tab[data-id='filebrowser']").click()
-            run_all_cells(page, notebook)
-            cell = notebook.locator(".jp-Cell").first
-            panel = cell.locator(".jp-Cell-outputArea .jp-OutputArea-output").first
-            panel.locator(".lm-TabBar-tab").first.wait_for(timeout=RUN_TIMEOUT_MS)
-            panel.locator(".jp-WorkbenchReport-cards").first.wait_for(timeout=RUN_TIMEOUT_MS)
-            summary = panel.locator(".jp-WorkbenchReport-cards").first.inner_text()
-            assert f"{QUANTIZED - 1} folded, 1 kept FP32" in summary, summary
-            notebook_box = notebook.locator(".jp-WindowedPanel-outer, .jp-Notebook").first
-            checked = 0
-            for theme in ("light", "dark"):
-                if theme == "dark":
-                    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Settings$")).click()
-                    page.locator(".lm-Menu-item", has_text=re.compile(r"^Theme$")).hover()
-                    page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
-                    page.wait_for_selector("body[data-jp-theme-light='false']", state="attached")
-                    page.wait_for_timeout(1000)
-                for title in TABS:
-                    open_tab(panel, title)
-                    if title == "Sensitivity":
-                        check_sensitivity(panel)
-                    if title == "Storage" and theme == "light":
-                        check_storage(panel)
-                    page.wait_for_timeout(300)
-                    where = f"{title} tab, {theme} theme"
-                    checked += check_contrast_and_size(panel, where)
-                    check_no_sideways_scroll(panel, notebook_box, where)
-                    # the tab bar at the top of the window, the tab's page below it
-                    panel.locator(".lm-TabBar").first.evaluate(
-                        "el => el.scrollIntoView({block: 'start'})"
-                    )
-                    page.wait_for_timeout(200)
-                    slug = re.sub(r"\W+", "-", title.lower()).strip("-")
-                    page.screenshot(path=str(shots / f"panel-{slug}-{theme}.png"))
-            assert checked > 500  # the checks saw the panel's text, not an empty page
-        except Exception:
-            page.screenshot(path=str(shots / "panel-failure.png"), full_page=True)
-            print(f"JupyterLab log:\n{lab_server.log_tail()}")
-            raise
-        finally:
-            browser.close()
+    write_notebook(lab_server.root_dir / "panel.ipynb", MODEL_CELL)
+    with notebook_page(lab_server, "panel.ipynb", VIEWPORT, "panel-failure.png") as (
+        page,
+        notebook,
+    ):
+        if not page.locator("#filebrowser").is_visible():  # the sidebar open, as users have it
+            page.locator(".lm-TabBar-tab[data-id='filebrowser']").click()
+        run_all_cells(page, notebook)
+        cell = notebook.locator(".jp-Cell").first
+        panel = cell.locator(".jp-Cell-outputArea .jp-OutputArea-output").first
+        panel.locator(".lm-TabBar-tab").first.wait_for(timeout=RUN_TIMEOUT_MS)
+        panel.locator(".jp-WorkbenchReport-cards").first.wait_for(timeout=RUN_TIMEOUT_MS)
+        summary = panel.locator(".jp-WorkbenchReport-cards").first.inner_text()
+        assert f"{QUANTIZED - 1} folded, 1 kept FP32" in summary, summary
+        notebook_box = notebook.locator(".jp-WindowedPanel-outer, .jp-Notebook").first
+        checked = 0
+        for theme in ("light", "dark"):
+            if theme == "dark":
+                switch_to_dark_theme(page)
+            for title in TABS:
+                open_tab(panel, title)
+                if title == "Sensitivity":
+                    check_sensitivity(panel)
+                if title == "Storage" and theme == "light":
+                    check_storage(panel)
+                page.wait_for_timeout(300)
+                where = f"{title} tab, {theme} theme"
+                checked += check_contrast_and_size(panel, where)
+                check_no_sideways_scroll(panel, notebook_box, where)
+                # the tab bar at the top of the window, the tab's page below it
+                panel.locator(".lm-TabBar").first.evaluate(
+                    "el => el.scrollIntoView({block: 'start'})"
+                )
+                page.wait_for_timeout(200)
+                slug = re.sub(r"\W+", "-", title.lower()).strip("-")
+                page.screenshot(path=str(shots / f"panel-{slug}-{theme}.png"))
+        assert checked > 500  # the checks saw the panel's text, not an empty page

@@ -12,26 +12,23 @@ from disk in both colour schemes. Screenshots go to ``browser_support.screenshot
 
 from __future__ import annotations
 
-import json
 import re
 
-import pytest
 from browser_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    CONTRAST_JS,
+    NEEDS_LAB_AND_BROWSER,
     RUN_TIMEOUT_MS,
     UI_TIMEOUT_MS,
     LabServer,
-    low_contrast_texts,
-    missing_browser_tools,
+    assert_readable_contrast,
+    chromium,
+    notebook_page,
     run_all_cells,
     screenshot_dir,
+    switch_to_dark_theme,
+    write_notebook,
 )
 
-pytestmark = pytest.mark.skipif(
-    missing_browser_tools() is not None, reason=str(missing_browser_tools())
-)
+pytestmark = NEEDS_LAB_AND_BROWSER
 
 VIEWPORT = {"width": 1400, "height": 1000}
 LAYERS = 100
@@ -87,27 +84,6 @@ app.run_button.click()
 app"""
 
 
-def write_notebook(path) -> None:
-    def cell(source: str) -> dict:
-        return {
-            "cell_type": "code",
-            "metadata": {},
-            "source": source,
-            "execution_count": None,
-            "outputs": [],
-        }
-
-    notebook = {
-        "cells": [cell(MODEL_CELL), cell(PANEL_CELL)],
-        "metadata": {
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-    path.write_text(json.dumps(notebook))
-
-
 def check_layer_table(page, view) -> None:
     """Sticky header and first column, SQNR reachable inside the window, bounded height."""
     scroller = view.locator(".jp-WorkbenchReport-tableScroll")
@@ -154,10 +130,8 @@ def check_chart_filters_table(view) -> None:
 
 def check_contrast(view, where: str) -> None:
     """Every visible text of the view at WCAG AA contrast, from the rendered colours."""
-    texts = view.evaluate(CONTRAST_JS)
+    texts = assert_readable_contrast(view, where)
     assert len(texts) > 100  # the check saw the view's text
-    low = low_contrast_texts(texts)
-    assert low == {}, f"{where}: text below WCAG AA contrast: {low}"
 
 
 def check_text(text: str) -> None:
@@ -166,104 +140,80 @@ def check_text(text: str) -> None:
 
 
 def test_hundred_layer_report_in_lab_panel_and_file(lab_server: LabServer):
-    from playwright.sync_api import sync_playwright
-
     shots = screenshot_dir()
-    write_notebook(lab_server.root_dir / "views.ipynb")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+    write_notebook(lab_server.root_dir / "views.ipynb", MODEL_CELL, PANEL_CELL)
+    with notebook_page(lab_server, "views.ipynb", VIEWPORT, "lab-failure.png") as (
+        page,
+        notebook,
+    ):
+        notebook.locator(".jp-Cell").nth(1).wait_for()
+        run_all_cells(page, notebook)
+        report = notebook.locator(".jp-Cell").nth(0).locator(".jp-WorkbenchReport")
+        report.locator("tbody tr").first.wait_for(timeout=RUN_TIMEOUT_MS)
+        panel_tabs = notebook.locator(".jp-Cell").nth(1).locator(".lm-TabBar-tab")
+        panel_tabs.first.wait_for(timeout=RUN_TIMEOUT_MS)
+
+        check_text(report.inner_text())
+        check_contrast(report, "report view, light theme")
+        check_layer_table(page, report)
+        report.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "lab-100-layers-light.png"))
+        check_chart_filters_table(report)
+        page.screenshot(path=str(shots / "lab-100-layers-chart-filter-light.png"))
+
+        # the panel's tabs show the same report view
+        panel_cell = notebook.locator(".jp-Cell").nth(1)
+        for title, selector in (
+            ("Summary", ".jp-WorkbenchReport-cards"),
+            ("Layers", "table.jp-WorkbenchReport-layerTable"),
+            ("Storage", ".jp-WorkbenchReport-storageRow"),
+        ):
+            panel_cell.locator(".lm-TabBar-tab", has_text=re.compile(f"^{title}$")).click()
+            shown = panel_cell.locator(f".jp-WorkbenchReport {selector}:visible").first
+            shown.wait_for(timeout=UI_TIMEOUT_MS)
+            check_text(panel_cell.inner_text())
+            shown.scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / f"panel-{title.lower()}-light.png"))
+
+        # dark theme: the view follows JupyterLab's theme variables
+        switch_to_dark_theme(page)
+        header_bg = report.locator("th").first.evaluate(
+            "el => getComputedStyle(el).backgroundColor"
         )
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(f"{lab_server.url}/lab/tree/views.ipynb?token={lab_server.token}")
-            notebook = page.locator(".jp-NotebookPanel:visible")
-            notebook.locator(".jp-Cell").nth(1).wait_for()
-            run_all_cells(page, notebook)
-            report = notebook.locator(".jp-Cell").nth(0).locator(".jp-WorkbenchReport")
-            report.locator("tbody tr").first.wait_for(timeout=RUN_TIMEOUT_MS)
-            panel_tabs = notebook.locator(".jp-Cell").nth(1).locator(".lm-TabBar-tab")
-            panel_tabs.first.wait_for(timeout=RUN_TIMEOUT_MS)
+        channels = [int(v) for v in re.findall(r"\d+", header_bg)[:3]]
+        assert sum(channels) / 3 < 100, header_bg  # a dark header, not a white block
+        check_contrast(report, "report view, dark theme")
+        report.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "lab-100-layers-dark.png"))
+        panel_cell.locator(".lm-TabBar-tab", has_text=re.compile("^Layers$")).click()
+        panel_cell.locator(".jp-WorkbenchReport-chart:visible").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "panel-layers-dark.png"))
+        panel_cell.locator(".lm-TabBar-tab", has_text=re.compile("^Plots$")).click()
+        bars = panel_cell.locator(".jp-WorkbenchReport-sqnrBar:visible")
+        bars.first.wait_for(timeout=RUN_TIMEOUT_MS)
+        assert bars.count() == LAYERS
+        page.screenshot(path=str(shots / "panel-plots-dark.png"))
 
-            check_text(report.inner_text())
-            check_contrast(report, "report view, light theme")
-            check_layer_table(page, report)
-            report.scroll_into_view_if_needed()
-            page.screenshot(path=str(shots / "lab-100-layers-light.png"))
-            check_chart_filters_table(report)
-            page.screenshot(path=str(shots / "lab-100-layers-chart-filter-light.png"))
-
-            # the panel's tabs show the same report view
-            panel_cell = notebook.locator(".jp-Cell").nth(1)
-            for title, selector in (
-                ("Summary", ".jp-WorkbenchReport-cards"),
-                ("Layers", "table.jp-WorkbenchReport-layerTable"),
-                ("Storage", ".jp-WorkbenchReport-storageRow"),
-            ):
-                panel_cell.locator(".lm-TabBar-tab", has_text=re.compile(f"^{title}$")).click()
-                shown = panel_cell.locator(f".jp-WorkbenchReport {selector}:visible").first
-                shown.wait_for(timeout=UI_TIMEOUT_MS)
-                check_text(panel_cell.inner_text())
-                shown.scroll_into_view_if_needed()
-                page.screenshot(path=str(shots / f"panel-{title.lower()}-light.png"))
-
-            # dark theme: the view follows JupyterLab's theme variables
-            page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Settings$")).click()
-            page.locator(".lm-Menu-item", has_text=re.compile(r"^Theme$")).hover()
-            page.get_by_role("menuitem", name="JupyterLab Dark", exact=True).click()
-            page.wait_for_selector("body[data-jp-theme-light='false']", state="attached")
-            page.wait_for_timeout(1000)
-            header_bg = report.locator("th").first.evaluate(
-                "el => getComputedStyle(el).backgroundColor"
-            )
-            channels = [int(v) for v in re.findall(r"\d+", header_bg)[:3]]
-            assert sum(channels) / 3 < 100, header_bg  # a dark header, not a white block
-            check_contrast(report, "report view, dark theme")
-            report.scroll_into_view_if_needed()
-            page.screenshot(path=str(shots / "lab-100-layers-dark.png"))
-            panel_cell.locator(".lm-TabBar-tab", has_text=re.compile("^Layers$")).click()
-            panel_cell.locator(
-                ".jp-WorkbenchReport-chart:visible"
-            ).first.scroll_into_view_if_needed()
-            page.screenshot(path=str(shots / "panel-layers-dark.png"))
-            panel_cell.locator(".lm-TabBar-tab", has_text=re.compile("^Plots$")).click()
-            bars = panel_cell.locator(".jp-WorkbenchReport-sqnrBar:visible")
-            bars.first.wait_for(timeout=RUN_TIMEOUT_MS)
-            assert bars.count() == LAYERS
-            page.screenshot(path=str(shots / "panel-plots-dark.png"))
-        except Exception:
-            page.screenshot(path=str(shots / "lab-failure.png"), full_page=True)
-            print(f"JupyterLab log:\n{lab_server.log_tail()}")
-            raise
-        finally:
-            browser.close()
-
-        # the shared file, opened from disk, in both colour schemes
-        report_file = lab_server.root_dir / "report.html"
-        assert report_file.is_file()
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            for scheme in ("light", "dark"):
-                page = browser.new_page(viewport=VIEWPORT, color_scheme=scheme)
-                requests: list[str] = []
-                page.on("request", lambda request, seen=requests: seen.append(request.url))
-                page.goto(report_file.as_uri())
-                view = page.locator(".jp-WorkbenchReport")
-                text = view.inner_text()
-                check_text(text)
-                assert "model Encoder" in text and "torch " in text
-                background = page.evaluate("getComputedStyle(document.body).backgroundColor")
-                level = sum(int(v) for v in re.findall(r"\d+", background)[:3]) / 3
-                assert (level < 60) if scheme == "dark" else (level > 200), background
-                check_contrast(view, f"standalone file, {scheme} scheme")
-                check_layer_table(page, view)
-                page.screenshot(path=str(shots / f"html-file-{scheme}.png"))
-                check_chart_filters_table(view)
-                page.screenshot(path=str(shots / f"html-file-chart-filter-{scheme}.png"))
-                assert [url for url in requests if not url.startswith("file:")] == []
-                page.close()
-        finally:
-            browser.close()
+    # the shared file, opened from disk, in both colour schemes
+    report_file = lab_server.root_dir / "report.html"
+    assert report_file.is_file()
+    with chromium() as browser:
+        for scheme in ("light", "dark"):
+            page = browser.new_page(viewport=VIEWPORT, color_scheme=scheme)
+            requests: list[str] = []
+            page.on("request", lambda request, seen=requests: seen.append(request.url))
+            page.goto(report_file.as_uri())
+            view = page.locator(".jp-WorkbenchReport")
+            text = view.inner_text()
+            check_text(text)
+            assert "model Encoder" in text and "torch " in text
+            background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+            level = sum(int(v) for v in re.findall(r"\d+", background)[:3]) / 3
+            assert (level < 60) if scheme == "dark" else (level > 200), background
+            check_contrast(view, f"standalone file, {scheme} scheme")
+            check_layer_table(page, view)
+            page.screenshot(path=str(shots / f"html-file-{scheme}.png"))
+            check_chart_filters_table(view)
+            page.screenshot(path=str(shots / f"html-file-chart-filter-{scheme}.png"))
+            assert [url for url in requests if not url.startswith("file:")] == []
+            page.close()

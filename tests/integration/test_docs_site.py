@@ -26,7 +26,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # wb.panel and wb.benchmark are imported on first use (module __getattr__), so the reference
 # documents them where they are defined
 LAZY_NAMES = {
-    "panel": "workbench.notebook.panel.panel",
+    "panel": "workbench.notebook.panel.WorkbenchPanel",
     "benchmark": "workbench.runtime.benchmark.benchmark",
     "generation_benchmark": "workbench.runtime.genai_generation.generation_benchmark",
 }

@@ -1,6 +1,6 @@
 """``export_genai``: onnxruntime-genai's own builder makes the folder from our GPTQ checkpoint;
-its logits and greedy tokens are checked against the simulated model, and
-``wb.generation_benchmark`` times it beside the builder's FP32 build of the same weights.
+its logits and greedy tokens are checked against the simulated model, and the panel's
+generation benchmark times it beside the builder's FP32 and RTN int4 builds of the weights.
 Each builder run takes ~20 s (mostly its imports), hence slow."""
 
 from __future__ import annotations
@@ -43,6 +43,26 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def assert_prefill_matches_simulation(folder, res, tokenizer, prompts) -> None:
+    """Each prompt's logits at every position, from the folder's ``og.Generator`` prefill,
+    against the simulated model's: MatMulNBits at accuracy_level 4 rounds each input block
+    to int8, so close, not equal."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([ids], np.int32))
+        logits = np.asarray(generator.get_output("logits"))[0]
+        with torch.no_grad():
+            expected = res.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        for position in range(len(ids)):
+            assert _cosine(logits[position], expected[position]) >= 0.999
+
+
 def test_folder_is_the_builders_graph_with_a_kv_cache(built):
     res, folder, _, _ = built
     names = {p.name for p in folder.iterdir()}
@@ -57,22 +77,8 @@ def test_folder_is_the_builders_graph_with_a_kv_cache(built):
 
 
 def test_prefill_logits_match_the_simulation(built):
-    import onnxruntime_genai as og
-
     res, folder, tokenizer, _ = built
-    model = og.Model(str(folder))
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.asarray([ids], np.int32))
-        logits = np.asarray(generator.get_output("logits"))[0]
-        with torch.no_grad():
-            expected = res.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-        # MatMulNBits at accuracy_level 4 rounds each input block to int8: close, not equal
-        for position in range(len(ids)):
-            assert _cosine(logits[position], expected[position]) >= 0.999
+    assert_prefill_matches_simulation(folder, res, tokenizer, PROMPTS)
 
 
 def test_greedy_tokens_agree_or_differ_only_at_near_ties(built):
@@ -87,32 +93,32 @@ def test_greedy_tokens_agree_or_differ_only_at_near_ties(built):
     assert parity.REPORT_TITLE in res.report.extra_tables
 
 
-def test_generation_benchmark_against_the_builders_fp32_build(built):
-    res, folder, tokenizer, work = built
-    fp32_checkpoint = work / "fp32_checkpoint"
-    res.fp32_model.config.architectures = ["LlamaForCausalLM"]
-    res.fp32_model.save_pretrained(fp32_checkpoint)
-    tokenizer.save_pretrained(fp32_checkpoint)
-    fp32_folder = work / "fp32"
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(fp32_checkpoint)]
-    command += ["-o", str(fp32_folder), "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")]
-    subprocess.run(command, check=True, capture_output=True)
-    bench = wb.generation_benchmark(
-        {"fp32": fp32_folder, "gptq int4": folder}, PROMPTS[:2], new_tokens=16, runs=1
-    )
+def test_panel_times_our_folder_beside_the_builders_fp32_and_rtn_builds(tmp_path, monkeypatch):
+    """The panel's generation benchmark (``QuantResult.generation_benchmark``): three folders
+    made by the builder from one model, timed in one run; no folder left behind."""
+    monkeypatch.chdir(tmp_path)
+    app = wb.panel(tiny_llama(hidden=128), token_batches(), tokenizer=small_tokenizer())
+    app.set_controls(preset="int4-weight-g32", weight_method="gptq")
+    app.run_button.click()
+    app.generation.button.click()
+    assert app.error == "", app.error
+    bench = app.generation.benchmark
     table = bench.table.set_index("model")
-    assert list(table.index) == ["fp32", "gptq int4"]
+    assert list(table.index) == ["builder fp32", "builder rtn int4", "ours gptq int4"]
     assert (table["decode_tokens_per_s"] > 0).all() and (table["prefill_ms_p50"] > 0).all()
-    # 4-bit codes + one float scale per 32 inputs vs float32 weights (embeddings FP32 in both)
-    assert table.loc["gptq int4", "file_mb"] < 0.6 * table.loc["fp32", "file_mb"]
-    assert bench.cpu.startswith("CPU: ")
+    # 4-bit codes + a float scale (and ours a 4-bit zero point) per 32 inputs vs float32
+    # weights, embeddings FP32 in all three
+    fp32_mb = table.loc["builder fp32", "file_mb"]
+    assert table.loc["ours gptq int4", "file_mb"] < 0.6 * fp32_mb
+    assert table.loc["builder rtn int4", "file_mb"] < 0.6 * fp32_mb
+    assert bench.cpu.startswith("CPU: ") and bench.cpu in app.generation.html.value
+    assert app.result.report.extra_tables["Generation on ONNX Runtime GenAI"] is bench.table
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_pretrained_loads_in_the_builder_unedited(built, tmp_path):
     """The act-order checkpoint as save_pretrained writes it (``desc_act: true``, its g_idx
     used by the builder) through the builder's CLI: logits of the simulation."""
-    import onnxruntime_genai as og
-
     res, _, tokenizer, _ = built
     checkpoint = res.save_pretrained(tmp_path / "checkpoint", tokenizer)
     assert json.loads((checkpoint / "config.json").read_text())["quantization_config"]["desc_act"]
@@ -120,14 +126,4 @@ def test_save_pretrained_loads_in_the_builder_unedited(built, tmp_path):
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint)]
     command += ["-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")]
     subprocess.run(command, check=True, capture_output=True)
-    model = og.Model(str(out))
-    ids = tokenizer.encode(PROMPTS[0])
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray([ids], np.int32))
-    logits = np.asarray(generator.get_output("logits"))[0]
-    with torch.no_grad():
-        expected = res.model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    for position in range(len(ids)):
-        assert _cosine(logits[position], expected[position]) >= 0.999
+    assert_prefill_matches_simulation(out, res, tokenizer, PROMPTS[:1])

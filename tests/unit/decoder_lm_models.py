@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo.text import llama_config
 
 TEXT = [
     "def add(x, y):\n    return x + y\n",
@@ -33,21 +39,12 @@ def small_tokenizer():
 
 
 def tiny_llama(hidden: int = 64, layers: int = 2, tie: bool = False, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The zoo's tiny LLaMA with this tokenizer's vocabulary and 128 positions."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+    config = llama_config(
+        hidden, layers, vocab=VOCAB, positions=128, tie_word_embeddings=tie, pad_token_id=0
     )
     return LlamaForCausalLM(config).eval()
 

@@ -10,16 +10,13 @@ directory is left behind, in the working directory or the temporary directory.
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
 import torch
+from bad_input_cases import SUCCEEDS, Cases, check_case
 from IPython.core.error import UsageError
 from model_guard import untouched
 from torch import nn
@@ -27,27 +24,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 import workbench as wb
 
-SUCCEEDS = None
-
-
-@dataclass
-class Case:
-    build: Callable[[Path], tuple[Any, Any, Callable[[], Any]]]
-    expected: type | None
-    match: str = ""
-
-
-CASES: dict[str, Case] = {}
-
-
-def case(expected: type | None, match: str = ""):
-    """Register ``case_<name>(tmp) -> (model, data, call)``."""
-
-    def register(build):
-        CASES[build.__name__.removeprefix("case_")] = Case(build, expected, match)
-        return build
-
-    return register
+CASES = Cases()
+case = CASES.case
 
 
 # models and data -------------------------------------------------------------------------------
@@ -776,36 +754,10 @@ def case_panel_model_in_training_mode(tmp):
 
 
 # the sweep ---------------------------------------------------------------------------------------
-def _listing(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, tmp_path, monkeypatch, exported):
     EXPORTED.update(result=exported[0], int8=exported[1], fp32=exported[2])
-    work, scratch = tmp_path / "work", tmp_path / "tmp"
-    work.mkdir()
-    scratch.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    spec = CASES[name]
-    model, data, call = spec.build(work)
-    before = _listing(work)
-    with untouched(model, data):
-        if spec.expected is SUCCEEDS:
-            call()
-        elif issubclass(spec.expected, Warning):
-            with pytest.warns(spec.expected, match=spec.match):
-                call()
-        else:
-            with pytest.raises(spec.expected, match=spec.match) as info:
-                call()
-            assert isinstance(info.value, wb.WorkbenchError | UsageError)
-            assert "\n" not in str(info.value), str(info.value)
-    assert _listing(work) == before, "files left behind"
-    # torch's own compile cache may appear there; the workbench's files may not
-    left = [n for n in os.listdir(scratch) if not n.startswith("torchinductor_")]
-    assert left == [], "temporary files left behind"
+    check_case(CASES[name], tmp_path, monkeypatch, errors=(wb.WorkbenchError, UsageError))
 
 
 def test_the_sweep_covers_at_least_60_inputs():

@@ -19,12 +19,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -32,34 +28,14 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from model_guard import untouched
+from bad_input_cases import SUCCEEDS, Cases, check_case
 from torch import nn
 
 import workbench as wb
 from tests.parity_bounds import FLOAT32_ULPS, assert_within_quantization_error
 
-SUCCEEDS = None
-
-
-@dataclass
-class Case:
-    build: Callable[[Path], tuple[Any, Any, Callable[[], Any]]]
-    expected: type | None
-    match: str = ""
-    writes: tuple[str, ...] = ()  # files (and folders) a succeeding case leaves in the folder
-
-
-CASES: dict[str, Case] = {}
-
-
-def case(expected: type | None, match: str = "", writes: tuple[str, ...] = ()):
-    """Register ``case_<name>(tmp) -> (model, data, call)``."""
-
-    def register(build):
-        CASES[build.__name__.removeprefix("case_")] = Case(build, expected, match, writes)
-        return build
-
-    return register
+CASES = Cases()
+case = CASES.case
 
 
 # models and data ---------------------------------------------------------------------------------
@@ -547,31 +523,9 @@ def case_override_names_an_existing_site(tmp):
 
 
 # the sweep ---------------------------------------------------------------------------------------
-def _listing(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, tmp_path, monkeypatch):
-    work, scratch = tmp_path / "work", tmp_path / "tmp"
-    work.mkdir()
-    scratch.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    spec = CASES[name]
-    model, data, call = spec.build(work)
-    before = _listing(work)
-    with untouched(model, data):
-        if spec.expected is SUCCEEDS:
-            call()
-        else:
-            with pytest.raises(spec.expected, match=spec.match) as info:
-                call()
-            assert isinstance(info.value, wb.WorkbenchError)
-            assert "\n" not in str(info.value), str(info.value)
-    assert _listing(work) == before | set(spec.writes), "files left behind or missing"
-    left = [n for n in os.listdir(scratch) if not n.startswith("torchinductor_")]
-    assert left == [], "temporary files left behind"
+    check_case(CASES[name], tmp_path, monkeypatch)
 
 
 def test_the_second_sweep_covers_at_least_30_inputs():

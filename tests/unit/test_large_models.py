@@ -57,7 +57,8 @@ def test_kept_codes_dequantize_to_torch_fake_quant_bit_for_bit(scheme, chunk_byt
     assert codes.nbytes == -(-weight.numel() // per_byte)
 
 
-def test_codes_are_computed_once_and_again_after_an_in_place_change():
+@pytest.mark.parametrize("change", ["weight", "scale"])
+def test_codes_are_computed_once_and_again_after_an_in_place_change(change):
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(16, 64))
     quantizer = WeightQuantizer(wb.Scheme(4, True, True, 0, group_size=32))
@@ -66,7 +67,12 @@ def test_codes_are_computed_once_and_again_after_an_in_place_change():
         first = quantizer(weight)
         kept = quantizer.codes_of(weight)
         assert quantizer(weight) is not first and quantizer.codes_of(weight) is kept
-        weight.mul_(0.5)
+        assert kept.scale.data_ptr() == quantizer.scale.data_ptr()  # the qparams, not a copy
+        if change == "weight":
+            weight.mul_(0.5)
+        else:  # the scale, in place
+            state = {k: v * 2 if k == "scale" else v for k, v in quantizer.state_dict().items()}
+            quantizer.load_state_dict(state)
         changed = quantizer(weight)
     assert quantizer.codes_of(weight) is not kept
     reference = fake_quantize(
@@ -298,7 +304,7 @@ def test_large_model_report_measures_a_sample_and_states_time_and_memory(large_p
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_kept_4bit_codes_are_matmulnbits_bytes_as_they_are(symmetric):
-    from workbench.runtime.blockwise_export import _kept_packed, pack_codes, pack_zero_points
+    from workbench.runtime.blockwise_specs import _kept_packed, pack_codes, pack_zero_points
 
     torch.manual_seed(0)
     scheme = wb.Scheme(4, symmetric, True, 0, group_size=32)
@@ -377,3 +383,36 @@ def test_a_large_model_probes_on_its_first_tokens_with_the_same_result(monkeypat
     assert probed.report.layers[columns].equals(whole.report.layers[columns])
     with torch.no_grad():
         assert torch.equal(probed.model(**batches[0]).logits, whole.model(**batches[0]).logits)
+
+
+def test_large_model_report_measures_the_first_tokens_as_an_independent_measure(large_paths):
+    model = _tiny_llama(1)
+    batches = _tokens(2, length=2 * ptq_workflow.REPORT_SAMPLE_TOKENS)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    summary = result.report.summary
+    tokens = ptq_workflow.REPORT_SAMPLE_TOKENS
+    assert f"first 1 of 2 batches (their first {tokens} tokens)" in summary["layer_errors_sample"]
+    sample = {key: value[:, :tokens] for key, value in batches[0].items()}
+    with torch.no_grad():
+        reference = model(**sample).logits.double()
+        quantized = result.model(**sample).logits.double()
+    noise = float(((reference - quantized) ** 2).sum())
+    sqnr_db = 10 * np.log10(float((reference**2).sum()) / noise)
+    assert summary["model_output_sqnr_db"] == pytest.approx(sqnr_db, abs=1e-6)
+
+
+def test_large_models_show_a_bar_per_block_and_per_layer_written(large_paths, tmp_path, capsys):
+    model = _tiny_llama(2)
+    batches = _tokens(2)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=True)
+    result.export_onnx(tmp_path / "big.onnx", batches[0], check_fusion=False)
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    quantized = sum(result.report.layers["status"] == "quantized")  # each written once
+    for desc, steps in (
+        ("calibrating (blocks)", 2),
+        ("report (blocks)", 4),
+        ("export (layers)", quantized),
+    ):
+        assert f"{desc}: 100%" in bars and f" {steps}/{steps} [" in bars, (desc, bars)
+    wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    assert capsys.readouterr().err == ""

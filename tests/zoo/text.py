@@ -77,22 +77,33 @@ def gpt2(hidden: int = 64, layers: int = 2, seed: int = 0) -> nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def llama(hidden: int = 64, layers: int = 2, seed: int = 0) -> nn.Module:
-    """LLaMA (RMSNorm, rotary positions, SwiGLU, grouped key/value heads, untied head)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def llama_config(
+    hidden: int = 64, layers: int = 2, vocab: int = DECODER_VOCAB, positions: int = 64, **more
+):
+    """The tiny LLaMA's configuration: 4 heads, 2 key/value heads, MLP twice the hidden size,
+    token 0 begins and ends; ``more`` sets further fields (``tie_word_embeddings``, ...)."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=DECODER_VOCAB,
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
         bos_token_id=0,
         eos_token_id=0,
+        **more,
     )
+
+
+def llama(hidden: int = 64, layers: int = 2, seed: int = 0) -> nn.Module:
+    """LLaMA (RMSNorm, rotary positions, SwiGLU, grouped key/value heads, untied head)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = llama_config(hidden, layers)
     config._attn_implementation = "eager"
     return AutoModelForCausalLM.from_config(config).eval()
 

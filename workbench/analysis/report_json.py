@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from workbench.analysis.missing_values import is_missing
 from workbench.analysis.storage import STORAGE_COLUMNS
 
 REPORT_MIME_TYPE = "application/vnd.workbench.report+json"
@@ -37,12 +38,7 @@ def json_value(value: Any) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(value)
+    return None if is_missing(value) else str(value)
 
 
 def _records(table: pd.DataFrame, fields: list[str]) -> list[dict[str, Any]]:

@@ -131,19 +131,27 @@ def _grouped(scheme: Scheme, scale: torch.Tensor) -> bool:
 
 
 def weight_codes(
-    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    scheme: Scheme,
+    copy_qparams: bool = True,
 ) -> WeightCodes:
     """The codes of ``weight`` for fixed qparams, stored compactly (``WeightCodes``);
-    computed a block of rows at a time, so a large layer needs little more than its codes."""
+    computed a block of rows at a time, so a large layer needs little more than its codes.
+    ``copy_qparams`` False: the codes hold ``scale`` and ``zero_point`` themselves, not copies
+    (a group-wise scheme's qparams are an eighth of the weight's FP32 bytes or more)."""
     w = weight.detach().to(torch.float32)
+    if copy_qparams:
+        scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
     rows = w.shape[0] if w.dim() else 1
     per_row = max(1, w.numel() // max(rows, 1))
     step = max(2, (CHUNK_BYTES // per_row) // 2 * 2)  # an even number of rows per block
     if w.dim() < 2 or rows <= step or scheme.bits > 8:
         return WeightCodes(
             pack_codes(_codes_float(w, scale, zero_point, scheme), scheme),
-            scale.detach().clone(),
-            zero_point.detach().clone(),
+            scale.detach(),
+            zero_point.detach(),
             scheme,
             w.shape,
         )
@@ -155,7 +163,7 @@ def weight_codes(
         packed = pack_codes(_codes_float(w[start:end], s, z, scheme), scheme)
         offset = start * per_row // per_byte
         stored[offset : offset + packed.numel()] = packed
-    return WeightCodes(stored, scale.detach().clone(), zero_point.detach().clone(), scheme, w.shape)
+    return WeightCodes(stored, scale.detach(), zero_point.detach(), scheme, w.shape)
 
 
 def _rows_of_qparams(scale, zero_point, scheme, w, start, end):

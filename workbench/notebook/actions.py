@@ -4,6 +4,7 @@ The magic and the panel call these and nothing else: ``wb.ptq`` / ``wb.qat`` /
 ``wb.auto_mixed_precision`` / ``wb.keep_most_sensitive_fp32`` to quantize, ``wb.sensitivity``
 to rank the layers,
 ``QuantResult.export_onnx`` to export, ``wb.benchmark`` to time FP32 against INT8,
+``QuantResult.generation_benchmark`` to time a decoder's generation on ONNX Runtime GenAI,
 ``wb.pareto_table`` to compare runs, the engine's planner (``plan_layers``) to list the layers
 a config can keep FP32. No quantization logic lives here.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from workbench.analysis.pareto import pareto_table
@@ -30,11 +32,6 @@ from workbench.workflows.qat import qat
 from workbench.workflows.sensitivity import sensitivity as rank_layers
 
 PRESET_NAMES = tuple(PRESETS)
-
-
-def preset_weight_scheme(preset: str):
-    """The weight Scheme of a named preset (the panel's scheme controls start from it)."""
-    return PRESETS[preset].weight
 
 
 def quantizable_layers(model: nn.Module, preset: str) -> list[str]:
@@ -211,6 +208,30 @@ def benchmark(result, example_input: Any, onnx_path: str | Path | None = None, t
     result.report.extra_tables[REPORT_TITLE] = bench.table
     result.extras["benchmark"] = bench
     return bench
+
+
+def check_generation_model(model: nn.Module) -> None:
+    """An ``ExportError`` naming the supported families unless ONNX Runtime GenAI's builder
+    takes the model."""
+    from workbench.runtime.genai_export import check_genai_family
+
+    check_genai_family(model)
+
+
+def generation_benchmark(result, tokenizer: Any, data: Any, prompts: int = 4):
+    """``result.generation_benchmark``: the decoder's GenAI int4 folder beside the builder's
+    FP32 and RTN int4 builds, on the first 32 tokens of ``prompts`` rows of ``data``'s first
+    batch (token ids); the table goes into the report."""
+    check_generation_model(result.model)  # before anything is built: names the families
+    example = first_input(data)
+    ids = example.get("input_ids") if isinstance(example, dict) else example
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise ConfigError(
+            "the generation benchmark takes its prompts from the calibration batches, which "
+            "must be token ids [batch, tokens] (or dicts with input_ids)"
+        )
+    rows = [row[:32].tolist() for row in ids[:prompts]]
+    return result.generation_benchmark(tokenizer, rows)
 
 
 def fusion_table(result) -> tuple[str, pd.DataFrame | None]:

@@ -46,11 +46,15 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
     loss_fn = lookup_callable(namespace, recipe.loss, "--loss") if recipe.loss else None
     eval_fn = lookup_callable(namespace, recipe.eval, "--eval") if recipe.eval else None
     example = lookup(namespace, recipe.example, "--example") if recipe.example else None
+    tokenizer = None
+    if recipe.genai_bench:
+        tokenizer = lookup(namespace, recipe.genai_bench, "--genai-bench")
+        actions.check_generation_model(model)  # before quantizing: names the families
     config = recipe.config()
     if recipe.panel:
         from workbench.notebook.panel import panel
 
-        app = panel(model, calib, eval_fn, train, loss_fn, example, report_data)
+        app = panel(model, calib, eval_fn, train, loss_fn, example, report_data, tokenizer)
         app.set_controls(**recipe.control_values())
         return app
     result = actions.quantize(
@@ -71,6 +75,8 @@ def run_recipe(recipe: Recipe, namespace: Mapping[str, Any]) -> Any:
         onnx_path = actions.export(run, recipe.export, example) if recipe.export else None
         if recipe.bench:
             actions.benchmark(run, example, onnx_path)
+    if tokenizer is not None and run is not None:
+        actions.generation_benchmark(run, tokenizer, calib if calib is not None else train)
     return result
 
 

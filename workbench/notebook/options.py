@@ -47,6 +47,7 @@ examples:
   %quantize model --calib calib_loader --equalize --bias-correction --weight-method adaround
   %quantize model --calib calib --bias-correction analytic --weight-method gptq --gptq-act-order
   %quantize lm --calib calib_batches --weight-method gptq --no-quantize-lm-head
+  %quantize lm --calib calib_batches --preset int4-weight-g32 --genai-bench tokenizer
   %quantize model --calib calib_loader --panel
 
   %%quantize model
@@ -358,6 +359,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="INPUT",
     ),
     Option("bench", "bool", "benchmark FP32 against INT8 on ONNX Runtime CPU", "out"),
+    Option(
+        "genai_bench",
+        "name",
+        "decoder LMs (LLaMA, Mistral, Qwen2; 4-bit block-wise weights): build ONNX Runtime "
+        "GenAI folders with this tokenizer (ours, and onnxruntime-genai's FP32 and RTN int4 "
+        "builds of the FP32 weights) and time prefill and decode tokens/s on the calibration "
+        "batches' first tokens",
+        "out",
+        metavar="TOKENIZER",
+    ),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

@@ -28,6 +28,7 @@ from workbench.notebook import actions
 from workbench.notebook.autotune_tab import AutotuneTab
 from workbench.notebook.display import error_line, significant, status_html, table_html
 from workbench.notebook.export_tab import ExportTab
+from workbench.notebook.generation_section import GenerationSection
 from workbench.notebook.panel_controls import RUN_STEPS, PanelControls
 from workbench.notebook.report_tabs import PLOTS_PAGE, ReportTabs
 from workbench.notebook.report_tabs import TITLES as REPORT_TITLES
@@ -48,7 +49,28 @@ def layers_by_sqnr(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 class WorkbenchPanel(PanelControls, widgets.VBox):
-    """Controls, a Run button, result tabs and a runs table for one model.
+    """An ipywidgets panel to quantize ``model`` with PTQ or QAT and compare the runs
+    (``wb.panel``): controls, a Run button, result tabs and a runs table.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to quantize (never modified).
+    calib_data : DataLoader, iterable of batches, or tensor
+        Calibration data for PTQ.
+    eval_fn : callable, optional
+        ``eval_fn(model) -> float`` (higher is better), shown for FP32 and each run; the
+        metric of the Sensitivity tab and of auto mixed precision.
+    train_data, loss_fn : optional
+        Training data and ``loss_fn(output, target)`` for QAT.
+    example_input : tensor, optional
+        Input for ONNX export and benchmark (default: the first calibration batch).
+    report_data : optional
+        Held-out batches on which each run's report measures the per-layer errors
+        (default: the calibration batches).
+    tokenizer : optional
+        The tokenizer of a decoder LM (LLaMA, Mistral, Qwen2), for the generation benchmark
+        on ONNX Runtime GenAI in the Export & Benchmark tab.
 
     Attributes
     ----------
@@ -73,6 +95,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         loss_fn: Callable | None = None,
         example_input: Any = None,
         report_data: Any = None,
+        tokenizer: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"wb.panel needs a torch.nn.Module, got {type(model).__name__}")
@@ -83,6 +106,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self.loss_fn = loss_fn
         self.example_input = example_input
         self.report_data = report_data
+        self.tokenizer = tokenizer
         self.result = None
         self.layers_table: pd.DataFrame | None = None
         self.error = ""
@@ -109,6 +133,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self._on_method()
         self._on_mixed_precision()
         self.auto = AutotuneTab.attach(self)  # the Auto tab (wb.autotune), its own module
+        self.generation = GenerationSection.attach(self)  # decoders on ONNX Runtime GenAI
         self.add_class("jp-WorkbenchPanel")  # report_view.css styles its tab titles
         fit_layer_lists((self.keep_fp32, 0), (self.layer_precision.layers, PRECISION_PX))
         for child in self._control_widgets():
@@ -269,6 +294,7 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
         self.layers_table = layers_by_sqnr(result.report.layers)
         self.report_tabs.show(result.report, self.tabs.selected_index == PLOTS_TAB)
         self.export.reset()
+        self.generation.show_for(result)
 
     def _on_tab(self, _change=None) -> None:
         try:
@@ -362,34 +388,6 @@ class WorkbenchPanel(PanelControls, widgets.VBox):
             self._set_busy(False)
 
 
-def panel(
-    model: nn.Module,
-    calib_data: Any = None,
-    eval_fn: Callable[[nn.Module], float] | None = None,
-    train_data: Any = None,
-    loss_fn: Callable | None = None,
-    example_input: Any = None,
-    report_data: Any = None,
-) -> WorkbenchPanel:
-    """An ipywidgets panel to quantize ``model`` with PTQ or QAT and compare the runs.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model to quantize (never modified).
-    calib_data : DataLoader, iterable of batches, or tensor
-        Calibration data for PTQ.
-    eval_fn : callable, optional
-        ``eval_fn(model) -> float`` (higher is better), shown for FP32 and each run; the
-        metric of the Sensitivity tab and of auto mixed precision.
-    train_data, loss_fn : optional
-        Training data and ``loss_fn(output, target)`` for QAT.
-    example_input : tensor, optional
-        Input for ONNX export and benchmark (default: the first calibration batch).
-    report_data : optional
-        Held-out batches on which each run's report measures the per-layer errors
-        (default: the calibration batches).
-    """
-    return WorkbenchPanel(
-        model, calib_data, eval_fn, train_data, loss_fn, example_input, report_data
-    )
+# ``wb.panel(model, calib_data, ...)`` builds the panel: the class itself, so that its
+# parameters are written once
+panel = WorkbenchPanel

@@ -115,10 +115,9 @@ class PanelControls:
         return [widgets.HBox([w for _, w in sorted(rows[row])]) for row in sorted(rows)]
 
     def _on_preset(self, _change=None) -> None:
-        weight = actions.preset_weight_scheme(self.preset.value)
         for option in CONTROLLED:
             if option.target == SCHEME:
-                getattr(self, option.name).value = getattr(weight, option.name)
+                getattr(self, option.name).value = engine_default(option, self.preset.value)
 
     def _enabled(self, option: Option) -> bool:
         method = option.control.method

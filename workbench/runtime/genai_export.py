@@ -54,7 +54,7 @@ def check_genai_family(model: Any) -> str:
 
 
 def run_builder(
-    checkpoint: Path, output: Path, cache: Path, extra_options: list[str]
+    checkpoint: Path, output: Path, cache: Path, extra_options: list[str], precision: str = "int4"
 ) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
@@ -65,7 +65,7 @@ def run_builder(
         "-o",
         str(output),
         "-p",
-        "int4",
+        precision,
         "-e",
         "cpu",
         "-c",

@@ -42,13 +42,8 @@ from workbench.engine.placement.layers import (
 )
 from workbench.engine.quantizers.modules import OFF, QUANTIZE, ActivationQuantizer, applied_scale
 from workbench.errors import ExportError
-from workbench.runtime.blockwise_export import (
-    BlockwiseEmbedding,
-    BlockwiseLinear,
-    blockwise_spec,
-    deferred_blockwise_spec,
-    spec_weight,
-)
+from workbench.runtime.blockwise_export import BlockwiseEmbedding, BlockwiseLinear
+from workbench.runtime.blockwise_specs import blockwise_spec, deferred_blockwise_spec, spec_weight
 from workbench.runtime.export_pools import (
     ADAPTIVE_AVG_POOLS,
     ExportAdaptiveAvgPool,

@@ -16,14 +16,16 @@ from workbench.analysis.sites import SITES_TITLE, activation_quantizers, site_ta
 from workbench.analysis.storage import storage_table
 from workbench.engine.algorithms.refine import refine_quantized_model
 from workbench.engine.calibration.batches import iter_batches
+from workbench.engine.calibration.block_progress import block_progress
 from workbench.engine.calibration.calibrate import (
     calibrate,
     finish_calibration,
+    needs_activation_calibration,
     prepare_model,
     resolve_config,
 )
 from workbench.engine.calibration.eval_metric import check_eval_fn, measure_metric
-from workbench.engine.calibration.probe import probe_batch
+from workbench.engine.calibration.probe import first_tokens, probe_batch
 from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.capture.modules import tensor_bytes
 from workbench.engine.capture.prepare import LayerPlan
@@ -46,6 +48,7 @@ SITE_SQNR_BATCHES = 1  # one more forward of the quantized model, hooked at ever
 # report batch only (a bounded cost: each batch runs the FP32 and the quantized model)
 REPORT_SAMPLE_MODEL_BYTES = 1024**3
 REPORT_WEIGHT_ROWS = 256  # and its weight errors on this many rows of each larger weight
+REPORT_SAMPLE_TOKENS = 16  # and, for batches of token ids, their first tokens only
 
 
 def build_report(
@@ -59,6 +62,7 @@ def build_report(
     metric_fp32: float | None = None,
     held_out: list[Any] | None = None,
     max_batches: int | None = None,
+    progress: bool = False,
 ) -> Report:
     """The report of a calibrated model: layer table, storage, summary with ``eval_fn``'s
     metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``.
@@ -66,13 +70,24 @@ def build_report(
     user's model itself: ``eval_fn`` may run it in training mode. The per-layer errors are
     measured on ``held_out`` (``report_batches(report_data)``) when given, else on
     ``report_batches`` (the first calibration batches); ``summary["layer_errors_on"]`` says
-    which. ``max_batches`` bounds the batches measured (``layer_errors_sample`` says so)."""
+    which. ``max_batches`` bounds the batches measured, token batches to their first
+    ``REPORT_SAMPLE_TOKENS`` tokens (``layer_errors_sample`` says so), with a progress bar
+    per block when ``progress``."""
     source = "calib_data" if held_out is None else "report_data"
     batches = report_batches if held_out is None else held_out
     available = len(batches)
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
+    if max_batches is not None:  # and of token batches, their first tokens
+        whole = batches[:max_batches]
+        batches = [first_tokens(batch, REPORT_SAMPLE_TOKENS) for batch in whole]
+        cut = any(b is not w for b, w in zip(batches, whole, strict=True))
+    with block_progress(
+        quantized,
+        "report (blocks)",
+        2 * len(batches),
+        progress and max_batches is not None,
+        [fp32_model],
+    ):
+        measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
     weight_rows = None if max_batches is None else REPORT_WEIGHT_ROWS
     layers = layer_table(quantized, plans, measured, weight_rows)
     storage = storage_table(original, quantized, plans)
@@ -95,7 +110,9 @@ def build_report(
     summary["layer_errors_batches"] = len(batches)
     if max_batches is not None:
         summary["layer_errors_sample"] = (
-            f"first {len(batches)} of {available} batches, weight errors on "
+            f"first {len(batches)} of {available} batches"
+            + (f" (their first {REPORT_SAMPLE_TOKENS} tokens)" if cut else "")
+            + f", weight errors on "
             f"{REPORT_WEIGHT_ROWS} evenly spaced rows of larger weights (a model of "
             f"{tensor_bytes(original) / 1024**3:.1f} GiB: bounded cost)"
         )
@@ -162,11 +179,7 @@ def ptq(
             reference = user_model_copy(unwrap_ddp(model), "wb.ptq", share_weights=share)
         if job is not None:
             calib_data, progress = shard_loader(calib_data, job), progress and job.writes_files
-        # Stream the calibration data: only the first batches (BN folding, the report) are
-        # kept, so a whole training DataLoader does not have to fit in memory.
-        stream = iter_batches(calib_data, num_batches)
-        head = list(islice(stream, REPORT_BATCHES))
-        batches = _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
+        head, batches = _calibration_stream(calib_data, num_batches)
         first = head[0] if job is None else start_from_rank0(reference, head[0], job)
         # a large model's passes that only find layers run on its first tokens
         probe = probe_batch(first, tensor_bytes(reference)) if job is None else first
@@ -174,7 +187,8 @@ def ptq(
             fp32_model, prepared, plans = prepare_model(
                 reference, probe, config, head, share_weights=share
             )
-        with clock.stage("calibration"):
+        limit = _report_batch_limit(reference)  # large models: bars per block too
+        with clock.stage("calibration"), _calibration_blocks(prepared, batches, limit, progress):
             reached = calibrate(prepared, batches, progress, job, probe=probe)
             finish_calibration(prepared, plans, reached)
             prepared.eval()
@@ -192,7 +206,8 @@ def ptq(
                 head,
                 eval_fn,
                 held_out=held_out,
-                max_batches=_report_batch_limit(reference),
+                max_batches=limit,
+                progress=progress,
             )
         clock.add_to(report.summary)
         return finished_result(prepared, fp32_model, report, config, plans, "ptq", head[0], job)
@@ -228,10 +243,27 @@ def ptq_without_data(
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
 
 
+def _calibration_blocks(
+    prepared: nn.Module, batches: _CalibrationBatches, limit: int | None, progress: bool
+):
+    """A bar per block over the calibration passes of a large model (``limit`` not None)."""
+    # weight-only: one pass finds the layers called
+    passes = batches.expected if needs_activation_calibration(prepared) else 1
+    return block_progress(prepared, "calibrating (blocks)", passes, progress and limit is not None)
+
+
 def _report_batch_limit(model: nn.Module) -> int | None:
     """1 for a model of ``REPORT_SAMPLE_MODEL_BYTES`` or more (its report measures the first
     batch only), else None (every report batch)."""
     return 1 if tensor_bytes(model) >= REPORT_SAMPLE_MODEL_BYTES else None
+
+
+def _calibration_stream(calib_data: Any, num_batches: int | None) -> tuple[list[Any], Any]:
+    """The first ``REPORT_BATCHES`` batches (kept: BN folding, the report) and all the batches,
+    streamed after them, so that a whole training DataLoader need not fit in memory."""
+    stream = iter_batches(calib_data, num_batches)
+    head = list(islice(stream, REPORT_BATCHES))
+    return head, _CalibrationBatches(head, stream, _expected_batches(calib_data, num_batches))
 
 
 class _CalibrationBatches:

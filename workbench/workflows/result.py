@@ -82,6 +82,7 @@ class QuantResult:
         amx: bool | str = False,
         accuracy_level: int = 4,
         external_data: bool | None = None,
+        progress: bool = True,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -98,8 +99,9 @@ class QuantResult:
         inference inputs and returns what inference returns (``logits``, never ``loss``).
         ``external_data``: tensors in ``path.data`` beside the graph (ONNX external data),
         streamed layer by layer; None (default) = when the model has 2 GiB of weights or
-        more (protobuf cannot hold one file past 2 GB); also for ``fp32_path``. The export's
-        time goes into the summary's ``stage_seconds``.
+        more (protobuf cannot hold one file past 2 GB); also for ``fp32_path``; with
+        ``progress``, a progress bar per layer written there. The export's time goes into the
+        summary's ``stage_seconds``.
         """
         from workbench.runtime.external_data import data_file_name
         from workbench.runtime.onnx_export import export_int8_onnx
@@ -123,6 +125,7 @@ class QuantResult:
                 amx=amx,
                 accuracy_level=accuracy_level,
                 external_data=external_data,
+                progress=progress,
             )
         clock.add_to(self.report.summary)
         if fp32_path is not None:
@@ -182,6 +185,24 @@ class QuantResult:
         from workbench.runtime.genai_export import export_genai_folder
 
         return export_genai_folder(self, path, tokenizer, accuracy_level)
+
+    def generation_benchmark(
+        self,
+        tokenizer: Any,
+        prompts: Any,
+        baselines: Any = ("builder fp32", "builder rtn int4"),
+        new_tokens: int = 32,
+        runs: int = 2,
+        workdir: str | os.PathLike | None = None,
+    ):
+        """Prefill ms, decode tokens/s and file size on ONNX Runtime GenAI of this decoder's
+        int4 folder (``export_genai``) beside onnxruntime-genai's own builds of the FP32
+        weights (``baselines``: its FP32 and round-to-nearest int4), timed in one run, with the
+        CPU line; the table goes into the report. Runs the builder once per folder.
+        ``workdir`` keeps the folders (default: temporary)."""
+        from workbench.runtime.genai_compare import compare_generation
+
+        return compare_generation(self, tokenizer, prompts, baselines, new_tokens, runs, workdir)
 
     def generation_parity(self, folder: str | os.PathLike, prompts: Any, new_tokens: int = 32):
         """Greedy tokens of an ONNX Runtime GenAI folder against ``self.model``'s own greedy

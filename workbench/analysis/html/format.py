@@ -8,6 +8,8 @@ import math
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from workbench.analysis.missing_values import is_missing
+
 MISSING = "\u2014"
 KIB = 1024
 MIB = 1024 * 1024
@@ -74,11 +76,4 @@ def format_cell(value: Any) -> str:
     if is_number(value):
         number = value.item() if hasattr(value, "item") else value
         return f"{number:,}" if isinstance(number, int) else significant(number, 4)
-    try:
-        import pandas as pd
-
-        if pd.isna(value):
-            return MISSING
-    except (TypeError, ValueError):
-        pass
-    return str(value)
+    return MISSING if is_missing(value) else str(value)

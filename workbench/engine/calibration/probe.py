@@ -38,12 +38,18 @@ def probe_batch(batch: Any, model_bytes: int) -> Any:
     weights at or above ``PROBE_MODEL_BYTES`` whose batch is token ids; else ``batch``."""
     if model_bytes < PROBE_MODEL_BYTES:
         return batch
+    return first_tokens(batch, PROBE_TOKENS)
+
+
+def first_tokens(batch: Any, tokens: int) -> Any:
+    """The first ``tokens`` tokens of a batch of token ids (every tensor in it an integer
+    ``[batch, length]`` tensor of one shape, longer than ``tokens``); else ``batch`` itself."""
     tensors = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor)]
     if not tensors or any(
         tensor.dim() != 2 or tensor.is_floating_point() or tensor.shape != tensors[0].shape
         for tensor in tensors
     ):
         return batch
-    if tensors[0].shape[1] <= PROBE_TOKENS:
+    if tensors[0].shape[1] <= tokens:
         return batch
-    return map_tensors(batch, lambda tensor: tensor[:, :PROBE_TOKENS])
+    return map_tensors(batch, lambda tensor: tensor[:, :tokens])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -159,27 +160,19 @@ def _clone(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-class _SiteMode(TorchFunctionMode):
-    def __init__(self, sites: FunctionSites, tracker: CallTracker) -> None:
+class site_functions(TorchFunctionMode):
+    """Torch function mode: every tensor op called while it is active goes to
+    ``call(site, name, func, args, kwargs)``, ``site`` being the op's call site by ``tracker``
+    (None inside a leaf module or for an op not tracked) and ``name`` the op's name."""
+
+    def __init__(self, tracker: CallTracker, call: Callable[..., Any]) -> None:
         super().__init__()
-        self.sites = sites
         self.tracker = tracker
+        self.call = call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        site = self.tracker.function_site(function_name(func))
-        if site is not None and self.sites.has_input_quantizers:
-            args = tuple(
-                quantizer(value)
-                if (quantizer := self.sites.quantizer(input_site(site, i)))
-                else value
-                for i, value in enumerate(args)
-            )
-        out = func(*args, **kwargs)
-        quantizer = self.sites.quantizer(site) if site is not None else None
-        if quantizer is not None and isinstance(out, torch.Tensor):
-            out = quantizer(out)
-        return out
+        name = function_name(func)
+        return self.call(self.tracker.function_site(name), name, func, args, kwargs or {})
 
 
 def input_site(site: str, index: int) -> str:
@@ -254,9 +247,22 @@ class FunctionSites(nn.Module):
 
         calls = tracked_calls(tracker, on_enter, on_leave)
         calls.__enter__()
-        mode = _SiteMode(self, tracker)
+        mode = site_functions(tracker, self._quantized_call)
         mode.__enter__()
         self._active.append((calls, mode))
+
+    def _quantized_call(self, site: str | None, name: str, func, args, kwargs) -> Any:
+        """A tensor op with its site's input and output quantizers applied."""
+        if site is not None and self.has_input_quantizers:
+            args = tuple(
+                quantizer(value) if (quantizer := self.quantizer(input_site(site, i))) else value
+                for i, value in enumerate(args)
+            )
+        out = func(*args, **kwargs)
+        quantizer = self.quantizer(site) if site is not None else None
+        if quantizer is not None and isinstance(out, torch.Tensor):
+            out = quantizer(out)
+        return out
 
     def end(self, root: nn.Module, args: Any, output: Any) -> None:
         active = self._active.pop() if self._active else None

@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from workbench.engine.calibration.batches import run_model
 from workbench.engine.placement.call_sites import (
     CallTracker,
-    function_name,
+    site_functions,
     tracked_calls,
 )
 from workbench.engine.placement.layers import QuantizedLayer
@@ -88,32 +87,6 @@ def _layer_kind(module: nn.Module) -> OpKind:
     return module_kind(module)
 
 
-class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, flow: DataFlow, tracker: CallTracker) -> None:
-        super().__init__()
-        self.flow = flow
-        self.tracker = tracker
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = function_name(func)
-        site = self.tracker.function_site(name)
-        if site is None:
-            return func(*args, **kwargs)
-        inputs = _tensors((args, kwargs))
-        in_keys = [_key(t) for t in inputs]
-        out = func(*args, **kwargs)
-        outputs = _tensors(out)
-        out_keys = [_key(t) for t in outputs]
-        if outputs and not set(out_keys) <= set(in_keys):
-            op = function_kind(name, args, kwargs)
-            node = FlowNode("function", name, None, in_keys, out_keys, site, op)
-            node.reads_parameter = any(isinstance(t, nn.Parameter) for t in inputs)
-            self.flow.nodes.append(node)
-            self.flow.keep_alive.extend(inputs + outputs)
-        return out
-
-
 def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:
     """Run ``batch`` through ``model`` once and record which call consumed which tensor."""
     flow = DataFlow()
@@ -139,8 +112,24 @@ def trace_data_flow(model: nn.Module, batch: Any) -> DataFlow:
             flow.nodes.append(FlowNode("module", name, module, in_keys, out_keys, site, op))
         flow.keep_alive.extend(inputs + outputs)
 
-    recorder = _FunctionRecorder(flow, tracker)
-    with torch.no_grad(), tracked_calls(tracker, on_enter, on_leave), recorder:
+    def on_function(site, name, func, args, kwargs):
+        if site is None:
+            return func(*args, **kwargs)
+        inputs = _tensors((args, kwargs))
+        in_keys = [_key(t) for t in inputs]
+        out = func(*args, **kwargs)
+        outputs = _tensors(out)
+        out_keys = [_key(t) for t in outputs]
+        if outputs and not set(out_keys) <= set(in_keys):
+            op = function_kind(name, args, kwargs)
+            node = FlowNode("function", name, None, in_keys, out_keys, site, op)
+            node.reads_parameter = any(isinstance(t, nn.Parameter) for t in inputs)
+            flow.nodes.append(node)
+            flow.keep_alive.extend(inputs + outputs)
+        return out
+
+    functions = site_functions(tracker, on_function)
+    with torch.no_grad(), tracked_calls(tracker, on_enter, on_leave), functions:
         run_model(model, batch)
     return flow
 

@@ -184,7 +184,7 @@ class WeightQuantizer(nn.Module):
             codes is not None
             and self._codes_of is not None
             and self._codes_of() is weight
-            and self._codes_key == (weight._version, weight.data_ptr())
+            and self._codes_key == _codes_key(weight, codes)
             and codes.scale.shape == self.scale.shape
             and torch.equal(codes.scale, self.scale)
             and torch.equal(codes.zero_point.to(self.zero_point.dtype), self.zero_point)
@@ -207,9 +207,11 @@ class WeightQuantizer(nn.Module):
             self.freeze(weight)
         if not self._codes_current(weight):
             scale, zero_point = self.qparams(weight)
-            self._codes = weight_codes(weight, scale, zero_point, self.scheme)
+            # the codes hold this quantizer's own qparams (no copies); their version counters
+            # in the key tell a change in place (``load_state_dict``) from none
+            self._codes = weight_codes(weight, scale, zero_point, self.scheme, copy_qparams=False)
             self._codes_of = weakref.ref(weight)
-            self._codes_key = (weight._version, weight.data_ptr())
+            self._codes_key = _codes_key(weight, self._codes)
         return self._codes
 
     def linear_in_blocks(
@@ -293,6 +295,13 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scheme.describe()}, observer={self.observer_name}"
+
+
+def _codes_key(weight: torch.Tensor, codes: WeightCodes) -> tuple[int, ...]:
+    """What kept codes were computed from, as version counters and the weight's address: a
+    change in place of the weight or of the qparams the codes hold changes it."""
+    versions = (weight._version, codes.scale._version, codes.zero_point._version)
+    return (*versions, weight.data_ptr())
 
 
 def _scale_to_parameter(quantizer: nn.Module) -> None:

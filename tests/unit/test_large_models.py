@@ -18,6 +18,7 @@ from workbench.core import weight_codes as weight_codes_module
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
+from workbench.engine.algorithms.gptq import GPTQWeightQuantizer
 from workbench.engine.calibration import probe
 from workbench.engine.calibration.calibrate import calibrate, prepare_model
 from workbench.engine.calibration.probe import PROBE_TOKENS
@@ -269,6 +270,37 @@ def test_block_walk_gptq_gives_the_codes_of_whole_model_passes(monkeypatch):
         iter_quantized_layers(whole.model), iter_quantized_layers(by_block.model), strict=True
     ):
         assert torch.equal(a.weight_quantizer.codes, b.weight_quantizer.codes), name
+
+
+def test_the_lm_head_takes_its_inputs_from_the_walk_without_running_the_blocks_again(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_WALK_MODEL_BYTES", 0)
+    batches = _tokens(2)
+    config = wb.QuantConfig.preset("int4-weight-g32", weight_method="gptq")
+    model = wb.ptq(_tiny_llama(), batches, config=config, progress=False).model
+    lm_head = dict(iter_quantized_layers(model))["lm_head"]
+    assert isinstance(lm_head.weight_quantizer, GPTQWeightQuantizer)  # rounded after the walk
+    walked, inputs = blocks.first_block_inputs(model, batches)
+    with torch.no_grad():
+        for block in walked:
+            outputs = [block(*call.args, **call.kwargs) for call in inputs]
+            inputs = [
+                call.with_hidden(blocks.hidden_of(out))
+                for call, out in zip(inputs, outputs, strict=True)
+            ]
+        expected = [model(**batch).logits for batch in batches]
+    attention_calls = []
+    handles = [
+        block.self_attn.register_forward_pre_hook(lambda *args: attention_calls.append(1))
+        for block in walked
+    ]
+    with blocks.blocks_replayed(walked, outputs) as choose, torch.no_grad():
+        for index in (1, 0):
+            choose(index)
+            torch.testing.assert_close(model(**batches[index]).logits, expected[index])
+    for handle in handles:
+        handle.remove()
+    assert attention_calls == []  # the blocks returned the walk's output without running
+    assert all("forward" not in vars(block) for block in walked)  # and are themselves again
 
 
 def test_a_model_that_is_no_chain_of_blocks_is_not_walked(monkeypatch):

@@ -26,8 +26,8 @@ the ONNX export both read them.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -42,8 +42,10 @@ from workbench.engine.algorithms.gptq_solver import (
 )
 from workbench.engine.blocks import (
     BlockInput,
+    blocks_replayed,
     call_order,
     first_block_inputs,
+    hidden_of,
     run_block,
     sibling_groups,
 )
@@ -196,10 +198,15 @@ def _input_quantizer_of_next_call(layer: QuantizedLayer) -> nn.Module | None:
 
 
 def layer_hessian(
-    model: nn.Module, layer: QuantizedLayer, batches: Sequence[Any], calls_per_forward: int = 1
+    model: nn.Module,
+    layer: QuantizedLayer,
+    batches: Sequence[Any],
+    calls_per_forward: int = 1,
+    before_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor | None:
     """``H`` of ``layer``'s inputs in ``model`` (after its input quantizer) over ``batches``;
-    None when it never ran. A layer called once per forward stops the pass there."""
+    None when it never ran. A layer called once per forward stops the pass there.
+    ``before_batch`` is told each batch's index before its pass."""
     module = layer.layer
     accumulator = HessianAccumulator(weight_matrix(module).shape[1])
 
@@ -213,7 +220,9 @@ def layer_hessian(
             raise _InputsTaken
 
     with hooks_removed([layer.register_forward_pre_hook(take)]), torch.no_grad():
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            if before_batch is not None:
+                before_batch(index)
             args, kwargs = model_inputs(batch, model)
             with suppress(_InputsTaken):
                 model(*args, **kwargs)
@@ -231,10 +240,14 @@ def gptq_model(
 
     A large decoder is walked block by block (``engine.blocks``): each layer's inputs come from
     running its block on the block's inputs, which the previous (already rounded) block
-    produced; layers outside the blocks (an LM head) and other models take whole-model passes.
+    produced. Layers after the blocks (an LM head) then take passes in which every block
+    returns the walk's last output instead of running again (``blocks_replayed``), so their
+    inputs (after the final norm) cost no second pass through the blocks; other models take
+    whole-model passes.
     """
     rounded: list[str] = []
     done: set[str] = set()
+    replay: AbstractContextManager = nullcontext()
     walk = first_block_inputs(quantized_model, batches)
     if walk is not None:
         blocks, inputs = walk
@@ -250,8 +263,28 @@ def gptq_model(
                     if hessian is not None and _round_with_gptq(layer, hessian, act_order):
                         rounded.append(name)
                     done.add(name)
-            inputs = [call.with_hidden(run_block(block, call)) for call in inputs]
+            with torch.no_grad():
+                outputs = [block(*call.args, **call.kwargs) for call in inputs]
+            inputs = [
+                call.with_hidden(hidden_of(out)) for call, out in zip(inputs, outputs, strict=True)
+            ]
         del inputs
+        replay = blocks_replayed(blocks, outputs)  # the layers after them read the walk's end
+    with replay as choose_batch:
+        rounded += _gptq_rest(quantized_model, batches, done, act_order, progress, choose_batch)
+    return rounded
+
+
+def _gptq_rest(
+    quantized_model: nn.Module,
+    batches: Sequence[Any],
+    done: set[str],
+    act_order: bool,
+    progress: bool,
+    choose_batch: Callable[[int], None] | None,
+) -> list[str]:
+    """GPTQ on the layers the block walk did not round, with whole-model passes."""
+    rounded: list[str] = []
     calls = Counter(quantized_layer_calls(quantized_model, batches[0]))
     layers = dict(iter_quantized_layers(quantized_model))
     rest = [name for name in calls if name not in done]
@@ -259,7 +292,7 @@ def gptq_model(
         layer = layers[name]
         if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
             continue
-        hessian = layer_hessian(quantized_model, layer, batches, calls[name])
+        hessian = layer_hessian(quantized_model, layer, batches, calls[name], choose_batch)
         if hessian is not None and _round_with_gptq(layer, hessian, act_order):
             rounded.append(name)
     return rounded

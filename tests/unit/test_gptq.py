@@ -14,13 +14,11 @@ from torch import nn
 import workbench as wb
 from workbench.engine.algorithms.gptq import (
     GPTQWeightQuantizer,
-    expand_groups,
     from_matrix,
-    gptq_quantize,
     input_rows,
-    row_qparams,
     weight_matrix,
 )
+from workbench.engine.algorithms.gptq_solver import expand_groups, gptq_quantize, row_qparams
 from workbench.engine.placement.layers import iter_quantized_layers
 from workbench.errors import ConfigError
 

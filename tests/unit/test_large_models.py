@@ -399,3 +399,20 @@ def test_large_model_report_measures_the_first_tokens_as_an_independent_measure(
     noise = float(((reference - quantized) ** 2).sum())
     sqnr_db = 10 * np.log10(float((reference**2).sum()) / noise)
     assert summary["model_output_sqnr_db"] == pytest.approx(sqnr_db, abs=1e-6)
+
+
+def test_large_models_show_a_bar_per_block_and_per_layer_written(large_paths, tmp_path, capsys):
+    model = _tiny_llama(2)
+    batches = _tokens(2)
+    result = wb.ptq(model, batches, config="int4-weight-g32", progress=True)
+    result.export_onnx(tmp_path / "big.onnx", batches[0], check_fusion=False)
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    quantized = sum(result.report.layers["status"] == "quantized")  # each written once
+    for desc, steps in (
+        ("calibrating (blocks)", 2),
+        ("report (blocks)", 4),
+        ("export (layers)", quantized),
+    ):
+        assert f"{desc}: 100%" in bars and f" {steps}/{steps} [" in bars, (desc, bars)
+    wb.ptq(model, batches, config="int4-weight-g32", progress=False)
+    assert capsys.readouterr().err == ""

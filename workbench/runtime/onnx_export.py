@@ -53,6 +53,7 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from workbench.atomic_file import atomic_path
 from workbench.engine.capture.modules import find_submodule, tensor_bytes
@@ -62,6 +63,7 @@ from workbench.runtime import external_data as external_data_module
 from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.blockwise_specs import BlockwiseSpec, blockwise_arrays
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.export_guard import DEFAULT_OPSET
 from workbench.runtime.external_data import (
     external_data_files,
     fill_placeholders,
@@ -72,8 +74,6 @@ from workbench.runtime.graph_info import GraphInfo
 from workbench.runtime.qdq_graph import finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
 from workbench.runtime.torchscript_trace import exported_proto
-
-DEFAULT_OPSET = 17
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
@@ -117,10 +117,12 @@ def _save_with_external_data(
     target: Path,
     tensors: dict[str, torch.Tensor],
     deferred: dict[str, QuantizedLayer] | None = None,
+    progress: bool = False,
 ) -> None:
     """Write ``proto`` (traced without its weights) as ``target`` + ``target.data``: its
     parameters from ``tensors``, the stored weights of the ``deferred`` layers computed one
-    layer at a time, every other large initializer moved out; atomically."""
+    layer at a time (a progress bar per layer when ``progress``), every other large
+    initializer moved out; atomically."""
     deferred = deferred or {}
 
     def owner_of(name: str) -> tuple[str, str] | None:
@@ -129,10 +131,13 @@ def _save_with_external_data(
             return None
         return match.group("layer"), match.group("key")
 
+    bar = tqdm(total=len(deferred), desc="export (layers)", unit="layer", disable=not progress)
+
     def arrays_of(layer_name: str):
+        bar.update(1)
         return blockwise_arrays(deferred[layer_name])
 
-    with external_data_files(target) as (temporary, writer):
+    with external_data_files(target) as (temporary, writer), bar:
         materialize_inputs(proto.graph, tensors, writer)
         fill_placeholders(proto.graph, arrays_of, writer, owner_of)
         writer.move_out(proto.graph)
@@ -156,6 +161,7 @@ def export_int8_onnx(
     amx: bool | str = False,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     external_data: bool | None = None,
+    progress: bool = False,
 ) -> tuple[Path, GraphInfo]:
     """Write the simulated ``quantized_model`` as an INT8 QDQ ONNX model (atomically).
 
@@ -166,7 +172,8 @@ def export_int8_onnx(
     (4 = int8 compute, ONNX Runtime's fastest; 1 = FP32 compute, closest to the simulation).
     ``external_data``: write the tensors to ``path.data`` beside the graph (``external_data``
     module), streaming them layer by layer; None (default): when the model's tensors reach
-    2 GiB. Returns the path and the map of quantized layers / output quantizers in the graph.
+    2 GiB; ``progress``: then a progress bar per layer written. Returns the path and the map
+    of quantized layers / output quantizers in the graph.
     """
     check_accuracy_level(accuracy_level)
     if amx == "auto":
@@ -195,7 +202,7 @@ def export_int8_onnx(
         }
         tensors = _named_tensors(stand_in)
         del stand_in
-        _save_with_external_data(proto, target, tensors, deferred)
+        _save_with_external_data(proto, target, tensors, deferred, progress)
     else:
         _save_atomically(proto, target)
     return target, info

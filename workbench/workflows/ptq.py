@@ -16,9 +16,11 @@ from workbench.analysis.sites import SITES_TITLE, activation_quantizers, site_ta
 from workbench.analysis.storage import storage_table
 from workbench.engine.algorithms.refine import refine_quantized_model
 from workbench.engine.calibration.batches import iter_batches
+from workbench.engine.calibration.block_progress import block_progress
 from workbench.engine.calibration.calibrate import (
     calibrate,
     finish_calibration,
+    needs_activation_calibration,
     prepare_model,
     resolve_config,
 )
@@ -60,6 +62,7 @@ def build_report(
     metric_fp32: float | None = None,
     held_out: list[Any] | None = None,
     max_batches: int | None = None,
+    progress: bool = False,
 ) -> Report:
     """The report of a calibrated model: layer table, storage, summary with ``eval_fn``'s
     metric of ``original`` (``metric_fp32`` when already measured) and of ``quantized``.
@@ -68,7 +71,8 @@ def build_report(
     measured on ``held_out`` (``report_batches(report_data)``) when given, else on
     ``report_batches`` (the first calibration batches); ``summary["layer_errors_on"]`` says
     which. ``max_batches`` bounds the batches measured, token batches to their first
-    ``REPORT_SAMPLE_TOKENS`` tokens (``layer_errors_sample`` says so)."""
+    ``REPORT_SAMPLE_TOKENS`` tokens (``layer_errors_sample`` says so), with a progress bar
+    per block when ``progress``."""
     source = "calib_data" if held_out is None else "report_data"
     batches = report_batches if held_out is None else held_out
     available = len(batches)
@@ -76,7 +80,14 @@ def build_report(
         whole = batches[:max_batches]
         batches = [first_tokens(batch, REPORT_SAMPLE_TOKENS) for batch in whole]
         cut = any(b is not w for b, w in zip(batches, whole, strict=True))
-    measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
+    with block_progress(
+        quantized,
+        "report (blocks)",
+        2 * len(batches),
+        progress and max_batches is not None,
+        [fp32_model],
+    ):
+        measured, model_stats = measure_layer_errors(fp32_model, quantized, batches, source)
     weight_rows = None if max_batches is None else REPORT_WEIGHT_ROWS
     layers = layer_table(quantized, plans, measured, weight_rows)
     storage = storage_table(original, quantized, plans)
@@ -176,7 +187,8 @@ def ptq(
             fp32_model, prepared, plans = prepare_model(
                 reference, probe, config, head, share_weights=share
             )
-        with clock.stage("calibration"):
+        limit = _report_batch_limit(reference)  # large models: bars per block too
+        with clock.stage("calibration"), _calibration_blocks(prepared, batches, limit, progress):
             reached = calibrate(prepared, batches, progress, job, probe=probe)
             finish_calibration(prepared, plans, reached)
             prepared.eval()
@@ -194,7 +206,8 @@ def ptq(
                 head,
                 eval_fn,
                 held_out=held_out,
-                max_batches=_report_batch_limit(reference),
+                max_batches=limit,
+                progress=progress,
             )
         clock.add_to(report.summary)
         return finished_result(prepared, fp32_model, report, config, plans, "ptq", head[0], job)
@@ -228,6 +241,15 @@ def ptq_without_data(
         reference, fp32_model, prepared, plans, config, [], eval_fn, held_out=held_out
     )
     return QuantResult(prepared, fp32_model, report, config, plans, method="ptq")
+
+
+def _calibration_blocks(
+    prepared: nn.Module, batches: _CalibrationBatches, limit: int | None, progress: bool
+):
+    """A bar per block over the calibration passes of a large model (``limit`` not None)."""
+    # weight-only: one pass finds the layers called
+    passes = batches.expected if needs_activation_calibration(prepared) else 1
+    return block_progress(prepared, "calibrating (blocks)", passes, progress and limit is not None)
 
 
 def _report_batch_limit(model: nn.Module) -> int | None:

@@ -17,7 +17,7 @@ from workbench.engine.capture.prepare import LayerPlan
 from workbench.engine.config import QuantConfig
 from workbench.engine.training.distributed import Job, share_report
 from workbench.errors import ConfigError
-from workbench.runtime.export_guard import guarded_export
+from workbench.runtime.export_guard import DEFAULT_OPSET, guarded_export
 from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 from workbench.workflows.stages import StageClock
 
@@ -78,10 +78,11 @@ class QuantResult:
         dynamic_batch: bool = True,
         fp32_path: str | os.PathLike | None = None,
         check_fusion: bool = True,
-        opset: int = 17,
+        opset: int = DEFAULT_OPSET,
         amx: bool | str = False,
         accuracy_level: int = 4,
         external_data: bool | None = None,
+        progress: bool = True,
     ) -> Path:
         """Write the quantized model as an INT8 QDQ ONNX model that ONNX Runtime fuses.
 
@@ -98,8 +99,9 @@ class QuantResult:
         inference inputs and returns what inference returns (``logits``, never ``loss``).
         ``external_data``: tensors in ``path.data`` beside the graph (ONNX external data),
         streamed layer by layer; None (default) = when the model has 2 GiB of weights or
-        more (protobuf cannot hold one file past 2 GB); also for ``fp32_path``. The export's
-        time goes into the summary's ``stage_seconds``.
+        more (protobuf cannot hold one file past 2 GB); also for ``fp32_path``; with
+        ``progress``, a progress bar per layer written there. The export's time goes into the
+        summary's ``stage_seconds``.
         """
         from workbench.runtime.external_data import data_file_name
         from workbench.runtime.onnx_export import export_int8_onnx
@@ -123,6 +125,7 @@ class QuantResult:
                 amx=amx,
                 accuracy_level=accuracy_level,
                 external_data=external_data,
+                progress=progress,
             )
         clock.add_to(self.report.summary)
         if fp32_path is not None:
@@ -143,7 +146,7 @@ class QuantResult:
         path: str | os.PathLike,
         example_input: Any,
         dynamic_batch: bool = True,
-        opset: int = 17,
+        opset: int = DEFAULT_OPSET,
         external_data: bool | None = None,
     ) -> Path:
         """Write the FP32 reference (BatchNorm folded, no quantizers) as ONNX

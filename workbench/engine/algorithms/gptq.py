@@ -10,13 +10,8 @@ Hessian of the layer's squared output error on the calibration inputs ``X`` (``[
     U = cholesky(H^-1)^T                                            (upper triangular)
     for each column j:  q_j = Q(w_j),  e_j = (w_j - q_j) / U_jj,  w_k -= e_j U_jk  (k > j)
 
-The updates are applied lazily, ``BLOCK_SIZE`` columns at a time (the same result, fewer
-memory passes). Inputs never seen (``H_jj = 0``, dead columns) get a zero weight. With
-``act_order`` the columns are taken in order of decreasing ``H_jj`` and the permutation is
-undone at the end. With block-wise (per-group) scales, a group's scale is computed from the
-weights as updated when its first column is reached, as the reference code does; with
-``act_order`` too, the group scales are fixed from the original weights first ("static
-groups"), so that every group stays a contiguous run of input columns as the export needs.
+The column solver (lazy batch updates, act-order, groups) is ``gptq_solver``; this module
+gives it each layer's weight matrix and Hessian.
 
 Linear layers (GPT-2's ``Conv1D`` too: the engine holds it as its Linear) and one-group
 Conv1d / Conv2d (their inputs unfolded into patches) are rounded; other layers keep
@@ -33,7 +28,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.core.observers import weight_range_mse
-from workbench.core.qparams import qparams_from_range
-from workbench.core.qtensor import tensor_range
-from workbench.core.scheme import Scheme
 from workbench.core.weight_codes import WeightCodes, pack_codes
+from workbench.engine.algorithms.gptq_solver import (
+    GPTQCodes,
+    gptq_quantize,
+)
 from workbench.engine.blocks import (
     BlockInput,
     call_order,
@@ -63,156 +57,6 @@ from workbench.engine.placement.layers import (
     smoothed_input,
 )
 from workbench.engine.quantizers.modules import WeightQuantizer
-
-BLOCK_SIZE = 128  # columns updated together (lazy batch updates)
-DAMP_FRACTION = 0.01  # dampening: this fraction of the mean Hessian diagonal
-
-
-@dataclass
-class GPTQCodes:
-    """GPTQ's result for one weight matrix ``[rows, cols]``: integer codes and one scale /
-    zero point per row and group (``groups`` = 1 without block-wise scales)."""
-
-    codes: torch.Tensor  # int32 [rows, cols]
-    scale: torch.Tensor  # float32 [rows, groups]
-    zero_point: torch.Tensor  # int32 [rows, groups]
-    group_size: int | None
-
-    def dequantize(self) -> torch.Tensor:
-        """``s * (q - z)`` as a float32 ``[rows, cols]`` matrix."""
-        scale, zero_point = expand_groups(
-            self.scale, self.zero_point, self.codes.shape[1], self.group_size
-        )
-        return (self.codes.to(torch.float32) - zero_point) * scale
-
-
-def expand_groups(
-    scale: torch.Tensor, zero_point: torch.Tensor, cols: int, group_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``[rows, groups]`` qparams repeated to one per weight ``[rows, cols]``
-    (groups of ``group_size`` columns, the last one partial; one group without it)."""
-    size = group_size or cols
-    scale = scale.repeat_interleave(size, dim=1)[:, :cols]
-    zero_point = zero_point.to(torch.float32).repeat_interleave(size, dim=1)[:, :cols]
-    return scale, zero_point
-
-
-def row_qparams(
-    weight: torch.Tensor, scheme: Scheme, observer: str = "minmax"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale / zero point per row of ``weight`` (a group of columns), ``[rows, 1]``."""
-    per_row = Scheme(scheme.bits, scheme.symmetric, True, 0, scheme.narrow_range)
-    if observer == "mse":
-        low, high = weight_range_mse(weight, per_row)
-    else:
-        low, high = tensor_range(weight, per_row)
-    scale, zero_point = qparams_from_range(low, high, per_row, "weight")
-    return scale.unsqueeze(1), zero_point.unsqueeze(1)
-
-
-def _round_to_grid(
-    column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of one column (``q = clamp(round(w / s) + z)``, as core.qtensor computes them)
-    and their dequantized values."""
-    codes = torch.clamp(
-        torch.round(column * (1.0 / scale)) + zero_point, scheme.quant_min, scheme.quant_max
-    )
-    return codes, (codes - zero_point) * scale
-
-
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    scheme: Scheme,
-    scale: torch.Tensor | None = None,
-    zero_point: torch.Tensor | None = None,
-    group_size: int | None = None,
-    act_order: bool = False,
-    observer: str = "minmax",
-    block_size: int = BLOCK_SIZE,
-    damp_fraction: float = DAMP_FRACTION,
-) -> GPTQCodes:
-    """GPTQ codes of ``weight`` (``[rows, cols]``) for the Hessian ``hessian`` (``[cols, cols]``).
-
-    Without ``group_size`` the grid is ``scale`` / ``zero_point`` (0-d or one per row; the
-    layer's own qparams), or one computed per row from ``weight`` when they are None. With
-    ``group_size`` each run of ``group_size`` columns gets its own scale per row.
-    """
-    rows, cols = weight.shape
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    if group_size is not None:
-        block_size = -(-block_size // group_size) * group_size  # a group lies in one block
-        groups = -(-cols // group_size)
-        scales = torch.zeros(rows, groups, dtype=torch.float32)
-        zero_points = torch.zeros(rows, groups, dtype=torch.int32)
-        if act_order:  # static groups: fixed from the weights before any update
-            for g in range(groups):
-                group_cols = slice(g * group_size, (g + 1) * group_size)
-                s, z = row_qparams(w[:, group_cols], scheme, observer)
-                scales[:, g : g + 1], zero_points[:, g : g + 1] = s, z
-    else:
-        if scale is None or zero_point is None:
-            scale, zero_point = row_qparams(w, scheme, observer)
-        scales = scale.detach().to(torch.float32).reshape(-1, 1).expand(rows, 1).clone()
-        zero_points = zero_point.detach().to(torch.int32).reshape(-1, 1).expand(rows, 1).clone()
-
-    order = torch.arange(cols)
-    if act_order:
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp_fraction * torch.mean(torch.diagonal(h)))
-    h_inv_upper = _inverse_cholesky_upper(h)
-
-    codes = torch.zeros(rows, cols, dtype=torch.float32)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
-        errors = torch.zeros_like(block)
-        h_inv = h_inv_upper[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            original = int(order[column])
-            if group_size is not None:
-                g = original // group_size
-                if not act_order and column % group_size == 0:
-                    s, z = row_qparams(block[:, i : i + group_size], scheme, observer)
-                    scales[:, g : g + 1], zero_points[:, g : g + 1] = s, z
-            else:
-                g = 0
-            s, z = scales[:, g], zero_points[:, g].to(torch.float32)
-            q, dq = _round_to_grid(block[:, i], s, z, scheme)
-            codes[:, column] = q
-            error = (block[:, i] - dq) / h_inv[i, i]
-            block[:, i:] -= error.unsqueeze(1) * h_inv[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ h_inv_upper[start:end, end:]
-    if act_order:
-        codes = codes[:, torch.argsort(order)]
-    return GPTQCodes(codes.to(torch.int32), scales, zero_points, group_size)
-
-
-def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``H^-1``; more dampening when ``H`` is numerically singular."""
-    damp = torch.mean(torch.diagonal(hessian))
-    for attempt in range(8):
-        h = (
-            hessian
-            if attempt == 0
-            else hessian + damp * (10.0 ** (attempt - 3)) * torch.eye(hessian.shape[0])
-        )
-        lower, info = torch.linalg.cholesky_ex(h.to(torch.float64))
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper.to(torch.float32)
-    raise RuntimeError("the Hessian of the layer's inputs could not be factorised")
-
 
 # ---- layers: weight matrix views and the Hessian of their inputs --------------------------
 

@@ -25,7 +25,8 @@ the builder's RTN, file within 5 %, greedy agreement >= 90 % of positions (or lo
 
 Our folder's ``MatMulNBits`` nodes have one input more than the builder's RTN ones (zero
 points): the builder's GPTQ loader dequantizes with ``zeros * scales`` and so needs ``qzeros``
-even for symmetric weights, and it passes them on.
+even for symmetric weights (there all 8, the value ``MatMulNBits`` assumes without the input),
+and it passes them on.
 """
 
 from __future__ import annotations

@@ -29,18 +29,22 @@ from workbench.errors import ConfigError, ExportError
 MIN_OPSET = 13
 # the TorchScript exporter (dynamo=False, the one that exports fake quantization) stops here
 MAX_OPSET = 20
+# the opset every export writes unless told otherwise
+DEFAULT_OPSET = 17
 EXPORT_LOCK = threading.RLock()
 
 
 def check_opset(opset: object) -> None:
     if isinstance(opset, bool) or not isinstance(opset, Integral):
         raise ConfigError(
-            f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}; e.g. opset=17"
+            f"opset must be an int from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}; "
+            f"e.g. opset={DEFAULT_OPSET}"
         )
     if opset < MIN_OPSET:
         raise ConfigError(
             f"opset {opset} is below {MIN_OPSET}, the minimum the INT8 QDQ patterns need "
-            f"(per-channel DequantizeLinear); pass opset={MIN_OPSET} or higher (default 17)"
+            f"(per-channel DequantizeLinear); pass opset={MIN_OPSET} or higher "
+            f"(default {DEFAULT_OPSET})"
         )
     if opset > MAX_OPSET:
         raise ConfigError(

@@ -63,6 +63,7 @@ from workbench.runtime import external_data as external_data_module
 from workbench.runtime.blockwise_export import DEFAULT_ACCURACY_LEVEL, check_accuracy_level
 from workbench.runtime.blockwise_specs import BlockwiseSpec, blockwise_arrays
 from workbench.runtime.cpu_features import detect_cpu_features
+from workbench.runtime.export_guard import DEFAULT_OPSET
 from workbench.runtime.external_data import (
     external_data_files,
     fill_placeholders,
@@ -73,8 +74,6 @@ from workbench.runtime.graph_info import GraphInfo
 from workbench.runtime.qdq_graph import finalize_qdq_graph
 from workbench.runtime.qdq_modules import exportable_model
 from workbench.runtime.torchscript_trace import exported_proto
-
-DEFAULT_OPSET = 17
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:

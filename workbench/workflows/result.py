@@ -17,7 +17,7 @@ from workbench.engine.capture.prepare import LayerPlan
 from workbench.engine.config import QuantConfig
 from workbench.engine.training.distributed import Job, share_report
 from workbench.errors import ConfigError
-from workbench.runtime.export_guard import guarded_export
+from workbench.runtime.export_guard import DEFAULT_OPSET, guarded_export
 from workbench.workflows.input_signature import InputSpec, check_like_calibration, input_signature
 from workbench.workflows.stages import StageClock
 
@@ -78,7 +78,7 @@ class QuantResult:
         dynamic_batch: bool = True,
         fp32_path: str | os.PathLike | None = None,
         check_fusion: bool = True,
-        opset: int = 17,
+        opset: int = DEFAULT_OPSET,
         amx: bool | str = False,
         accuracy_level: int = 4,
         external_data: bool | None = None,
@@ -146,7 +146,7 @@ class QuantResult:
         path: str | os.PathLike,
         example_input: Any,
         dynamic_batch: bool = True,
-        opset: int = 17,
+        opset: int = DEFAULT_OPSET,
         external_data: bool | None = None,
     ) -> Path:
         """Write the FP32 reference (BatchNorm folded, no quantizers) as ONNX

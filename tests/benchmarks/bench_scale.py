@@ -164,6 +164,7 @@ def role_ours(args) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
         "summary": {k: v for k, v in result.report.summary.items() if _plain(v)},
         "stage_seconds": result.report.summary.get("stage_seconds"),
+        "stage_threads": result.report.summary.get("stage_threads"),
     }
     if args.check:
         import numpy as np
@@ -296,6 +297,10 @@ def main() -> int:
         f"built it, not counted above: {ours.get('build_peak_rss_bytes', 0) / GIB:.2f} GiB)"
     )
     print(f"our stages (s): {ours.get('stage_seconds')}")
+    print(
+        f"torch threads per stage (fewer where other processes kept CPUs busy): "
+        f"{ours.get('stage_threads')}"
+    )
     if args.check:
         print(
             f"then fusion {ours['fusion_s']:.1f} s ({ours['fusion']}); one ORT forward "

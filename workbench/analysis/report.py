@@ -164,6 +164,13 @@ class Report:
             peak = s.get("peak_rss_bytes")
             memory = f"; process peak RSS {peak / 1024**3:.2f} GiB" if peak else ""
             lines.append(f"  time: {times}{memory}")
+            fewer = [k for k, v in (s.get("stage_threads") or {}).items() if v < s["torch_threads"]]
+            if fewer:
+                lines.append(
+                    f"  other processes kept CPUs busy: {', '.join(fewer)} ran on "
+                    f"{min(s['stage_threads'][k] for k in fewer)} of torch's "
+                    f"{s['torch_threads']} threads"
+                )
         if "metric_fp32" in s:
             name = s.get("metric_name") or "eval_fn metric"
             lines.append(

@@ -37,6 +37,7 @@ from workbench.engine.calibration.eval_metric import check_eval_fn
 from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.capture.prepare import LayerPlan
 from workbench.engine.config import QuantConfig
+from workbench.engine.free_cpus import threads_on_free_cpus
 from workbench.engine.quantizers.qat import enable_qat, finish_qat
 from workbench.engine.training.distributed import (
     Job,
@@ -225,19 +226,20 @@ def train(
     prepared.to(device)
     optimizer = build_optimizer(options.optimizer, prepared, options.lr)
     check_loss(prepared, move_batch(data.first[0], device), loss_fn)
-    prepared, log = train_qat(
-        prepared,
-        data.of_epoch,
-        loss_fn,
-        optimizer,
-        options.epochs,
-        device,
-        eval_fn,
-        options.freeze_bn_after,
-        data.steps_per_epoch,
-        data.progress,
-        job,
-    )
+    with threads_on_free_cpus():  # on a busy machine, fewer threads train faster
+        prepared, log = train_qat(
+            prepared,
+            data.of_epoch,
+            loss_fn,
+            optimizer,
+            options.epochs,
+            device,
+            eval_fn,
+            options.freeze_bn_after,
+            data.steps_per_epoch,
+            data.progress,
+            job,
+        )
     if log.interrupted:
         warnings.warn(
             f"QAT was interrupted after {len(log.steps)} step(s) "

@@ -1,4 +1,5 @@
-"""The time of each stage of a workflow and the process's peak memory, for the summary."""
+"""The time of each stage of a workflow, the threads it ran on and the process's peak memory,
+for the summary."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
+
+from workbench.engine.free_cpus import threads_on_free_cpus
 
 
 def peak_rss_bytes() -> int | None:
@@ -21,26 +26,34 @@ def peak_rss_bytes() -> int | None:
 
 
 class StageClock:
-    """Wall time per named stage (``with clock.stage("calibration"): ...``)."""
+    """Wall time per named stage (``with clock.stage("calibration"): ...``). Each stage runs
+    torch on the CPUs other processes leave free (``engine/free_cpus.py``: on a busy machine
+    fewer threads are many times faster) and records the thread count it used."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.threads: dict[str, int] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with threads_on_free_cpus() as threads:
+                self.threads[name] = min(threads, self.threads.get(name, threads))
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             release_freed_memory()
 
     def add_to(self, summary: dict) -> None:
-        """``stage_seconds`` and ``peak_rss_bytes`` (the process's peak up to now, what ran
-        before the workflow included) in a report's summary."""
+        """``stage_seconds``, ``stage_threads`` (torch's threads in each stage, below
+        ``torch_threads`` where other processes kept CPUs busy) and ``peak_rss_bytes`` (the
+        process's peak up to now, what ran before the workflow included) in a summary."""
         stages = dict(summary.get("stage_seconds") or {})
         stages.update({name: round(value, 3) for name, value in self.seconds.items()})
         summary["stage_seconds"] = stages
+        summary["stage_threads"] = {**(summary.get("stage_threads") or {}), **self.threads}
+        summary["torch_threads"] = torch.get_num_threads()
         summary["peak_rss_bytes"] = peak_rss_bytes()
 
 

@@ -51,6 +51,7 @@ from workbench.engine.blocks import (
 )
 from workbench.engine.calibration.batches import model_inputs
 from workbench.engine.capture.modules import hooks_removed
+from workbench.engine.free_cpus import threads_on_free_cpus
 from workbench.engine.placement.layers import (
     QuantizedEmbedding,
     QuantizedLayer,
@@ -253,26 +254,39 @@ def gptq_model(
         blocks, inputs = walk
         layers = dict(iter_quantized_layers(quantized_model))
         for block in tqdm(blocks, desc="gptq (blocks)", disable=not progress):
-            calls = Counter(call_order(block, inputs[0]))
-            # layers reading one input (q / k / v) take it in one pass, then are rounded
-            for group in sibling_groups(block, inputs[0]):
-                members = [layers[name] for name in group]
-                hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
-                for name, layer in zip(group, members, strict=True):
-                    hessian = hessians.get(name)
-                    if hessian is not None and _round_with_gptq(layer, hessian, act_order):
-                        rounded.append(name)
-                    done.add(name)
-            with torch.no_grad():
-                outputs = [block(*call.args, **call.kwargs) for call in inputs]
-            inputs = [
-                call.with_hidden(hidden_of(out)) for call, out in zip(inputs, outputs, strict=True)
-            ]
+            with threads_on_free_cpus():  # a long walk: the machine's load may change
+                inputs, outputs = _gptq_block(block, inputs, layers, act_order, rounded, done)
         del inputs
         replay = blocks_replayed(blocks, outputs)  # the layers after them read the walk's end
     with replay as choose_batch:
         rounded += _gptq_rest(quantized_model, batches, done, act_order, progress, choose_batch)
     return rounded
+
+
+def _gptq_block(
+    block: nn.Module,
+    inputs: list[BlockInput],
+    layers: dict[str, QuantizedLayer],
+    act_order: bool,
+    rounded: list[str],
+    done: set[str],
+) -> tuple[list[BlockInput], list[Any]]:
+    """Round one block's layers (appended to ``rounded`` and ``done``); the next block's inputs
+    and this block's outputs."""
+    calls = Counter(call_order(block, inputs[0]))
+    # layers reading one input (q / k / v) take it in one pass, then are rounded
+    for group in sibling_groups(block, inputs[0]):
+        members = [layers[name] for name in group]
+        hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
+        for name, layer in zip(group, members, strict=True):
+            hessian = hessians.get(name)
+            if hessian is not None and _round_with_gptq(layer, hessian, act_order):
+                rounded.append(name)
+            done.add(name)
+    with torch.no_grad():
+        outputs = [block(*call.args, **call.kwargs) for call in inputs]
+    inputs = [call.with_hidden(hidden_of(out)) for call, out in zip(inputs, outputs, strict=True)]
+    return inputs, outputs
 
 
 def _gptq_rest(

@@ -18,6 +18,7 @@ from workbench.core import weight_codes as weight_codes_module
 from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
+from workbench.engine.algorithms import gptq as gptq_module
 from workbench.engine.algorithms.gptq import GPTQWeightQuantizer
 from workbench.engine.calibration import probe
 from workbench.engine.calibration.calibrate import calibrate, prepare_model
@@ -371,6 +372,26 @@ def test_layers_reading_one_input_take_it_in_one_pass(monkeypatch):
         ["gate_proj", "up_proj"],
         ["down_proj"],
     ]
+
+
+def test_layers_reading_one_input_share_one_hessian_factored_once(monkeypatch):
+    """q / k / v and gate / up read one tensor: one factorization each per block (the codes
+    equal separate factorizations': test_block_walk_gptq_gives_the_codes_of_whole_model_passes)."""
+    monkeypatch.setattr(blocks, "BLOCK_WALK_MODEL_BYTES", 0)
+    factored: list[int] = []
+    original = gptq_module.factor_hessian
+
+    def counting(hessian, act_order=False):
+        factored.append(hessian.shape[0])
+        return original(hessian, act_order)
+
+    monkeypatch.setattr(gptq_module, "factor_hessian", counting)
+    config = wb.QuantConfig.preset("int4-weight-g32", weight_method="gptq")
+    result = wb.ptq(_tiny_llama(layers=2), _tokens(2), config=config, progress=False)
+    rounded = [layer for _, layer in iter_quantized_layers(result.model)]
+    assert all(isinstance(layer.weight_quantizer, GPTQWeightQuantizer) for layer in rounded)
+    # per block: q/k/v, o, gate/up (64 inputs each) and down (96); then the LM head
+    assert factored == [64, 64, 64, 96] * 2 + [64]
 
 
 def test_shape_inference_without_the_large_parameters_writes_the_same_graph(tmp_path, monkeypatch):

@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 from workbench.core.weight_codes import WeightCodes, pack_codes
 from workbench.engine.algorithms.gptq_solver import (
     GPTQCodes,
+    HessianFactor,
+    factor_hessian,
     gptq_quantize,
 )
 from workbench.engine.blocks import (
@@ -274,15 +276,16 @@ def _gptq_block(
     """Round one block's layers (appended to ``rounded`` and ``done``); the next block's inputs
     and this block's outputs."""
     calls = Counter(call_order(block, inputs[0]))
-    # layers reading one input (q / k / v) take it in one pass, then are rounded
+    # layers reading one input (q / k / v) take it in one pass, then are rounded; those
+    # that read it unchanged share one Hessian, factored once
     for group in sibling_groups(block, inputs[0]):
         members = [layers[name] for name in group]
         hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
-        for name, layer in zip(group, members, strict=True):
-            hessian = hessians.get(name)
-            if hessian is not None and _round_with_gptq(layer, hessian, act_order):
-                rounded.append(name)
-            done.add(name)
+        for hessian, names in _by_hessian(hessians):
+            factor = factor_hessian(hessian, act_order)
+            del hessian  # the factor holds what the solver needs
+            rounded += [name for name in names if _round_with_gptq(layers[name], factor)]
+        done.update(group)
     with torch.no_grad():
         outputs = [block(*call.args, **call.kwargs) for call in inputs]
     inputs = [call.with_hidden(hidden_of(out)) for call, out in zip(inputs, outputs, strict=True)]
@@ -307,7 +310,7 @@ def _gptq_rest(
         if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
             continue
         hessian = layer_hessian(quantized_model, layer, batches, calls[name], choose_batch)
-        if hessian is not None and _round_with_gptq(layer, hessian, act_order):
+        if hessian is not None and _round_with_gptq(layer, factor_hessian(hessian, act_order)):
             rounded.append(name)
     return rounded
 
@@ -319,24 +322,33 @@ def _hessians_in_block(
     calls_per_forward: int,
 ) -> dict[str, torch.Tensor]:
     """``layer_hessian`` of each of ``layers`` (one input, ``sibling_groups``) over the
-    block's calls instead of whole-model passes; a pass stops once all have taken theirs."""
+    block's calls instead of whole-model passes; a pass stops once all have taken theirs.
+    Linears that read the very same tensor (no smoothing or input quantizer of their own in
+    between) get one accumulator, hence the same Hessian object."""
     layers = [layer for layer in layers if supports_gptq(layer) and layer.weight_quantizer.enabled]
     accumulators = {
         layer.layer_name: HessianAccumulator(weight_matrix(layer.layer).shape[1])
         for layer in layers
     }
     taken: set[str] = set()
+    read: list[tuple[torch.Tensor, str]] = []  # this call's Linear inputs (kept: ids stay unique)
 
     def take_for(layer: QuantizedLayer):
-        module = layer.layer
+        module, name = layer.layer, layer.layer_name
 
         def take(m: nn.Module, args: tuple) -> None:
             x = smoothed_input(module, args[0])
             quantizer = _input_quantizer_of_next_call(layer)
             if quantizer is not None:
                 x = quantizer(x)
-            accumulators[layer.layer_name].add(input_rows(module, x))
-            taken.add(layer.layer_name)
+            same = [first for tensor, first in read if tensor is x and first != name]
+            if same and isinstance(module, nn.Linear):
+                accumulators[name] = accumulators[same[0]]  # adds once, for both
+            else:
+                accumulators[name].add(input_rows(module, x))
+                if isinstance(module, nn.Linear):
+                    read.append((x, name))
+            taken.add(name)
             if calls_per_forward == 1 and len(taken) == len(layers):
                 raise _InputsTaken
 
@@ -346,13 +358,27 @@ def _hessians_in_block(
     with hooks_removed(handles), torch.no_grad():
         for call in inputs:
             taken.clear()
+            read.clear()
             with suppress(_InputsTaken):
                 run_block(block, call)
-    return {name: acc.hessian for name, acc in accumulators.items() if acc.rows}
+    read.clear()
+    hessians = {id(acc): acc.hessian for acc in accumulators.values() if acc.rows}
+    return {name: hessians[id(acc)] for name, acc in accumulators.items() if acc.rows}
 
 
-def _round_with_gptq(layer: QuantizedLayer, hessian: torch.Tensor, act_order: bool) -> bool:
-    """Give ``layer`` GPTQ's codes for ``hessian``; False for a layer GPTQ does not round."""
+def _by_hessian(hessians: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, list[str]]]:
+    """The layers of ``hessians`` grouped by Hessian object, in order; empties the dict, so
+    that each Hessian's memory goes once its group's factor is computed."""
+    groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, hessian in hessians.items():
+        groups.setdefault(id(hessian), (hessian, []))[1].append(name)
+    hessians.clear()
+    return list(groups.values())
+
+
+def _round_with_gptq(layer: QuantizedLayer, hessian: torch.Tensor | HessianFactor) -> bool:
+    """Give ``layer`` GPTQ's codes for ``hessian`` (or its factor, whose ``act_order``
+    applies); False for a layer GPTQ does not round."""
     if not supports_gptq(layer) or not layer.weight_quantizer.enabled:
         return False
     quantizer = layer.weight_quantizer
@@ -368,7 +394,6 @@ def _round_with_gptq(layer: QuantizedLayer, hessian: torch.Tensor, act_order: bo
         scale,
         zero_point,
         group_size=group_size,
-        act_order=act_order,
         observer=quantizer.observer_name,
     )
     layer.weight_quantizer = GPTQWeightQuantizer(quantizer, module, result)

@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from workbench.core.observers import weight_range_mse
 from workbench.core.qparams import qparams_from_range
@@ -105,9 +107,37 @@ class _Grid:
         return codes, (codes - zero_point).mul_(self.scale[group])
 
 
+@dataclass
+class HessianFactor:
+    """What the column solver needs of a Hessian, computed once for every layer that reads
+    the same inputs (q / k / v, gate / up): the column order, the dead columns and the upper
+    Cholesky factor of the dampened ``H^-1`` in that order."""
+
+    upper: torch.Tensor  # float32 [cols, cols]
+    order: torch.Tensor  # int64 [cols]: decreasing H_jj with act_order, else 0..cols-1
+    dead: torch.Tensor  # bool [cols]: inputs never seen (H_jj = 0)
+    act_order: bool
+
+
+def factor_hessian(
+    hessian: torch.Tensor, act_order: bool = False, damp_fraction: float = DAMP_FRACTION
+) -> HessianFactor:
+    """``hessian`` ([cols, cols]) factored for ``gptq_quantize``."""
+    cols = hessian.shape[0]
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    order = torch.arange(cols)
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        h = h[order][:, order]
+    h.diagonal().add_(damp_fraction * torch.mean(torch.diagonal(h)))
+    return HessianFactor(_inverse_cholesky_upper(h), order, dead, act_order)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     scheme: Scheme,
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
@@ -117,18 +147,19 @@ def gptq_quantize(
     block_size: int = BLOCK_SIZE,
     damp_fraction: float = DAMP_FRACTION,
 ) -> GPTQCodes:
-    """GPTQ codes of ``weight`` (``[rows, cols]``) for the Hessian ``hessian`` (``[cols, cols]``).
+    """GPTQ codes of ``weight`` (``[rows, cols]``) for the Hessian ``hessian`` (``[cols, cols]``,
+    or its ``factor_hessian``, whose ``act_order`` then applies).
 
     Without ``group_size`` the grid is ``scale`` / ``zero_point`` (0-d or one per row; the
     layer's own qparams), or one computed per row from ``weight`` when they are None. With
     ``group_size`` each run of ``group_size`` columns gets its own scale per row.
     """
     rows, cols = weight.shape
-    h = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    if isinstance(hessian, torch.Tensor):
+        hessian = factor_hessian(hessian, act_order, damp_fraction)
+    act_order = hessian.act_order
     w_t = weight.detach().to(torch.float32).t().contiguous()  # [cols, rows]: a column per row
-    w_t[dead] = 0.0
+    w_t[hessian.dead] = 0.0
     if group_size is not None:
         block_size = -(-block_size // group_size) * group_size  # a group lies in one block
         grid = _Grid.empty(-(-cols // group_size), rows)
@@ -142,12 +173,9 @@ def gptq_quantize(
         grid = _Grid.empty(1, rows)
         grid.set(0, scale.detach().reshape(-1).expand(rows), zero_point.reshape(-1).expand(rows))
 
-    order = torch.arange(cols)
+    order, h_inv_upper = hessian.order, hessian.upper
     if act_order:
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w_t, h = w_t[order], h[order][:, order]
-    h.diagonal().add_(damp_fraction * torch.mean(torch.diagonal(h)))
-    h_inv_upper = _inverse_cholesky_upper(h)
+        w_t = w_t[order]
     groups = (order // group_size).tolist() if group_size is not None else [0] * cols
     codes_t = torch.zeros(cols, rows, dtype=torch.float32)
     for start in range(0, cols, block_size):
@@ -187,7 +215,15 @@ def one_thread() -> Iterator[None]:
 
 
 def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``H^-1``; more dampening when ``H`` is numerically singular."""
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``); more dampening when ``H`` is
+    numerically singular.
+
+    With ``J`` the reversal of rows and columns and ``L`` the lower Cholesky factor of
+    ``J H J``: ``H^-1 = J L^-T L^-1 J = U^T U`` for ``U = J L^-1 J``, upper triangular with a
+    positive diagonal, so the (unique) factor. One Cholesky and one triangular inverse
+    (LAPACK ``trtri``, in place) in float64 instead of a Cholesky, ``cholesky_inverse`` and a
+    second Cholesky: half the arithmetic (5632 columns: 3.3 s -> 1.8 s on two cores) and two
+    fewer float64 matrices alive at once."""
     damp = torch.mean(torch.diagonal(hessian))
     for attempt in range(8):
         h = (
@@ -195,10 +231,22 @@ def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
             if attempt == 0
             else hessian + damp * (10.0 ** (attempt - 3)) * torch.eye(hessian.shape[0])
         )
-        lower, info = torch.linalg.cholesky_ex(h.to(torch.float64))
+        reversed_h = h.flip(0, 1).to(torch.float64)
+        del h
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        del reversed_h
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper.to(torch.float32)
+            inverse = _lower_triangular_inverse(lower)
+            if inverse is not None:
+                return inverse.flip(0, 1).to(torch.float32)
     raise RuntimeError("the Hessian of the layer's inputs could not be factorised")
+
+
+def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor | None:
+    """``L^-1`` of a float64 lower-triangular ``L`` (overwriting it where its memory is
+    column-major, as ``torch.linalg.cholesky`` returns it); None when ``L`` is singular."""
+    array = lower.numpy()
+    if not array.flags.f_contiguous:
+        array = np.asfortranarray(array)
+    inverse, info = lapack.dtrtri(array, lower=1, overwrite_c=1)
+    return torch.from_numpy(inverse) if info == 0 else None

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import workbench as wb
@@ -25,6 +26,7 @@ from workbench.engine.calibration.calibrate import calibrate, prepare_model
 from workbench.engine.calibration.probe import PROBE_TOKENS
 from workbench.engine.capture.model_copy import user_model_copy
 from workbench.engine.placement.layers import iter_quantized_layers
+from workbench.engine.quantizers import modules as modules_module
 from workbench.engine.quantizers.modules import WeightQuantizer
 from workbench.errors import ExportError
 from workbench.runtime import external_data
@@ -392,6 +394,26 @@ def test_layers_reading_one_input_share_one_hessian_factored_once(monkeypatch):
     assert all(isinstance(layer.weight_quantizer, GPTQWeightQuantizer) for layer in rounded)
     # per block: q/k/v, o, gate/up (64 inputs each) and down (96); then the LM head
     assert factored == [64, 64, 64, 96] * 2 + [64]
+
+
+def test_gptq_layers_compute_from_their_codes_a_block_of_rows_at_a_time(monkeypatch):
+    """A large GPTQ Linear (an LM head) never dequantizes its whole weight in a forward pass,
+    and gives what the whole dequantized weight gives."""
+    config = wb.QuantConfig.preset("int4-weight-g32", weight_method="gptq")
+    result = wb.ptq(_tiny_llama(), _tokens(2), config=config, progress=False)
+    head = dict(iter_quantized_layers(result.model))["lm_head"]
+    assert isinstance(head.weight_quantizer, GPTQWeightQuantizer)
+    x = torch.randn(1, 5, 64)
+    whole = F.linear(x, head.weight_quantizer.dequantized)
+    monkeypatch.setattr(gptq_module, "BLOCKED_LINEAR_ELEMENTS", 1024)  # 128 x 64: blocked
+    monkeypatch.setattr(modules_module, "BLOCKED_LINEAR_ELEMENTS", 1024)  # 16 rows a block
+
+    def whole_weight(self):
+        raise AssertionError("the whole weight was dequantized")
+
+    monkeypatch.setattr(GPTQWeightQuantizer, "dequantized", property(whole_weight))
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_shape_inference_without_the_large_parameters_writes_the_same_graph(tmp_path, monkeypatch):

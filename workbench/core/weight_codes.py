@@ -195,8 +195,9 @@ def pack_codes(q: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Codes ``q`` (any integer-valued tensor) as ``WeightCodes.stored``."""
     if scheme.bits > 8:
         return q.to(torch.int32).reshape(-1)
-    # q - q_min in 0..255, through int16 (half the bytes of a float32 temporary)
-    unsigned = q.reshape(-1).to(torch.int16).sub_(scheme.quant_min).to(torch.uint8)
+    # q - q_min in 0..255, through int16 (half the bytes of a float32 temporary; a new
+    # tensor, never ``q`` itself changed in place when it is int16 already)
+    unsigned = torch.sub(q.reshape(-1).to(torch.int16), scheme.quant_min).to(torch.uint8)
     if scheme.bits > 4:
         return unsigned
     if unsigned.numel() % 2:

@@ -61,7 +61,11 @@ from workbench.engine.placement.layers import (
     quantized_layer_calls,
     smoothed_input,
 )
-from workbench.engine.quantizers.modules import WeightQuantizer
+from workbench.engine.quantizers.modules import (
+    BLOCKED_LINEAR_ELEMENTS,
+    WeightQuantizer,
+    linear_from_codes,
+)
 
 # ---- layers: weight matrix views and the Hessian of their inputs --------------------------
 
@@ -179,6 +183,17 @@ class GPTQWeightQuantizer(WeightQuantizer):
         if not self.enabled:
             return weight
         return self.dequantized.to(weight.dtype)
+
+    def linear_in_blocks(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """As the base class: a large Linear (an LM head) computed from the codes one block of
+        output rows at a time, never dequantizing the whole weight."""
+        if weight.numel() < BLOCKED_LINEAR_ELEMENTS or not self.enabled:
+            return None
+        if torch.is_grad_enabled() or weight.dtype != torch.float32:
+            return None
+        return linear_from_codes(x, self.gptq_codes(), bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rounding=gptq"

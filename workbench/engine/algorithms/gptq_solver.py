@@ -43,7 +43,7 @@ class GPTQCodes:
     """GPTQ's result for one weight matrix ``[rows, cols]``: integer codes and one scale /
     zero point per row and group (``groups`` = 1 without block-wise scales)."""
 
-    codes: torch.Tensor  # int32 [rows, cols]
+    codes: torch.Tensor  # int16 (up to 8 bits) or int32 [rows, cols]
     scale: torch.Tensor  # float32 [rows, groups]
     zero_point: torch.Tensor  # int32 [rows, groups]
     group_size: int | None
@@ -177,7 +177,8 @@ def gptq_quantize(
     if act_order:
         w_t = w_t[order]
     groups = (order // group_size).tolist() if group_size is not None else [0] * cols
-    codes_t = torch.zeros(cols, rows, dtype=torch.float32)
+    # 8-bit codes and below fit int16: half the bytes of float32 (an LM head's 32000 rows)
+    codes_t = torch.zeros(cols, rows, dtype=torch.int16 if scheme.bits <= 8 else torch.int32)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = w_t[start:end]  # a view: the block's columns, updated in place
@@ -194,11 +195,12 @@ def gptq_quantize(
                 block[i + 1 :].addr_(h_inv[i, i + 1 :], error, alpha=-1.0)
                 errors[i] = error
         w_t[end:].addmm_(h_inv_upper[start:end, end:].t(), errors, alpha=-1.0)
+    del w_t, block, errors  # before the codes' transposed copy
     if act_order:
         codes_t = codes_t[torch.argsort(order)]
     scales = grid.scale.t().contiguous()
     zero_points = grid.zero_point.t().to(torch.int32).contiguous()
-    return GPTQCodes(codes_t.t().to(torch.int32).contiguous(), scales, zero_points, group_size)
+    return GPTQCodes(codes_t.t().contiguous(), scales, zero_points, group_size)
 
 
 @contextmanager
@@ -238,7 +240,7 @@ def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
         if int(info) == 0:
             inverse = _lower_triangular_inverse(lower)
             if inverse is not None:
-                return inverse.flip(0, 1).to(torch.float32)
+                return inverse.to(torch.float32).flip(0, 1)
     raise RuntimeError("the Hessian of the layer's inputs could not be factorised")
 
 

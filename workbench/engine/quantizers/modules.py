@@ -108,6 +108,26 @@ def scale_source(model: nn.Module, quantizer: ActivationQuantizer) -> Activation
     return source if isinstance(source, ActivationQuantizer) else None
 
 
+def linear_from_codes(
+    x: torch.Tensor, codes: WeightCodes, bias: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``F.linear(x, codes.dequantize(), bias)`` with one block of output rows dequantized at a
+    time (about ``BLOCKED_LINEAR_ELEMENTS / 4`` weights each); None where the codes cannot be
+    cut into row blocks."""
+    rows, columns = codes.shape
+    step = max(2, BLOCKED_LINEAR_ELEMENTS // 4 // columns // 2 * 2)  # even: whole bytes
+    starts = range(0, rows, step)
+    blocks = [row_block(codes, start, min(start + step, rows)) for start in starts]
+    if any(block is None for block in blocks):
+        return None
+    out = x.new_empty((*x.shape[:-1], rows))
+    for start, block in zip(starts, blocks, strict=True):
+        end = start + block.shape[0]
+        part_bias = None if bias is None else bias[start:end]
+        out[..., start:end] = F.linear(x, block.dequantize(), part_bias)
+    return out
+
+
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a weight; qparams come from the weight itself (minmax or MSE search).
 
@@ -230,19 +250,7 @@ class WeightQuantizer(nn.Module):
             or torch.is_grad_enabled()
         ):
             return None
-        codes = self.codes_of(weight)
-        rows, columns = weight.shape
-        step = max(2, BLOCKED_LINEAR_ELEMENTS // 4 // columns // 2 * 2)  # even: whole bytes
-        starts = range(0, rows, step)
-        blocks = [row_block(codes, start, min(start + step, rows)) for start in starts]
-        if any(block is None for block in blocks):
-            return None
-        out = x.new_empty((*x.shape[:-1], rows))
-        for start, block in zip(starts, blocks, strict=True):
-            end = start + block.shape[0]
-            part_bias = None if bias is None else bias[start:end]
-            out[..., start:end] = F.linear(x, block.dequantize(), part_bias)
-        return out
+        return linear_from_codes(x, self.codes_of(weight), bias)
 
     def exact_codes(self, weight: torch.Tensor) -> WeightCodes | None:
         """The codes whose dequantization is what the forward pass returns for ``weight``

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import workbench as wb
-from workbench.engine.algorithms.gptq import (
+from workbench.engine.algorithms.gptq_layers import (
     GPTQWeightQuantizer,
     from_matrix,
     input_rows,

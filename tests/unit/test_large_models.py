@@ -20,7 +20,8 @@ from workbench.core.fake_quant import fake_quantize
 from workbench.core.weight_codes import weight_codes
 from workbench.engine import blocks
 from workbench.engine.algorithms import gptq as gptq_module
-from workbench.engine.algorithms.gptq import GPTQWeightQuantizer
+from workbench.engine.algorithms import gptq_layers
+from workbench.engine.algorithms.gptq_layers import GPTQWeightQuantizer
 from workbench.engine.calibration import probe
 from workbench.engine.calibration.calibrate import calibrate, prepare_model
 from workbench.engine.calibration.probe import PROBE_TOKENS
@@ -405,7 +406,7 @@ def test_gptq_layers_compute_from_their_codes_a_block_of_rows_at_a_time(monkeypa
     assert isinstance(head.weight_quantizer, GPTQWeightQuantizer)
     x = torch.randn(1, 5, 64)
     whole = F.linear(x, head.weight_quantizer.dequantized)
-    monkeypatch.setattr(gptq_module, "BLOCKED_LINEAR_ELEMENTS", 1024)  # 128 x 64: blocked
+    monkeypatch.setattr(gptq_layers, "BLOCKED_LINEAR_ELEMENTS", 1024)  # 128 x 64: blocked
     monkeypatch.setattr(modules_module, "BLOCKED_LINEAR_ELEMENTS", 1024)  # 16 rows a block
 
     def whole_weight(self):

@@ -19,8 +19,8 @@ round-to-nearest. ``X`` is the layer's input in the quantized model, with the la
 it already quantized (and rounded by GPTQ), after its input quantizer when activations are
 quantized.
 Only ``H`` is kept per layer (``in x in`` floats), never the inputs: memory is bounded by one
-batch's activations. The codes are kept in a :class:`GPTQWeightQuantizer`; the simulation and
-the ONNX export both read them.
+batch's activations. The codes are kept in a ``GPTQWeightQuantizer`` (``gptq_layers``): the
+simulation and the ONNX export both read them.
 """
 
 from __future__ import annotations
@@ -31,13 +31,17 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.core.weight_codes import WeightCodes, pack_codes
+from workbench.engine.algorithms.gptq_layers import (
+    GPTQWeightQuantizer,
+    HessianAccumulator,
+    input_rows,
+    supports_gptq,
+    weight_matrix,
+)
 from workbench.engine.algorithms.gptq_solver import (
-    GPTQCodes,
     HessianFactor,
     factor_hessian,
     gptq_quantize,
@@ -55,149 +59,11 @@ from workbench.engine.calibration.batches import model_inputs
 from workbench.engine.capture.modules import hooks_removed
 from workbench.engine.free_cpus import threads_on_free_cpus
 from workbench.engine.placement.layers import (
-    QuantizedEmbedding,
     QuantizedLayer,
     iter_quantized_layers,
     quantized_layer_calls,
     smoothed_input,
 )
-from workbench.engine.quantizers.modules import (
-    BLOCKED_LINEAR_ELEMENTS,
-    WeightQuantizer,
-    linear_from_codes,
-)
-
-# ---- layers: weight matrix views and the Hessian of their inputs --------------------------
-
-
-def supports_gptq(layer: QuantizedLayer) -> bool:
-    """Linear (GPT-2's ``Conv1D`` among them: the engine holds each as the Linear it
-    computes, ``engine.capture.conv1d``) and Conv1d / Conv2d with one group and numeric padding."""
-    if isinstance(layer, QuantizedEmbedding):
-        return False
-    module = layer.layer
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Conv1d | nn.Conv2d):
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-    return False
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The weight as ``[out, in]`` (a conv's input = channels x kernel, as ``unfold`` lays
-    out its patches)."""
-    weight = module.weight.detach()
-    return weight.reshape(weight.shape[0], -1)
-
-
-def from_matrix(matrix: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``weight_matrix``'s inverse: a ``[out, in]`` matrix in the module's weight layout."""
-    return matrix.reshape(module.weight.shape)
-
-
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as ``[n, in]`` rows, one per output position (``W x`` for each)."""
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
-        padding, stride = (0, module.padding[0]), (1, module.stride[0])
-    elif isinstance(module, nn.Conv2d):
-        kernel, dilation = module.kernel_size, module.dilation
-        padding, stride = module.padding, module.stride
-    else:
-        return x.reshape(-1, x.shape[-1])
-    if x.dim() == 3:  # an unbatched conv input
-        x = x.unsqueeze(0)
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-class HessianAccumulator:
-    """``H = 2 X X^T / n`` over every input row the layer sees."""
-
-    def __init__(self, columns: int) -> None:
-        self.sum = torch.zeros(columns, columns, dtype=torch.float32)
-        self.rows = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float32)
-        self.sum += rows.t() @ rows
-        self.rows += rows.shape[0]
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        return 2.0 * self.sum / max(self.rows, 1)
-
-
-class GPTQWeightQuantizer(WeightQuantizer):
-    """A frozen weight quantizer holding the codes GPTQ chose.
-
-    ``codes`` has the weight's layout; ``scale`` / ``zero_point`` are the layer's own qparams
-    (0-d or one per output channel) without block-wise scales, or ``[out, groups]`` with them.
-    The forward pass returns ``s * (q - z)`` whatever weight it is given: GPTQ's codes are
-    not a rounding of the FP32 weight. The codes are kept packed (``core.weight_codes``: two
-    4-bit codes per byte), not as a dequantized FP32 copy of the weight.
-    """
-
-    def __init__(self, base: WeightQuantizer, module: nn.Module, result: GPTQCodes) -> None:
-        super().__init__(base.scheme, base.observer_name, base.tensor_name)
-        self.enabled = base.enabled
-        self.frozen = True
-        self.group_size = result.group_size
-        if result.group_size is None:
-            self.scale = base.scale.detach().clone()
-            self.zero_point = base.zero_point.detach().clone()
-        else:
-            self.scale = result.scale.clone()
-            self.zero_point = result.zero_point.clone()
-        codes = from_matrix(result.codes, module)
-        self.register_buffer("packed_codes", pack_codes(codes, self.scheme))
-        self.codes_shape = codes.shape
-
-    def gptq_codes(self) -> WeightCodes:
-        """GPTQ's codes with this quantizer's qparams."""
-        return WeightCodes(
-            self.packed_codes, self.scale, self.zero_point, self.scheme, self.codes_shape
-        )
-
-    def codes_of(self, weight: torch.Tensor) -> WeightCodes:
-        return self.gptq_codes()
-
-    def exact_codes(self, weight: torch.Tensor) -> WeightCodes | None:
-        return self.gptq_codes() if self.enabled else None
-
-    @property
-    def codes(self) -> torch.Tensor:
-        """The integer codes, in the weight's layout."""
-        return self.gptq_codes().codes()
-
-    @property
-    def dequantized(self) -> torch.Tensor:
-        return self.gptq_codes().dequantize()
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return weight
-        return self.dequantized.to(weight.dtype)
-
-    def linear_in_blocks(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """As the base class: a large Linear (an LM head) computed from the codes one block of
-        output rows at a time, never dequantizing the whole weight."""
-        if weight.numel() < BLOCKED_LINEAR_ELEMENTS or not self.enabled:
-            return None
-        if torch.is_grad_enabled() or weight.dtype != torch.float32:
-            return None
-        return linear_from_codes(x, self.gptq_codes(), bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rounding=gptq"
-
 
 # ---- the model: layer by layer in forward order -------------------------------------------
 
@@ -291,18 +157,28 @@ def _gptq_block(
     """Round one block's layers (appended to ``rounded`` and ``done``); the next block's inputs
     and this block's outputs."""
     calls = Counter(call_order(block, inputs[0]))
-    # layers reading one input (q / k / v) take it in one pass, then are rounded; those
-    # that read it unchanged share one Hessian, factored once
-    for group in sibling_groups(block, inputs[0]):
-        members = [layers[name] for name in group]
-        hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
-        for hessian, names in _by_hessian(hessians):
-            factor = factor_hessian(hessian, act_order)
-            del hessian  # the factor holds what the solver needs
-            rounded += [name for name in names if _round_with_gptq(layers[name], factor)]
-        done.update(group)
-    with torch.no_grad():
-        outputs = [block(*call.args, **call.kwargs) for call in inputs]
+    in_block: list[str] = []
+    try:
+        # layers reading one input (q / k / v) take it in one pass, then are rounded; those
+        # that read it unchanged share one Hessian, factored once
+        for group in sibling_groups(block, inputs[0]):
+            members = [layers[name] for name in group]
+            hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
+            for hessian, names in _by_hessian(hessians):
+                factor = factor_hessian(hessian, act_order)
+                del hessian  # the factor holds what the solver needs
+                in_block += [name for name in names if _round_with_gptq(layers[name], factor)]
+            for name in in_block:  # the passes after this group read them: unpacked once
+                quantizer = layers[name].weight_quantizer
+                if quantizer.kept_dequantized is None:
+                    quantizer.kept_dequantized = quantizer.dequantized
+            done.update(group)
+        with torch.no_grad():
+            outputs = [block(*call.args, **call.kwargs) for call in inputs]
+    finally:
+        for name in in_block:
+            layers[name].weight_quantizer.kept_dequantized = None
+    rounded += in_block
     inputs = [call.with_hidden(hidden_of(out)) for call, out in zip(inputs, outputs, strict=True)]
     return inputs, outputs
 

@@ -122,17 +122,20 @@ class HessianFactor:
 def factor_hessian(
     hessian: torch.Tensor, act_order: bool = False, damp_fraction: float = DAMP_FRACTION
 ) -> HessianFactor:
-    """``hessian`` ([cols, cols]) factored for ``gptq_quantize``."""
+    """``hessian`` ([cols, cols]) factored for ``gptq_quantize``: dead columns' diagonal set
+    to 1, the columns in ``order``, ``damp_fraction`` of the mean diagonal added to it."""
     cols = hessian.shape[0]
-    h = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    diagonal = torch.diagonal(hessian.detach()).to(torch.float32)
+    dead = diagonal == 0
+    diagonal = torch.where(dead, torch.ones_like(diagonal), diagonal)
     order = torch.arange(cols)
     if act_order:
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[order][:, order]
-    h.diagonal().add_(damp_fraction * torch.mean(torch.diagonal(h)))
-    return HessianFactor(_inverse_cholesky_upper(h), order, dead, act_order)
+        order = torch.argsort(diagonal, descending=True, stable=True)
+    mean = float(torch.mean(diagonal))
+    upper = _inverse_cholesky_upper(
+        hessian.detach(), order if act_order else None, dead, mean, damp_fraction
+    )
+    return HessianFactor(upper, order, dead, act_order)
 
 
 def gptq_quantize(
@@ -172,11 +175,37 @@ def gptq_quantize(
             scale, zero_point = row_qparams(w_t.t(), scheme, observer)
         grid = _Grid.empty(1, rows)
         grid.set(0, scale.detach().reshape(-1).expand(rows), zero_point.reshape(-1).expand(rows))
-
-    order, h_inv_upper = hessian.order, hessian.upper
+    order = hessian.order
     if act_order:
         w_t = w_t[order]
     groups = (order // group_size).tolist() if group_size is not None else [0] * cols
+    # without act_order a group's scales come from the weights as updated when it is reached
+    scales_on_the_way = group_size if group_size is not None and not act_order else None
+    codes_t = _solve_columns(
+        w_t, hessian.upper, grid, groups, scheme, scales_on_the_way, observer, block_size
+    )
+    del w_t  # before the codes' transposed copy (an LM head's: 262 MB)
+    if act_order:
+        codes_t = codes_t[torch.argsort(order)]
+    scales = grid.scale.t().contiguous()
+    zero_points = grid.zero_point.t().to(torch.int32).contiguous()
+    return GPTQCodes(codes_t.t().contiguous(), scales, zero_points, group_size)
+
+
+def _solve_columns(
+    w_t: torch.Tensor,
+    h_inv_upper: torch.Tensor,
+    grid: _Grid,
+    groups: list[int],
+    scheme: Scheme,
+    scales_on_the_way: int | None,
+    observer: str,
+    block_size: int,
+) -> torch.Tensor:
+    """The codes ``[cols, rows]`` of the transposed weight ``w_t`` (updated in place), one
+    column at a time, ``block_size`` columns per lazy update; with ``scales_on_the_way`` (the
+    group size) each group's scales are set when its first column is reached."""
+    cols, rows = w_t.shape
     # 8-bit codes and below fit int16: half the bytes of float32 (an LM head's 32000 rows)
     codes_t = torch.zeros(cols, rows, dtype=torch.int16 if scheme.bits <= 8 else torch.int32)
     for start in range(0, cols, block_size):
@@ -187,20 +216,15 @@ def gptq_quantize(
         with one_thread():
             for i in range(end - start):
                 column = start + i
-                if group_size is not None and not act_order and column % group_size == 0:
-                    group_rows = block[i : i + group_size]
+                if scales_on_the_way is not None and column % scales_on_the_way == 0:
+                    group_rows = block[i : i + scales_on_the_way]
                     grid.set(groups[column], *row_qparams(group_rows.t(), scheme, observer))
                 codes_t[column], dequantized = grid.round(block[i], groups[column], scheme)
                 error = (block[i] - dequantized).div_(h_inv[i, i])
                 block[i + 1 :].addr_(h_inv[i, i + 1 :], error, alpha=-1.0)
                 errors[i] = error
         w_t[end:].addmm_(h_inv_upper[start:end, end:].t(), errors, alpha=-1.0)
-    del w_t, block, errors  # before the codes' transposed copy
-    if act_order:
-        codes_t = codes_t[torch.argsort(order)]
-    scales = grid.scale.t().contiguous()
-    zero_points = grid.zero_point.t().to(torch.int32).contiguous()
-    return GPTQCodes(codes_t.t().contiguous(), scales, zero_points, group_size)
+    return codes_t
 
 
 @contextmanager
@@ -216,32 +240,52 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``); more dampening when ``H`` is
+def _inverse_cholesky_upper(
+    hessian: torch.Tensor,
+    order: torch.Tensor | None,
+    dead: torch.Tensor,
+    mean_diagonal: float,
+    damp_fraction: float,
+) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) for ``H`` = ``hessian`` with
+    its columns in ``order`` (None: as they are), the ``dead`` diagonal entries 1 and
+    ``damp_fraction`` of ``mean_diagonal`` added to the diagonal; more dampening when ``H`` is
     numerically singular.
 
     With ``J`` the reversal of rows and columns and ``L`` the lower Cholesky factor of
     ``J H J``: ``H^-1 = J L^-T L^-1 J = U^T U`` for ``U = J L^-1 J``, upper triangular with a
     positive diagonal, so the (unique) factor. One Cholesky and one triangular inverse
     (LAPACK ``trtri``, in place) in float64 instead of a Cholesky, ``cholesky_inverse`` and a
-    second Cholesky: half the arithmetic (5632 columns: 3.3 s -> 1.8 s on two cores) and two
-    fewer float64 matrices alive at once."""
-    damp = torch.mean(torch.diagonal(hessian))
+    second Cholesky: half the arithmetic (5632 columns: 3.3 s -> 1.8 s on two cores), and
+    one float64 matrix alive at a time besides ``hessian``."""
     for attempt in range(8):
-        h = (
-            hessian
-            if attempt == 0
-            else hessian + damp * (10.0 ** (attempt - 3)) * torch.eye(hessian.shape[0])
-        )
-        reversed_h = h.flip(0, 1).to(torch.float64)
-        del h
-        lower, info = torch.linalg.cholesky_ex(reversed_h)
-        del reversed_h
+        damp = mean_diagonal * (damp_fraction + (0.0 if attempt == 0 else 10.0 ** (attempt - 3)))
+        lower, info = torch.linalg.cholesky_ex(_reversed_float64(hessian, order, dead, damp))
         if int(info) == 0:
             inverse = _lower_triangular_inverse(lower)
+            del lower
             if inverse is not None:
-                return inverse.to(torch.float32).flip(0, 1)
+                upper = inverse.to(torch.float32)
+                del inverse
+                return upper.flip(0, 1)
     raise RuntimeError("the Hessian of the layer's inputs could not be factorised")
+
+
+def _reversed_float64(
+    hessian: torch.Tensor, order: torch.Tensor | None, dead: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """``J P H P^T J`` in float64 (``P`` the permutation ``order``), its ``dead`` diagonal
+    entries 1 and ``damp`` added to its diagonal."""
+    if order is None:
+        reverse = torch.arange(hessian.shape[0] - 1, -1, -1)
+        h = hessian.flip(0, 1).to(torch.float64)
+    else:
+        reverse = order.flip(0)
+        h = hessian.index_select(0, reverse).index_select(1, reverse).to(torch.float64)
+    diagonal = h.diagonal()
+    diagonal[dead[reverse]] = 1.0
+    diagonal.add_(damp)
+    return h
 
 
 def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor | None:

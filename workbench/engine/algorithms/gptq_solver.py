@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
 
 from workbench.core.observers import weight_range_mse
 from workbench.core.qparams import qparams_from_range
@@ -291,6 +290,8 @@ def _reversed_float64(
 def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor | None:
     """``L^-1`` of a float64 lower-triangular ``L`` (overwriting it where its memory is
     column-major, as ``torch.linalg.cholesky`` returns it); None when ``L`` is singular."""
+    from scipy.linalg import lapack  # here: importing scipy.linalg costs 0.27 s
+
     array = lower.numpy()
     if not array.flags.f_contiguous:
         array = np.asfortranarray(array)

@@ -164,9 +164,11 @@ def _gptq_block(
         for group in sibling_groups(block, inputs[0]):
             members = [layers[name] for name in group]
             hessians = _hessians_in_block(block, members, inputs, calls[group[0]])
-            for hessian, names in _by_hessian(hessians):
+            shared = _by_hessian(hessians)
+            while shared:
+                hessian, names = shared.pop(0)
                 factor = factor_hessian(hessian, act_order)
-                del hessian  # the factor holds what the solver needs
+                del hessian  # freed now: the factor holds what the solver needs
                 in_block += [name for name in names if _round_with_gptq(layers[name], factor)]
             for name in in_block:  # the passes after this group read them: unpacked once
                 quantizer = layers[name].weight_quantizer
@@ -259,7 +261,8 @@ def _hessians_in_block(
 
 def _by_hessian(hessians: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, list[str]]]:
     """The layers of ``hessians`` grouped by Hessian object, in order; empties the dict, so
-    that each Hessian's memory goes once its group's factor is computed."""
+    that the returned list holds the only references (popped, a Hessian's memory goes once
+    its factor is computed)."""
     groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, hessian in hessians.items():
         groups.setdefault(id(hessian), (hessian, []))[1].append(name)
